@@ -1,0 +1,25 @@
+"""Pre-training BERT and OPT with attention variants that keep activations free of outliers."""
+
+from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
+from .attention_config import AttentionConfig, add_attention_args, attention_config_from_args
+from .models import (
+    MODEL_CLASSES,
+    BertForMaskedLMWithVariants,
+    OPTForCausalLMWithVariants,
+    build_model,
+    model_class,
+)
+
+__all__ = [
+    "ATTENTION_FUNCTION_NAME",
+    "MODEL_CLASSES",
+    "AttentionConfig",
+    "AttentionVariant",
+    "BertForMaskedLMWithVariants",
+    "OPTForCausalLMWithVariants",
+    "add_attention_args",
+    "attention_config_from_args",
+    "build_model",
+    "install_attention_variant",
+    "model_class",
+]

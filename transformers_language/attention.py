@@ -1,0 +1,161 @@
+"""The one attention function of this project, plugged into transformers' attention seam.
+
+HF's BERT and OPT attention modules compute Q, K, V and then call
+`ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, query, key, value, mask, ...)`. We register
+`attention_variant_forward` under ATTENTION_FUNCTION_NAME in `AttentionInterface` and the boolean SDPA
+mask builder under the same name in `AttentionMaskInterface` (a name missing there gets no mask at all).
+
+Each HF attention module carries an `AttentionVariant` child (softmax, gate and three named points), so
+gate parameters live in the state dict and `from_pretrained` rebuilds them before loading. The points are
+`nn.Identity` modules where metrics and quantizers attach (hooks or module swaps):
+  scores   attention scores after scaling, before the mask      (B, H, T, S)
+  probs    probabilities after the softmax, before dropout       (B, H, T, S)
+  context  gated context before the output projection           (B, T, H * d_head)
+When nothing needs the probabilities (unclipped softmax, nothing attached to `scores` or `probs`, no
+`output_attentions`), attention runs through torch's fused `scaled_dot_product_attention` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention_config import AttentionConfig
+from .gates import AttentionGate
+from .softmax import build_softmax
+
+ATTENTION_FUNCTION_NAME = "attention_variant"
+POINT_NAMES = ("scores", "probs", "context")
+
+
+def is_attached(point: nn.Module) -> bool:
+    """A point is in use when something hooks it or it was swapped for another module (e.g. a quantizer)."""
+    return type(point) is not nn.Identity or bool(point._forward_hooks) or bool(point._forward_pre_hooks)
+
+
+class AttentionVariant(nn.Module):
+    """Softmax variant, optional gate and the named points of one self-attention layer."""
+
+    def __init__(self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool):
+        super().__init__()
+        self.settings = config
+        self.softmax = build_softmax(config)
+        self.gate = AttentionGate(config, num_heads, head_dim, is_causal) if config.gated else None
+        self.scores = nn.Identity()
+        self.probs = nn.Identity()
+        self.context = nn.Identity()
+
+    def uses_fused_path(self, output_attentions: bool = False) -> bool:
+        return not (
+            self.settings.clipped or output_attentions or is_attached(self.scores) or is_attached(self.probs)
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        scaling: float,
+        dropout: float,
+        is_causal: bool,
+        gate_input: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, H, T, d) query and (B, H, S, d) key/value -> context (B, T, H, d), probabilities or None."""
+        batch, num_heads, q_length, head_dim = query.shape
+        if self.settings.skip_attn:
+            context = query.new_zeros(batch, q_length, num_heads * head_dim)
+            return self.context(context).view(batch, q_length, num_heads, head_dim), None
+
+        gate = None
+        if self.gate is not None:
+            if self.gate.needs_input and gate_input is None:
+                raise ValueError("This attention gate needs the block input; install it with install_attention_variants.")
+            gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
+
+        probs = None
+        if self.uses_fused_path(output_attentions):
+            context, _ = sdpa_attention_forward(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal
+            )  # (B, T, H, d)
+            if gate is not None:
+                context = context * gate.transpose(1, 2)
+        else:
+            if attention_mask is None and is_causal and q_length > 1:
+                # Same convention as HF's SDPA path (upper-left causal; a static-cache prefill keeps T keys).
+                key, value = key[:, :, :q_length], value[:, :, :q_length]
+                attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
+            scores = self.scores(torch.matmul(query, key.transpose(-1, -2)) * scaling)
+            if attention_mask is not None:
+                if attention_mask.dtype == torch.bool:
+                    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                else:
+                    scores = scores + attention_mask
+            probs = self.probs(self.softmax(scores))
+            weights = nn.functional.dropout(probs, p=dropout, training=dropout > 0)
+            context = torch.matmul(weights, value)  # (B, H, T, d)
+            if gate is not None:
+                context = context * gate
+            context = context.transpose(1, 2)
+        context = self.context(context.reshape(batch, q_length, num_heads * head_dim))
+        return context.view(batch, q_length, num_heads, head_dim), probs
+
+
+def attention_variant_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    gate_input: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+    output_attentions: bool = False,
+    **_unused,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HF attention-interface entry: dispatch to the calling module's `attention_variant`."""
+    variant = getattr(module, "attention_variant", None)
+    if variant is None:
+        raise ValueError(
+            f"{type(module).__name__} has no attention_variant: load the model with this project's classes "
+            "(transformers_language.models) or call install_attention_variants(model, config)."
+        )
+    return variant(
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        dropout=dropout,
+        is_causal=getattr(module, "is_causal", False) if is_causal is None else is_causal,
+        gate_input=gate_input,
+        output_attentions=output_attentions,
+    )
+
+
+def _pass_gate_input(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: hand the attention block's input (BERT passes it positionally, OPT by keyword)
+    to the attention function, which HF calls without it."""
+    kwargs["gate_input"] = args[0] if args else kwargs["hidden_states"]
+    return args, kwargs
+
+
+def install_attention_variant(
+    attention: nn.Module, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool
+) -> AttentionVariant:
+    """Attach an `AttentionVariant` as `attention.attention_variant` (and the gate-input hook if needed)."""
+    variant = AttentionVariant(config, num_heads, head_dim, is_causal)
+    attention.attention_variant = variant
+    if variant.gate is not None and variant.gate.needs_input:
+        attention.register_forward_pre_hook(_pass_gate_input, with_kwargs=True)
+    return variant
+
+
+AttentionInterface.register(ATTENTION_FUNCTION_NAME, attention_variant_forward)
+AttentionMaskInterface.register(ATTENTION_FUNCTION_NAME, sdpa_mask)

@@ -1,0 +1,217 @@
+"""Typed settings of the attention variant, and the one place where the paper's flags become them.
+
+`AttentionConfig` is stored in the HF model config under `attention_variant`, so `config.json` carries the
+method and a checkpoint reloads as the same model without repeating flags. A config without that key (a
+stock HF checkpoint) is vanilla attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+from transformers import PretrainedConfig
+
+CONFIG_KEY = "attention_variant"
+
+GATE_TYPES = ("none", "unconditional_per_head", "conditional_per_head", "conditional_per_token")
+GATE_NETWORKS = ("linear", "mlp", "mlp2", "all_heads_linear")
+
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_CLIPPED = re.compile(rf"^clipped\(\s*({_NUMBER})\s*:\s*({_NUMBER})\s*\)$")
+SOFTMAX_FORMS = "'vanilla' or 'clipped(GAMMA:ZETA)' with GAMMA <= 0 <= 1 <= ZETA, e.g. 'clipped(-.025:1)'"
+
+
+def parse_softmax(method: str) -> tuple[float, float]:
+    """Return (gamma, zeta) for a softmax method string; vanilla is (0, 1)."""
+    text = method.strip()
+    if text == "vanilla":
+        return 0.0, 1.0
+    match = _CLIPPED.match(text)
+    if match is None:
+        raise ValueError(f"Unknown softmax method {method!r}; accepted forms: {SOFTMAX_FORMS}.")
+    gamma, zeta = float(match.group(1)), float(match.group(2))
+    if not gamma <= 0.0:
+        raise ValueError(f"Clipped softmax needs gamma <= 0, got gamma={gamma} in {method!r}.")
+    if not zeta >= 1.0:
+        raise ValueError(f"Clipped softmax needs zeta >= 1, got zeta={zeta} in {method!r}.")
+    return gamma, zeta
+
+
+def logit(prob: float) -> float:
+    return math.log(prob) - math.log1p(-prob)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The attention variant of every self-attention layer of a model (defaults = vanilla attention)."""
+
+    softmax: str = "vanilla"
+    """'vanilla' or 'clipped(GAMMA:ZETA)'."""
+    alpha: float | None = None
+    """Alpha form of clipped softmax: gamma = -alpha / train_seq_length, zeta = 1."""
+    train_seq_length: int | None = None
+    """T_train of the alpha form, fixed when the model is built (BERT max_seq_length, OPT block_size)."""
+    gate_type: str = "none"
+    gate_network: str = "linear"
+    init_prob: float = 0.5
+    """Initial gate probability: the final gate bias starts at logit(init_prob)."""
+    fine_tuning: bool = False
+    """Gate weights start at N(0, 0.01) and the gate output is scaled by 1 / init_prob."""
+    skip_attn: bool = False
+    """Ablation: the attention function returns a zero context (no token mixing)."""
+
+    def __post_init__(self):
+        gamma, zeta = parse_softmax(self.softmax)
+        if self.alpha is not None:
+            if (gamma, zeta) != (0.0, 1.0):
+                raise ValueError(
+                    f"alpha={self.alpha} and softmax={self.softmax!r} both set the clipped softmax; "
+                    "use one of them (the alpha form needs softmax='vanilla')."
+                )
+            if not (math.isfinite(self.alpha) and self.alpha >= 0):
+                raise ValueError(f"alpha must be a finite number >= 0 (gamma = -alpha / T), got {self.alpha}.")
+            if self.train_seq_length is None or self.train_seq_length <= 0:
+                raise ValueError(
+                    "The alpha form of clipped softmax needs the training sequence length "
+                    "(train_seq_length = --max_seq_length for BERT, --block_size for OPT)."
+                )
+        if self.gate_type not in GATE_TYPES:
+            raise ValueError(f"Unknown gate type {self.gate_type!r}; valid gate types: {', '.join(GATE_TYPES)}.")
+        if self.gate_network not in GATE_NETWORKS:
+            raise ValueError(
+                f"Unknown gate network {self.gate_network!r}; valid gate networks: {', '.join(GATE_NETWORKS)}."
+            )
+        if not 0.0 < self.init_prob < 1.0:
+            raise ValueError(f"init_prob must lie strictly between 0 and 1, got {self.init_prob}.")
+        if self.gate_network != "linear" and self.gate_type not in ("conditional_per_head", "conditional_per_token"):
+            raise ValueError(
+                f"gate_network={self.gate_network!r} needs a conditional gate type "
+                f"(conditional_per_head or conditional_per_token), got gate_type={self.gate_type!r}."
+            )
+        if self.gate_type == "none" and (self.fine_tuning or self.init_prob != 0.5):
+            raise ValueError(
+                "fine_tuning and init_prob configure the attention gate, but gate_type='none'; "
+                "choose a gate type or drop them."
+            )
+        if self.skip_attn and (self.gated or self.clipped):
+            raise ValueError("skip_attn removes the attention output: it cannot be combined with a gate or clipping.")
+
+    @property
+    def gamma(self) -> float:
+        if self.alpha is not None:
+            return -self.alpha / self.train_seq_length
+        return parse_softmax(self.softmax)[0]
+
+    @property
+    def zeta(self) -> float:
+        return parse_softmax(self.softmax)[1]
+
+    @property
+    def clipped(self) -> bool:
+        """True when the softmax is clipped (even clipped(0:1), which computes the same as vanilla)."""
+        return self.softmax.strip() != "vanilla" or self.alpha is not None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_type != "none"
+
+    @property
+    def gate_scale(self) -> float:
+        """Factor on the gate output: 1 / init_prob in fine-tuning mode, so a new gate starts as identity."""
+        return 1.0 / self.init_prob if self.fine_tuning else 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AttentionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown attention settings {unknown}; valid keys: {sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_model_config(cls, config: PretrainedConfig) -> AttentionConfig:
+        values = getattr(config, CONFIG_KEY, None)
+        if values is None:
+            return cls()
+        if isinstance(values, AttentionConfig):
+            return values
+        return cls.from_dict(dict(values))
+
+    def apply_to(self, config: PretrainedConfig) -> PretrainedConfig:
+        """Store these settings in a HF model config (in place) and return it."""
+        setattr(config, CONFIG_KEY, self.to_dict())
+        return config
+
+
+def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The paper's attention flags, shared by the training and validation scripts."""
+    group = parser.add_argument_group("attention variant")
+    group.add_argument("--attn_softmax", default="vanilla", help=f"Softmax: {SOFTMAX_FORMS}.")
+    group.add_argument(
+        "--alpha", type=float, default=None,
+        help="Clipped softmax in the alpha form: gamma = -alpha / T_train, zeta = 1 (T_train: sequence length).",
+    )
+    group.add_argument("--attn_gate_type", default="none", choices=GATE_TYPES, help="Gated attention type.")
+    group.add_argument(
+        "--attn_gate_init", type=float, default=None,
+        help="Initial gate probability init_prob (default 0.5): the gate bias starts at logit(init_prob).",
+    )
+    group.add_argument("--attn_gate_mlp", action="store_true", help="Gate network d_head -> d_head/4 -> 1.")
+    group.add_argument("--attn_gate_mlp2", action="store_true", help="Gate network d_head -> d_head -> 1.")
+    group.add_argument(
+        "--attn_gate_linear_all_features", action="store_true",
+        help="One Linear(d_model -> H) gate on the whole attention input ('all-heads linear').",
+    )
+    group.add_argument(
+        "--fine_tuning", action="store_true",
+        help="Add gates to a pretrained model: gate weights N(0, 0.01), gate output scaled by 1 / init_prob.",
+    )
+    group.add_argument("--skip_attn", action="store_true", help="Ablation: attention returns a zero context.")
+    return parser
+
+
+def attention_config_from_args(args: argparse.Namespace, train_seq_length: int | None) -> AttentionConfig:
+    """Turn the parsed attention flags into an `AttentionConfig`, rejecting contradictions with one clear error."""
+    network_flags = {
+        "--attn_gate_mlp": ("mlp", args.attn_gate_mlp),
+        "--attn_gate_mlp2": ("mlp2", args.attn_gate_mlp2),
+        "--attn_gate_linear_all_features": ("all_heads_linear", args.attn_gate_linear_all_features),
+    }
+    chosen = [flag for flag, (_, on) in network_flags.items() if on]
+    if len(chosen) > 1:
+        raise ValueError(f"Choose one gate network, got {' and '.join(chosen)}.")
+    gated_flags = chosen + [f for f, on in (("--attn_gate_init", args.attn_gate_init is not None),
+                                             ("--fine_tuning", args.fine_tuning)) if on]
+    if args.attn_gate_type == "none" and gated_flags:
+        raise ValueError(
+            f"{', '.join(gated_flags)} configure the attention gate, but --attn_gate_type is 'none'; "
+            "add --attn_gate_type conditional_per_token (the paper's choice) or drop them."
+        )
+    if chosen and args.attn_gate_type == "unconditional_per_head":
+        raise ValueError(
+            f"{chosen[0]} sets a gate network, but --attn_gate_type unconditional_per_head has none "
+            "(it learns one logit per head); use a conditional gate type or drop the flag."
+        )
+    if args.alpha is not None and args.attn_softmax.strip() != "vanilla":
+        raise ValueError(
+            f"--alpha {args.alpha} and --attn_softmax {args.attn_softmax} both set the clipped softmax; use one."
+        )
+    if args.skip_attn and (args.attn_gate_type != "none" or args.alpha is not None
+                           or args.attn_softmax.strip() != "vanilla"):
+        raise ValueError("--skip_attn removes attention; it cannot be combined with a gate or clipped softmax.")
+    return AttentionConfig(
+        softmax=args.attn_softmax,
+        alpha=args.alpha,
+        train_seq_length=train_seq_length if args.alpha is not None else None,
+        gate_type=args.attn_gate_type,
+        gate_network=network_flags[chosen[0]][0] if chosen else "linear",
+        init_prob=0.5 if args.attn_gate_init is None else args.attn_gate_init,
+        fine_tuning=args.fine_tuning,
+        skip_attn=args.skip_attn,
+    )

@@ -1,0 +1,91 @@
+"""HF BERT masked-LM and OPT causal-LM classes that carry the attention variant of their config.
+
+The classes subclass the stock HF ones and change three things: every self-attention module gets an
+`AttentionVariant` child built from `config.attention_variant`, the attention implementation is always
+this project's function (which itself uses torch SDPA whenever the variant allows), and `_init_weights`
+initialises the gates deliberately (see gates.py). Stock checkpoints load unchanged as vanilla models, and
+`save_pretrained` / `from_pretrained` round-trip every variant with no missing or unexpected keys.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig
+from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.models.opt.modeling_opt import OPTAttention
+
+from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
+from .attention_config import AttentionConfig
+from .gates import AttentionGate
+
+# Implementations users may ask for that our function covers: its explicit path computes what HF's eager
+# path computes, its fused path is HF's SDPA path.
+_COVERED_IMPLEMENTATIONS = (None, "eager", "sdpa", ATTENTION_FUNCTION_NAME)
+
+
+class AttentionVariantMixin:
+    """Installs the attention variant of `config.attention_variant` on every `attention_class` module."""
+
+    attention_class: type[nn.Module]
+
+    def __init__(self, config: PretrainedConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.attention_config = AttentionConfig.from_model_config(config)
+        self.attention_config.apply_to(config)
+        num_heads = config.num_attention_heads
+        head_dim = config.hidden_size // num_heads
+        for module in self.modules():
+            if isinstance(module, self.attention_class):
+                install_attention_variant(
+                    module, self.attention_config, num_heads, head_dim, is_causal=bool(module.is_causal)
+                )
+        # HF skips modules it already initialised, so this initialises only the new ones (a no-op on the meta
+        # device, where from_pretrained loads or initialises them later through _init_weights).
+        self.init_weights()
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
+        if attn_implementation not in _COVERED_IMPLEMENTATIONS:
+            raise ValueError(
+                f"{type(self).__name__} always runs the '{ATTENTION_FUNCTION_NAME}' attention function (it uses "
+                f"torch SDPA itself whenever the variant allows); attn_implementation={attn_implementation!r} "
+                "is not supported: leave attn_implementation unset."
+            )
+        return ATTENTION_FUNCTION_NAME
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, AttentionGate):
+            module.reset_parameters()
+
+    def attention_variants(self) -> dict[str, AttentionVariant]:
+        """Every layer's `AttentionVariant`, by module name (their `scores`, `probs`, `context` points are
+        where metrics and quantizers attach)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, AttentionVariant)}
+
+
+class BertForMaskedLMWithVariants(AttentionVariantMixin, BertForMaskedLM):
+    """BERT masked LM whose self-attention uses `config.attention_variant`."""
+
+    attention_class = BertSelfAttention
+
+
+class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
+    """OPT causal LM whose self-attention uses `config.attention_variant`."""
+
+    attention_class = OPTAttention
+
+
+MODEL_CLASSES: dict[str, type] = {"bert": BertForMaskedLMWithVariants, "opt": OPTForCausalLMWithVariants}
+
+
+def model_class(model_type: str) -> type:
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"Unknown model type {model_type!r}; valid model types: {', '.join(MODEL_CLASSES)}.")
+    return MODEL_CLASSES[model_type]
+
+
+def build_model(config: PretrainedConfig, attention: AttentionConfig | None = None):
+    """A freshly initialised model of `config.model_type`; `attention` (if given) is stored in the config."""
+    if attention is not None:
+        attention.apply_to(config)
+    return model_class(config.model_type)(config)
