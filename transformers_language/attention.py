@@ -49,9 +49,7 @@ class AttentionVariant(nn.Module):
         self.context = nn.Identity()
 
     def uses_fused_path(self, output_attentions: bool = False) -> bool:
-        return not (
-            self.settings.clipped or output_attentions or is_attached(self.scores) or is_attached(self.probs)
-        )
+        return not (self.settings.clipped or output_attentions or is_attached(self.scores) or is_attached(self.probs))
 
     def forward(
         self,
@@ -75,7 +73,9 @@ class AttentionVariant(nn.Module):
         gate = None
         if self.gate is not None:
             if self.gate.needs_input and gate_input is None:
-                raise ValueError("This attention gate needs the block input; install it with install_attention_variants.")
+                raise ValueError(
+                    "This attention gate needs the block input; install it with install_attention_variants."
+                )
             gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
 
         probs = None

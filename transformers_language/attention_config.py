@@ -154,22 +154,28 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group = parser.add_argument_group("attention variant")
     group.add_argument("--attn_softmax", default="vanilla", help=f"Softmax: {SOFTMAX_FORMS}.")
     group.add_argument(
-        "--alpha", type=float, default=None,
+        "--alpha",
+        type=float,
+        default=None,
         help="Clipped softmax in the alpha form: gamma = -alpha / T_train, zeta = 1 (T_train: sequence length).",
     )
     group.add_argument("--attn_gate_type", default="none", choices=GATE_TYPES, help="Gated attention type.")
     group.add_argument(
-        "--attn_gate_init", type=float, default=None,
+        "--attn_gate_init",
+        type=float,
+        default=None,
         help="Initial gate probability init_prob (default 0.5): the gate bias starts at logit(init_prob).",
     )
     group.add_argument("--attn_gate_mlp", action="store_true", help="Gate network d_head -> d_head/4 -> 1.")
     group.add_argument("--attn_gate_mlp2", action="store_true", help="Gate network d_head -> d_head -> 1.")
     group.add_argument(
-        "--attn_gate_linear_all_features", action="store_true",
+        "--attn_gate_linear_all_features",
+        action="store_true",
         help="One Linear(d_model -> H) gate on the whole attention input ('all-heads linear').",
     )
     group.add_argument(
-        "--fine_tuning", action="store_true",
+        "--fine_tuning",
+        action="store_true",
         help="Add gates to a pretrained model: gate weights N(0, 0.01), gate output scaled by 1 / init_prob.",
     )
     group.add_argument("--skip_attn", action="store_true", help="Ablation: attention returns a zero context.")
@@ -186,8 +192,11 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
     chosen = [flag for flag, (_, on) in network_flags.items() if on]
     if len(chosen) > 1:
         raise ValueError(f"Choose one gate network, got {' and '.join(chosen)}.")
-    gated_flags = chosen + [f for f, on in (("--attn_gate_init", args.attn_gate_init is not None),
-                                             ("--fine_tuning", args.fine_tuning)) if on]
+    gated_flags = chosen + [
+        f
+        for f, on in (("--attn_gate_init", args.attn_gate_init is not None), ("--fine_tuning", args.fine_tuning))
+        if on
+    ]
     if args.attn_gate_type == "none" and gated_flags:
         raise ValueError(
             f"{', '.join(gated_flags)} configure the attention gate, but --attn_gate_type is 'none'; "
@@ -202,8 +211,9 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
         raise ValueError(
             f"--alpha {args.alpha} and --attn_softmax {args.attn_softmax} both set the clipped softmax; use one."
         )
-    if args.skip_attn and (args.attn_gate_type != "none" or args.alpha is not None
-                           or args.attn_softmax.strip() != "vanilla"):
+    if args.skip_attn and (
+        args.attn_gate_type != "none" or args.alpha is not None or args.attn_softmax.strip() != "vanilla"
+    ):
         raise ValueError("--skip_attn removes attention; it cannot be combined with a gate or clipped softmax.")
     return AttentionConfig(
         softmax=args.attn_softmax,

@@ -3,7 +3,7 @@
 Gate networks are registered by idea. Per-head networks hold all heads' weights in one (H, in, out)
 tensor and run as a single batched contraction; head h sees only the h-th d_head slice of x.
 
-Initialisation (deliberate; `reset_parameters` is what the model's `_init_weights` calls, through HF's
+Initialisation (deliberate; the model's `initialize_weights` calls `reset_parameters`, which uses HF's
 guarded init functions, so weights loaded from a checkpoint are never overwritten):
 - from scratch: weights and hidden biases as PyTorch's Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
   (what the paper's models were trained with); the last bias is logit(init_prob).
@@ -141,9 +141,7 @@ class AttentionGate(nn.Module):
                 init.uniform_(layer.bias, -bound, bound)
         init.constant_(layers[-1].bias, bias)
 
-    def forward(
-        self, x: torch.Tensor | None, attention_mask: torch.Tensor | None, kv_length: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, attention_mask: torch.Tensor | None, kv_length: int) -> torch.Tensor:
         """Gate of shape (1 or B, H, 1 or T, 1), broadcastable against the context (B, H, T, d_head).
 
         x: the attention block's input (B, T, d_model); attention_mask: the boolean (B, 1, T, S) mask of the

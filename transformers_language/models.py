@@ -2,13 +2,15 @@
 
 The classes subclass the stock HF ones and change three things: every self-attention module gets an
 `AttentionVariant` child built from `config.attention_variant`, the attention implementation is always
-this project's function (which itself uses torch SDPA whenever the variant allows), and `_init_weights`
-initialises the gates deliberately (see gates.py). Stock checkpoints load unchanged as vanilla models, and
-`save_pretrained` / `from_pretrained` round-trip every variant with no missing or unexpected keys.
+this project's function (which itself uses torch SDPA whenever the variant allows), and weight init
+initialises the gates deliberately (see gates.py), never with HF's generic Linear init. Stock checkpoints
+load unchanged as vanilla models, and `save_pretrained` / `from_pretrained` round-trip every variant with
+no missing or unexpected keys.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
@@ -40,7 +42,7 @@ class AttentionVariantMixin:
                     module, self.attention_config, num_heads, head_dim, is_causal=bool(module.is_causal)
                 )
         # HF skips modules it already initialised, so this initialises only the new ones (a no-op on the meta
-        # device, where from_pretrained loads or initialises them later through _init_weights).
+        # device, where from_pretrained loads them or initialises them later through initialize_weights).
         self.init_weights()
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
@@ -52,10 +54,18 @@ class AttentionVariantMixin:
             )
         return ATTENTION_FUNCTION_NAME
 
-    def _init_weights(self, module: nn.Module):
-        super()._init_weights(module)
-        if isinstance(module, AttentionGate):
-            module.reset_parameters()
+    @torch.no_grad()
+    def initialize_weights(self):
+        """HF's init, then ours for the gates. Both `init_weights` and `from_pretrained`'s missing-key init come
+        here. (HF dispatches each sub-model to its own stock `_init_weights`, so overriding `_init_weights`
+        would never reach gates inside `self.bert` / `self.model`.) `reset_parameters` uses HF's guarded init
+        functions: parameters loaded from a checkpoint keep their values."""
+        super().initialize_weights()
+        for module in self.modules():
+            # Our own flag: HF's pass marks every module it visits as initialised, the gates included.
+            if isinstance(module, AttentionGate) and not getattr(module, "_gate_initialized", False):
+                module.reset_parameters()
+                module._gate_initialized = True
 
     def attention_variants(self) -> dict[str, AttentionVariant]:
         """Every layer's `AttentionVariant`, by module name (their `scores`, `probs`, `context` points are
