@@ -223,3 +223,17 @@ def test_other_attention_implementations_are_rejected(model_type, tmp_path):
 def test_unknown_model_type():
     with pytest.raises(ValueError, match="valid model types: bert, opt"):
         model_class("gpt2")
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16_weights"])
+def test_every_variant_trains_in_bfloat16(model_type, variant, mode):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model_type), variant).train()
+    if mode == "bf16_weights":
+        model = model.to(torch.bfloat16)
+    ids, mask = batch(model_type)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
