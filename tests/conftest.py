@@ -9,30 +9,18 @@ from transformers_language import AttentionConfig
 VOCAB = 97
 
 
+TINY_CONFIGS = {
+    "bert": (BertConfig, dict(intermediate_size=64)),
+    "opt": (OPTConfig, dict(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1)),
+}
+
+
 def tiny_config(model_type: str, **overrides):
-    if model_type == "bert":
-        values = dict(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-        values.update(overrides)
-        return BertConfig(**values)
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        ffn_dim=64,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-        pad_token_id=1,
+    config_class, specific = TINY_CONFIGS[model_type]
+    shared = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
     )
-    values.update(overrides)
-    return OPTConfig(**values)
+    return config_class(**(shared | specific | overrides))
 
 
 def batch(model_type: str, seq_len: int = 12, batch_size: int = 3, seed: int = 0, left_padding: bool = False):

@@ -80,7 +80,7 @@ def test_opt_is_causal_for_every_variant(name):
     assert not torch.allclose(after[0, 6:], before[0, 6:])
 
 
-def test_every_variant_changes_the_output_and_trains(model_type, variant):
+def test_every_variant_trains_with_gradient_into_every_gate_weight(model_type, variant):
     torch.manual_seed(0)
     model = build_model(tiny_config(model_type), variant).train()
     ids, mask = batch(model_type)
