@@ -237,3 +237,10 @@ def test_every_variant_trains_in_bfloat16(model_type, variant, mode):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_stock_class_on_our_attention_function_names_the_fix(model_type):
+    stock = STOCK[model_type](tiny_config(model_type, attn_implementation="attention_variant"))
+    ids, mask = batch(model_type)
+    with pytest.raises(ValueError, match="WithVariants"):
+        stock(input_ids=ids, attention_mask=mask)

@@ -74,7 +74,8 @@ class AttentionVariant(nn.Module):
         if self.gate is not None:
             if self.gate.needs_input and gate_input is None:
                 raise ValueError(
-                    "This attention gate needs the block input; install it with install_attention_variants."
+                    "This attention gate needs the block input: attach variants with install_attention_variant(), "
+                    "which also registers the hook that passes it."
                 )
             gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
 
@@ -123,8 +124,8 @@ def attention_variant_forward(
     variant = getattr(module, "attention_variant", None)
     if variant is None:
         raise ValueError(
-            f"{type(module).__name__} has no attention_variant: load the model with this project's classes "
-            "(transformers_language.models) or call install_attention_variants(model, config)."
+            f"{type(module).__name__} has no attention_variant: load the model with BertForMaskedLMWithVariants "
+            "or OPTForCausalLMWithVariants (transformers_language.models) instead of the stock HF class."
         )
     return variant(
         query,
