@@ -44,6 +44,8 @@ def test_alpha_form_fixes_gamma_from_train_length():
         AttentionConfig(alpha=3.2)
     with pytest.raises(ValueError, match="use one of them"):
         AttentionConfig(alpha=3.2, train_seq_length=128, softmax="clipped(-0.1:1)")
+    with pytest.raises(ValueError, match="use one of them"):
+        AttentionConfig(alpha=3.2, train_seq_length=128, softmax="clipped(0:1)")
     with pytest.raises(ValueError, match=">= 0"):
         AttentionConfig(alpha=-1.0, train_seq_length=128)
 
@@ -110,6 +112,7 @@ def test_flags_to_config():
         (["--attn_gate_type", "unconditional_per_head", "--attn_gate_mlp"], "unconditional_per_head has none"),
         (["--alpha", "4", "--attn_softmax", "clipped(-0.1:1)"], "use one"),
         (["--skip_attn", "--alpha", "4"], "cannot be combined"),
+        (["--alpha", "4", "--attn_softmax", "clipped(0:1)"], "use one"),
         (["--attn_softmax", "clipped(0.1:1)"], "gamma <= 0"),
     ],
 )

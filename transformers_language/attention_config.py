@@ -64,12 +64,12 @@ class AttentionConfig:
     """Ablation: the attention function returns a zero context (no token mixing)."""
 
     def __post_init__(self):
-        gamma, zeta = parse_softmax(self.softmax)
+        parse_softmax(self.softmax)  # validates the method string
         if self.alpha is not None:
-            if (gamma, zeta) != (0.0, 1.0):
+            if self.softmax.strip() != "vanilla":
                 raise ValueError(
-                    f"alpha={self.alpha} and softmax={self.softmax!r} both set the clipped softmax; "
-                    "use one of them (the alpha form needs softmax='vanilla')."
+                    f"alpha={self.alpha} (--alpha) and softmax={self.softmax!r} (--attn_softmax) both set the "
+                    "clipped softmax; use one of them (the alpha form needs softmax='vanilla')."
                 )
             if not (math.isfinite(self.alpha) and self.alpha >= 0):
                 raise ValueError(f"alpha must be a finite number >= 0 (gamma = -alpha / T), got {self.alpha}.")
@@ -97,7 +97,10 @@ class AttentionConfig:
                 "choose a gate type or drop them."
             )
         if self.skip_attn and (self.gated or self.clipped):
-            raise ValueError("skip_attn removes the attention output: it cannot be combined with a gate or clipping.")
+            raise ValueError(
+                "skip_attn (--skip_attn) removes the attention output: it cannot be combined with a gate or "
+                "clipped softmax."
+            )
 
     @property
     def gamma(self) -> float:
@@ -183,7 +186,10 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def attention_config_from_args(args: argparse.Namespace, train_seq_length: int | None) -> AttentionConfig:
-    """Turn the parsed attention flags into an `AttentionConfig`, rejecting contradictions with one clear error."""
+    """Turn the parsed attention flags into an `AttentionConfig`, rejecting contradictions with one clear error.
+
+    Only what the flags alone can contradict is checked here; value ranges and combinations of settings are
+    checked once, by `AttentionConfig`."""
     network_flags = {
         "--attn_gate_mlp": ("mlp", args.attn_gate_mlp),
         "--attn_gate_mlp2": ("mlp2", args.attn_gate_mlp2),
@@ -207,14 +213,6 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
             f"{chosen[0]} sets a gate network, but --attn_gate_type unconditional_per_head has none "
             "(it learns one logit per head); use a conditional gate type or drop the flag."
         )
-    if args.alpha is not None and args.attn_softmax.strip() != "vanilla":
-        raise ValueError(
-            f"--alpha {args.alpha} and --attn_softmax {args.attn_softmax} both set the clipped softmax; use one."
-        )
-    if args.skip_attn and (
-        args.attn_gate_type != "none" or args.alpha is not None or args.attn_softmax.strip() != "vanilla"
-    ):
-        raise ValueError("--skip_attn removes attention; it cannot be combined with a gate or clipped softmax.")
     return AttentionConfig(
         softmax=args.attn_softmax,
         alpha=args.alpha,
