@@ -29,6 +29,8 @@ class AttentionVariantMixin:
     """Installs the attention variant of `config.attention_variant` on every `attention_class` module."""
 
     attention_class: type[nn.Module]
+    layers_path: str
+    """Where the transformer layers (whose outputs are the residual stream) live in the model."""
 
     def __init__(self, config: PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -67,6 +69,10 @@ class AttentionVariantMixin:
                 module.reset_parameters()
                 module._gate_initialized = True
 
+    def transformer_layers(self) -> nn.ModuleList:
+        """The encoder (BERT) or decoder (OPT) layers, in order."""
+        return self.get_submodule(self.layers_path)
+
     def attention_variants(self) -> dict[str, AttentionVariant]:
         """Every layer's `AttentionVariant`, by module name (their `scores`, `probs`, `context` points are
         where metrics and quantizers attach)."""
@@ -77,12 +83,14 @@ class BertForMaskedLMWithVariants(AttentionVariantMixin, BertForMaskedLM):
     """BERT masked LM whose self-attention uses `config.attention_variant`."""
 
     attention_class = BertSelfAttention
+    layers_path = "bert.encoder.layer"
 
 
 class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
     """OPT causal LM whose self-attention uses `config.attention_variant`."""
 
     attention_class = OPTAttention
+    layers_path = "model.decoder.layers"
 
 
 MODEL_CLASSES: dict[str, type] = {"bert": BertForMaskedLMWithVariants, "opt": OPTForCausalLMWithVariants}

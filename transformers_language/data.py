@@ -1,0 +1,218 @@
+"""Text datasets for pre-training and evaluation: hub setups or local files, tokenized into fixed-length blocks.
+
+One pipeline serves MLM and CLM. Each split is loaded on its own (evaluation never touches the training
+split), blank lines are dropped, every line is tokenized with the tokenizer's special tokens (BERT:
+`[CLS] ... [SEP]`, OPT: a leading `</s>`), and the token stream is cut into blocks of exactly
+`seq_length` tokens, so a long text is split, never truncated. Grouping runs in one process, so the blocks
+do not depend on `--preprocessing_num_workers`. Processed splits are saved under `--data_cache_dir` with a
+key made of everything that determines them, and a later run with the same settings loads them instead of
+tokenizing again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+GROUP_BATCH_SIZE = 1000  # lines per grouping batch; the tail of each batch shorter than a block is dropped
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """One split of a dataset on the HF hub (parquet / arrow data, no dataset script)."""
+
+    path: str
+    name: str | None
+    split: str
+    text_column: str = "text"
+
+    def load(self) -> Dataset:
+        dataset = load_dataset(self.path, self.name, split=self.split)
+        return dataset.select_columns([self.text_column]).rename_column(self.text_column, "text")
+
+
+DATASET_SETUPS: dict[str, dict[str, tuple[HubSource, ...]]] = {
+    "wikitext_2": {
+        "train": (HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),),
+        "validation": (HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "validation"),),
+    },
+    "wikitext_103": {
+        "train": (HubSource("Salesforce/wikitext", "wikitext-103-raw-v1", "train"),),
+        "validation": (HubSource("Salesforce/wikitext", "wikitext-103-raw-v1", "validation"),),
+    },
+    # BookCorpus has no validation split: the last 1% of the Wikipedia articles is held out instead.
+    "bookcorpus_and_wiki": {
+        "train": (
+            HubSource("rojagtap/bookcorpus", None, "train"),
+            HubSource("wikimedia/wikipedia", "20231101.en", "train[:99%]"),
+        ),
+        "validation": (HubSource("wikimedia/wikipedia", "20231101.en", "train[99%:]"),),
+    },
+}
+SPLITS = ("train", "validation")
+
+
+def add_data_args(parser: argparse.ArgumentParser, seq_length_flag: str) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_setup",
+        default=None,
+        help=f"Hub dataset setup, one of {', '.join(DATASET_SETUPS)} (alternative: --train_file/--validation_file).",
+    )
+    group.add_argument("--train_file", default=None, help="Local text file for training (one text per line).")
+    group.add_argument("--validation_file", default=None, help="Local text file for validation.")
+    if seq_length_flag == "max_seq_length":
+        group.add_argument("--max_seq_length", type=int, default=128, help="Tokens per MLM sequence.")
+    else:
+        group.add_argument(
+            "--block_size", type=int, default=None, help="Tokens per CLM block (default: positions, at most 1024)."
+        )
+    group.add_argument("--preprocessing_num_workers", type=int, default=None, help="Processes for tokenizing.")
+    group.add_argument("--overwrite_cache", action="store_true", help="Tokenize again even if a cache exists.")
+    group.add_argument(
+        "--data_cache_dir",
+        default=None,
+        help="Where tokenized splits are cached (default: <HF datasets cache>/outlier_free_transformers).",
+    )
+    group.add_argument("--train_percentage", type=float, default=None, help="Use the first P%% of training texts.")
+    group.add_argument(
+        "--validation_percentage", type=float, default=None, help="Use the first P%% of validation texts."
+    )
+    return parser
+
+
+def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+    if args.dataset_setup is not None:
+        if args.dataset_setup not in DATASET_SETUPS:
+            raise ValueError(
+                f"Unknown dataset setup {args.dataset_setup!r}; valid setups: {', '.join(DATASET_SETUPS)}."
+            )
+        local = [f"--{split}_file" for split in SPLITS if getattr(args, f"{split}_file", None)]
+        if local:
+            raise ValueError(f"--dataset_setup and {', '.join(local)} both choose the data; use one of them.")
+    for split in splits:
+        path = getattr(args, f"{split}_file", None)
+        if args.dataset_setup is None and path is None:
+            raise ValueError(f"No {split} data: pass --dataset_setup or --{split}_file.")
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"--{split}_file {path} does not exist; pass the path of a text file.")
+        percentage = getattr(args, f"{split}_percentage", None)
+        if percentage is not None and not 0 < percentage <= 100:
+            raise ValueError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
+
+
+def _source_fingerprint(args: argparse.Namespace, split: str) -> dict:
+    if args.dataset_setup is not None:
+        return {"setup": args.dataset_setup, "sources": [vars(s) for s in DATASET_SETUPS[args.dataset_setup][split]]}
+    stat = Path(getattr(args, f"{split}_file")).resolve().stat()
+    return {"file": str(Path(getattr(args, f"{split}_file")).resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides the tokenizer's output (normaliser, vocabulary, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    text += json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_raw(args: argparse.Namespace, split: str) -> Dataset:
+    if args.dataset_setup is not None:
+        parts = [source.load() for source in DATASET_SETUPS[args.dataset_setup][split]]
+        dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    else:
+        dataset = load_dataset("text", data_files={split: getattr(args, f"{split}_file")}, split=split)
+    percentage = getattr(args, f"{split}_percentage", None)
+    if percentage is not None:
+        dataset = dataset.select(range(math.ceil(len(dataset) * percentage / 100)))
+    return dataset
+
+
+def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    texts = [text for text in batch["text"] if text.strip()]
+    # verbose=False: lines longer than the model are expected here; grouping splits them into blocks.
+    encoded = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)
+    return {"input_ids": encoded["input_ids"]}
+
+
+def _group(batch: dict, seq_length: int) -> dict:
+    stream = [token for ids in batch["input_ids"] for token in ids]
+    usable = len(stream) - len(stream) % seq_length
+    return {"input_ids": [stream[i : i + seq_length] for i in range(0, usable, seq_length)]}
+
+
+def default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "outlier_free_transformers"
+
+
+def load_split(
+    args: argparse.Namespace, split: str, tokenizer: PreTrainedTokenizerBase, seq_length: int, is_main: bool = True
+) -> Dataset:
+    """The tokenized blocks of one split (a torch-formatted `input_ids` column of shape (seq_length,)).
+
+    Only the main process tokenizes; the others must call this after it has finished (see
+    `prepare_splits`), and then load the cache it wrote."""
+    key = {
+        "version": CACHE_FORMAT_VERSION,
+        "split": split,
+        "source": _source_fingerprint(args, split),
+        "percentage": getattr(args, f"{split}_percentage", None),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "seq_length": seq_length,
+        "group_batch_size": GROUP_BATCH_SIZE,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    cache = Path(args.data_cache_dir or default_cache_dir()) / f"{split}-{digest}"
+    if cache.is_dir() and not (args.overwrite_cache and is_main):
+        logger.info("Loading tokenized %s split from %s", split, cache)
+        return load_from_disk(str(cache)).with_format("torch")
+    if not is_main:
+        raise RuntimeError(f"The main process did not write the {split} cache {cache}.")
+    raw = _load_raw(args, split)
+    tokenized = raw.map(
+        partial(_tokenize, tokenizer=tokenizer),
+        batched=True,
+        num_proc=args.preprocessing_num_workers,
+        remove_columns=raw.column_names,
+        desc=f"Tokenizing {split}",
+    )
+    blocks = tokenized.map(
+        partial(_group, seq_length=seq_length), batched=True, batch_size=GROUP_BATCH_SIZE, desc=f"Grouping {split}"
+    )
+    if len(blocks) == 0:
+        raise ValueError(f"The {split} data has fewer than {seq_length} tokens: no block of that length fits.")
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    blocks.save_to_disk(str(tmp))
+    (tmp / "settings.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    logger.info("Cached %d %s blocks of %d tokens in %s", len(blocks), split, seq_length, cache)
+    return load_from_disk(str(cache)).with_format("torch")
+
+
+def prepare_splits(
+    args: argparse.Namespace, splits: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, seq_length: int, accelerator
+) -> dict[str, Dataset]:
+    """Tokenized blocks for each requested split; the main process builds missing caches first."""
+    _check_sources(args, splits)
+    result = {}
+    with accelerator.main_process_first():
+        for split in splits:
+            result[split] = load_split(args, split, tokenizer, seq_length, is_main=accelerator.is_main_process)
+    return result

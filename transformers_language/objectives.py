@@ -1,0 +1,144 @@
+"""The two pre-training objectives (masked LM, causal LM): targets, loss modules and their settings.
+
+A loss module wraps the HF model and returns the summed negative log-likelihood of a batch, so the
+training loop can normalise by the number of predicted tokens of the whole optimizer step (exact under
+gradient accumulation and several processes) and evaluation can report token-weighted perplexity. The
+masked-LM loss runs the prediction head only on the masked positions (~15% of the tokens): the vocabulary
+projection is most of BERT-small's compute and memory, and the other positions carry no loss.
+
+MLM masking (80% `[MASK]`, 10% a random token, 10% unchanged) is one function used by training and by the
+fixed evaluation masks. Its randomness comes only from the generator passed in: training seeds one per
+optimizer step, evaluation one per chunk of examples, so masks never depend on batch size, process count
+or an interrupted-and-resumed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+EVAL_MASK_CHUNK = 1024  # examples per evaluation-mask generator (a fixed constant, so masks are reproducible)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. seed, step, process), so each stream of masks is independent."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Masking:
+    """What MLM masking needs to know about the tokenizer, and the masking probability."""
+
+    probability: float
+    mask_token_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, probability: float) -> Masking:
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"The tokenizer {tokenizer.name_or_path!r} has no mask token; MLM needs one.")
+        if not 0.0 < probability < 1.0:
+            raise ValueError(f"--mlm_probability must lie strictly between 0 and 1, got {probability}.")
+        return cls(probability, tokenizer.mask_token_id, len(tokenizer), tuple(tokenizer.all_special_ids))
+
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels): selected non-special tokens become [MASK] (80%), a random token (10%) or stay
+        (10%); labels hold the original token there and IGNORE_INDEX elsewhere."""
+        device = input_ids.device
+        special = torch.isin(input_ids, torch.tensor(self.special_ids, device=device))
+        selected = (torch.rand(input_ids.shape, generator=generator, device=device) < self.probability) & ~special
+        action = torch.rand(input_ids.shape, generator=generator, device=device)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator, device=device)
+        inputs = torch.where(selected & (action < 0.8), self.mask_token_id, input_ids)
+        inputs = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+        labels = torch.where(selected, input_ids, IGNORE_INDEX)
+        return inputs, labels
+
+
+def _mask_chunk(batch: dict, indices: list[int], masking: Masking, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(derive_seed(seed, indices[0]))
+    inputs, labels = masking(torch.as_tensor(batch["input_ids"]), generator)
+    return {"input_ids": inputs, "labels": labels}
+
+
+def mask_eval_dataset(dataset: Dataset, masking: Masking, seed: int) -> Dataset:
+    """The validation blocks with fixed masks: the same seed gives the same masks in every run (FP and
+    quantized evaluation compare the identical masked set), whatever the batch size or process count."""
+    return dataset.map(
+        _mask_chunk,
+        fn_kwargs={"masking": masking, "seed": seed},
+        batched=True,
+        batch_size=EVAL_MASK_CHUNK,
+        with_indices=True,
+        keep_in_memory=True,
+        desc="Masking validation",
+    ).with_format("torch")
+
+
+class MaskedLMLoss(nn.Module):
+    """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.bert(input_ids=input_ids).last_hidden_state
+        selected = labels != IGNORE_INDEX
+        logits = self.model.cls(hidden[selected])
+        return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token NLL of an OPT causal-LM model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids).logits[:, :-1]
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+        )
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Settings that differ between masked-LM and causal-LM pre-training."""
+
+    name: str
+    model_type: str
+    seq_length_flag: str
+    loss_class: type[nn.Module]
+    adam_betas: tuple[float, float]
+    label_shift: int
+    """Position t predicts label t + label_shift: 0 for MLM, 1 (the next token) for CLM."""
+
+    def count_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Number of predicted tokens: masked positions (MLM) or next tokens (CLM)."""
+        return (labels[:, self.label_shift :] != IGNORE_INDEX).sum()
+
+
+OBJECTIVES = {
+    "mlm": Objective("mlm", "bert", "max_seq_length", MaskedLMLoss, (0.9, 0.999), label_shift=0),
+    # OPT's Adam betas, as in the paper.
+    "clm": Objective("clm", "opt", "block_size", CausalLMLoss, (0.9, 0.95), label_shift=1),
+}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]

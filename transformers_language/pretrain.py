@@ -1,0 +1,248 @@
+"""The pre-training job behind `run_mlm.py` and `run_clm.py`: parse, build, train, evaluate, save.
+
+Both scripts call `pretrain(objective, argv)`; the objective decides the model family, the sequence-length
+flag and the few settings that differ. Flags keep the names and meaning of the paper's scripts, and each
+script accepts only the flags it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from .checkpoints import TrainingProgress, resolve_resume, save_pretrained_atomic, write_json_atomic
+from .data import add_data_args, prepare_splits
+from .evaluation import evaluate_perplexity
+from .model_loading import add_model_args, build_config, check_sequence_length, load_model, load_tokenizer
+from .objectives import Masking, Objective, get_objective, mask_eval_dataset
+from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .telemetry import Telemetry, init_tracking
+from .training import EpochPermutationSampler, LoopSettings, train
+
+logger = logging.getLogger(__name__)
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = (
+    "model_type",
+    "seq_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_processes",
+    "seed",
+    "attention",
+    "dataset_setup",
+    "train_file",
+    "train_percentage",
+    "max_train_steps",
+)
+
+
+def build_parser(objective: Objective) -> argparse.ArgumentParser:
+    script = f"run_{objective.name}.py"
+    parser = argparse.ArgumentParser(
+        prog=script,
+        description=f"Pre-train {objective.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
+        allow_abbrev=False,
+    )
+    add_model_args(parser, objective.model_type)
+    add_data_args(parser, objective.seq_length_flag)
+    group = parser.add_argument_group("training")
+    if objective.name == "mlm":
+        group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
+    group.add_argument("--seed", type=int, default=42, help="Seed of init, data order, masks and dropout.")
+    group.add_argument("--per_device_train_batch_size", type=int, default=8)
+    group.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    group.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate.")
+    group.add_argument("--lr_scheduler_type", default="linear", choices=SCHEDULES)
+    group.add_argument("--num_train_epochs", type=int, default=3)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
+    group.add_argument("--num_warmup_steps", type=int, default=0)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--weight_decay", type=float, default=0.0)
+    group.add_argument("--wd_LN_gamma", action="store_true", help="Also decay LayerNorm weights (gamma).")
+    group.add_argument(
+        "--final_lr_fraction", type=float, default=0.0, help="LR at max_train_steps as a fraction of the peak."
+    )
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: no clipping).")
+    group.add_argument("--grad_norm_type", type=float, default=2.0, help="Norm type of the clipping (inf allowed).")
+    group.add_argument("--adam_beta1", type=float, default=objective.adam_betas[0])
+    group.add_argument("--adam_beta2", type=float, default=objective.adam_betas[1])
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--output_dir", required=True, help="Where checkpoints, the model and results go.")
+    group.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every N steps, or 'epoch'.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=3, help="Checkpoints kept (newest).")
+    group.add_argument("--resume_from_checkpoint", default=None, help="A step_N checkpoint directory or 'latest'.")
+    group = parser.add_argument_group("tracking")
+    group.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
+    group.add_argument("--report_to", default="tensorboard", help="accelerate tracker name(s), or 'all'.")
+    group.add_argument(
+        "--extra_tb_stats", action="store_true", help="Log weight / activation inf-norms, kurtosis and gates."
+    )
+    group.add_argument("--tb_scalar_log_interval", type=int, default=100, help="Steps between extra statistics.")
+    group.add_argument("--tb_hist_log_interval", type=int, default=1000, help="Steps between histograms.")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    steps = args.checkpointing_steps
+    if steps is not None and steps != "epoch" and (not steps.isdigit() or int(steps) <= 0):
+        raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {steps!r}.")
+    if args.extra_tb_stats and not (args.with_tracking and args.report_to in ("tensorboard", "all")):
+        raise ValueError("--extra_tb_stats logs to TensorBoard: add --with_tracking --report_to tensorboard.")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+
+
+def _setup_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
+    """Run the pre-training job of `objective_name` ('mlm' or 'clm') with command-line `argv`; returns the
+    figures written to `all_results.json`."""
+    objective = get_objective(objective_name)
+    args = build_parser(objective).parse_args(argv)
+    _check_args(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=str(output_dir))
+    _setup_logging(accelerator)
+    set_seed(args.seed)
+
+    tokenizer = load_tokenizer(args)
+    config = build_config(args, tokenizer)
+    seq_length = getattr(args, objective.seq_length_flag)
+    if seq_length is None:  # CLM default: the model's positions, at most 1024
+        seq_length = min(config.max_position_embeddings, 1024)
+    check_sequence_length(config, seq_length, objective.seq_length_flag)
+    model = load_model(args, config, seq_length, accelerator.device)
+
+    splits = prepare_splits(args, ("train", "validation"), tokenizer, seq_length, accelerator)
+    if objective.name == "mlm":
+        masking = Masking.from_tokenizer(tokenizer, args.mlm_probability)
+        targets, eval_set = masking, mask_eval_dataset(splits["validation"], masking, args.seed)
+    else:
+        targets, eval_set = (lambda ids, generator: (ids, ids)), splits["validation"]
+    sampler = EpochPermutationSampler(len(splits["train"]), args.seed)
+    # Its own generator: iterating a DataLoader must not draw from the global RNG that dropout uses.
+    train_loader = DataLoader(
+        splits["train"], batch_size=args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator()
+    )
+    loss_module = objective.loss_class(model)
+    optimizer = build_optimizer(
+        model,
+        args.learning_rate,
+        args.weight_decay,
+        args.wd_LN_gamma,
+        (args.adam_beta1, args.adam_beta2),
+        args.adam_epsilon,
+    )
+    loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = build_scheduler(
+        optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_train_steps, args.final_lr_fraction
+    )
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+
+    settings = vars(args) | {
+        "seq_length": seq_length,
+        "max_train_steps": max_train_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "attention": config.attention_variant,
+        "train_blocks": len(splits["train"]),
+        "validation_blocks": len(eval_set),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    if args.resume_from_checkpoint:
+        _resume(accelerator, resolve_resume(args.resume_from_checkpoint, output_dir), settings)
+        logger.info("Resumed at step %d of %d", progress.step, max_train_steps)
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / "run_settings.json", settings)
+
+    telemetry = None
+    if args.with_tracking:
+        init_tracking(accelerator, args, f"{objective.name}_{args.model_type}")
+        unwrapped = accelerator.unwrap_model(loss_module).model
+        telemetry = Telemetry(
+            accelerator, unwrapped, args.extra_tb_stats, args.tb_scalar_log_interval, args.tb_hist_log_interval
+        )
+    loop = LoopSettings(
+        max_train_steps=max_train_steps,
+        steps_per_epoch=steps_per_epoch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        grad_norm_type=args.grad_norm_type,
+        seed=args.seed,
+        output_dir=output_dir,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+    )
+    summary = train(
+        accelerator,
+        loss_module,
+        optimizer,
+        scheduler,
+        train_loader,
+        sampler,
+        objective,
+        targets,
+        progress,
+        loop,
+        telemetry,
+    )
+    results = evaluate_perplexity(
+        accelerator, accelerator.unwrap_model(loss_module), eval_set, objective, args.per_device_eval_batch_size
+    )
+    results |= summary
+    logger.info(
+        "Validation perplexity %.4f (loss %.4f over %d tokens)",
+        results["perplexity"],
+        results["eval_loss"],
+        results["eval_tokens"],
+    )
+    if args.with_tracking:
+        accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=progress.step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pretrained_atomic(accelerator.unwrap_model(loss_module).model, tokenizer, output_dir)
+        write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict) -> None:
+    """Load a checkpoint after checking that it was written by a run with the same settings."""
+    saved_path = checkpoint.parent / "run_settings.json"
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        different = {k: (saved.get(k), settings[k]) for k in RESUME_KEYS if saved.get(k) != settings[k]}
+        if different:
+            listing = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in different.items())
+            raise ValueError(f"{checkpoint} was written by a different run ({listing}); resume with its settings.")
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise ValueError(
+            f"{checkpoint} does not match this run's model or optimizer ({error}); resume with the settings that "
+            "wrote it."
+        ) from error
