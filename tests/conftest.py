@@ -1,10 +1,16 @@
 """Tiny BERT / OPT configs and helpers shared by the tests (CPU, 2 layers, hidden 32)."""
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, OPTConfig
 
 from transformers_language import AttentionConfig
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the test log
 
 VOCAB = 97
 
@@ -61,3 +67,55 @@ def variant(request) -> AttentionConfig:
 @pytest.fixture(params=["bert", "opt"])
 def model_type(request) -> str:
     return request.param
+
+
+# Local data and tokenizers (never copied into the project): ../shared beside the checkout, or $OFT_SHARED.
+SHARED = Path(os.environ.get("OFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+TRAIN_TEXT = SHARED / "data" / "wikitext-2" / "test.txt"
+VALID_TEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
+TOKENIZERS = {"bert": SHARED / "tokenizers" / "bert-base-uncased", "opt": SHARED / "tokenizers" / "opt-bpe-8k"}
+TINY_YAML = {
+    "bert": "hidden_size: 32\nnum_hidden_layers: 2\nnum_attention_heads: 4\nintermediate_size: 64\n"
+    "max_position_embeddings: 64\n",
+    "opt": "hidden_size: 32\nnum_hidden_layers: 2\nnum_attention_heads: 4\nffn_dim: 64\nmax_position_embeddings: 64\n",
+}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One tokenized-data cache for the whole session (each split is tokenized once)."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def train_argv(model_type: str, output_dir: Path, data_cache: Path, *extra: str, steps: int = 4) -> list[str]:
+    """Arguments of a few-step run of a tiny model on the local WikiText-2 text."""
+    config = output_dir.parent / f"{model_type}-tiny.yaml"
+    config.write_text(TINY_YAML[model_type])
+    seq_flag = "--max_seq_length" if model_type == "bert" else "--block_size"
+    return [
+        "--config_path", str(config),
+        "--tokenizer_name", str(TOKENIZERS[model_type]),
+        "--train_file", str(TRAIN_TEXT),
+        "--validation_file", str(VALID_TEXT),
+        "--train_percentage", "10",
+        "--validation_percentage", "5",
+        seq_flag, "32",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "32",
+        "--learning_rate", "1e-3",
+        "--max_train_steps", str(steps),
+        "--data_cache_dir", str(data_cache),
+        "--output_dir", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+
+
+def run_main(model_type: str, argv: list[str]) -> dict:
+    import run_clm
+    import run_mlm
+
+    return (run_mlm if model_type == "bert" else run_clm).main(argv)
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]

@@ -102,6 +102,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+    for flag in ("max_train_steps", "num_warmup_steps", "num_train_epochs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
 
 
 def _setup_logging(accelerator: Accelerator) -> None:
@@ -153,7 +156,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     )
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
     scheduler = build_scheduler(
         optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_train_steps, args.final_lr_fraction
     )
