@@ -147,7 +147,7 @@ def test_two_processes_train_save_and_match_one_process(tmp_path, data_cache):
 def test_missing_file_is_a_clear_error(tmp_path, data_cache):
     argv = train_argv("opt", tmp_path / "run", data_cache)
     argv[argv.index("--train_file") + 1] = str(tmp_path / "nope.txt")
-    with pytest.raises(FileNotFoundError, match="--train_file .*nope.txt does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"--train_file .*nope\.txt does not exist"):
         run_main("opt", argv)
 
 
@@ -155,7 +155,7 @@ def test_unknown_dataset_setup_lists_the_valid_ones(tmp_path, data_cache):
     argv = train_argv("opt", tmp_path / "run", data_cache)
     for flag in ("--train_file", "--validation_file"):
         del argv[argv.index(flag) : argv.index(flag) + 2]
-    with pytest.raises(ValueError, match="Unknown dataset setup 'wikitext_3'.*wikitext_2, wikitext_103"):
+    with pytest.raises(ValueError, match=r"Unknown dataset setup 'wikitext_3'.*wikitext_2, wikitext_103"):
         run_main("opt", [*argv, "--dataset_setup", "wikitext_3"])
 
 
