@@ -1,0 +1,115 @@
+"""The data pipeline: blocks against a reference tokenization, splitting, caching, and error messages."""
+
+import argparse
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoTokenizer
+
+import transformers_language.data as data
+from tests.conftest import TOKENIZERS, TRAIN_TEXT, VALID_TEXT
+
+
+def data_args(tmp_path, **overrides) -> argparse.Namespace:
+    values = dict(
+        dataset_setup=None,
+        train_file=str(TRAIN_TEXT),
+        validation_file=str(VALID_TEXT),
+        preprocessing_num_workers=None,
+        overwrite_cache=False,
+        data_cache_dir=str(tmp_path / "cache"),
+        train_percentage=None,
+        validation_percentage=10,
+    )
+    return argparse.Namespace(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in TOKENIZERS.items()}
+
+
+def reference_blocks(lines: list[str], tokenizer, seq_length: int) -> list[list[int]]:
+    """Non-blank lines tokenized with special tokens, concatenated per group batch, cut into full blocks."""
+    rows = [tokenizer(line)["input_ids"] for line in lines if line.strip()]
+    blocks = []
+    for start in range(0, len(rows), data.GROUP_BATCH_SIZE):
+        stream = [t for row in rows[start : start + data.GROUP_BATCH_SIZE] for t in row]
+        blocks += [stream[i : i + seq_length] for i in range(0, len(stream) - seq_length + 1, seq_length)]
+    return blocks
+
+
+@pytest.mark.parametrize("model_type", ["bert", "opt"])
+def test_blocks_match_a_reference_tokenization(model_type, tokenizers, tmp_path):
+    tokenizer = tokenizers[model_type]
+    dataset = data.load_split(data_args(tmp_path), "validation", tokenizer, 64)
+    lines = VALID_TEXT.read_text().splitlines()
+    expected = reference_blocks(lines[: -(-len(lines) * 10 // 100)], tokenizer, 64)
+    assert dataset[:]["input_ids"].tolist() == expected
+    first = tokenizer.cls_token_id if model_type == "bert" else tokenizer.bos_token_id
+    assert (dataset[:]["input_ids"] == first).sum() > 10  # the special tokens are in the stream
+
+
+def test_a_long_text_is_split_into_blocks_not_truncated(tokenizers, tmp_path):
+    long_line = " ".join(f"word{i}" for i in range(3000))
+    path = tmp_path / "long.txt"
+    path.write_text(long_line + "\n")
+    tokenizer = tokenizers["opt"]
+    dataset = data.load_split(
+        data_args(tmp_path, validation_file=str(path), validation_percentage=None), "validation", tokenizer, 128
+    )
+    ids = tokenizer(long_line)["input_ids"]
+    assert len(ids) > 1000
+    assert len(dataset) == len(ids) // 128
+    assert dataset[:]["input_ids"].flatten().tolist() == ids[: len(dataset) * 128]
+
+
+def test_second_load_uses_the_cache_and_overwrite_rebuilds(tokenizers, tmp_path, monkeypatch):
+    args = data_args(tmp_path)
+    first = data.load_split(args, "validation", tokenizers["bert"], 32)
+
+    def no_tokenizing(*_args, **_kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data, "_tokenize", no_tokenizing)
+    assert torch.equal(
+        data.load_split(args, "validation", tokenizers["bert"], 32)[:]["input_ids"], first[:]["input_ids"]
+    )
+    with pytest.raises(AssertionError, match="tokenized again"):  # a new setting is a new cache entry
+        data.load_split(args, "validation", tokenizers["bert"], 16)
+    with pytest.raises(AssertionError, match="tokenized again"):
+        data.load_split(data_args(tmp_path, overwrite_cache=True), "validation", tokenizers["bert"], 32)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_validation_alone_never_reads_the_training_split(tokenizers, tmp_path):
+    args = data_args(tmp_path, train_file=str(tmp_path / "missing.txt"))
+    splits = data.prepare_splits(args, ("validation",), tokenizers["opt"], 32, Accelerator(cpu=True))
+    assert list(splits) == ["validation"] and len(splits["validation"]) > 0
+    assert not list((tmp_path / "cache").glob("train-*"))
+
+
+def test_data_errors_name_the_fix(tokenizers, tmp_path):
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match="No train data: pass --dataset_setup or --train_file"):
+        data.prepare_splits(data_args(tmp_path, train_file=None), ("train",), tokenizers["opt"], 32, accelerator)
+    with pytest.raises(ValueError, match="--dataset_setup and --train_file, --validation_file both choose"):
+        data.prepare_splits(
+            data_args(tmp_path, dataset_setup="wikitext_2"), ("train",), tokenizers["opt"], 32, accelerator
+        )
+    with pytest.raises(ValueError, match=r"--validation_percentage must lie in \(0, 100\]"):
+        data.prepare_splits(
+            data_args(tmp_path, validation_percentage=0), ("validation",), tokenizers["opt"], 32, accelerator
+        )
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just a few words\n")
+    with pytest.raises(ValueError, match="fewer than 128 tokens"):
+        data.load_split(data_args(tmp_path, validation_file=str(tiny)), "validation", tokenizers["opt"], 128)
+
+
+def test_hub_setups_name_existing_script_free_datasets():
+    assert set(data.DATASET_SETUPS) == {"wikitext_2", "wikitext_103", "bookcorpus_and_wiki"}
+    for splits in data.DATASET_SETUPS.values():
+        assert set(splits) == {"train", "validation"}
+        assert all("/" in source.path for sources in splits.values() for source in sources)

@@ -1,0 +1,84 @@
+"""Telemetry: statistics reduced in hooks equal those of stored activations, hooks are scoped, TensorBoard gets
+every tag."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import VOCAB, run_main, tiny_config, train_argv
+from transformers_language import AttentionConfig, build_model
+from transformers_language.metrics import per_sequence_stats
+from transformers_language.telemetry import Telemetry
+
+
+def _hook_counts(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_streamed_statistics_equal_stored_activations(model_type):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model_type), AttentionConfig(gate_type="conditional_per_token")).eval()
+    telemetry = Telemetry(Accelerator(cpu=True), model, extra_stats=True, scalar_interval=2, hist_interval=100)
+    stored, gates = [[] for _ in model.transformer_layers()], [[] for _ in model.transformer_layers()]
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: stored[i].append(o.detach()))
+        for i, layer in enumerate(model.transformer_layers())
+    ]
+    handles += [
+        v.gate.register_forward_hook(lambda m, a, o, i=i: gates[i].append(o.detach()))
+        for i, v in enumerate(model.attention_variants().values())
+    ]
+    baseline = _hook_counts(model)
+
+    batches = [torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    with telemetry.measure(step=1):  # not a log step: no hooks
+        assert _hook_counts(model) == baseline
+    with telemetry.measure(step=2):
+        assert _hook_counts(model) > baseline
+        for ids in batches:
+            model(input_ids=ids)
+    assert _hook_counts(model) == baseline
+    scalars = telemetry._stats_scalars()
+    for handle in handles:
+        handle.remove()
+
+    for index, outputs in enumerate(stored):
+        everything = torch.cat(outputs)
+        inf_norm, kurtosis = per_sequence_stats(everything)
+        assert scalars[f"activations/layer_{index}/inf_norm"] == pytest.approx(inf_norm.mean().item(), rel=1e-5)
+        assert scalars[f"activations/layer_{index}/kurtosis"] == pytest.approx(kurtosis.mean().item(), rel=1e-5)
+        assert scalars[f"activations/layer_{index}/inf_norm_max"] == pytest.approx(everything.abs().max().item())
+        per_head = torch.stack([g.mean(dim=(0, 2, 3)) for g in gates[index]]).mean(0)
+        for head, value in enumerate(per_head.tolist()):
+            assert scalars[f"gates/layer_{index}/head_{head}"] == pytest.approx(value, rel=1e-5)
+
+
+def test_tensorboard_receives_step_and_extra_statistics(tmp_path, data_cache):
+    out = tmp_path / "run"
+    tracking = ["--with_tracking", "--report_to", "tensorboard", "--extra_tb_stats"]
+    tracking += [
+        "--tb_scalar_log_interval",
+        "2",
+        "--tb_hist_log_interval",
+        "2",
+        "--attn_gate_type",
+        "conditional_per_token",
+    ]
+    run_main("opt", train_argv("opt", out, data_cache, *tracking))
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent), size_guidance={"histograms": 0})
+    events.Reload()
+    scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "eval/perplexity"):
+        assert tag in scalars
+    for tag in ("activations/layer_1/kurtosis", "activations/layer_0/inf_norm", "gates/layer_1/head_3"):
+        assert tag in scalars
+    assert any(tag.startswith("weight_inf_norm/") and tag.endswith("fc1") for tag in scalars)
+    assert "activations/layer_0" in histograms and any(tag.startswith("weights/") for tag in histograms)
+    assert [event.step for event in events.Scalars("activations/layer_0/kurtosis")] == [2, 4]
+    assert len(events.Scalars("train/loss")) == 4
+
+
+def test_extra_stats_need_tensorboard(tmp_path, data_cache):
+    with pytest.raises(ValueError, match="--extra_tb_stats logs to TensorBoard: add --with_tracking"):
+        run_main("opt", train_argv("opt", tmp_path / "run", data_cache, "--extra_tb_stats"))
