@@ -4,7 +4,9 @@ A loss module wraps the HF model and returns the summed negative log-likelihood 
 training loop can normalise by the number of predicted tokens of the whole optimizer step (exact under
 gradient accumulation and several processes) and evaluation can report token-weighted perplexity. The
 masked-LM loss runs the prediction head only on the masked positions (~15% of the tokens): the vocabulary
-projection is most of BERT-small's compute and memory, and the other positions carry no loss.
+projection is most of BERT-small's compute and memory, and the other positions carry no loss. Both losses
+compute the vocabulary projection and its cross-entropy in chunks, never holding all logits
+(linear_cross_entropy.py).
 
 MLM masking (80% `[MASK]`, 10% a random token, 10% unchanged) is one function used by training and by the
 fixed evaluation masks. Its randomness comes only from the generator passed in: training seeds one per
@@ -22,7 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
+
 EVAL_MASK_CHUNK = 1024  # examples per evaluation-mask generator (a fixed constant, so masks are reproducible)
 
 
@@ -87,7 +90,8 @@ def mask_eval_dataset(dataset: Dataset, masking: Masking, seed: int) -> Dataset:
 
 
 class MaskedLMLoss(nn.Module):
-    """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions."""
+    """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions (the stock head's
+    transform and decoder, applied to those rows)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -96,22 +100,23 @@ class MaskedLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.bert(input_ids=input_ids).last_hidden_state
         selected = labels != IGNORE_INDEX
-        logits = self.model.cls(hidden[selected])
-        return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        head = self.model.cls.predictions
+        transformed = head.transform(hidden[selected])
+        return linear_cross_entropy_sum(transformed, head.decoder.weight, head.decoder.bias, labels[selected])
 
 
 class CausalLMLoss(nn.Module):
-    """Summed next-token NLL of an OPT causal-LM model."""
+    """Summed next-token NLL of an OPT causal-LM model (its decoder, then the lm_head weight)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids).logits[:, :-1]
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum", ignore_index=IGNORE_INDEX
-        )
+        hidden = self.model.model(input_ids=input_ids).last_hidden_state
+        # Position t predicts token t + 1; the last position has no target.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return linear_cross_entropy_sum(hidden.flatten(0, 1), self.model.lm_head.weight, None, targets.flatten())
 
 
 @dataclass(frozen=True)
