@@ -1,0 +1,210 @@
+"""Training throughput and peak memory of run_mlm / run_clm against a stock-HF training loop.
+
+Trains BERT-small (4 layers, hidden 256, 4 heads, FFN 1024; seq 128, batch 32, BERT WordPiece) and
+OPT-small (same sizes, 8k BPE; block 128, batch 16) on WikiText-2 test.txt in fp32 with 2 CPU threads,
+and prints the median seconds per step over steps 11..N, tokens/s and peak RSS. Each run is a fresh
+process (so peak RSS is its own), runs alternate between ours and the baseline, and the tokenized data is
+cached before any run is timed. The baseline is the loop of the paper's scripts (the HF example): the
+stock HF model with eager attention, `DataCollatorForLanguageModeling` / default collation, full-vocabulary
+logits and `model(**batch).loss`. The paper's own figures on this machine class are printed beside.
+
+    python benchmarks/bench_train.py [--steps 60] [--rounds 1] [--models bert opt] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
+SETUPS = {
+    "bert": {"script": "mlm", "config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
+    "opt": {"script": "clm", "config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
+}
+SEQ_LENGTH = 128
+# The paper's code on this machine class (from the issue): s/step, tokens/s and peak RSS (GiB) ranges.
+PAPER = {
+    "bert": {"s_per_step": (3.5, 3.9), "rss_gib": (3.4, 3.6)},
+    "opt": {"s_per_step": (0.77, 0.82), "rss_gib": (1.2, 1.5)},
+}
+
+
+def _argv(model: str, steps: int, output_dir: str, cache: str) -> list[str]:
+    setup = SETUPS[model]
+    data = SHARED / "data" / "wikitext-2"
+    return [
+        "--config_path", str(REPO / "model_configs" / setup["config"]),
+        "--tokenizer_name", str(SHARED / "tokenizers" / setup["tokenizer"]),
+        "--train_file", str(data / "test.txt"),
+        "--validation_file", str(data / "valid.txt"),
+        "--validation_percentage", "1",
+        "--max_seq_length" if model == "bert" else "--block_size", str(SEQ_LENGTH),
+        "--per_device_train_batch_size", str(setup["batch"]),
+        "--learning_rate", "1e-4",
+        "--max_train_steps", str(steps),
+        "--output_dir", output_dir,
+        "--data_cache_dir", cache,
+    ]  # fmt: skip
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def child_ours(model: str, steps: int, output_dir: str, cache: str) -> dict:
+    sys.path.insert(0, str(REPO))
+    import run_clm
+    import run_mlm
+
+    (run_mlm if model == "bert" else run_clm).main(_argv(model, steps, output_dir, cache))
+    log = [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
+    tokens = SETUPS[model]["batch"] * SEQ_LENGTH
+    return {"step_seconds": [tokens / record["tokens_per_s"] for record in log], "peak_rss_gib": _peak_rss_gib()}
+
+
+def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
+    """The HF-example training loop of the paper's scripts, on the same cached blocks."""
+    import torch
+    import yaml
+    from accelerate import Accelerator
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        OPTForCausalLM,
+        default_data_collator,
+    )
+
+    sys.path.insert(0, str(REPO))
+    from transformers_language.data import prepare_splits
+    from transformers_language.pretrain import build_parser
+    from transformers_language.objectives import get_objective
+
+    args = build_parser(get_objective(SETUPS[model]["script"])).parse_args(_argv(model, steps, output_dir, cache))
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+    blocks = prepare_splits(args, ("train",), tokenizer, SEQ_LENGTH, Accelerator(cpu=True))["train"]
+    blocks = blocks.with_format(None)
+    config = AutoConfig.for_model(model, **yaml.safe_load(Path(args.config_path).read_text()))
+    config.vocab_size = len(tokenizer)
+    config._attn_implementation = "eager"
+    if model == "bert":
+        net = BertForMaskedLM(config)
+        collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    else:
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = 1, 2, 2
+        net = OPTForCausalLM(config)
+
+        def collate(examples):
+            batch = default_data_collator(examples)
+            batch["labels"] = batch["input_ids"].clone()
+            return batch
+
+    loader = torch.utils.data.DataLoader(blocks, batch_size=SETUPS[model]["batch"], shuffle=True, collate_fn=collate)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    net.train()
+    seconds, batches = [], iter(loader)
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = net(**next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        seconds.append(time.perf_counter() - start)
+    return {"step_seconds": seconds, "peak_rss_gib": _peak_rss_gib()}
+
+
+def _run_child(kind: str, model: str, steps: int, cache: str) -> dict:
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [sys.executable, __file__, "--child", kind, "--models", model, "--steps", str(steps)]
+        command += ["--cache", cache, "--output_dir", output_dir]
+        env = os.environ | {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{kind} {model} failed:\n{done.stderr[-4000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=1, help="Alternating ours/baseline pairs per model.")
+    parser.add_argument("--models", nargs="+", default=["bert", "opt"], choices=list(SETUPS))
+    parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--child", default=None, choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        runner = child_ours if args.child == "ours" else child_baseline
+        print(json.dumps(runner(args.models[0], args.steps, args.output_dir, args.cache)))
+        return
+
+    figures = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for model in args.models:
+            _run_child("ours", model, 1, cache)  # tokenizes and caches the data; not timed
+            runs = {"ours": [], "baseline": []}
+            for _ in range(args.rounds):
+                for kind in ("ours", "baseline"):
+                    runs[kind].append(_run_child(kind, model, args.steps, cache))
+                    print(f"  {model} {kind}: done", file=sys.stderr)
+            figures[model] = _summarise(model, runs)
+    _report(figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def _summarise(model: str, runs: dict) -> dict:
+    tokens = SETUPS[model]["batch"] * SEQ_LENGTH
+    result = {}
+    for kind, kind_runs in runs.items():
+        timed = [s for run in kind_runs for s in run["step_seconds"][10:]]
+        median = statistics.median(timed)
+        result[kind] = {
+            "median_s_per_step": median,
+            "tokens_per_s": tokens / median,
+            "peak_rss_gib": max(run["peak_rss_gib"] for run in kind_runs),
+        }
+    paper = PAPER[model]
+    result["speedup_vs_baseline"] = result["baseline"]["median_s_per_step"] / result["ours"]["median_s_per_step"]
+    result["rss_vs_baseline"] = result["ours"]["peak_rss_gib"] / result["baseline"]["peak_rss_gib"]
+    result["speedup_vs_paper"] = [lo / result["ours"]["median_s_per_step"] for lo in paper["s_per_step"]]
+    result["rss_vs_paper"] = [result["ours"]["peak_rss_gib"] / gib for gib in paper["rss_gib"]]
+    return result
+
+
+def _report(figures: dict) -> None:
+    print(f"{'model':6} {'run':9} {'s/step':>7} {'tokens/s':>9} {'peak RSS GiB':>13}")
+    for model, result in figures.items():
+        for kind in ("ours", "baseline"):
+            row = result[kind]
+            print(
+                f"{model:6} {kind:9} {row['median_s_per_step']:7.3f} {row['tokens_per_s']:9.0f} {row['peak_rss_gib']:13.2f}"
+            )
+        paper = PAPER[model]
+        print(
+            f"{model:6} paper     {paper['s_per_step'][0]:.2f}-{paper['s_per_step'][1]:.2f} s/step, "
+            f"{paper['rss_gib'][0]}-{paper['rss_gib'][1]} GiB"
+        )
+        print(
+            f"{model:6} ours vs baseline: {result['speedup_vs_baseline']:.2f}x speed, {result['rss_vs_baseline']:.2f}x RSS; "
+            f"vs paper: {min(result['speedup_vs_paper']):.2f}-{max(result['speedup_vs_paper']):.2f}x speed, "
+            f"{min(result['rss_vs_paper']):.2f}-{max(result['rss_vs_paper']):.2f}x RSS"
+        )
+
+
+if __name__ == "__main__":
+    main()
