@@ -87,8 +87,8 @@ def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
 
     sys.path.insert(0, str(REPO))
     from transformers_language.data import prepare_splits
-    from transformers_language.pretrain import build_parser
     from transformers_language.objectives import get_objective
+    from transformers_language.pretrain import build_parser
 
     args = build_parser(get_objective(SETUPS[model]["script"])).parse_args(_argv(model, steps, output_dir, cache))
     torch.manual_seed(0)
@@ -191,16 +191,16 @@ def _report(figures: dict) -> None:
     for model, result in figures.items():
         for kind in ("ours", "baseline"):
             row = result[kind]
-            print(
-                f"{model:6} {kind:9} {row['median_s_per_step']:7.3f} {row['tokens_per_s']:9.0f} {row['peak_rss_gib']:13.2f}"
-            )
+            figures_text = f"{row['median_s_per_step']:7.3f} {row['tokens_per_s']:9.0f} {row['peak_rss_gib']:13.2f}"
+            print(f"{model:6} {kind:9} {figures_text}")
         paper = PAPER[model]
         print(
             f"{model:6} paper     {paper['s_per_step'][0]:.2f}-{paper['s_per_step'][1]:.2f} s/step, "
             f"{paper['rss_gib'][0]}-{paper['rss_gib'][1]} GiB"
         )
         print(
-            f"{model:6} ours vs baseline: {result['speedup_vs_baseline']:.2f}x speed, {result['rss_vs_baseline']:.2f}x RSS; "
+            f"{model:6} ours vs baseline: {result['speedup_vs_baseline']:.2f}x speed, "
+            f"{result['rss_vs_baseline']:.2f}x RSS; "
             f"vs paper: {min(result['speedup_vs_paper']):.2f}-{max(result['speedup_vs_paper']):.2f}x speed, "
             f"{min(result['rss_vs_paper']):.2f}-{max(result['rss_vs_paper']):.2f}x RSS"
         )
