@@ -27,6 +27,9 @@ METHOD_FLAGS = {
     "all_heads_linear": ["--attn_gate_type", "conditional_per_token", "--attn_gate_linear_all_features"],
     "unconditional_per_head": ["--attn_gate_type", "unconditional_per_head", "--attn_gate_init", "0.25"],
     "conditional_per_head": ["--attn_gate_type", "conditional_per_head"],
+    "mlp2": ["--attn_gate_type", "conditional_per_token", "--attn_gate_mlp2"],
+    "clipped+gate": ["--attn_softmax", "clipped(-0.03:1.03)", "--attn_gate_type", "conditional_per_token"],
+    "skip_attn": ["--skip_attn"],
 }
 
 
@@ -139,6 +142,18 @@ def test_two_processes_train_save_and_match_one_process(tmp_path, data_cache):
     single = tmp_path / "single"
     run_main("opt", train_argv("opt", single, data_cache, *no_dropout, "--per_device_train_batch_size", "8"))
     assert _losses(out) == pytest.approx(_losses(single), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_script(tmp_path, data_cache):
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["run_mlm.py", *train_argv("bert", out, data_cache, steps=2)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Validation perplexity" in done.stderr
+    assert json.loads((out / "all_results.json").read_text())["step"] == 2
 
 
 # --- bad input -------------------------------------------------------------------------------------------------

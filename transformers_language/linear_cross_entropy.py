@@ -32,6 +32,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.zeros_like(weight, dtype=torch.float32),
                 None if bias is None else torch.zeros_like(bias, dtype=torch.float32),
             )
+        # Rows without a target are few (CLM: the last position; MLM: bucket padding): zero just those rows.
+        ignored_rows = (targets == IGNORE_INDEX).nonzero().squeeze(1)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows].to(compute_dtype)
             target = targets[start : start + rows]
@@ -40,14 +42,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits += bias.float()
             valid = target != IGNORE_INDEX
             safe_target = target.clamp_min(0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe_target).squeeze(1)) * valid).sum()
+            target_logit = logits.gather(1, safe_target).squeeze(1)
+            # One pass of exp, in place: logits become exp(logits - max), then probabilities.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+            lse = (row_max + exp_sum.log()).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
             if grads is None:
                 continue
-            # d(sum NLL)/d logits = softmax - one_hot(target), zero on ignored rows; built in place.
-            logits.sub_(lse.unsqueeze(1)).exp_()
+            # d(sum NLL)/d logits = softmax - one_hot(target), zero on ignored rows.
+            logits.div_(exp_sum)
             logits.scatter_add_(1, safe_target, torch.full_like(safe_target, -1, dtype=logits.dtype))
-            logits.mul_(valid.unsqueeze(1))
+            ignored = ignored_rows[(ignored_rows >= start) & (ignored_rows < start + rows)] - start
+            logits.index_fill_(0, ignored, 0.0)
             grad_logits = logits.to(compute_dtype)
             grads[0][start : start + rows] = grad_logits @ w
             grads[1].addmm_(grad_logits.t().float(), h.float())

@@ -130,6 +130,7 @@ class Telemetry:
             values = torch.stack([w.detach().abs().amax().float() for w in norms.values()]).tolist()
             scalars |= {f"weight_inf_norm/{name}": value for name, value in zip(norms, values, strict=True)}
             scalars |= self._stats_scalars()
+        self._sums.clear()  # a histogram-only step measured too; its sums belong to no scalar step
         self.accelerator.log(scalars, step=step)
         if self._hist_step(step):
             self._log_histograms(step)
