@@ -104,7 +104,6 @@ class Telemetry:
         """Reduce every accumulated statistic across processes at once (one sum, one gather) and read it."""
         sums = {k: v for k, v in self._sums.items() if not k.endswith("_max")}
         peaks = {k: v for k, v in self._sums.items() if k.endswith("_max")}
-        self._sums = {}
         flat_sums = self.accelerator.reduce(torch.cat([v.flatten() for v in sums.values()]), "sum").tolist()
         flat_peaks = self.accelerator.gather(torch.cat(list(peaks.values())).view(1, -1)).amax(dim=0).tolist()
         peak_of = dict(zip(peaks, flat_peaks, strict=True))
@@ -130,7 +129,7 @@ class Telemetry:
             values = torch.stack([w.detach().abs().amax().float() for w in norms.values()]).tolist()
             scalars |= {f"weight_inf_norm/{name}": value for name, value in zip(norms, values, strict=True)}
             scalars |= self._stats_scalars()
-        self._sums.clear()  # a histogram-only step measured too; its sums belong to no scalar step
+        self._sums.clear()  # also after a histogram-only step, whose sums belong to no scalar step
         self.accelerator.log(scalars, step=step)
         if self._hist_step(step):
             self._log_histograms(step)

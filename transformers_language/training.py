@@ -104,6 +104,7 @@ def train(
         _truncate_log(log_path, progress.step)
     log_file = open(log_path, "a") if accelerator.is_main_process else None  # noqa: SIM115 (closed below)
     parameters = [p for p in loss_module.parameters() if p.requires_grad]
+    max_norm = settings.max_grad_norm if settings.max_grad_norm else float("inf")  # 0 / None: measure only
     bar = tqdm(
         total=settings.max_train_steps,
         initial=progress.step,
@@ -153,7 +154,6 @@ def train(
                         f"checkpoint is {latest[-1] if latest else 'none (no --checkpointing_steps)'}: resume from it "
                         "with a lower --learning_rate or a --max_grad_norm."
                     )
-                max_norm = settings.max_grad_norm if settings.max_grad_norm else float("inf")
                 grad_norm = accelerator.clip_grad_norm_(parameters, max_norm, norm_type=settings.grad_norm_type)
                 learning_rate = scheduler.get_last_lr()[0]
                 optimizer.step()
