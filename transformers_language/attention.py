@@ -42,6 +42,7 @@ class AttentionVariant(nn.Module):
     def __init__(self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool):
         super().__init__()
         self.settings = config
+        self.is_causal = is_causal
         self.softmax = build_softmax(config)
         self.gate = AttentionGate(config, num_heads, head_dim, is_causal) if config.gated else None
         self.scores = nn.Identity()

@@ -155,14 +155,17 @@ class AttentionConfig:
 def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The paper's attention flags, shared by the training and validation scripts."""
     group = parser.add_argument_group("attention variant")
-    group.add_argument("--attn_softmax", default="vanilla", help=f"Softmax: {SOFTMAX_FORMS}.")
+    # Defaults None (meaning vanilla / no gate), so a flag given explicitly can be told from one left out.
+    group.add_argument("--attn_softmax", default=None, help=f"Softmax (default vanilla): {SOFTMAX_FORMS}.")
     group.add_argument(
         "--alpha",
         type=float,
         default=None,
         help="Clipped softmax in the alpha form: gamma = -alpha / T_train, zeta = 1 (T_train: sequence length).",
     )
-    group.add_argument("--attn_gate_type", default="none", choices=GATE_TYPES, help="Gated attention type.")
+    group.add_argument(
+        "--attn_gate_type", default=None, choices=GATE_TYPES, help="Gated attention type (default none)."
+    )
     group.add_argument(
         "--attn_gate_init",
         type=float,
@@ -203,21 +206,22 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
         for f, on in (("--attn_gate_init", args.attn_gate_init is not None), ("--fine_tuning", args.fine_tuning))
         if on
     ]
-    if args.attn_gate_type == "none" and gated_flags:
+    gate_type = args.attn_gate_type or "none"
+    if gate_type == "none" and gated_flags:
         raise ValueError(
             f"{', '.join(gated_flags)} configure the attention gate, but --attn_gate_type is 'none'; "
             "add --attn_gate_type conditional_per_token (the paper's choice) or drop them."
         )
-    if chosen and args.attn_gate_type == "unconditional_per_head":
+    if chosen and gate_type == "unconditional_per_head":
         raise ValueError(
             f"{chosen[0]} sets a gate network, but --attn_gate_type unconditional_per_head has none "
             "(it learns one logit per head); use a conditional gate type or drop the flag."
         )
     return AttentionConfig(
-        softmax=args.attn_softmax,
+        softmax=args.attn_softmax or "vanilla",
         alpha=args.alpha,
         train_seq_length=train_seq_length if args.alpha is not None else None,
-        gate_type=args.attn_gate_type,
+        gate_type=gate_type,
         gate_network=network_flags[chosen[0]][0] if chosen else "linear",
         init_prob=0.5 if args.attn_gate_init is None else args.attn_gate_init,
         fine_tuning=args.fine_tuning,

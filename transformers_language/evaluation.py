@@ -3,12 +3,17 @@
 `perplexity` is exp(total NLL / total predicted tokens) over the whole validation set. The paper's code
 averaged per-batch mean losses instead; that figure is reported as `perplexity_mean_of_batch_losses` so
 numbers stay comparable. Each process evaluates its own contiguous shard of the examples (no duplicates
-from padding the last batch) and the sums are reduced once at the end. An overflowing exp is infinity.
+from padding the last batch, so statistics never count a sequence twice) and the sums are reduced once at
+the end. An overflowing exp is infinity.
+
+Probes (activation and attention statistics) ride along: their hooks are attached for the loop only and
+each is told the tokens of the batch before it runs; they sync themselves after the loop.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 
 import torch
 from datasets import Dataset
@@ -27,11 +32,17 @@ def safe_exp(value: float) -> float:
 
 @torch.no_grad()
 def evaluate_perplexity(
-    accelerator, loss_module: torch.nn.Module, dataset: Dataset, objective: Objective, batch_size: int
+    accelerator,
+    loss_module: torch.nn.Module,
+    dataset: Dataset,
+    objective: Objective,
+    batch_size: int,
+    probes: tuple = (),
 ) -> dict:
     """Validation loss and perplexity of `loss_module` (an objectives loss module, not DDP-wrapped).
 
-    `dataset` holds `input_ids` and, for MLM, the fixed masked inputs' `labels`; CLM predicts its inputs."""
+    `dataset` holds `input_ids` and, for MLM, the fixed masked inputs' `labels`; CLM predicts its inputs.
+    Each probe has `attached()` (a context manager that hooks the model) and `start_batch(input_ids, index)`."""
     shard = dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False)
     device = accelerator.device
@@ -39,13 +50,19 @@ def evaluate_perplexity(
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     was_training = loss_module.training
     loss_module.eval()
-    for batch in tqdm(loader, desc="Evaluating", disable=not accelerator.is_local_main_process, dynamic_ncols=True):
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device) if "labels" in batch else input_ids
-        with accelerator.autocast():
-            nll = loss_module(input_ids, labels).double()
-        count = objective.count_targets(labels).double()
-        totals += torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
+    progress = tqdm(loader, desc="Evaluating", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    with ExitStack() as stack:
+        for probe in probes:
+            stack.enter_context(probe.attached())
+        for index, batch in enumerate(progress):
+            input_ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device) if "labels" in batch else input_ids
+            for probe in probes:
+                probe.start_batch(input_ids, index)
+            with accelerator.autocast():
+                nll = loss_module(input_ids, labels).double()
+            count = objective.count_targets(labels).double()
+            totals += torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
     loss_module.train(was_training)
     total_nll, tokens, batch_loss_sum, batches = accelerator.reduce(totals, "sum").tolist()
     loss = total_nll / max(tokens, 1.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -28,19 +29,28 @@ DROPOUT_KEYS = {
 }
 
 
-def add_model_args(parser: argparse.ArgumentParser, model_type: str) -> argparse.ArgumentParser:
+def add_model_args(parser: argparse.ArgumentParser, model_type: str, training: bool = True) -> argparse.ArgumentParser:
+    """Model flags of the training scripts, or (training=False) of the validation scripts, which evaluate a
+    checkpoint as it is."""
     group = parser.add_argument_group("model")
     group.add_argument("--model_type", default=model_type, choices=[model_type], help="Model family.")
-    group.add_argument("--config_name", default=None, help="HF config name or path to start from.")
+    if training:
+        group.add_argument("--config_name", default=None, help="HF config name or path to start from.")
+        group.add_argument(
+            "--config_path", default=None, help="YAML file of config overrides (e.g. model_configs/opt-small.yaml)."
+        )
     group.add_argument(
-        "--config_path", default=None, help="YAML file of config overrides (e.g. model_configs/opt-small.yaml)."
-    )
-    group.add_argument(
-        "--model_name_or_path", default=None, help="Checkpoint to continue from or fine-tune (hub name or path)."
+        "--model_name_or_path",
+        default=None,
+        required=not training,
+        help="Checkpoint (hub name or directory) to "
+        + ("continue from or fine-tune." if training else "evaluate; its config.json gives the attention method."),
     )
     group.add_argument("--tokenizer_name", default=None, help="Tokenizer name or path (default: the checkpoint's).")
-    group.add_argument("--attn_dropout", type=float, default=None, help="Attention-probability dropout.")
-    group.add_argument("--hidden_dropout", type=float, default=None, help="Hidden-state dropout.")
+    group.add_argument("--model_cache_dir", default=None, help="Cache directory of hub models and tokenizers.")
+    if training:
+        group.add_argument("--attn_dropout", type=float, default=None, help="Attention-probability dropout.")
+        group.add_argument("--hidden_dropout", type=float, default=None, help="Hidden-state dropout.")
     group.add_argument(
         "--low_cpu_mem_usage",
         action="store_true",
@@ -54,7 +64,7 @@ def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     name = args.tokenizer_name or args.model_name_or_path
     if name is None:
         raise ValueError("No tokenizer: pass --tokenizer_name (or --model_name_or_path with a tokenizer).")
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(name, cache_dir=args.model_cache_dir)
 
 
 def read_yaml_overrides(path: str) -> dict:
@@ -78,6 +88,24 @@ def resolve_attention(from_flags: AttentionConfig, from_config: AttentionConfig,
     return from_flags
 
 
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, checkpoint: str) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but {checkpoint} embeds only {config.vocab_size}; use the "
+            "checkpoint's tokenizer."
+        )
+
+
+def sequence_length(args: argparse.Namespace, config: PretrainedConfig, flag: str) -> int:
+    """The run's sequence length from --max_seq_length / --block_size (CLM default: the model's positions, at
+    most 1024), checked against the position table."""
+    seq_length = getattr(args, flag)
+    if seq_length is None:
+        seq_length = min(config.max_position_embeddings, 1024)
+    check_sequence_length(config, seq_length, flag)
+    return seq_length
+
+
 def check_sequence_length(config: PretrainedConfig, seq_length: int, flag: str) -> None:
     table = config.max_position_embeddings
     if seq_length > table:
@@ -94,7 +122,11 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
     overrides = read_yaml_overrides(args.config_path) if args.config_path else {}
     from_checkpoint = args.model_name_or_path is not None
     base = args.model_name_or_path or args.config_name
-    config = AutoConfig.from_pretrained(base) if base else AutoConfig.for_model(args.model_type)
+    config = (
+        AutoConfig.from_pretrained(base, cache_dir=args.model_cache_dir)
+        if base
+        else AutoConfig.for_model(args.model_type)
+    )
     if config.model_type != args.model_type:
         raise ValueError(f"{base} is a {config.model_type!r} model; this script trains {args.model_type!r} models.")
     unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY})
@@ -109,11 +141,8 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
                 setattr(config, name, getattr(tokenizer, name))
         if args.model_type == "opt" and "word_embed_proj_dim" not in overrides and not args.config_name:
             config.word_embed_proj_dim = config.hidden_size  # no project_in / project_out layers
-    elif len(tokenizer) > config.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but {base} embeds only {config.vocab_size}; use the "
-            "checkpoint's tokenizer."
-        )
+    else:
+        check_tokenizer_fits(tokenizer, config, base)
     for key, value in zip(DROPOUT_KEYS[args.model_type], (args.attn_dropout, args.hidden_dropout), strict=True):
         if value is not None:
             setattr(config, key, value)
@@ -130,7 +159,9 @@ def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_len
     cls = model_class(args.model_type)
     if args.model_name_or_path is not None:
         device_map = {"": device} if args.low_cpu_mem_usage else None
-        model = cls.from_pretrained(args.model_name_or_path, config=config, device_map=device_map)
+        model = cls.from_pretrained(
+            args.model_name_or_path, config=config, device_map=device_map, cache_dir=args.model_cache_dir
+        )
     elif args.low_cpu_mem_usage:
         with torch.device(device):
             model = cls(config)
@@ -138,3 +169,96 @@ def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_len
         model = cls(config)
     logger.info("Model: %s, %.1fM parameters, attention %s", cls.__name__, model.num_parameters() / 1e6, attention)
     return model
+
+
+def load_checkpoint_config(args: argparse.Namespace, script: str, other_script: str) -> PretrainedConfig:
+    """The config of the checkpoint to evaluate, with one clear error for a missing one or the wrong family."""
+    name = args.model_name_or_path
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"--model_name_or_path {name} does not exist; pass a directory written by the training script "
+            "(save_pretrained) or a hub model id."
+        )
+    try:
+        config = AutoConfig.from_pretrained(name, cache_dir=args.model_cache_dir)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"--model_name_or_path {name}: no checkpoint config found ({error}); pass a directory written by the "
+            "training script (save_pretrained) or a hub model id."
+        ) from error
+    if config.model_type != args.model_type:
+        raise ValueError(
+            f"{name} holds a {config.model_type!r} model, but {script} evaluates {args.model_type!r} models; "
+            f"use {other_script} for it."
+        )
+    return config
+
+
+def _softmax_description(config: AttentionConfig) -> str:
+    if config.alpha is not None:
+        return f"alpha={config.alpha:g} (T_train={config.train_seq_length}, gamma={config.gamma:g})"
+    return repr(config.softmax)
+
+
+def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_length: int, source: str) -> None:
+    """Evaluation takes the attention method from the checkpoint. Method flags may repeat it (the paper's
+    commands pass them), but a flag that states something else is an error naming both values."""
+    given = attention_config_from_args(args, stored.train_seq_length or seq_length)
+    conflicts = []
+    if args.attn_softmax is not None or args.alpha is not None:
+        same = (
+            given.clipped == stored.clipped
+            and math.isclose(given.gamma, stored.gamma, rel_tol=1e-9, abs_tol=1e-12)
+            and math.isclose(given.zeta, stored.zeta, rel_tol=1e-9)
+        )
+        if not same:
+            flag = f"--alpha {args.alpha:g}" if args.alpha is not None else f"--attn_softmax {args.attn_softmax!r}"
+            conflicts.append(f"{flag} but {source} has softmax {_softmax_description(stored)}")
+    network_flags = [
+        f for f in ("attn_gate_mlp", "attn_gate_mlp2", "attn_gate_linear_all_features") if getattr(args, f)
+    ]
+    stated = [
+        ("--attn_gate_type", args.attn_gate_type is not None, "gate_type"),
+        (f"--{network_flags[0]}" if network_flags else "", bool(network_flags), "gate_network"),
+        ("--attn_gate_init", args.attn_gate_init is not None, "init_prob"),
+        ("--fine_tuning", args.fine_tuning, "fine_tuning"),
+        ("--skip_attn", args.skip_attn, "skip_attn"),
+    ]
+    for flag, given_flag, field in stated:
+        if given_flag and getattr(given, field) != getattr(stored, field):
+            conflicts.append(
+                f"{flag} gives {field}={getattr(given, field)!r} but {source} has {field}={getattr(stored, field)!r}"
+            )
+    if conflicts:
+        raise ValueError(
+            "The method flags contradict the checkpoint: "
+            + "; ".join(conflicts)
+            + ". The method comes from the checkpoint's config.json: drop the method flags or make them match."
+        )
+
+
+def load_checkpoint(args: argparse.Namespace, config: PretrainedConfig, device: torch.device):
+    """The checkpoint's model exactly as saved: every weight must come from the checkpoint (a gate that its
+    config.json names but its weights lack would otherwise be freshly initialised without a word)."""
+    device_map = {"": device} if args.low_cpu_mem_usage else None
+    model, info = model_class(config.model_type).from_pretrained(
+        args.model_name_or_path,
+        config=config,
+        device_map=device_map,
+        cache_dir=args.model_cache_dir,
+        output_loading_info=True,
+    )
+    problems = [f"missing weights {info['missing_keys']}"] if info["missing_keys"] else []
+    if info.get("mismatched_keys"):
+        problems.append(f"weights of another shape {[key for key, *_ in info['mismatched_keys']]}")
+    stray = [key for key in info["unexpected_keys"] if "attention_variant" in key]
+    if stray:
+        problems.append(f"attention-variant weights its config does not use {stray}")
+    if problems:
+        raise ValueError(
+            f"{args.model_name_or_path} does not match its config.json ({'; '.join(problems)}); evaluate the "
+            "directory the training script wrote, with the config.json saved beside its weights."
+        )
+    logger.info("Loaded %s: %.1fM parameters", args.model_name_or_path, model.num_parameters() / 1e6)
+    return model.eval()

@@ -13,7 +13,6 @@ import logging
 import math
 from pathlib import Path
 
-import datasets
 import torch
 import transformers
 from accelerate import Accelerator
@@ -23,9 +22,10 @@ from torch.utils.data import DataLoader
 from .checkpoints import TrainingProgress, resolve_resume, save_pretrained_atomic, write_json_atomic
 from .data import add_data_args, prepare_splits
 from .evaluation import evaluate_perplexity
-from .model_loading import add_model_args, build_config, check_sequence_length, load_model, load_tokenizer
+from .model_loading import add_model_args, build_config, load_model, load_tokenizer, sequence_length
 from .objectives import Masking, Objective, get_objective, mask_eval_dataset
 from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .runtime import setup_logging
 from .telemetry import Telemetry, init_tracking
 from .training import EpochPermutationSampler, LoopSettings, train
 
@@ -107,14 +107,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
 
 
-def _setup_logging(accelerator: Accelerator) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
-    datasets.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.set_verbosity_warning()
-
-
 def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     """Run the pre-training job of `objective_name` ('mlm' or 'clm') with command-line `argv`; returns the
     figures written to `all_results.json`."""
@@ -123,15 +115,12 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     _check_args(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=str(output_dir))
-    _setup_logging(accelerator)
+    setup_logging(accelerator)
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(args)
     config = build_config(args, tokenizer)
-    seq_length = getattr(args, objective.seq_length_flag)
-    if seq_length is None:  # CLM default: the model's positions, at most 1024
-        seq_length = min(config.max_position_embeddings, 1024)
-    check_sequence_length(config, seq_length, objective.seq_length_flag)
+    seq_length = sequence_length(args, config, objective.seq_length_flag)
     model = load_model(args, config, seq_length, accelerator.device)
 
     splits = prepare_splits(args, ("train", "validation"), tokenizer, seq_length, accelerator)

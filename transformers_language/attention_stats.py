@@ -1,0 +1,119 @@
+"""Attention diagnostics per layer and head, streamed over an evaluation: how heads "do nothing".
+
+A head that wants no update puts its attention on tokens that carry little information (the first token,
+[SEP], `.`, `,`), which is what grows outliers in vanilla models. Per layer and head this measures:
+  first_token_mass      mean attention probability on the first key position
+  delimiter_mass        mean total attention probability on delimiter tokens (see `delimiter_token_ids`)
+  exact_zero_fraction   share of attended (not masked) query-key pairs whose probability is exactly 0:
+                        clipped softmax gives exact zeros, vanilla softmax almost never does
+  gate_mean             mean gate probability sigmoid(G(x)) (gated models; without the fine-tuning scale)
+Hooking the `probs` point makes attention take its explicit path (the fused kernel has no probabilities).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+DELIMITER_STRINGS = (".", ",")
+_BPE_SPACE_MARKS = "Ġ▁"  # byte-level BPE / sentencepiece word-start marks
+
+
+def delimiter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Special tokens that delimit text (e.g. [CLS], [SEP], <s>, </s>, <pad>) and the tokens of `.` and `,`."""
+    skip = {tokenizer.mask_token_id, tokenizer.unk_token_id}
+    ids = {i for i in tokenizer.all_special_ids if i not in skip}
+    for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if token is not None and token.lstrip(_BPE_SPACE_MARKS) in DELIMITER_STRINGS:
+            ids.add(index)
+    return sorted(ids)
+
+
+class AttentionStatistics:
+    """Streams the attention diagnostics of every attention layer of `model` (see the module docstring).
+
+    Used like `ActivationStatistics`: `attached()`, `start_batch(input_ids, index)` per batch, `synced()`."""
+
+    def __init__(self, model: nn.Module, delimiter_ids: list[int]):
+        self.variants = list(model.attention_variants().values())
+        self.delimiter_ids = delimiter_ids
+        self._sums: dict[str, torch.Tensor] = {}
+        self._delimiters: torch.Tensor | None = None
+
+    def start_batch(self, input_ids: torch.Tensor, index: int) -> None:
+        ids = torch.tensor(self.delimiter_ids, device=input_ids.device)
+        self._delimiters = torch.isin(input_ids, ids).float()  # (B, S)
+
+    def _add(self, key: str, values: torch.Tensor) -> None:
+        self._sums[key] = values if key not in self._sums else self._sums[key] + values
+
+    def _probs_hook(self, layer: int, is_causal: bool):
+        def hook(module, args, output):
+            probs = output.detach().float()  # (B, H, T, S)
+            batch, heads, queries, keys = probs.shape
+            first = probs[..., 0].sum(dim=(0, 2))
+            on_delimiters = torch.matmul(probs.flatten(1, 2), self._delimiters.unsqueeze(-1))  # (B, H * T, 1)
+            delimiter = on_delimiters.view(batch, heads, queries).sum(dim=(0, 2))
+            zero = probs == 0
+            if is_causal:  # only keys a query may attend to count (bottom-right aligned, as with a cache)
+                allowed = torch.ones(queries, keys, dtype=torch.bool, device=probs.device).tril(keys - queries)
+                zero &= allowed
+                pairs = batch * allowed.sum()
+            else:
+                pairs = torch.tensor(batch * queries * keys, device=probs.device)
+            zeros = zero.sum(dim=(0, 2, 3))
+            counts = torch.stack([torch.tensor(batch * queries, device=probs.device), pairs])
+            self._add(f"probs_{layer}", torch.cat([t.double() for t in (first, delimiter, zeros, counts)]))
+
+        return hook
+
+    def _gate_hook(self, layer: int):
+        def hook(module, args, output):
+            probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1)
+            per_head = probability.mean(dim=(0, 2, 3)).double()
+            self._add(f"gate_{layer}", torch.cat([per_head, per_head.new_ones(1)]))
+
+        return hook
+
+    @contextmanager
+    def attached(self):
+        handles = []
+        for layer, variant in enumerate(self.variants):
+            handles.append(variant.probs.register_forward_hook(self._probs_hook(layer, variant.is_causal)))
+            if variant.gate is not None:
+                handles.append(variant.gate.register_forward_hook(self._gate_hook(layer)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._delimiters = None
+
+    def synced(self, accelerator) -> dict[str, dict[str, list[float]]]:
+        """Per layer ('layer_0', ...), per head figures, after one sum across processes."""
+        if not self._sums:  # e.g. skip_attn: no layer computes probabilities
+            return {}
+        keys = list(self._sums)
+        flat = accelerator.reduce(torch.cat([self._sums[k] for k in keys]), "sum").cpu()
+        totals, offset = {}, 0
+        for key in keys:
+            totals[key], offset = flat[offset : offset + self._sums[key].numel()], offset + self._sums[key].numel()
+        result = {}
+        for layer in range(len(self.variants)):
+            figures = {}
+            if f"probs_{layer}" in totals:
+                *per_head, rows, pairs = totals[f"probs_{layer}"].tolist()
+                heads = len(per_head) // 3
+                first, delimiter, zeros = (per_head[i * heads : (i + 1) * heads] for i in range(3))
+                figures["first_token_mass"] = [v / rows for v in first]
+                figures["delimiter_mass"] = [v / rows for v in delimiter]
+                figures["exact_zero_fraction"] = [v / pairs for v in zeros]
+            if f"gate_{layer}" in totals:
+                *per_head, calls = totals[f"gate_{layer}"].tolist()
+                figures["gate_mean"] = [v / calls for v in per_head]
+            if figures:
+                result[f"layer_{layer}"] = figures
+        return result

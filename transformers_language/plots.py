@@ -1,0 +1,73 @@
+"""PNG plots of an evaluation's outlier figures (`--plot`): per-layer inf-norm and kurtosis bars, and a heatmap
+of which hidden dimensions carry the >6 sigma values of the residual stream, layer by layer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend, files only
+
+from .metrics import SiteFigures
+from .outlier_report import TOP_K, top_dims
+
+
+def _save(fig, path: Path) -> None:
+    """Write next to `path` and rename, so an interrupted run never leaves a broken PNG."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+
+
+def _position(figures: SiteFigures, layers: int) -> int:
+    return layers if figures.site.layer is None else figures.site.layer
+
+
+def _per_layer_bars(figures: dict[str, SiteFigures], statistic: str, title: str, path: Path, log: bool) -> None:
+    layers = 1 + max(f.site.layer for f in figures.values() if f.site.layer is not None)
+    kinds = list(dict.fromkeys(f.site.kind for f in figures.values()))
+    width = 0.8 / len(kinds)
+    has_model_sites = any(f.site.layer is None for f in figures.values())
+    fig = Figure(figsize=(max(6.0, 0.45 * (layers + 1) * len(kinds)), 4.0))
+    ax = fig.subplots()
+    for offset, kind in enumerate(kinds):
+        chosen = [f for f in figures.values() if f.site.kind == kind]
+        x = np.array([_position(f, layers) for f in chosen]) + (offset - (len(kinds) - 1) / 2) * width
+        ax.bar(x, [getattr(f, statistic) for f in chosen], width=width, label=kind)
+    ticks = list(range(layers + int(has_model_sites)))
+    ax.set_xticks(ticks, [str(t) for t in range(layers)] + (["final"] if has_model_sites else []))
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _dims_heatmap(figures: dict[str, SiteFigures], stream_kind: str, path: Path) -> None:
+    rows = sorted((f for f in figures.values() if f.site.kind == stream_kind), key=lambda f: f.site.layer)
+    dims = sorted({d["dim"] for f in rows for d in top_dims(f, TOP_K)})
+    shares = np.array([[f.dim_outliers[d].item() / max(f.outliers, 1) for d in dims] for f in rows])
+    fig = Figure(figsize=(max(5.0, 0.45 * len(dims) + 2.0), max(3.0, 0.4 * len(rows) + 1.5)))
+    ax = fig.subplots()
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(dims)), [str(d) for d in dims], rotation=90)
+    ax.set_yticks(range(len(rows)), [str(f.site.layer) for f in rows])
+    ax.set_xlabel("hidden dimension")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Share of the layer's >6σ values per hidden dim ({stream_kind})", fontsize="medium")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_plots(figures: dict[str, SiteFigures], stream_kind: str, output_dir: Path) -> list[Path]:
+    """Write the three PNGs into `output_dir` and return their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / name for name in ("inf_norm_per_layer.png", "kurtosis_per_layer.png", "outlier_dims.png")]
+    _per_layer_bars(figures, "inf_norm", "Mean per-sequence inf-norm", paths[0], log=False)
+    _per_layer_bars(figures, "kurtosis", "Mean per-sequence kurtosis (Pearson)", paths[1], log=True)
+    _dims_heatmap(figures, stream_kind, paths[2])
+    return paths

@@ -1,0 +1,142 @@
+"""The evaluation job behind `validate_mlm.py` and `validate_clm.py`: perplexity and outlier statistics of a
+checkpoint on the validation split.
+
+The checkpoint's config.json gives the attention method (method flags may repeat it, never contradict it).
+One pass over the validation blocks computes the token-weighted perplexity (and the paper's figure), the
+inf-norm / kurtosis / >6 sigma statistics of the tensors of metrics.md with the channel and token analysis,
+and the attention diagnostics; MLM uses the fixed evaluation masks of `--seed`, the same in every run.
+Results go to `all_results.json` in `--output_dir` (atomically) with the settings that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .attention_config import AttentionConfig
+from .attention_stats import AttentionStatistics, delimiter_token_ids
+from .checkpoints import write_json_atomic
+from .data import add_data_args, prepare_splits
+from .evaluation import evaluate_perplexity
+from .metrics import OUTLIER_SIGMAS, ActivationStatistics
+from .model_loading import (
+    add_model_args,
+    check_method_flags,
+    check_tokenizer_fits,
+    load_checkpoint,
+    load_checkpoint_config,
+    load_tokenizer,
+    sequence_length,
+)
+from .objectives import Masking, Objective, get_objective, mask_eval_dataset
+from .outlier_report import TOP_K, log_results, outlier_results
+from .runtime import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(objective: Objective) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"validate_{objective.name}.py",
+        description=f"Evaluate a {objective.model_type.upper()} checkpoint: perplexity and outlier statistics.",
+        allow_abbrev=False,
+    )
+    add_model_args(parser, objective.model_type, training=False)
+    add_data_args(parser, objective.seq_length_flag, splits=("validation",))
+    group = parser.add_argument_group("evaluation")
+    if objective.name == "mlm":
+        group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
+    group.add_argument("--seed", type=int, default=42, help="Seed of the evaluation masks (MLM).")
+    group.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    group.add_argument("--output_dir", required=True, help="Where all_results.json (and the plots) go.")
+    group.add_argument(
+        "--kurtosis_max_batches",
+        type=int,
+        default=None,
+        help="Kurtosis over the first N batches of each process only (default: all batches).",
+    )
+    group.add_argument("--outlier_top_k", type=int, default=TOP_K, help="Dimensions and tokens listed per tensor.")
+    group.add_argument("--plot", action="store_true", help="Also write PNG plots of the figures to --output_dir.")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag in ("per_device_eval_batch_size", "outlier_top_k"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+    if args.kurtosis_max_batches is not None and args.kurtosis_max_batches <= 0:
+        raise ValueError(
+            f"--kurtosis_max_batches must be positive (leave it out for all), got {args.kurtosis_max_batches}."
+        )
+
+
+def validate(objective_name: str, argv: list[str] | None = None) -> dict:
+    """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
+    `all_results.json`."""
+    objective = get_objective(objective_name)
+    script, other = f"validate_{objective.name}.py", f"validate_{'clm' if objective.name == 'mlm' else 'mlm'}.py"
+    args = build_parser(objective).parse_args(argv)
+    _check_args(args)
+    accelerator = Accelerator()
+    setup_logging(accelerator)
+    set_seed(args.seed)
+
+    config = load_checkpoint_config(args, script, other)
+    seq_length = sequence_length(args, config, objective.seq_length_flag)
+    attention = AttentionConfig.from_model_config(config)
+    check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
+    tokenizer = load_tokenizer(args)
+    check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
+    model = load_checkpoint(args, config, accelerator.device)
+    loss_module = objective.loss_class(model).to(accelerator.device)
+
+    dataset = prepare_splits(args, ("validation",), tokenizer, seq_length, accelerator)["validation"]
+    if objective.name == "mlm":
+        dataset = mask_eval_dataset(dataset, Masking.from_tokenizer(tokenizer, args.mlm_probability), args.seed)
+    delimiters = delimiter_token_ids(tokenizer)
+    activations = ActivationStatistics(
+        model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches
+    )
+    attention_stats = AttentionStatistics(model, delimiters)
+    results = evaluate_perplexity(
+        accelerator,
+        loss_module,
+        dataset,
+        objective,
+        args.per_device_eval_batch_size,
+        probes=(activations, attention_stats),
+    )
+    figures = activations.synced(accelerator)
+    results |= outlier_results(
+        figures, attention_stats.synced(accelerator), model.headlines, tokenizer, args.outlier_top_k
+    )
+    settings = vars(args) | {
+        "script": script,
+        "seq_length": seq_length,
+        "attention": attention.to_dict(),
+        "validation_blocks": len(dataset),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "kurtosis": "Pearson (non-excess), population std, no epsilon",
+        "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
+        "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    log_results(results, model.headlines)
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
+        if args.plot:
+            from .plots import write_plots  # matplotlib only when plotting
+
+            for path in write_plots(figures, model.stream_kind, output_dir):
+                logger.info("Wrote %s", path)
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,14 @@
+"""Evaluate an OPT causal-LM checkpoint: perplexity, activation outliers, attention diagnostics.
+
+accelerate launch validate_clm.py --help      (or: python validate_clm.py ...)
+"""
+
+from transformers_language.validate import validate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return validate("clm", argv)
+
+
+if __name__ == "__main__":
+    main()
