@@ -73,8 +73,9 @@ class AttentionStatistics:
     def _gate_hook(self, layer: int):
         def hook(module, args, output):
             probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1)
-            per_head = probability.mean(dim=(0, 2, 3)).double()
-            self._add(f"gate_{layer}", torch.cat([per_head, per_head.new_ones(1)]))
+            batch = self._delimiters.shape[0]  # weight by sequences (per-head gates have no batch axis)
+            per_head = probability.mean(dim=(0, 2, 3)).double() * batch
+            self._add(f"gate_{layer}", torch.cat([per_head, per_head.new_full((1,), batch)]))
 
         return hook
 
@@ -112,8 +113,8 @@ class AttentionStatistics:
                 figures["delimiter_mass"] = [v / rows for v in delimiter]
                 figures["exact_zero_fraction"] = [v / pairs for v in zeros]
             if f"gate_{layer}" in totals:
-                *per_head, calls = totals[f"gate_{layer}"].tolist()
-                figures["gate_mean"] = [v / calls for v in per_head]
+                *per_head, sequences = totals[f"gate_{layer}"].tolist()
+                figures["gate_mean"] = [v / sequences for v in per_head]
             if figures:
                 result[f"layer_{layer}"] = figures
         return result

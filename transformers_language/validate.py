@@ -94,7 +94,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args)
     check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
     model = load_checkpoint(args, config, accelerator.device)
-    loss_module = objective.loss_class(model).to(accelerator.device)
+    loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
     dataset = prepare_splits(args, ("validation",), tokenizer, seq_length, accelerator)["validation"]
     if objective.name == "mlm":

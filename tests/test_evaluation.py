@@ -1,0 +1,233 @@
+"""Evaluation: perplexity against a hand computation, streamed statistics against stored activations, the
+attention diagnostics against stored probabilities, and a planted outlier found by the analysis."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from scipy import stats as scipy_stats
+
+from tests.conftest import VOCAB, tiny_config
+from transformers_language import AttentionConfig, build_model
+from transformers_language.attention_stats import AttentionStatistics
+from transformers_language.evaluation import evaluate_perplexity
+from transformers_language.linear_cross_entropy import IGNORE_INDEX
+from transformers_language.metrics import ActivationStatistics
+from transformers_language.objectives import get_objective
+from transformers_language.outlier_report import headline_figures, outlier_results, top_dims
+
+OBJECTIVE = {"bert": "mlm", "opt": "clm"}
+SEQ, EXAMPLES, BATCH = 16, 11, 4  # the last batch is partial
+
+
+def _dataset(model_type: str) -> Dataset:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (EXAMPLES, SEQ), generator=generator)
+    ids[:, 0] = 2  # a delimiter-like first token (OPT's </s>), and token 2 recurs below
+    ids[:, SEQ // 2] = 2
+    columns = {"input_ids": ids}
+    if model_type == "bert":
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        chosen = torch.rand(ids.shape, generator=generator) < 0.3
+        labels[chosen] = ids[chosen]
+        columns["labels"] = labels
+    return Dataset.from_dict({k: v.tolist() for k, v in columns.items()}).with_format("torch")
+
+
+def _model(model_type: str, **attention):
+    torch.manual_seed(0)
+    return build_model(tiny_config(model_type), AttentionConfig(**attention)).eval()
+
+
+def _evaluate(model, dataset, model_type, probes=(), batch_size=BATCH):
+    objective = get_objective(OBJECTIVE[model_type])
+    loss_module = objective.loss_class(model).eval()
+    return evaluate_perplexity(Accelerator(cpu=True), loss_module, dataset, objective, batch_size, probes)
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_perplexity_equals_a_hand_computation(model_type):
+    model, dataset = _model(model_type), _dataset(model_type)
+    results = _evaluate(model, dataset, model_type)
+    nll, tokens, batch_means = 0.0, 0, []
+    with torch.no_grad():
+        for start in range(0, EXAMPLES, BATCH):
+            ids = dataset[start : start + BATCH]["input_ids"]
+            logits = model(input_ids=ids).logits.double()
+            if model_type == "bert":
+                targets = dataset[start : start + BATCH]["labels"]
+            else:  # predict the next token; the last position has none
+                logits, targets = logits[:, :-1], ids[:, 1:]
+            chosen = targets != IGNORE_INDEX
+            losses = -torch.log_softmax(logits, -1)[chosen].gather(1, targets[chosen].unsqueeze(1))
+            nll, tokens = nll + losses.sum().item(), tokens + int(chosen.sum())
+            batch_means.append(losses.mean().item())
+    assert results["eval_tokens"] == tokens
+    assert results["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert results["perplexity_mean_of_batch_losses"] == pytest.approx(math.exp(np.mean(batch_means)), rel=1e-5)
+    assert results["perplexity"] != pytest.approx(results["perplexity_mean_of_batch_losses"], rel=1e-9)
+
+
+def _stored_activations(model, sites):
+    stored = {site.name: [] for site in sites}
+    handles = []
+    for site in sites:
+        module = model.get_submodule(site.module_path)
+        if site.tap == "input":
+            hook = lambda m, a, s=site: stored[s.name].append(a[0].detach().clone())  # noqa: E731
+            handles.append(module.register_forward_pre_hook(hook))
+        else:
+            hook = lambda m, a, o, s=site: stored[s.name].append((o[0] if isinstance(o, tuple) else o).detach().clone())  # noqa: E731
+            handles.append(module.register_forward_hook(hook))
+    return stored, handles
+
+
+def _plant_outlier(model, model_type, layer: int, dim: int, factor: float = 100.0):
+    """Scale one hidden dimension of one layer's FFN output (the weights of that output row)."""
+    ffn = model.transformer_layers()[layer]
+    linear = ffn.output.dense if model_type == "bert" else ffn.fc2
+    with torch.no_grad():
+        linear.weight[dim] *= factor
+        linear.bias[dim] *= factor
+
+
+def test_streamed_statistics_equal_stored_activations(model_type):
+    model, dataset = _model(model_type), _dataset(model_type)
+    _plant_outlier(model, model_type, layer=1, dim=5, factor=30.0)  # so that >6 sigma counts are not all zero
+    sites = model.outlier_sites()
+    config = model.config
+    streamed = ActivationStatistics(model, sites, config.hidden_size, config.vocab_size, kurtosis_max_batches=2)
+    stored, handles = _stored_activations(model, sites)
+    before = _hook_count(model)
+    _evaluate(model, dataset, model_type, probes=(streamed,))
+    assert _hook_count(model) == before  # every statistics hook is gone
+    for handle in handles:
+        handle.remove()
+    figures = streamed.synced(Accelerator(cpu=True))
+    ids = dataset[:]["input_ids"].numpy()
+
+    total_outliers = 0
+    for site in sites:
+        batches = [a.reshape(-1, SEQ, config.hidden_size).double().numpy() for a in stored[site.name]]
+        values = np.concatenate(batches)  # (N, T, d)
+        flat = values.reshape(EXAMPLES, -1)
+        centered = flat - flat.mean(1, keepdims=True)
+        outlier = (np.abs(centered) > 6 * flat.std(1, keepdims=True)).reshape(values.shape)
+        kurtosis_rows = 2 * BATCH  # the first two batches only
+        got = figures[site.name]
+        assert got.sequences == EXAMPLES and got.kurtosis_sequences == kurtosis_rows
+        assert got.inf_norm == pytest.approx(np.abs(flat).max(1).mean(), rel=1e-5)
+        assert got.inf_norm_max == pytest.approx(np.abs(flat).max(), rel=1e-6)
+        reference_kurtosis = scipy_stats.kurtosis(flat[:kurtosis_rows], axis=1, fisher=True) + 3
+        assert got.kurtosis == pytest.approx(reference_kurtosis.mean(), rel=1e-4)
+        assert got.outliers == outlier.sum() and got.values == flat.size
+        np.testing.assert_array_equal(got.dim_outliers.numpy(), outlier.sum((0, 1)))
+        np.testing.assert_allclose(got.dim_peak.numpy(), np.abs(values).max((0, 1)), rtol=1e-6)
+        token_outliers = np.bincount(ids.ravel(), weights=outlier.sum(2).ravel(), minlength=config.vocab_size)
+        np.testing.assert_array_equal(got.token_outliers.numpy(), token_outliers)
+        peak_positions = np.abs(values).max(2).argmax(1)
+        token_maxima = np.bincount(ids[np.arange(EXAMPLES), peak_positions], minlength=config.vocab_size)
+        np.testing.assert_array_equal(got.token_maxima.numpy(), token_maxima)
+        counts = outlier.sum((0, 1))
+        expected_dims = sorted(range(config.hidden_size), key=lambda d: (-counts[d], -np.abs(values[..., d]).max()))
+        assert [d["dim"] for d in top_dims(got, 3)] == expected_dims[:3]
+        total_outliers += int(outlier.sum())
+    assert total_outliers > 0
+
+
+def test_a_planted_outlier_is_found(model_type):
+    dataset, layer, dim = _dataset(model_type), 1, 7
+    tokenizer_stub = type("Tok", (), {"convert_ids_to_tokens": lambda self, i: f"t{i}"})()
+    tokenizer_stub.convert_tokens_to_string = lambda tokens: tokens[0]
+
+    def measure(plant: bool) -> dict:
+        model = _model(model_type)
+        if plant:
+            _plant_outlier(model, model_type, layer, dim)
+        probe = ActivationStatistics(model, model.outlier_sites(), model.config.hidden_size, model.config.vocab_size)
+        _evaluate(model, dataset, model_type, probes=(probe,))
+        return outlier_results(probe.synced(Accelerator(cpu=True)), {}, model.headlines, tokenizer_stub)
+
+    clean, planted = measure(False), measure(True)
+    # OPT's residual stream carries the FFN output as it is; BERT's is dominated by the attention block's
+    # LayerNorm output in a random tiny model, so there the FFN output is where the jump shows.
+    ffn = "bert.encoder.layer.1.output.dense" if model_type == "bert" else "model.decoder.layers.1.fc2"
+    for name in [ffn] + (["model.decoder.layers.1"] if model_type == "opt" else []):
+        before, after = clean["activations"][name], planted["activations"][name]
+        assert after["inf_norm"] > 10 * before["inf_norm"]
+        assert after["kurtosis"] > 5 * before["kurtosis"]
+        assert after["top_dims"][0]["dim"] == dim and after["top_dims"][0]["outlier_share"] > 0.9
+    untouched = "bert.encoder.layer.0.output.dense" if model_type == "bert" else "model.decoder.layers.0.fc2"
+    assert planted["activations"][untouched] == clean["activations"][untouched]
+    headline = "max_ffn_output_inf_norm" if model_type == "bert" else "max_ffn_inf_norm"
+    assert planted[headline] > 10 * clean[headline]
+    assert planted["outliers_6sigma"] > clean["outliers_6sigma"]
+
+
+def test_headlines_follow_the_metrics_definitions():
+    model = _model("opt")
+    probe = ActivationStatistics(model, model.outlier_sites(), model.config.hidden_size, model.config.vocab_size)
+    _evaluate(model, _dataset("opt"), "opt", probes=(probe,))
+    figures = probe.synced(Accelerator(cpu=True))
+    values = headline_figures(figures, model.headlines)
+    layers = [figures[f"model.decoder.layers.{i}"] for i in range(2)]
+    assert len(figures) == 2 * 5 + 1  # five tensors per layer and the final LayerNorm
+    assert values["max_inf_norm"] == max(f.inf_norm for f in figures.values())
+    assert values["max_ffn_inf_norm"] == max(figures[f"model.decoder.layers.{i}.fc2"].inf_norm for i in range(2))
+    assert values["max_layer_inf_norm"] == max(f.inf_norm for f in layers)
+    assert values["avg_kurtosis"] == pytest.approx(np.mean([f.kurtosis for f in figures.values()]))
+    assert values["max_kurtosis_layers"] == max(f.kurtosis for f in layers)
+
+
+@pytest.mark.parametrize(
+    "model_type, attention",
+    [
+        ("opt", {"softmax": "clipped(-0.1:1)", "gate_type": "conditional_per_token", "init_prob": 0.25}),
+        ("bert", {"softmax": "clipped(-0.065:1)"}),
+        ("opt", {"gate_type": "conditional_per_head"}),
+    ],
+)
+def test_attention_diagnostics_equal_stored_probabilities(model_type, attention):
+    model, dataset = _model(model_type, **attention), _dataset(model_type)
+    delimiters = [2, 5]
+    probe = AttentionStatistics(model, delimiters)
+    probs, gates = [[] for _ in range(2)], [[] for _ in range(2)]
+    variants = list(model.attention_variants().values())
+    handles = [
+        v.probs.register_forward_hook(lambda m, a, o, i=i: probs[i].append(o.detach())) for i, v in enumerate(variants)
+    ]
+    handles += [
+        v.gate.register_forward_hook(lambda m, a, o, i=i: gates[i].append(o.detach()))
+        for i, v in enumerate(variants)
+        if v.gate
+    ]
+    before = _hook_count(model)
+    _evaluate(model, dataset, model_type, probes=(probe,))
+    assert _hook_count(model) == before
+    for handle in handles:
+        handle.remove()
+    result = probe.synced(Accelerator(cpu=True))
+    is_delimiter = torch.isin(dataset[:]["input_ids"], torch.tensor(delimiters)).double()  # (N, S)
+    allowed = torch.ones(SEQ, SEQ).tril().bool() if model_type == "opt" else torch.ones(SEQ, SEQ).bool()
+    for layer in range(2):
+        p = torch.cat(probs[layer]).double()  # (N, H, T, S)
+        figures = result[f"layer_{layer}"]
+        np.testing.assert_allclose(figures["first_token_mass"], p[..., 0].mean((0, 2)), rtol=1e-6)
+        delimiter_mass = (p * is_delimiter[:, None, None, :]).sum(-1).mean((0, 2))
+        np.testing.assert_allclose(figures["delimiter_mass"], delimiter_mass, rtol=1e-6)
+        zeros = ((p == 0) & allowed).sum((0, 2, 3)).double() / (p.shape[0] * allowed.sum().item())
+        np.testing.assert_allclose(figures["exact_zero_fraction"], zeros, rtol=1e-9)
+        if "softmax" in attention:  # clipped softmax gives some exact zeros; masked pairs do not count
+            assert 0 < float(zeros.mean()) < 1
+        if gates[layer]:
+            sizes = [len(b) for b in torch.arange(EXAMPLES).split(BATCH)]  # sequences per call
+            mean_gate = sum(g.mean((0, 2, 3)) * n for g, n in zip(gates[layer], sizes, strict=True)) / EXAMPLES
+            np.testing.assert_allclose(figures["gate_mean"], mean_gate, rtol=1e-6)
+        else:
+            assert "gate_mean" not in figures

@@ -1,0 +1,219 @@
+"""validate_mlm.py / validate_clm.py end to end on tiny trained checkpoints: results, log lines, plots,
+reproducibility, several processes, and bad input."""
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VALID_TEXT, run_main, train_argv
+
+REPO = Path(__file__).resolve().parents[1]
+METHOD = {
+    "bert": ["--attn_softmax", "clipped(-0.025:1)"],
+    "opt": ["--attn_gate_type", "conditional_per_token", "--attn_gate_init", "0.25"],
+}
+HEADLINES = {
+    "bert": {
+        "max_ffn_output_inf_norm": "max FFN output inf norm",
+        "max_ffn_residual_sum_inf_norm": "max FFN input + output inf norm",
+        "max_ffn_layernorm_inf_norm": "max LN(FFN i + o) inf norm",
+        "avg_kurtosis": "Avg Kurtosis",
+        "max_kurtosis": "Max Kurtosis",
+    },
+    "opt": {
+        "max_inf_norm": "Max inf norm",
+        "max_ffn_inf_norm": "Max FFN inf norm",
+        "max_layer_inf_norm": "Max layer inf norm",
+        "avg_kurtosis": "Avg Kurtosis",
+        "max_kurtosis": "Max Kurtosis",
+        "max_kurtosis_layers": "Max Kurtosis layers",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, data_cache) -> dict[str, Path]:
+    """A tiny BERT (clipped softmax) and OPT (gated) checkpoint, trained for a few steps."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    for model_type in ("bert", "opt"):
+        run_main(model_type, train_argv(model_type, root / model_type, data_cache, *METHOD[model_type]))
+    return {model_type: root / model_type for model_type in ("bert", "opt")}
+
+
+def validate_argv(model_type: str, checkpoint: Path, output_dir: Path, data_cache: Path, *extra: str) -> list[str]:
+    seq_flag = "--max_seq_length" if model_type == "bert" else "--block_size"
+    return [
+        "--model_name_or_path", str(checkpoint),
+        "--validation_file", str(VALID_TEXT),
+        "--validation_percentage", "5",
+        seq_flag, "32",
+        "--per_device_eval_batch_size", "16",
+        "--data_cache_dir", str(data_cache),
+        "--output_dir", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+
+
+def run_validate(model_type: str, argv: list[str]) -> dict:
+    import validate_clm
+    import validate_mlm
+
+    return (validate_mlm if model_type == "bert" else validate_clm).main(argv)
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+def test_validation_writes_every_figure(model_type, checkpoints, tmp_path, data_cache, caplog):
+    out = tmp_path / "val"
+    argv = validate_argv(model_type, checkpoints[model_type], out, data_cache, *METHOD[model_type], "--plot")
+    with caplog.at_level(logging.INFO):
+        returned = run_validate(model_type, argv)
+    results = json.loads((out / "all_results.json").read_text())
+    settings = results.pop("settings")
+    assert results == json.loads(json.dumps(returned))
+    assert all(math.isfinite(v) for v in _numbers(results))
+
+    # The perplexity of the training run's own evaluation (same blocks, same masks of seed 42).
+    trained = json.loads((checkpoints[model_type] / "all_results.json").read_text())
+    assert results["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-4)
+    assert results["perplexity_mean_of_batch_losses"] > 1 and results["eval_tokens"] > 0
+
+    messages = [record.getMessage() for record in caplog.records]
+    for key, label in HEADLINES[model_type].items():
+        assert any(m.startswith(f"{label}: ") for m in messages), label
+        assert results[key] >= 0
+    assert any(m.startswith("perplexity: ") for m in messages)
+    assert results["max_abs_activation"] >= max(r["inf_norm"] for r in results["activations"].values())
+
+    layers = 2
+    assert len(results["activations"]) == (3 * layers if model_type == "bert" else 5 * layers + 1)
+    for record in results["activations"].values():
+        assert record["kurtosis"] > 1 and record["sequences"] == settings["validation_blocks"]
+        assert len(record["top_dims"]) == 5 and record["top_tokens"]
+        assert all(isinstance(t["token"], str) and t["token"] for t in record["top_tokens"])
+    attention = results["attention"]
+    assert sorted(attention) == ["layer_0", "layer_1"]
+    expected = {"first_token_mass", "delimiter_mass", "exact_zero_fraction"} | (
+        {"gate_mean"} if model_type == "opt" else set()
+    )
+    assert all(set(figures) == expected and len(figures["first_token_mass"]) == 4 for figures in attention.values())
+
+    assert settings["attention"]["gate_type" if model_type == "opt" else "softmax"] != "none"
+    assert settings["kurtosis"].startswith("Pearson") and settings["validation_blocks"] > 0
+    for name in ("inf_norm_per_layer.png", "kurtosis_per_layer.png", "outlier_dims.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_same_seed_same_results_and_kurtosis_batches(checkpoints, tmp_path, data_cache):
+    ckpt = checkpoints["bert"]
+    first = run_validate("bert", validate_argv("bert", ckpt, tmp_path / "a", data_cache, "--seed", "7"))
+    again = run_validate("bert", validate_argv("bert", ckpt, tmp_path / "b", data_cache, "--seed", "7"))
+    assert first == again  # masks included: identical perplexity and statistics
+    other = run_validate("bert", validate_argv("bert", ckpt, tmp_path / "c", data_cache, "--seed", "8"))
+    assert other["perplexity"] != first["perplexity"]  # other masks
+
+    limited = run_validate(
+        "bert",
+        validate_argv("bert", ckpt, tmp_path / "d", data_cache, "--seed", "7", "--kurtosis_max_batches", "1"),
+    )
+    for name, record in limited["activations"].items():
+        assert record["kurtosis_sequences"] == 16 < first["activations"][name]["kurtosis_sequences"]
+        assert record["inf_norm"] == first["activations"][name]["inf_norm"]  # inf-norms still see every batch
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(checkpoints, tmp_path, data_cache):
+    """Each process evaluates its own shard; the one sync gives the single-process figures."""
+    single = run_validate("opt", validate_argv("opt", checkpoints["opt"], tmp_path / "one", data_cache))
+    out = tmp_path / "two"
+    argv = validate_argv("opt", checkpoints["opt"], out, data_cache)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "validate_clm.py", *argv]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads((out / "all_results.json").read_text())
+    assert double["settings"]["num_processes"] == 2
+    assert double["perplexity"] == pytest.approx(single["perplexity"], rel=1e-6)
+    assert double["eval_tokens"] == single["eval_tokens"]
+    for key in HEADLINES["opt"]:
+        assert double[key] == pytest.approx(single[key], rel=1e-5)
+    for name, record in single["activations"].items():
+        assert double["activations"][name]["outliers"] == record["outliers"]
+        assert double["activations"][name]["sequences"] == record["sequences"]
+        assert double["activations"][name]["inf_norm_max"] == pytest.approx(record["inf_norm_max"])
+    for layer, figures in single["attention"].items():
+        assert double["attention"][layer]["gate_mean"] == pytest.approx(figures["gate_mean"], rel=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint(tmp_path, data_cache):
+    out = tmp_path / "val"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_validate("opt", validate_argv("opt", tmp_path / "nowhere", out, data_cache))
+    assert not out.exists()
+
+
+def test_checkpoint_of_the_other_model_type(checkpoints, tmp_path, data_cache):
+    with pytest.raises(ValueError, match=r"'opt' model.*validate_mlm\.py evaluates 'bert'.*use validate_clm\.py"):
+        run_validate("bert", validate_argv("bert", checkpoints["opt"], tmp_path / "val", data_cache))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--attn_softmax", "clipped(-0.025:1)"], r"--attn_softmax 'clipped\(-0.025:1\)' but .* has softmax 'vanilla'"),
+        (
+            ["--attn_gate_type", "conditional_per_token", "--attn_gate_init", "0.5"],
+            r"--attn_gate_init gives init_prob=0.5 but .* has init_prob=0.25",
+        ),
+        (
+            ["--attn_gate_type", "conditional_per_head"],
+            r"gate_type='conditional_per_head' but .*'conditional_per_token'",
+        ),
+        (["--alpha", "4"], r"--alpha 4 but .* has softmax 'vanilla'"),
+    ],
+)
+def test_a_method_flag_that_contradicts_the_checkpoint(checkpoints, tmp_path, data_cache, flags, message):
+    out = tmp_path / "val"
+    with pytest.raises(ValueError, match=message):
+        run_validate("opt", validate_argv("opt", checkpoints["opt"], out, data_cache, *flags))
+    assert not (out / "all_results.json").exists()
+
+
+def test_checkpoint_whose_weights_do_not_match_its_config(checkpoints, tmp_path, data_cache):
+    """A config.json that names a gate over weights without one must not evaluate a freshly initialised gate."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in checkpoints["bert"].iterdir():
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["attention_variant"] |= {"gate_type": "conditional_per_token"}
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not match its config\.json \(missing weights"):
+        run_validate("bert", validate_argv("bert", broken, tmp_path / "val", data_cache))
+
+
+def test_sequence_longer_than_the_position_table(checkpoints, tmp_path, data_cache):
+    argv = validate_argv("opt", checkpoints["opt"], tmp_path / "val", data_cache)
+    argv[argv.index("--block_size") + 1] = "128"
+    with pytest.raises(ValueError, match=r"--block_size 128 is longer than the model's position table"):
+        run_validate("opt", argv)
