@@ -191,14 +191,24 @@ def test_headlines_follow_the_metrics_definitions():
         ("opt", {"softmax": "clipped(-0.1:1)", "gate_type": "conditional_per_token", "init_prob": 0.25}),
         ("bert", {"softmax": "clipped(-0.065:1)"}),
         ("opt", {"gate_type": "conditional_per_head"}),
+        ("bert", {}),
     ],
 )
 def test_attention_diagnostics_equal_stored_probabilities(model_type, attention):
+    """The probe alone (fused attention where the variant allows it), then a reference pass that stores the
+    probabilities (explicit path): the per-head figures agree."""
     model, dataset = _model(model_type, **attention), _dataset(model_type)
     delimiters = [2, 5]
     probe = AttentionStatistics(model, delimiters)
-    probs, gates = [[] for _ in range(2)], [[] for _ in range(2)]
     variants = list(model.attention_variants().values())
+    before = _hook_count(model)
+    plain = _evaluate(model, dataset, model_type)
+    with_probe = _evaluate(model, dataset, model_type, probes=(probe,))
+    assert _hook_count(model) == before and all(v.marked_keys is None for v in variants)
+    assert with_probe["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6)  # the context is untouched
+    result = probe.synced(Accelerator(cpu=True))
+
+    probs, gates = [[] for _ in range(2)], [[] for _ in range(2)]
     handles = [
         v.probs.register_forward_hook(lambda m, a, o, i=i: probs[i].append(o.detach())) for i, v in enumerate(variants)
     ]
@@ -207,24 +217,24 @@ def test_attention_diagnostics_equal_stored_probabilities(model_type, attention)
         for i, v in enumerate(variants)
         if v.gate
     ]
-    before = _hook_count(model)
-    _evaluate(model, dataset, model_type, probes=(probe,))
-    assert _hook_count(model) == before
+    _evaluate(model, dataset, model_type)
     for handle in handles:
         handle.remove()
-    result = probe.synced(Accelerator(cpu=True))
     is_delimiter = torch.isin(dataset[:]["input_ids"], torch.tensor(delimiters)).double()  # (N, S)
     allowed = torch.ones(SEQ, SEQ).tril().bool() if model_type == "opt" else torch.ones(SEQ, SEQ).bool()
+    clipped = "softmax" in attention
     for layer in range(2):
         p = torch.cat(probs[layer]).double()  # (N, H, T, S)
         figures = result[f"layer_{layer}"]
-        np.testing.assert_allclose(figures["first_token_mass"], p[..., 0].mean((0, 2)), rtol=1e-6)
+        np.testing.assert_allclose(figures["first_token_mass"], p[..., 0].mean((0, 2)), rtol=1e-5)
         delimiter_mass = (p * is_delimiter[:, None, None, :]).sum(-1).mean((0, 2))
-        np.testing.assert_allclose(figures["delimiter_mass"], delimiter_mass, rtol=1e-6)
-        zeros = ((p == 0) & allowed).sum((0, 2, 3)).double() / (p.shape[0] * allowed.sum().item())
-        np.testing.assert_allclose(figures["exact_zero_fraction"], zeros, rtol=1e-9)
-        if "softmax" in attention:  # clipped softmax gives some exact zeros; masked pairs do not count
+        np.testing.assert_allclose(figures["delimiter_mass"], delimiter_mass, rtol=1e-5)
+        if clipped:  # clipped softmax gives some exact zeros; masked pairs do not count
+            zeros = ((p == 0) & allowed).sum((0, 2, 3)).double() / (p.shape[0] * allowed.sum().item())
+            np.testing.assert_allclose(figures["exact_zero_fraction"], zeros, rtol=1e-9)
             assert 0 < float(zeros.mean()) < 1
+        else:
+            assert "exact_zero_fraction" not in figures
         if gates[layer]:
             sizes = [len(b) for b in torch.arange(EXAMPLES).split(BATCH)]  # sequences per call
             mean_gate = sum(g.mean((0, 2, 3)) * n for g, n in zip(gates[layer], sizes, strict=True)) / EXAMPLES

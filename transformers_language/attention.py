@@ -11,6 +11,10 @@ gate parameters live in the state dict and `from_pretrained` rebuilds them befor
   scores   attention scores after scaling, before the mask      (B, H, T, S)
   probs    probabilities after the softmax, before dropout       (B, H, T, S)
   context  gated context before the output projection           (B, T, H * d_head)
+  key_mass attention mass on marked keys, before the gate       (B, T, H, K)
+`key_mass` runs only while `marked_keys` (B, S, K) holds K indicator columns over the keys (set by the
+attention diagnostics): they ride along as K extra value channels, so the fused kernel computes
+probabilities @ indicators together with the context and the fast path stays fast.
 When nothing needs the probabilities (unclipped softmax, nothing attached to `scores` or `probs`, no
 `output_attentions`), attention runs through torch's fused `scaled_dot_product_attention` instead.
 """
@@ -48,6 +52,8 @@ class AttentionVariant(nn.Module):
         self.scores = nn.Identity()
         self.probs = nn.Identity()
         self.context = nn.Identity()
+        self.key_mass = nn.Identity()
+        self.marked_keys: torch.Tensor | None = None
 
     def uses_fused_path(self, output_attentions: bool = False) -> bool:
         return not (self.settings.clipped or output_attentions or is_attached(self.scores) or is_attached(self.probs))
@@ -80,11 +86,24 @@ class AttentionVariant(nn.Module):
                 )
             gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
 
+        marked = self.marked_keys
+        if marked is not None:  # (B, S, K) indicators become K extra value channels of every head
+            extra = marked.to(value.dtype).unsqueeze(1).expand(batch, num_heads, -1, -1)
+            value = torch.cat([value, extra], dim=-1)
+
         probs = None
         if self.uses_fused_path(output_attentions):
+            if marked is not None:
+                # Zero channels on queries and keys leave the scores exactly as they are, and equal query and
+                # value widths keep torch on its flash kernel (unequal widths fall back to a 3x slower path).
+                query = nn.functional.pad(query, (0, marked.shape[-1]))
+                key = nn.functional.pad(key, (0, marked.shape[-1]))
             context, _ = sdpa_attention_forward(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal
             )  # (B, T, H, d)
+            if marked is not None:
+                self.key_mass(context[..., head_dim:])
+                context = context[..., :head_dim]
             if gate is not None:
                 context = context * gate.transpose(1, 2)
         else:
@@ -101,6 +120,9 @@ class AttentionVariant(nn.Module):
             probs = self.probs(self.softmax(scores))
             weights = nn.functional.dropout(probs, p=dropout, training=dropout > 0)
             context = torch.matmul(weights, value)  # (B, H, T, d)
+            if marked is not None:
+                self.key_mass(context[..., head_dim:].transpose(1, 2))
+                context = context[..., :head_dim]
             if gate is not None:
                 context = context * gate
             context = context.transpose(1, 2)

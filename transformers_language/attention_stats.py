@@ -4,10 +4,12 @@ A head that wants no update puts its attention on tokens that carry little infor
 [SEP], `.`, `,`), which is what grows outliers in vanilla models. Per layer and head this measures:
   first_token_mass      mean attention probability on the first key position
   delimiter_mass        mean total attention probability on delimiter tokens (see `delimiter_token_ids`)
-  exact_zero_fraction   share of attended (not masked) query-key pairs whose probability is exactly 0:
-                        clipped softmax gives exact zeros, vanilla softmax almost never does
+  exact_zero_fraction   clipped softmax only: share of attended (not masked) query-key pairs whose
+                        probability is exactly 0
   gate_mean             mean gate probability sigmoid(G(x)) (gated models; without the fine-tuning scale)
-Hooking the `probs` point makes attention take its explicit path (the fused kernel has no probabilities).
+The two masses come from the variants' `key_mass` point: the first-token and delimiter indicators ride
+along as extra value channels, so vanilla and gated attention keep the fused kernel. Exact zeros need the
+probabilities, which clipped softmax computes anyway.
 """
 
 from __future__ import annotations
@@ -41,39 +43,47 @@ class AttentionStatistics:
         self.variants = list(model.attention_variants().values())
         self.delimiter_ids = delimiter_ids
         self._sums: dict[str, torch.Tensor] = {}
-        self._delimiters: torch.Tensor | None = None
+        self._batch = 0
 
     def start_batch(self, input_ids: torch.Tensor, index: int) -> None:
         ids = torch.tensor(self.delimiter_ids, device=input_ids.device)
-        self._delimiters = torch.isin(input_ids, ids).float()  # (B, S)
+        marked = torch.zeros(*input_ids.shape, 2, device=input_ids.device)  # (B, S, [first token, delimiter])
+        marked[:, 0, 0] = 1.0
+        marked[..., 1] = torch.isin(input_ids, ids).float()
+        self._batch = input_ids.shape[0]
+        for variant in self.variants:
+            variant.marked_keys = marked
 
     def _add(self, key: str, values: torch.Tensor) -> None:
         self._sums[key] = values if key not in self._sums else self._sums[key] + values
 
-    def _probs_hook(self, layer: int, is_causal: bool):
+    def _mass_hook(self, layer: int):
         def hook(module, args, output):
-            probs = output.detach().float()  # (B, H, T, S)
-            batch, heads, queries, keys = probs.shape
-            first = probs[..., 0].sum(dim=(0, 2))
-            on_delimiters = torch.matmul(probs.flatten(1, 2), self._delimiters.unsqueeze(-1))  # (B, H * T, 1)
-            delimiter = on_delimiters.view(batch, heads, queries).sum(dim=(0, 2))
-            zero = probs == 0
+            mass = output.detach().float().sum(dim=(0, 1))  # (H, 2): summed over sequences and queries
+            queries = output.shape[0] * output.shape[1]
+            self._add(f"mass_{layer}", torch.cat([mass.t().flatten(), mass.new_full((1,), queries)]).double())
+
+        return hook
+
+    def _zeros_hook(self, layer: int, is_causal: bool):
+        def hook(module, args, output):
+            batch, _, queries, keys = output.shape  # (B, H, T, S)
+            zero = output == 0
             if is_causal:  # only keys a query may attend to count (bottom-right aligned, as with a cache)
-                allowed = torch.ones(queries, keys, dtype=torch.bool, device=probs.device).tril(keys - queries)
+                allowed = torch.ones(queries, keys, dtype=torch.bool, device=output.device).tril(keys - queries)
                 zero &= allowed
                 pairs = batch * allowed.sum()
             else:
-                pairs = torch.tensor(batch * queries * keys, device=probs.device)
+                pairs = torch.tensor(batch * queries * keys, device=output.device)
             zeros = zero.sum(dim=(0, 2, 3))
-            counts = torch.stack([torch.tensor(batch * queries, device=probs.device), pairs])
-            self._add(f"probs_{layer}", torch.cat([t.double() for t in (first, delimiter, zeros, counts)]))
+            self._add(f"zeros_{layer}", torch.cat([zeros.double(), pairs.double().view(1)]))
 
         return hook
 
     def _gate_hook(self, layer: int):
         def hook(module, args, output):
             probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1)
-            batch = self._delimiters.shape[0]  # weight by sequences (per-head gates have no batch axis)
+            batch = self._batch  # weight by sequences (per-head gates have no batch axis)
             per_head = probability.mean(dim=(0, 2, 3)).double() * batch
             self._add(f"gate_{layer}", torch.cat([per_head, per_head.new_full((1,), batch)]))
 
@@ -83,7 +93,9 @@ class AttentionStatistics:
     def attached(self):
         handles = []
         for layer, variant in enumerate(self.variants):
-            handles.append(variant.probs.register_forward_hook(self._probs_hook(layer, variant.is_causal)))
+            handles.append(variant.key_mass.register_forward_hook(self._mass_hook(layer)))
+            if variant.settings.clipped:
+                handles.append(variant.probs.register_forward_hook(self._zeros_hook(layer, variant.is_causal)))
             if variant.gate is not None:
                 handles.append(variant.gate.register_forward_hook(self._gate_hook(layer)))
         try:
@@ -91,7 +103,8 @@ class AttentionStatistics:
         finally:
             for handle in handles:
                 handle.remove()
-            self._delimiters = None
+            for variant in self.variants:
+                variant.marked_keys = None
 
     def synced(self, accelerator) -> dict[str, dict[str, list[float]]]:
         """Per layer ('layer_0', ...), per head figures, after one sum across processes."""
@@ -105,13 +118,14 @@ class AttentionStatistics:
         result = {}
         for layer in range(len(self.variants)):
             figures = {}
-            if f"probs_{layer}" in totals:
-                *per_head, rows, pairs = totals[f"probs_{layer}"].tolist()
-                heads = len(per_head) // 3
-                first, delimiter, zeros = (per_head[i * heads : (i + 1) * heads] for i in range(3))
-                figures["first_token_mass"] = [v / rows for v in first]
-                figures["delimiter_mass"] = [v / rows for v in delimiter]
-                figures["exact_zero_fraction"] = [v / pairs for v in zeros]
+            if f"mass_{layer}" in totals:
+                *per_head, queries = totals[f"mass_{layer}"].tolist()
+                heads = len(per_head) // 2
+                figures["first_token_mass"] = [v / queries for v in per_head[:heads]]
+                figures["delimiter_mass"] = [v / queries for v in per_head[heads:]]
+            if f"zeros_{layer}" in totals:
+                *per_head, pairs = totals[f"zeros_{layer}"].tolist()
+                figures["exact_zero_fraction"] = [v / pairs for v in per_head]
             if f"gate_{layer}" in totals:
                 *per_head, sequences = totals[f"gate_{layer}"].tolist()
                 figures["gate_mean"] = [v / sequences for v in per_head]

@@ -121,7 +121,8 @@ class CausalLMLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.model(input_ids=input_ids).last_hidden_state
+        # No KV cache: OPT builds one by default, concatenating keys and values every layer for nothing.
+        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
         # Position t predicts token t + 1; the last position has no target.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         return linear_cross_entropy_sum(hidden.flatten(0, 1), self.model.lm_head.weight, None, targets.flatten())

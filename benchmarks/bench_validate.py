@@ -1,0 +1,209 @@
+"""Validation wall time and peak memory of validate_mlm / validate_clm, and what the statistics cost.
+
+Builds BERT-small and OPT-small checkpoints (model_configs/*-small.yaml, one training step with run_mlm /
+run_clm: the weights do not change the cost) and validates them on WikiText-2 valid.txt (seq 128, batch
+32 / 16, fp32, 2 CPU threads):
+  process   `validate_*.py` as a fresh process: wall time from start to exit and peak RSS, against the
+            paper's figures for its FP validation on this machine class;
+  overhead  in one process, the evaluation loop alone with and without the statistics (activation
+            statistics + attention diagnostics, their sync and the report), alternating, after a warm-up:
+            the ratio of the medians is what the statistics add to a plain perplexity pass.
+The tokenized data is cached before anything is timed.
+
+    python benchmarks/bench_validate.py [--rounds 2] [--models bert opt] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
+SETUPS = {
+    "bert": {"script": "mlm", "config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
+    "opt": {"script": "clm", "config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
+}
+SEQ_LENGTH = 128
+# The paper's code on this machine class (from the issue): FP validation process wall seconds, peak RSS GiB.
+PAPER = {"bert": {"seconds": (102, 123), "rss_gib": (2.8, 2.8)}, "opt": {"seconds": (49, 60), "rss_gib": (1.1, 1.2)}}
+ENV = {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Runs a script in this same process and prints that process's peak RSS (KiB) after it.
+RSS_WRAPPER = (
+    "import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
+
+
+def _seq_flag(model: str) -> str:
+    return "--max_seq_length" if model == "bert" else "--block_size"
+
+
+def validate_argv(model: str, checkpoint: str, output_dir: str, cache: str) -> list[str]:
+    return [
+        "--model_name_or_path", checkpoint,
+        "--validation_file", str(SHARED / "data" / "wikitext-2" / "valid.txt"),
+        _seq_flag(model), str(SEQ_LENGTH),
+        "--per_device_eval_batch_size", str(SETUPS[model]["batch"]),
+        "--data_cache_dir", cache,
+        "--output_dir", output_dir,
+    ]  # fmt: skip
+
+
+def _build_checkpoint(model: str, checkpoint: str, cache: str) -> None:
+    data = SHARED / "data" / "wikitext-2"
+    argv = [
+        "--config_path", str(REPO / "model_configs" / SETUPS[model]["config"]),
+        "--tokenizer_name", str(SHARED / "tokenizers" / SETUPS[model]["tokenizer"]),
+        "--train_file", str(data / "test.txt"),
+        "--validation_file", str(data / "valid.txt"),
+        "--train_percentage", "5",
+        "--validation_percentage", "1",
+        _seq_flag(model), str(SEQ_LENGTH),
+        "--max_train_steps", "1",
+        "--data_cache_dir", cache,
+        "--output_dir", checkpoint,
+    ]  # fmt: skip
+    command = [sys.executable, str(REPO / f"run_{SETUPS[model]['script']}.py"), *argv]
+    subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=True)
+
+
+def _process_run(model: str, checkpoint: str, cache: str) -> dict:
+    """validate_*.py in a fresh process: wall seconds and its peak RSS."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [sys.executable, "-c", RSS_WRAPPER, str(REPO / f"validate_{SETUPS[model]['script']}.py")]
+        command += validate_argv(model, checkpoint, output_dir, cache)
+        start = time.perf_counter()
+        done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"validate {model} failed:\n{done.stderr[-4000:]}")
+        results = json.loads((Path(output_dir) / "all_results.json").read_text())
+    rss = int(done.stdout.split("PEAK_RSS_KIB")[-1]) / 2**20
+    return {"seconds": seconds, "peak_rss_gib": rss, "perplexity": results["perplexity"]}
+
+
+def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict:
+    """Evaluation loop without and with the statistics, alternating in this process."""
+    sys.path.insert(0, str(REPO))
+    from accelerate import Accelerator
+    from transformers import AutoConfig
+
+    from transformers_language.attention_stats import AttentionStatistics, delimiter_token_ids
+    from transformers_language.data import prepare_splits
+    from transformers_language.evaluation import evaluate_perplexity
+    from transformers_language.metrics import ActivationStatistics
+    from transformers_language.model_loading import load_checkpoint, load_tokenizer
+    from transformers_language.objectives import Masking, get_objective, mask_eval_dataset
+    from transformers_language.outlier_report import outlier_results
+    from transformers_language.validate import build_parser
+
+    objective = get_objective(SETUPS[model]["script"])
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = build_parser(objective).parse_args(validate_argv(model, checkpoint, output_dir, cache))
+    accelerator = Accelerator(cpu=True)
+    tokenizer = load_tokenizer(args)
+    net = load_checkpoint(args, AutoConfig.from_pretrained(checkpoint), accelerator.device)
+    loss_module = objective.loss_class(net).eval()
+    dataset = prepare_splits(args, ("validation",), tokenizer, SEQ_LENGTH, accelerator)["validation"]
+    if objective.name == "mlm":
+        dataset = mask_eval_dataset(dataset, Masking.from_tokenizer(tokenizer, 0.15), 42)
+    batch, config = SETUPS[model]["batch"], net.config
+    delimiters = delimiter_token_ids(tokenizer)
+
+    def plain() -> float:
+        start = time.perf_counter()
+        evaluate_perplexity(accelerator, loss_module, dataset, objective, batch)
+        return time.perf_counter() - start
+
+    def with_statistics() -> float:
+        start = time.perf_counter()
+        activations = ActivationStatistics(net, net.outlier_sites(), config.hidden_size, config.vocab_size)
+        attention = AttentionStatistics(net, delimiters)
+        evaluate_perplexity(accelerator, loss_module, dataset, objective, batch, probes=(activations, attention))
+        outlier_results(activations.synced(accelerator), attention.synced(accelerator), net.headlines, tokenizer)
+        return time.perf_counter() - start
+
+    plain()  # warm-up: allocator, kernels, page cache
+    times = {"plain": [], "statistics": []}
+    for _ in range(rounds):
+        times["plain"].append(plain())
+        times["statistics"].append(with_statistics())
+    return times | {"blocks": len(dataset)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="Process runs, and loop pairs, per model.")
+    parser.add_argument("--models", nargs="+", default=["bert", "opt"], choices=list(SETUPS))
+    parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # model checkpoint cache
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child_overhead(*args.child, rounds=args.rounds)))
+        return
+
+    figures = {}
+    with tempfile.TemporaryDirectory() as root:
+        cache = str(Path(root) / "cache")
+        for model in args.models:
+            checkpoint = str(Path(root) / model)
+            _build_checkpoint(model, checkpoint, cache)
+            _process_run(model, checkpoint, cache)  # tokenizes and caches valid.txt; not timed
+            processes = []
+            for _ in range(args.rounds):
+                processes.append(_process_run(model, checkpoint, cache))
+                print(f"  {model} process: {processes[-1]['seconds']:.1f} s", file=sys.stderr)
+            command = [sys.executable, __file__, "--rounds", str(args.rounds), "--child", model, checkpoint, cache]
+            done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"overhead {model} failed:\n{done.stderr[-4000:]}")
+            loops = json.loads(done.stdout.strip().splitlines()[-1])
+            figures[model] = _summarise(model, processes, loops)
+    _report(figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def _summarise(model: str, processes: list[dict], loops: dict) -> dict:
+    seconds = statistics.median(run["seconds"] for run in processes)
+    rss = max(run["peak_rss_gib"] for run in processes)
+    plain, with_stats = statistics.median(loops["plain"]), statistics.median(loops["statistics"])
+    paper = PAPER[model]
+    return {
+        "process_seconds": seconds,
+        "peak_rss_gib": rss,
+        "validation_blocks": loops["blocks"],
+        "perplexity": processes[0]["perplexity"],
+        "loop_seconds_plain": plain,
+        "loop_seconds_with_statistics": with_stats,
+        "statistics_overhead": with_stats / plain - 1,
+        "speedup_vs_paper": [s / seconds for s in paper["seconds"]],
+        "rss_vs_paper": [rss / gib for gib in paper["rss_gib"]],
+    }
+
+
+def _report(figures: dict) -> None:
+    for model, r in figures.items():
+        paper = PAPER[model]
+        print(
+            f"{model}: validate process {r['process_seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+            f"({r['validation_blocks']} blocks of {SEQ_LENGTH}); paper {paper['seconds'][0]}-{paper['seconds'][1]} s, "
+            f"{paper['rss_gib'][0]}-{paper['rss_gib'][1]} GiB -> {min(r['speedup_vs_paper']):.1f}-"
+            f"{max(r['speedup_vs_paper']):.1f}x faster, {min(r['rss_vs_paper']):.2f}-{max(r['rss_vs_paper']):.2f}x RSS"
+        )
+        print(
+            f"{model}: evaluation loop {r['loop_seconds_plain']:.2f} s plain, "
+            f"{r['loop_seconds_with_statistics']:.2f} s with statistics: +{100 * r['statistics_overhead']:.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
