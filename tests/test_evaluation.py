@@ -1,6 +1,7 @@
 """Evaluation: perplexity against a hand computation, streamed statistics against stored activations, the
 attention diagnostics against stored probabilities, and a planted outlier found by the analysis."""
 
+import logging
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from transformers_language.evaluation import evaluate_perplexity
 from transformers_language.linear_cross_entropy import IGNORE_INDEX
 from transformers_language.metrics import ActivationStatistics
 from transformers_language.objectives import get_objective
-from transformers_language.outlier_report import headline_figures, outlier_results, top_dims
+from transformers_language.outlier_report import headline_figures, log_results, outlier_results, top_dims
 
 OBJECTIVE = {"bert": "mlm", "opt": "clm"}
 SEQ, EXAMPLES, BATCH = 16, 11, 4  # the last batch is partial
@@ -241,3 +242,18 @@ def test_attention_diagnostics_equal_stored_probabilities(model_type, attention)
             np.testing.assert_allclose(figures["gate_mean"], mean_gate, rtol=1e-6)
         else:
             assert "gate_mean" not in figures
+
+
+def test_an_overflowing_perplexity_is_infinity(caplog):
+    """exp of a huge mean loss is reported as inf (never an OverflowError), and the report logs it."""
+
+    class HugeLoss(torch.nn.Module):
+        def forward(self, input_ids, labels):
+            return torch.tensor(1e4) * labels[:, 1:].numel()  # summed NLL of 1e4 per predicted token
+
+    results = evaluate_perplexity(Accelerator(cpu=True), HugeLoss(), _dataset("opt"), get_objective("clm"), BATCH)
+    assert results["eval_loss"] == pytest.approx(1e4)
+    assert results["perplexity"] == math.inf and results["perplexity_mean_of_batch_losses"] == math.inf
+    with caplog.at_level(logging.INFO):
+        log_results(results | {"activations": {}, "attention": {}, "max_abs_activation": 0.0, "outliers_6sigma": 0}, ())
+    assert "perplexity: inf" in caplog.text
