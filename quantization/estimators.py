@@ -1,0 +1,206 @@
+"""Range estimators, in a registry keyed by the names users type (`--ranges_weights`, `--ranges_acts`).
+
+  current_minmax   min / max of the last observed batch (of the tensor itself, for weights)
+  running_minmax   exponential moving average of per-batch min / max (momentum 0.9; the first batch
+                   initialises)
+  MSE              the clipping range minimising ||x - Q(x)||^2, by grid search
+  L<p>             the same search minimising sum |x - Q(x)|^p (e.g. L2.4)
+With `percentile=P` the min-max estimators use the nearest-rank (100 - P)th and Pth percentiles of the batch
+instead of its min and max, computed with torch on the tensor's device (kthvalue: no size limit, no host
+copy). The search estimators start from the batch's min / max and, per observed batch, try G fractions of
+them (symmetric: G clipping values; asymmetric: a G x G grid of low and high ends); every candidate is
+scored at once on the device, in chunks that bound the temporary memory. Over several batches they keep the
+mean of the per-batch optima. All estimators work per tensor or per channel (`axis`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .affine import grid
+from .buffers import CalibratedState
+
+_LP_NAME = re.compile(r"^L(\d+(?:\.\d*)?|\.\d+)$")
+SEARCH_CHUNK_ELEMENTS = 1 << 24  # candidate x value temporaries per step (64 MiB in fp32)
+
+ESTIMATORS: dict[str, type[RangeEstimator]] = {}
+
+
+def register_estimator(name: str):
+    def decorator(cls):
+        ESTIMATORS[name] = cls
+        return cls
+
+    return decorator
+
+
+def _by_channel(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """(C, n) view of the values per channel; C = 1 per tensor."""
+    x = x.float()
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _shaped(values: torch.Tensor, axis: int | None) -> torch.Tensor:
+    return values.reshape(()) if axis is None else values
+
+
+def batch_extremes(x: torch.Tensor, axis: int | None, percentile: float | None = None):
+    """(low, high) of one batch: min / max, or the (100 - P)th / Pth nearest-rank percentiles."""
+    flat = _by_channel(x, axis)
+    if percentile is None:
+        return _shaped(flat.amin(dim=1), axis), _shaped(flat.amax(dim=1), axis)
+    count = flat.shape[1]
+    k_high = min(count, max(1, math.ceil(percentile / 100 * count)))
+    k_low = min(count, max(1, math.ceil((100 - percentile) / 100 * count)))
+    low = flat.kthvalue(k_low, dim=1).values
+    high = flat.kthvalue(k_high, dim=1).values
+    return _shaped(low, axis), _shaped(high, axis)
+
+
+class RangeEstimator(CalibratedState):
+    """Observes tensors and proposes a (low, high) range, per tensor or per channel along `axis`."""
+
+    def __init__(self, n_bits: int, symmetric: bool, axis: int | None, percentile: float | None = None):
+        super().__init__()
+        if percentile is not None and not 50 < percentile <= 100:
+            raise ValueError(f"percentile must lie in (50, 100], got {percentile}.")
+        self.n_bits, self.symmetric, self.axis, self.percentile = n_bits, symmetric, axis, percentile
+        self.register_buffer("low", torch.empty(0))
+        self.register_buffer("high", torch.empty(0))
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError  # every registered estimator defines it
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.low.numel() == 0:
+            raise RuntimeError(f"{type(self).__name__} has observed nothing: pass calibration data first.")
+        return self.low, self.high
+
+
+@register_estimator("current_minmax")
+class CurrentMinMax(RangeEstimator):
+    def observe(self, x: torch.Tensor) -> None:
+        self.low, self.high = batch_extremes(x, self.axis, self.percentile)
+
+
+@register_estimator("running_minmax")
+class RunningMinMax(RangeEstimator):
+    def __init__(self, *args, momentum: float = 0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}.")
+        self.momentum = momentum
+
+    def observe(self, x: torch.Tensor) -> None:
+        low, high = batch_extremes(x, self.axis, self.percentile)
+        if self.low.numel() == 0:
+            self.low, self.high = low, high
+        else:
+            self.low = self.momentum * self.low + (1 - self.momentum) * low
+            self.high = self.momentum * self.high + (1 - self.momentum) * high
+
+
+def quantization_error(
+    flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, n_bits: int, symmetric: bool, p: float
+):
+    """sum |x - Q(x)|^p per candidate and channel: flat (C, n), low / high (K, C) -> errors (K, C)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        signed = bool((flat < 0).any())
+        q_min, q_max = grid(n_bits, True, signed)
+        scale = (torch.maximum(high.abs(), low.abs()) if signed else high).clamp_min(tiny) / q_max
+        zero = torch.zeros_like(scale)
+    else:
+        q_min, q_max = grid(n_bits, False, False)
+        low, high = low.clamp_max(0), high.clamp_min(0)
+        scale = ((high - low) / q_max).clamp_min(tiny)
+        zero = torch.round(-low / scale)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (K, C, 1)
+    quantized = (torch.round(flat / scale) + zero).clamp_(q_min, q_max).sub_(zero).mul_(scale)
+    return quantized.sub_(flat).abs_().pow_(p).sum(dim=-1)
+
+
+class SearchEstimator(RangeEstimator):
+    """Grid search of the range minimising the L_p quantization error (see the module docstring)."""
+
+    p: float = 2.0
+
+    def __init__(self, *args, grid_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.percentile is not None:
+            raise ValueError(
+                f"percentile={self.percentile} applies to current_minmax / running_minmax, not to a search estimator."
+            )
+        self.grid_size = grid_size or (100 if self.symmetric else 20)
+        self.batches = 0
+
+    def _candidates(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fractions = torch.linspace(1 / self.grid_size, 1.0, self.grid_size, device=low.device)
+        if self.symmetric:  # clip the absolute maximum; the sign of the grid follows the data
+            absmax = torch.maximum(low.abs(), high.abs())
+            clip = fractions[:, None] * absmax[None]  # (G, C)
+            return -clip, clip
+        low_c = (fractions[:, None, None] * low[None, None]).expand(self.grid_size, self.grid_size, -1)
+        high_c = (fractions[None, :, None] * high[None, None]).expand(self.grid_size, self.grid_size, -1)
+        return low_c.reshape(-1, low.numel()), high_c.reshape(-1, high.numel())
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        flat = _by_channel(x, self.axis)
+        low, high = flat.amin(dim=1).clamp_max(0), flat.amax(dim=1).clamp_min(0)
+        low_c, high_c = self._candidates(low, high)
+        step = max(1, SEARCH_CHUNK_ELEMENTS // flat.numel())
+        errors = torch.cat(
+            [
+                quantization_error(flat, low_c[i : i + step], high_c[i : i + step], self.n_bits, self.symmetric, self.p)
+                for i in range(0, low_c.shape[0], step)
+            ]
+        )
+        best = errors.argmin(dim=0)  # per channel
+        channels = torch.arange(flat.shape[0], device=flat.device)
+        low_best, high_best = low_c[best, channels], high_c[best, channels]
+        if self.symmetric and not bool((flat < 0).any()):
+            low_best = torch.zeros_like(low_best)
+        low_best, high_best = _shaped(low_best, self.axis), _shaped(high_best, self.axis)
+        if self.batches == 0 or self.low.numel() == 0:
+            self.low, self.high = low_best, high_best
+            self.batches = 0
+        else:  # running mean of the per-batch optima
+            self.low = self.low + (low_best - self.low) / (self.batches + 1)
+            self.high = self.high + (high_best - self.high) / (self.batches + 1)
+        self.batches += 1
+
+
+@register_estimator("MSE")
+class MSEEstimator(SearchEstimator):
+    p = 2.0
+
+
+class LpEstimator(SearchEstimator):
+    def __init__(self, *args, p: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not p > 0:
+            raise ValueError(f"L<p> needs p > 0, got {p}.")
+        self.p = p
+
+
+ESTIMATOR_NAMES = (*ESTIMATORS, "L<p>")
+
+
+def build_estimator(name: str, n_bits: int, symmetric: bool, axis: int | None, **options) -> RangeEstimator:
+    """The estimator called `name` (a registry key, or L<p> such as L2.4)."""
+    lp = _LP_NAME.match(name)
+    if lp is not None:
+        return LpEstimator(n_bits, symmetric, axis, p=float(lp.group(1)), **options)
+    if name not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown range estimator {name!r}; valid estimators: {', '.join(ESTIMATOR_NAMES)} (e.g. L2.4)."
+        )
+    if name != "running_minmax":
+        options.pop("momentum", None)
+    return ESTIMATORS[name](n_bits, symmetric, axis, **options)

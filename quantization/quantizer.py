@@ -1,0 +1,102 @@
+"""Uniform affine fake quantization: x_hat = s * (clamp(round(x / s) + z, q_min, q_max) - z).
+
+Asymmetric grids are [0, 2^b - 1] with the range widened to include 0 (so 0 is exactly representable) and
+an integer zero point. Symmetric grids are signed [-2^(b-1), 2^(b-1) - 1] with z = 0, or unsigned
+[0, 2^b - 1] for a tensor with no negative values. Per-tensor, or per-channel along one axis.
+
+A quantizer has three modes. `off` passes values through. `observe` passes them through and feeds its range
+estimator (calibration). `quantize` fake-quantizes with the frozen range. The frozen scale and zero point
+are buffers, so a calibrated model saves and reloads them with its state. The arithmetic is torch's fused
+fake-quantize kernel: round-to-nearest-even, and a straight-through gradient inside the range (zero
+outside).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .affine import check_bits, scale_and_zero_point
+from .buffers import CalibratedState
+from .estimators import RangeEstimator, build_estimator
+
+MODES = ("off", "observe", "quantize")
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int, axis: int | None
+) -> torch.Tensor:
+    """Quantize-dequantize `x` (any float dtype; computed in fp32) with a straight-through gradient."""
+    values = x.float()
+    if axis is None:
+        out = torch.fake_quantize_per_tensor_affine(values, scale.reshape(()), zero_point.reshape(()), q_min, q_max)
+    else:
+        out = torch.fake_quantize_per_channel_affine(
+            values, scale.flatten(), zero_point.flatten(), axis % x.dim(), q_min, q_max
+        )
+    return out.to(x.dtype)
+
+
+class Quantizer(CalibratedState):
+    """Fake quantizer of one tensor (weights or activations) with its range estimator."""
+
+    def __init__(
+        self,
+        n_bits: int = 8,
+        symmetric: bool = False,
+        estimator: str | RangeEstimator = "current_minmax",
+        axis: int | None = None,
+        **estimator_options,
+    ):
+        super().__init__()
+        self.n_bits = check_bits(n_bits)
+        self.symmetric = symmetric
+        self.axis = axis
+        self.estimator = (
+            build_estimator(estimator, self.n_bits, symmetric, axis, **estimator_options)
+            if isinstance(estimator, str)
+            else estimator
+        )
+        self.mode = "off"
+        self.q_range: tuple[int, int] | None = None  # host copy of grid_bounds, read every forward
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
+        self.register_buffer("grid_bounds", torch.empty(0, dtype=torch.int64))
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Unknown quantizer mode {mode!r}; valid modes: {', '.join(MODES)}.")
+        if mode == "quantize" and not self.is_frozen:
+            raise RuntimeError("This quantizer has no range yet: calibrate (observe, then freeze) first.")
+        self.mode = mode
+
+    @property
+    def is_frozen(self) -> bool:
+        return self.scale.numel() > 0
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the range from what the estimator has seen; quantize from now on."""
+        low, high = self.estimator.range()
+        scale, zero_point, q_min, q_max = scale_and_zero_point(low, high, self.n_bits, self.symmetric)
+        self.scale, self.zero_point = scale, zero_point
+        self.grid_bounds = torch.tensor([q_min, q_max], device=scale.device)
+        self.q_range = (q_min, q_max)
+        self.mode = "quantize"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.estimator.observe(x.detach())
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)
+
+    def _after_load(self) -> None:
+        if self.is_frozen:
+            self.q_range = tuple(self.grid_bounds.tolist())
+            self.mode = "quantize"
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        channel = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"{self.n_bits} bits, {kind}, {channel}, {type(self.estimator).__name__}, mode={self.mode}"
