@@ -1,0 +1,63 @@
+"""Calibration (observe, then freeze) and switching a quantized model's weight / activation quantization.
+
+Weight ranges need no data: `calibration()` computes them from the weights at once. Activation quantizers
+observe while the scope is open (values pass through unquantized, so every quantizer sees the float
+model's activations) and freeze when it closes. Frozen ranges are buffers, saved with the model state.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .quantizer import Quantizer
+
+
+def weight_quantizers(model: nn.Module) -> list[Quantizer]:
+    return [
+        module.weight_quantizer
+        for module in model.modules()
+        if isinstance(getattr(module, "weight_quantizer", None), Quantizer)
+    ]
+
+
+def activation_quantizers(model: nn.Module) -> list[Quantizer]:
+    weights = {id(q) for q in weight_quantizers(model)}
+    return [m for m in model.modules() if isinstance(m, Quantizer) and id(m) not in weights]
+
+
+@torch.no_grad()
+def calibrate_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if isinstance(quantizer, Quantizer):
+            quantizer.set_mode("observe")
+            quantizer(module.weight)
+            quantizer.freeze()
+
+
+@contextmanager
+def calibration(model: nn.Module):
+    """Freeze weight ranges now; activation quantizers observe inside the scope and freeze on exit. On an
+    error inside the scope the activation quantizers are switched off, never left half-calibrated."""
+    calibrate_weights(model)
+    activations = activation_quantizers(model)
+    for quantizer in activations:
+        quantizer.set_mode("observe")
+    try:
+        yield model
+    except BaseException:
+        for quantizer in activations:
+            quantizer.set_mode("off")
+        raise
+    for quantizer in activations:
+        quantizer.freeze()
+
+
+def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
+    """Quantize (or pass through) the weights and the activations of a calibrated model."""
+    for quantizers, enabled in ((weight_quantizers(model), weights), (activation_quantizers(model), activations)):
+        for quantizer in quantizers:
+            quantizer.set_mode("quantize" if enabled else "off")

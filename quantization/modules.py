@@ -1,0 +1,117 @@
+"""Quantized Linear / LayerNorm / Embedding, made from float modules and sharing their parameters.
+
+Each is a subclass of the float module whose parameters are the float module's own Parameter objects, so
+a swap changes no weight, the state dict keeps the float keys (plus the quantizers' buffers), and an
+optimizer over the float model still reaches them. The weight quantizer fake-quantizes the weight (a
+LayerNorm's gamma; beta and biases stay FP). The output quantizer fake-quantizes the module's output, for
+a Linear after an optional fused activation, so the pre-activation stays FP. With frozen ranges the
+quantized weight is computed once and reused until the weight changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .quantizer import Quantizer
+
+
+class _QuantizedWeight:
+    """Mixin: `quantized_weight()` with a cache that is valid while the weight and its range are unchanged."""
+
+    weight: nn.Parameter
+    weight_quantizer: Quantizer | None
+
+    def quantized_weight(self) -> torch.Tensor:
+        quantizer = self.weight_quantizer
+        if quantizer is None or quantizer.mode == "off":
+            return self.weight
+        if quantizer.mode == "observe" or torch.is_grad_enabled():
+            return quantizer(self.weight)
+        key = (self.weight._version, self.weight.data_ptr(), quantizer.scale.data_ptr(), quantizer.scale._version)
+        cached = getattr(self, "_weight_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, quantizer(self.weight).detach())
+            self._weight_cache = cached
+        return cached[1]
+
+
+def _adopt(cls: type, source: nn.Module) -> nn.Module:
+    """Turn a copy of `source` into `cls` sharing every parameter and buffer (no tensor is copied)."""
+    quantized = cls.__new__(cls)
+    quantized.__dict__ = dict(source.__dict__)
+    quantized._parameters = dict(source._parameters)
+    quantized._buffers = dict(source._buffers)
+    quantized._modules = dict(source._modules)
+    return quantized
+
+
+class QuantLinear(_QuantizedWeight, nn.Linear):
+    weight_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        weight_quantizer: Quantizer | None,
+        output_quantizer: Quantizer | None,
+        activation: nn.Module | None = None,
+    ) -> QuantLinear:
+        module = _adopt(cls, linear)
+        module.weight_quantizer = weight_quantizer
+        module.output_quantizer = output_quantizer
+        module.activation = activation  # fused: applied before the output quantizer
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.quantized_weight(), self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+
+class QuantLayerNorm(_QuantizedWeight, nn.LayerNorm):
+    weight_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    @classmethod
+    def from_float(
+        cls, norm: nn.LayerNorm, weight_quantizer: Quantizer | None, output_quantizer: Quantizer | None
+    ) -> QuantLayerNorm:
+        module = _adopt(cls, norm)
+        module.weight_quantizer = weight_quantizer if norm.weight is not None else None
+        module.output_quantizer = output_quantizer
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantized_weight() if self.weight is not None else None
+        y = F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+
+class QuantEmbedding(_QuantizedWeight, nn.Embedding):
+    """Quantized table; the activation quantizer sits on the embedding sum, outside this module."""
+
+    weight_quantizer: Quantizer | None
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, weight_quantizer: Quantizer | None) -> QuantEmbedding:
+        module = _adopt(cls, embedding)
+        module.weight_quantizer = weight_quantizer
+        return module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            input_ids,
+            self.quantized_weight(),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+
+QUANTIZED_CLASSES = (QuantLinear, QuantLayerNorm, QuantEmbedding)
