@@ -37,9 +37,21 @@ class _QuantizedWeight:
         return cached[1]
 
 
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
 def _adopt(cls: type, source: nn.Module) -> nn.Module:
-    """Turn a copy of `source` into `cls` sharing every parameter and buffer (no tensor is copied)."""
-    quantized = cls.__new__(cls)
+    """Turn a copy of `source` into `cls` sharing every parameter and buffer (no tensor is copied). A source
+    of a subclass (e.g. OPT's learned positional embedding, whose forward offsets the positions and then
+    calls nn.Embedding.forward) becomes a subclass of both, so its own forward runs and reaches ours."""
+    source_type = type(source)
+    target = cls
+    if source_type not in cls.__mro__[1:]:
+        key = (source_type, cls)
+        if key not in _SUBCLASSES:
+            _SUBCLASSES[key] = type(f"Quant{source_type.__name__}", (source_type, cls), {})
+        target = _SUBCLASSES[key]
+    quantized = target.__new__(target)
     quantized.__dict__ = dict(source.__dict__)
     quantized._parameters = dict(source._parameters)
     quantized._buffers = dict(source._buffers)

@@ -70,6 +70,11 @@ class Quantizer(CalibratedState):
         self.mode = mode
 
     @property
+    def is_identity(self) -> bool:
+        """True while values pass through unchanged (mode off)."""
+        return self.mode == "off"
+
+    @property
     def is_frozen(self) -> bool:
         return self.scale.numel() > 0
 

@@ -36,8 +36,11 @@ POINT_NAMES = ("scores", "probs", "context")
 
 
 def is_attached(point: nn.Module) -> bool:
-    """A point is in use when something hooks it or it was swapped for another module (e.g. a quantizer)."""
-    return type(point) is not nn.Identity or bool(point._forward_hooks) or bool(point._forward_pre_hooks)
+    """A point is in use when something hooks it or it was swapped for another module (e.g. a quantizer),
+    unless that module says it passes values through unchanged right now (`is_identity`, e.g. a quantizer
+    that is off), so the fused path, and with it the float model's exact numbers, stays."""
+    swapped = type(point) is not nn.Identity and not getattr(point, "is_identity", False)
+    return swapped or bool(point._forward_hooks) or bool(point._forward_pre_hooks)
 
 
 class AttentionVariant(nn.Module):

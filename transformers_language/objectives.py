@@ -90,6 +90,15 @@ def mask_eval_dataset(dataset: Dataset, masking: Masking, seed: int) -> Dataset:
     ).with_format("torch")
 
 
+def head_nll(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of `targets` under the logits of the vocabulary projection `head`: chunked, never holding
+    the logits, for a plain Linear; through the module itself when it was swapped (a quantized head
+    quantizes its weight and its logits)."""
+    if type(head) is nn.Linear:
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets)
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class MaskedLMLoss(nn.Module):
     """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions (the stock head's
     transform and decoder, applied to those rows)."""
@@ -109,8 +118,7 @@ class MaskedLMLoss(nn.Module):
         targets = F.pad(labels[rows], (0, padding), value=IGNORE_INDEX)
         rows = F.pad(rows, (0, padding))
         head = self.model.cls.predictions
-        transformed = head.transform(hidden[rows])
-        return linear_cross_entropy_sum(transformed, head.decoder.weight, head.decoder.bias, targets)
+        return head_nll(head.decoder, head.transform(hidden[rows]), targets)
 
 
 class CausalLMLoss(nn.Module):
@@ -125,7 +133,7 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
         # Position t predicts token t + 1; the last position has no target.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return linear_cross_entropy_sum(hidden.flatten(0, 1), self.model.lm_head.weight, None, targets.flatten())
+        return head_nll(self.model.lm_head, hidden.flatten(0, 1), targets.flatten())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""What a W8A8 simulation quantizes, and how: typed settings from the paper's flags, and the presets.
+
+`QuantConfig` holds the flag values (`--n_bits`, `--n_bits_act`, `--no_weight_quant`, `--no_act_quant`,
+`--qmethod_acts`, `--ranges_weights`, `--ranges_acts`, `--percentile`, `--quant_setup`) and builds the
+quantizers: weights symmetric (per tensor), activations asymmetric unless `--qmethod_acts
+symmetric_uniform`. Presets say which parts of a model stay in floating point or run at 16 bits; the model
+wiring decides which modules those parts are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .affine import check_bits
+from .quantizer import Quantizer
+
+ACT_METHODS = ("asymmetric_uniform", "symmetric_uniform")
+# Flag spellings of the paper's scripts -> estimator registry names.
+WEIGHT_RANGE_ALIASES = {"minmax": "current_minmax"}
+HIGH_PRECISION_BITS = 16
+
+
+@dataclass(frozen=True)
+class QuantPreset:
+    quantize_head: bool
+    """Quantize the LM head (its weights and logits); otherwise it stays FP."""
+    int16_layernorms: str
+    """'none', 'final' (the LayerNorm feeding the head) or 'all': those LayerNorms run at 16 bits."""
+
+
+QUANT_PRESETS = {
+    "all": QuantPreset(quantize_head=True, int16_layernorms="none"),
+    "fp32_head": QuantPreset(quantize_head=False, int16_layernorms="none"),
+    "fp32_head+int16_final_LN": QuantPreset(quantize_head=False, int16_layernorms="final"),
+    "fp32_head+int16_all_LN": QuantPreset(quantize_head=False, int16_layernorms="all"),
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    n_bits: int = 8
+    n_bits_act: int = 8
+    weight_quant: bool = True
+    act_quant: bool = True
+    qmethod_acts: str = "asymmetric_uniform"
+    ranges_weights: str = "minmax"
+    ranges_acts: str = "running_minmax"
+    percentile: float | None = None
+    quant_setup: str = "fp32_head"
+
+    def __post_init__(self):
+        check_bits(self.n_bits)
+        check_bits(self.n_bits_act)
+        if self.qmethod_acts not in ACT_METHODS:
+            raise ValueError(f"Unknown --qmethod_acts {self.qmethod_acts!r}; valid methods: {', '.join(ACT_METHODS)}.")
+        if self.quant_setup not in QUANT_PRESETS:
+            raise ValueError(f"Unknown --quant_setup {self.quant_setup!r}; valid presets: {', '.join(QUANT_PRESETS)}.")
+        if self.weight_estimator == "running_minmax":
+            raise ValueError(
+                f"Unknown --ranges_weights {self.ranges_weights!r}; valid weight ranges: minmax, MSE, L<p> (e.g. L2.4)."
+            )
+        # Build once, so an unknown name or a percentile that does not apply fails before any model work.
+        self.weight_quantizer()
+        self.act_quantizer()
+
+    @property
+    def weight_estimator(self) -> str:
+        return WEIGHT_RANGE_ALIASES.get(self.ranges_weights, self.ranges_weights)
+
+    @property
+    def preset(self) -> QuantPreset:
+        return QUANT_PRESETS[self.quant_setup]
+
+    def weight_quantizer(self, n_bits: int | None = None) -> Quantizer:
+        try:
+            return Quantizer(n_bits or self.n_bits, symmetric=True, estimator=self.weight_estimator)
+        except ValueError as error:
+            raise ValueError(f"--ranges_weights: {error} (minmax is an alias of current_minmax)") from error
+
+    def act_quantizer(self, n_bits: int | None = None) -> Quantizer:
+        options = {} if self.percentile is None else {"percentile": self.percentile}
+        symmetric = self.qmethod_acts == "symmetric_uniform"
+        return Quantizer(n_bits or self.n_bits_act, symmetric=symmetric, estimator=self.ranges_acts, **options)

@@ -1,0 +1,143 @@
+"""W8A8 simulation of this project's BERT / OPT models: the quantization points of quantization.md, in place.
+
+No HF forward is copied. The wiring uses four mechanisms:
+- module swaps that share the float parameters: every Linear, LayerNorm and Embedding (quantization/
+  modules.py). The FFN activation (GELU / ReLU) is fused into the FFN-in Linear, so the pre-activation
+  stays FP;
+- quantizers swapped into the attention points `scores`, `probs` and `context` (attention.py);
+- a forward pre-hook where a sum is a module's only input: BERT's two residual sums are the inputs of
+  their LayerNorms, and OPT's embedding sum is the input of the first decoder layer;
+- `SumQuantizers` where a sum feeds two consumers inside one forward: OPT's two residual sums per layer,
+  and BERT's embedding sums (word + token type, then + position).
+Gate networks stay FP, as do softmax arithmetic, mask addition, LayerNorm statistics, biases and the loss.
+The preset decides whether the LM head (`cls` / `lm_head`) is quantized and which LayerNorms run at 16 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantization.config import HIGH_PRECISION_BITS, QuantConfig
+from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
+from quantization.quantizer import Quantizer
+from quantization.sums import SumQuantizers
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where the points of one model family are (paths relative to the model or to a layer)."""
+
+    head: str
+    final_layernorm: str
+    """The LayerNorm feeding the head ('{last}' is the index of the last layer)."""
+    ffn_in: str
+    ffn_activation: str
+    residual_layernorms: tuple[str, ...] = ()
+    """LayerNorms whose input is a residual sum (post-LN BERT)."""
+    residual_sums_in_layer: int = 0
+    """Residual additions inside each layer's forward (pre-LN OPT)."""
+    embedding_sums: str | None = None
+    """A module whose forward adds the embeddings (BERT: 2 additions)."""
+    embedding_sum_consumers: tuple[str, ...] = ()
+    """Candidates for the module whose only input is the embedding sum: the first one the model has (OPT:
+    `project_in` when the embedding width differs from the hidden size, else the first decoder layer)."""
+
+
+WIRINGS = {
+    "bert": Wiring(
+        head="cls",
+        final_layernorm="bert.encoder.layer.{last}.output.LayerNorm",
+        ffn_in="intermediate.dense",
+        ffn_activation="intermediate.intermediate_act_fn",
+        residual_layernorms=("attention.output.LayerNorm", "output.LayerNorm"),
+        embedding_sums="bert.embeddings",
+    ),
+    "opt": Wiring(
+        head="lm_head",
+        final_layernorm="model.decoder.final_layer_norm",
+        ffn_in="fc1",
+        ffn_activation="activation_fn",
+        residual_sums_in_layer=2,
+        embedding_sum_consumers=("model.decoder.project_in", "model.decoder.layers.0"),
+    ),
+}
+
+
+def _quantize_input(module: nn.Module, quantizer: Quantizer | None) -> None:
+    """Quantize `module`'s first positional input; the quantizer is a child, so it is saved with the model."""
+    if quantizer is None:
+        return
+    module.input_quantizer = quantizer
+
+    def hook(mod, args, kwargs):
+        if args:
+            return (mod.input_quantizer(args[0]), *args[1:]), kwargs
+        return args, kwargs | {"hidden_states": mod.input_quantizer(kwargs["hidden_states"])}
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    parent, _, name = path.rpartition(".")
+    return getattr(model.get_submodule(parent), name, None)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Insert every quantizer of `config` into `model` (in place; all start off: calibrate, then quantize)."""
+    wiring = WIRINGS[model.config.model_type]
+    preset = config.preset
+    layers = model.transformer_layers()
+    prefix = model.layers_path
+
+    def weight_q(bits=None):
+        return config.weight_quantizer(bits) if config.weight_quant else None
+
+    def act_q(bits=None):
+        return config.act_quantizer(bits) if config.act_quant else None
+
+    final_layernorm = wiring.final_layernorm.format(last=len(layers) - 1)
+    layernorms = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    high_precision = {"none": set(), "final": {final_layernorm}, "all": set(layernorms)}[preset.int16_layernorms]
+
+    fused = {}  # FFN-in Linear -> its activation, which moves into the quantized Linear
+    for index, layer in enumerate(layers):
+        fused[f"{prefix}.{index}.{wiring.ffn_in}"] = layer.get_submodule(wiring.ffn_activation)
+        parent, _, attribute = wiring.ffn_activation.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, attribute, nn.Identity())
+
+    for name, module in list(model.named_modules()):
+        in_head = name == wiring.head or name.startswith(wiring.head + ".")
+        if (in_head and not preset.quantize_head) or ".attention_variant." in name:  # gates stay FP
+            continue
+        bits = HIGH_PRECISION_BITS if name in high_precision else None
+        if isinstance(module, nn.Linear):
+            swapped = QuantLinear.from_float(module, weight_q(), act_q(), activation=fused.get(name))
+        elif isinstance(module, nn.LayerNorm):
+            swapped = QuantLayerNorm.from_float(module, weight_q(bits), act_q(bits))
+        elif isinstance(module, nn.Embedding):
+            swapped = QuantEmbedding.from_float(module, weight_q())
+        else:
+            continue
+        model.set_submodule(name, swapped)
+
+    for variant in model.attention_variants().values():
+        for point in ("scores", "probs", "context"):
+            quantizer = act_q()
+            if quantizer is not None:
+                setattr(variant, point, quantizer)
+
+    hidden = model.config.hidden_size
+    for layer in layers:
+        for path in wiring.residual_layernorms:
+            _quantize_input(layer.get_submodule(path), act_q())
+        if wiring.residual_sums_in_layer and config.act_quant:
+            SumQuantizers([act_q() for _ in range(wiring.residual_sums_in_layer)], hidden).attach(layer)
+    if wiring.embedding_sums is not None and config.act_quant:
+        SumQuantizers([act_q(), act_q()], hidden).attach(model.get_submodule(wiring.embedding_sums))
+    consumers = [p for p in wiring.embedding_sum_consumers if _optional_submodule(model, p) is not None]
+    if consumers:
+        _quantize_input(model.get_submodule(consumers[0]), act_q())
+    model.quant_config = config
+    return model
