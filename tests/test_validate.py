@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VALID_TEXT, run_main, train_argv
+from tests.conftest import TRAIN_TEXT, VALID_TEXT, run_main, train_argv
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD = {
@@ -230,3 +230,53 @@ def test_accelerate_launch_runs_the_script(checkpoints, tmp_path, data_cache):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "max FFN output inf norm: " in done.stderr
     assert json.loads((out / "all_results.json").read_text())["settings"]["script"] == "validate_mlm.py"
+
+
+# --- W8A8 ------------------------------------------------------------------------------------------------------
+
+PAPER_W8A8 = {
+    "bert": ["--quantize", "--est_num_batches", "2", "--n_bits", "8", "--n_bits_act", "8"],
+    "opt": ["--quantize", "--est_num_batches", "2", "--n_bits", "8", "--n_bits_act", "8", "--ranges_weights", "MSE"],
+}
+CALIBRATION_DATA = ["--train_file", str(TRAIN_TEXT), "--train_percentage", "10"]
+
+
+def test_w8a8_validation_reports_every_figure(model_type, checkpoints, tmp_path, data_cache):
+    extra = [*PAPER_W8A8[model_type], *CALIBRATION_DATA, "--qmethod_acts", "asymmetric_uniform"]
+    extra += ["--ranges_acts", "running_minmax", "--percentile", "99.999", "--quant_setup", "fp32_head"]
+    fp = run_validate(model_type, validate_argv(model_type, checkpoints[model_type], tmp_path / "fp", data_cache))
+    out = tmp_path / "w8a8"
+    w8a8 = run_validate(model_type, validate_argv(model_type, checkpoints[model_type], out, data_cache, *extra))
+    results = json.loads((out / "all_results.json").read_text())
+    setup = results["settings"]["quantization"]
+    assert setup["n_bits"] == setup["n_bits_act"] == 8 and setup["quant_setup"] == "fp32_head"
+    assert setup["percentile"] == 99.999 and setup["preset"]["quantize_head"] is False
+    assert w8a8["eval_tokens"] == fp["eval_tokens"]  # the same masked set
+    assert math.isfinite(w8a8["perplexity"]) and w8a8["perplexity"] != fp["perplexity"]
+    assert set(w8a8["activations"]) == set(fp["activations"])  # outlier statistics of the quantized model
+    for key in HEADLINES[model_type]:
+        assert math.isfinite(w8a8[key])
+
+
+def test_w16a16_perplexity_is_within_a_tenth_of_a_percent_of_fp(model_type, checkpoints, tmp_path, data_cache):
+    """Also shows that FP and quantized evaluation score the identical masks."""
+    ckpt = checkpoints[model_type]
+    fp = run_validate(model_type, validate_argv(model_type, ckpt, tmp_path / "fp", data_cache))
+    extra = ["--quantize", "--n_bits", "16", "--n_bits_act", "16", "--quant_setup", "all", *CALIBRATION_DATA]
+    w16 = run_validate(model_type, validate_argv(model_type, ckpt, tmp_path / "w16", data_cache, *extra))
+    assert w16["perplexity"] == pytest.approx(fp["perplexity"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--n_bits", "4"], r"--n_bits configure the W8A8 simulation: add --quantize"),
+        (CALIBRATION_DATA, r"--train_file, --train_percentage only choose calibration data"),
+        (["--quantize", "--quant_setup", "fp16_head", *CALIBRATION_DATA], r"valid presets: all, fp32_head"),
+        (["--quantize", "--ranges_acts", "L_inf", *CALIBRATION_DATA], r"valid estimators"),
+        (["--quantize", "--n_bits_act", "32", *CALIBRATION_DATA], r"valid bit widths: 2\.\.16"),
+    ],
+)
+def test_bad_quantization_flags(checkpoints, tmp_path, data_cache, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run_validate("opt", validate_argv("opt", checkpoints["opt"], tmp_path / "val", data_cache, *flags))

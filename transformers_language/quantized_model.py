@@ -141,3 +141,50 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         _quantize_input(model.get_submodule(consumers[0]), act_q())
     model.quant_config = config
     return model
+
+
+CALIBRATION_SPLITS = ("train", "validation")
+
+
+def add_quantization_args(parser) -> None:
+    """The W8A8 flags of the paper's validation commands; each one works for both model families."""
+    group = parser.add_argument_group("W8A8 simulation")
+    group.add_argument("--quantize", action="store_true", help="Evaluate the W8A8 (or --n_bits/--n_bits_act) model.")
+    group.add_argument("--est_num_batches", type=int, default=16, help="Calibration batches for activation ranges.")
+    group.add_argument("--n_bits", type=int, default=8, help="Weight bits.")
+    group.add_argument("--n_bits_act", type=int, default=8, help="Activation bits.")
+    group.add_argument("--no_weight_quant", action="store_true", help="Keep the weights FP.")
+    group.add_argument("--no_act_quant", action="store_true", help="Keep the activations FP.")
+    group.add_argument("--qmethod_acts", default="asymmetric_uniform", help="asymmetric_uniform or symmetric_uniform.")
+    group.add_argument("--ranges_weights", default="minmax", help="Weight ranges: minmax, MSE or L<p> (e.g. L2.4).")
+    group.add_argument(
+        "--ranges_acts", default="running_minmax", help="Activation ranges: running_minmax, current_minmax, MSE, L<p>."
+    )
+    group.add_argument("--percentile", type=float, default=None, help="Min-max ranges from percentiles P / 100-P.")
+    group.add_argument("--quant_setup", default="fp32_head", help="all, fp32_head, fp32_head+int16_final_LN, ...")
+    group.add_argument(
+        "--calibration_split",
+        default="train",
+        choices=CALIBRATION_SPLITS,
+        help="Where calibration batches come from (validation: only to reproduce the paper's BERT runs).",
+    )
+
+
+def quant_config_from_args(args) -> QuantConfig | None:
+    """The QuantConfig of --quantize, or None; a W8A8 flag without --quantize is an error."""
+    fields = ("n_bits", "n_bits_act", "qmethod_acts", "ranges_weights", "ranges_acts", "percentile", "quant_setup")
+    if not args.quantize:
+        defaults = QuantConfig()
+        changed = [f"--{f}" for f in fields if getattr(args, f) != getattr(defaults, f)]
+        changed += [f"--{f}" for f in ("no_weight_quant", "no_act_quant") if getattr(args, f)]
+        changed += ["--calibration_split"] if args.calibration_split != "train" else []
+        if changed:
+            raise ValueError(f"{', '.join(changed)} configure the W8A8 simulation: add --quantize, or drop them.")
+        return None
+    if args.est_num_batches <= 0:
+        raise ValueError(f"--est_num_batches must be positive, got {args.est_num_batches}.")
+    return QuantConfig(
+        weight_quant=not args.no_weight_quant,
+        act_quant=not args.no_act_quant,
+        **{f: getattr(args, f) for f in fields},
+    )

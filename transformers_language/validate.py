@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from quantization.calibration import activation_quantizers, calibration
 
 from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
@@ -34,11 +38,13 @@ from .model_loading import (
     load_tokenizer,
     sequence_length,
 )
-from .objectives import Masking, Objective, get_objective, mask_eval_dataset
+from .objectives import Masking, Objective, derive_seed, get_objective, mask_eval_dataset
 from .outlier_report import TOP_K, log_results, outlier_results
+from .quantized_model import add_quantization_args, quant_config_from_args, quantize_model
 from .runtime import setup_logging
 
 logger = logging.getLogger(__name__)
+CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
 
 
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
@@ -48,7 +54,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_model_args(parser, objective.model_type, training=False)
-    add_data_args(parser, objective.seq_length_flag, splits=("validation",))
+    add_data_args(parser, objective.seq_length_flag)  # training data only calibrates --quantize
     group = parser.add_argument_group("evaluation")
     if objective.name == "mlm":
         group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
@@ -63,6 +69,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     )
     group.add_argument("--outlier_top_k", type=int, default=TOP_K, help="Dimensions and tokens listed per tensor.")
     group.add_argument("--plot", action="store_true", help="Also write PNG plots of the figures to --output_dir.")
+    add_quantization_args(parser)
     return parser
 
 
@@ -70,10 +77,38 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("per_device_eval_batch_size", "outlier_top_k"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+    if not args.quantize or args.calibration_split != "train":
+        unused = [f"--{f}" for f in ("train_file", "train_percentage") if getattr(args, f) is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
     if args.kurtosis_max_batches is not None and args.kurtosis_max_batches <= 0:
         raise ValueError(
             f"--kurtosis_max_batches must be positive (leave it out for all), got {args.kurtosis_max_batches}."
         )
+
+
+def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None, args: argparse.Namespace) -> None:
+    """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (MLM: masked with a generator of the
+    seed), then freeze every range. Each process draws the same batches, so all hold the same ranges."""
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
+    count = min(len(blocks), args.est_num_batches * args.per_device_eval_batch_size)
+    chosen = torch.randperm(len(blocks), generator=generator)[:count].tolist()
+    ids = blocks[chosen]["input_ids"] if count else None
+    with torch.no_grad(), calibration(model):
+        for start in tqdm(
+            range(0, count, args.per_device_eval_batch_size),
+            desc="Calibrating",
+            disable=not accelerator.is_local_main_process,
+        ):
+            input_ids = ids[start : start + args.per_device_eval_batch_size]
+            labels = input_ids
+            if masking is not None:
+                input_ids, labels = masking(input_ids, generator)
+            with accelerator.autocast():
+                loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
+    logger.info(
+        "Calibrated %d quantizers on %d %s blocks", len(activation_quantizers(model)), count, args.calibration_split
+    )
 
 
 def validate(objective_name: str, argv: list[str] | None = None) -> dict:
@@ -83,6 +118,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     script, other = f"validate_{objective.name}.py", f"validate_{'clm' if objective.name == 'mlm' else 'mlm'}.py"
     args = build_parser(objective).parse_args(argv)
     _check_args(args)
+    quant_config = quant_config_from_args(args)
     accelerator = Accelerator()
     setup_logging(accelerator)
     set_seed(args.seed)
@@ -94,11 +130,25 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args)
     check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
     model = load_checkpoint(args, config, accelerator.device)
+    if quant_config is not None:
+        quantize_model(model, quant_config)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
-    dataset = prepare_splits(args, ("validation",), tokenizer, seq_length, accelerator)["validation"]
-    if objective.name == "mlm":
-        dataset = mask_eval_dataset(dataset, Masking.from_tokenizer(tokenizer, args.mlm_probability), args.seed)
+    needed = (
+        ("train", "validation") if quant_config is not None and args.calibration_split == "train" else ("validation",)
+    )
+    splits = prepare_splits(args, needed, tokenizer, seq_length, accelerator)
+    dataset = splits["validation"]
+    masking = Masking.from_tokenizer(tokenizer, args.mlm_probability) if objective.name == "mlm" else None
+    if masking is not None:
+        dataset = mask_eval_dataset(dataset, masking, args.seed)
+    if quant_config is not None:
+        if args.calibration_split == "validation":
+            logger.warning(
+                "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
+            )
+        source = splits.get("train", splits["validation"])
+        _calibrate(accelerator, model, loss_module, source, masking, args)
     delimiters = delimiter_token_ids(tokenizer)
     activations = ActivationStatistics(
         model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches
@@ -126,6 +176,9 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
         "kurtosis": "Pearson (non-excess), population std, no epsilon",
         "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
         "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
+        "quantization": None
+        if quant_config is None
+        else asdict(quant_config) | {"preset": asdict(quant_config.preset)},
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
