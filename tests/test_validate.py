@@ -280,3 +280,38 @@ def test_w16a16_perplexity_is_within_a_tenth_of_a_percent_of_fp(model_type, chec
 def test_bad_quantization_flags(checkpoints, tmp_path, data_cache, flags, message):
     with pytest.raises(ValueError, match=message):
         run_validate("opt", validate_argv("opt", checkpoints["opt"], tmp_path / "val", data_cache, *flags))
+
+
+# The four validation commands of the paper's README, flag for flag (paths are placeholders).
+PAPER_COMMANDS = {
+    ("bert", "fp"): "--seed 1000 --dataset_setup bookcorpus_and_wiki --preprocessing_num_workers 8 --model_type bert "
+    "--max_seq_length 128 --mlm_probability 0.15 --per_device_eval_batch_size 32 --data_cache_dir D "
+    "--model_cache_dir M --model_name_or_path C --output_dir O --attn_softmax clipped(-.025:1)",
+    ("bert", "w8a8"): "--quantize --est_num_batches 16 --seed 2000 --dataset_setup bookcorpus_and_wiki "
+    "--preprocessing_num_workers 8 --model_type bert --max_seq_length 128 --mlm_probability 0.15 "
+    "--per_device_eval_batch_size 32 --data_cache_dir D --model_cache_dir M --model_name_or_path C --output_dir O",
+    ("opt", "fp"): "--seed 1000 --dataset_setup bookcorpus_and_wiki --preprocessing_num_workers 4 --model_type opt "
+    "--block_size 512 --per_device_eval_batch_size 4 --data_cache_dir D --model_cache_dir M --model_name_or_path C "
+    "--output_dir O",
+    (
+        "opt",
+        "w8a8",
+    ): "--quantize --quant_setup fp32_head --ranges_acts running_minmax --qmethod_acts asymmetric_uniform "
+    "--percentile 99.999 --est_num_batches 4 --seed 2000 --dataset_setup bookcorpus_and_wiki "
+    "--preprocessing_num_workers 4 --model_type opt --block_size 512 --per_device_eval_batch_size 1 --data_cache_dir D --model_cache_dir M "
+    "--model_name_or_path C --output_dir O",
+}
+
+
+@pytest.mark.parametrize("model_type, kind", sorted(PAPER_COMMANDS))
+def test_the_paper_readme_commands_parse(model_type, kind):
+    from transformers_language.objectives import get_objective
+    from transformers_language.quantized_model import quant_config_from_args
+    from transformers_language.validate import build_parser
+
+    objective = get_objective("mlm" if model_type == "bert" else "clm")
+    args = build_parser(objective).parse_args(PAPER_COMMANDS[model_type, kind].split())
+    config = quant_config_from_args(args)
+    assert (config is not None) == (kind == "w8a8")
+    if config is not None and model_type == "opt":
+        assert config.percentile == 99.999 and config.quant_setup == "fp32_head"
