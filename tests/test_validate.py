@@ -298,8 +298,8 @@ PAPER_COMMANDS = {
         "w8a8",
     ): "--quantize --quant_setup fp32_head --ranges_acts running_minmax --qmethod_acts asymmetric_uniform "
     "--percentile 99.999 --est_num_batches 4 --seed 2000 --dataset_setup bookcorpus_and_wiki "
-    "--preprocessing_num_workers 4 --model_type opt --block_size 512 --per_device_eval_batch_size 1 --data_cache_dir D --model_cache_dir M "
-    "--model_name_or_path C --output_dir O",
+    "--preprocessing_num_workers 4 --model_type opt --block_size 512 --per_device_eval_batch_size 1 "
+    "--data_cache_dir D --model_cache_dir M --model_name_or_path C --output_dir O",
 }
 
 
