@@ -75,11 +75,11 @@ def _build_checkpoint(model: str, checkpoint: str, cache: str) -> None:
     subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=True)
 
 
-def _process_run(model: str, checkpoint: str, cache: str) -> dict:
-    """validate_*.py in a fresh process: wall seconds and its peak RSS."""
+def _process_run(model: str, checkpoint: str, cache: str, extra: tuple[str, ...] = ()) -> dict:
+    """validate_*.py (with `extra` flags) in a fresh process: wall seconds, its peak RSS and its log."""
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, "-c", RSS_WRAPPER, str(REPO / f"validate_{SETUPS[model]['script']}.py")]
-        command += validate_argv(model, checkpoint, output_dir, cache)
+        command += [*validate_argv(model, checkpoint, output_dir, cache), *extra]
         start = time.perf_counter()
         done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
@@ -87,7 +87,18 @@ def _process_run(model: str, checkpoint: str, cache: str) -> dict:
             raise RuntimeError(f"validate {model} failed:\n{done.stderr[-4000:]}")
         results = json.loads((Path(output_dir) / "all_results.json").read_text())
     rss = int(done.stdout.split("PEAK_RSS_KIB")[-1]) / 2**20
-    return {"seconds": seconds, "peak_rss_gib": rss, "perplexity": results["perplexity"]}
+    return {"seconds": seconds, "peak_rss_gib": rss, "perplexity": results["perplexity"], "log": done.stderr}
+
+
+def prepared_checkpoints(models: list[str], warm_up_flags: tuple[str, ...] = ()):
+    """(model, checkpoint, cache) per model: the checkpoint built and the data tokenized by one untimed run."""
+    with tempfile.TemporaryDirectory() as root:
+        cache = str(Path(root) / "cache")
+        for model in models:
+            checkpoint = str(Path(root) / model)
+            _build_checkpoint(model, checkpoint, cache)
+            _process_run(model, checkpoint, cache, warm_up_flags)
+            yield model, checkpoint, cache
 
 
 def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict:
@@ -151,22 +162,17 @@ def main() -> None:
         return
 
     figures = {}
-    with tempfile.TemporaryDirectory() as root:
-        cache = str(Path(root) / "cache")
-        for model in args.models:
-            checkpoint = str(Path(root) / model)
-            _build_checkpoint(model, checkpoint, cache)
-            _process_run(model, checkpoint, cache)  # tokenizes and caches valid.txt; not timed
-            processes = []
-            for _ in range(args.rounds):
-                processes.append(_process_run(model, checkpoint, cache))
-                print(f"  {model} process: {processes[-1]['seconds']:.1f} s", file=sys.stderr)
-            command = [sys.executable, __file__, "--rounds", str(args.rounds), "--child", model, checkpoint, cache]
-            done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"overhead {model} failed:\n{done.stderr[-4000:]}")
-            loops = json.loads(done.stdout.strip().splitlines()[-1])
-            figures[model] = _summarise(model, processes, loops)
+    for model, checkpoint, cache in prepared_checkpoints(args.models):
+        processes = []
+        for _ in range(args.rounds):
+            processes.append(_process_run(model, checkpoint, cache))
+            print(f"  {model} process: {processes[-1]['seconds']:.1f} s", file=sys.stderr)
+        command = [sys.executable, __file__, "--rounds", str(args.rounds), "--child", model, checkpoint, cache]
+        done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"overhead {model} failed:\n{done.stderr[-4000:]}")
+        loops = json.loads(done.stdout.strip().splitlines()[-1])
+        figures[model] = _summarise(model, processes, loops)
     _report(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

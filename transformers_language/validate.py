@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None, args: argparse.Namespace) -> None:
     """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (MLM: masked with a generator of the
     seed), then freeze every range. Each process draws the same batches, so all hold the same ranges."""
+    start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
     count = min(len(blocks), args.est_num_batches * args.per_device_eval_batch_size)
     chosen = torch.randperm(len(blocks), generator=generator)[:count].tolist()
@@ -107,7 +109,11 @@ def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None,
             with accelerator.autocast():
                 loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
     logger.info(
-        "Calibrated %d quantizers on %d %s blocks", len(activation_quantizers(model)), count, args.calibration_split
+        "Calibrated %d activation quantizers on %d %s blocks in %.1f s",
+        len(activation_quantizers(model)),
+        count,
+        args.calibration_split,
+        time.perf_counter() - start_time,
     )
 
 
