@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_validate import SETUPS, SHARED, _process_run, prepared_checkpoints  # noqa: E402
+from bench_validate import SETUPS, SHARED, _process_run, prepared_checkpoints
 
 W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(SHARED / "data" / "wikitext-2" / "test.txt"))
 CALIBRATION = re.compile(r"Calibrated \d+ activation quantizers on \d+ \w+ blocks in ([0-9.]+) s")
