@@ -163,3 +163,15 @@ def test_bad_settings_name_the_valid_values():
     with pytest.raises(ValueError, match="percentile must lie"):
         build_estimator("running_minmax", 8, False, None, percentile=20)
     assert "L<p>" in ESTIMATOR_NAMES
+
+
+def test_the_no_grad_path_is_bit_identical_to_torch_fake_quantize():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        x = torch.randn(20000, generator=generator) * (trial + 1) / 7
+        symmetric = trial % 2 == 0
+        quantizer = _calibrated(x[:5000] * 0.9, n_bits=8, symmetric=symmetric)  # some values fall outside
+        with torch.no_grad():
+            fast = quantizer(x)
+        kernel = torch.fake_quantize_per_tensor_affine(x, quantizer.scale, quantizer.zero_point, *quantizer.q_range)
+        assert torch.equal(fast, kernel)
