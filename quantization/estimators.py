@@ -121,8 +121,15 @@ def quantization_error(
         scale = ((high - low) / q_max).clamp_min(tiny)
         zero = torch.round(-low / scale)
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (K, C, 1)
-    quantized = (torch.round(flat / scale) + zero).clamp_(q_min, q_max).sub_(zero).mul_(scale)
-    return quantized.sub_(flat).abs_().pow_(p).sum(dim=-1)
+    # One (K, C, n) temporary, updated in place; the zero point only where it is not 0.
+    error = flat.div(scale).round_()
+    if not symmetric:
+        error.add_(zero)
+    error.clamp_(q_min, q_max)
+    if not symmetric:
+        error.sub_(zero)
+    error.mul_(scale).sub_(flat)
+    return (error.square_() if p == 2 else error.abs_().pow_(p)).sum(dim=-1)
 
 
 class SearchEstimator(RangeEstimator):
