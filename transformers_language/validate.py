@@ -90,7 +90,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None, args: argparse.Namespace) -> None:
     """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (MLM: masked with a generator of the
-    seed), then freeze every range. Each process draws the same batches, so all hold the same ranges."""
+    seed), then freeze every range. Each process draws the same batches, so all hold the same ranges. The
+    head and the loss run only when the preset quantizes the head."""
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
     count = min(len(blocks), args.est_num_batches * args.per_device_eval_batch_size)
@@ -107,7 +108,10 @@ def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None,
             if masking is not None:
                 input_ids, labels = masking(input_ids, generator)
             with accelerator.autocast():
-                loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
+                if model.quant_config.preset.quantize_head:
+                    loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
+                else:  # an FP head has nothing to observe: the transformer body alone sees every quantizer
+                    model.base_model(input_ids=input_ids.to(accelerator.device))
     logger.info(
         "Calibrated %d activation quantizers on %d %s blocks in %.1f s",
         len(activation_quantizers(model)),
