@@ -48,9 +48,9 @@ class SumQuantizers(nn.Module):
         """Wrap `module.forward` (an instance attribute: the class and parameter names stay unchanged) and
         register these quantizers as `module.sum_quantizers`, so they are saved with the model state."""
         original = type(module).forward
-        owner = self
 
         def forward(this, *args, **kwargs):
+            owner = this.sum_quantizers  # looked up on the module, so a deep copy uses its own quantizers
             mode = _QuantizeAdditions(owner.quantizers, owner.hidden)
             with mode:
                 output = original(this, *args, **kwargs)

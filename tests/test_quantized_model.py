@@ -191,3 +191,20 @@ def test_modules_are_swapped_not_copied(model_type):
         for n, m in model.named_modules()
         if ".attention_variant." not in n and "cls" not in n and "lm_head" not in n
     )
+
+
+def test_a_deep_copy_uses_its_own_sum_quantizers():
+    import copy
+
+    _, model = _pair("opt")
+    quantize_model(model, QuantConfig())
+    _calibrate(model)
+    clone = copy.deepcopy(model)
+    layer = clone.transformer_layers()[0]
+    calls = []
+    layer.sum_quantizers.quantizers[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.no_grad():
+        model(input_ids=_ids(1))
+        assert not calls  # the original does not reach the copy's quantizers
+        clone(input_ids=_ids(1))
+    assert calls == [1]
