@@ -12,16 +12,16 @@ softmax must take, and the one any metric on the probabilities forces).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import BertConfig
 
 from transformers_language import AttentionConfig, build_model
+from transformers_language.checkpoints import write_json_atomic
 
 VARIANTS = {
     "vanilla (fused)": {},
@@ -127,10 +127,7 @@ def main(argv=None):
             "fused_speedup": speedup,
             "targets": checks,
         }
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(result, handle, indent=2)
-        os.replace(tmp, args.json)
+        write_json_atomic(Path(args.json), result)
 
 
 if __name__ == "__main__":

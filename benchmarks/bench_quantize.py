@@ -11,16 +11,17 @@ prints the wall-time ratio, the extra peak RSS and the calibration time (from th
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_validate import SETUPS, SHARED, _process_run, prepared_checkpoints
+from bench_validate import _process_run, prepared_checkpoints
+from common import DATA, SETUPS
 
-W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(SHARED / "data" / "wikitext-2" / "test.txt"))
+from transformers_language.checkpoints import write_json_atomic
+
+W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(DATA / "test.txt"))
 CALIBRATION = re.compile(r"Calibrated \d+ activation quantizers on \d+ \w+ blocks in ([0-9.]+) s")
 
 
@@ -59,7 +60,7 @@ def main() -> None:
             f"perplexity {f['fp_perplexity']:.2f} -> {f['w8a8_perplexity']:.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json_atomic(Path(args.json), figures)
 
 
 if __name__ == "__main__":

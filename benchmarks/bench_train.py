@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -24,36 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
-SETUPS = {
-    "bert": {"script": "mlm", "config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
-    "opt": {"script": "clm", "config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
-}
-SEQ_LENGTH = 128
+from common import CHILD_ENV, REPO, SEQ_LENGTH, SETUPS, train_argv
+
+from transformers_language.checkpoints import write_json_atomic
+
 # The paper's code on this machine class (from the issue): s/step, tokens/s and peak RSS (GiB) ranges.
 PAPER = {
     "bert": {"s_per_step": (3.5, 3.9), "rss_gib": (3.4, 3.6)},
     "opt": {"s_per_step": (0.77, 0.82), "rss_gib": (1.2, 1.5)},
 }
-
-
-def _argv(model: str, steps: int, output_dir: str, cache: str) -> list[str]:
-    setup = SETUPS[model]
-    data = SHARED / "data" / "wikitext-2"
-    return [
-        "--config_path", str(REPO / "model_configs" / setup["config"]),
-        "--tokenizer_name", str(SHARED / "tokenizers" / setup["tokenizer"]),
-        "--train_file", str(data / "test.txt"),
-        "--validation_file", str(data / "valid.txt"),
-        "--validation_percentage", "1",
-        "--max_seq_length" if model == "bert" else "--block_size", str(SEQ_LENGTH),
-        "--per_device_train_batch_size", str(setup["batch"]),
-        "--learning_rate", "1e-4",
-        "--max_train_steps", str(steps),
-        "--output_dir", output_dir,
-        "--data_cache_dir", cache,
-    ]  # fmt: skip
 
 
 def _peak_rss_gib() -> float:
@@ -65,7 +43,7 @@ def child_ours(model: str, steps: int, output_dir: str, cache: str) -> dict:
     import run_clm
     import run_mlm
 
-    (run_mlm if model == "bert" else run_clm).main(_argv(model, steps, output_dir, cache))
+    (run_mlm if model == "bert" else run_clm).main(train_argv(model, steps, output_dir, cache))
     log = [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
     tokens = SETUPS[model]["batch"] * SEQ_LENGTH
     return {"step_seconds": [tokens / record["tokens_per_s"] for record in log], "peak_rss_gib": _peak_rss_gib()}
@@ -90,7 +68,7 @@ def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
     from transformers_language.objectives import get_objective
     from transformers_language.pretrain import build_parser
 
-    args = build_parser(get_objective(SETUPS[model]["script"])).parse_args(_argv(model, steps, output_dir, cache))
+    args = build_parser(get_objective(SETUPS[model]["script"])).parse_args(train_argv(model, steps, output_dir, cache))
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     blocks = prepare_splits(args, ("train",), tokenizer, SEQ_LENGTH, Accelerator(cpu=True))["train"]
@@ -130,8 +108,7 @@ def _run_child(kind: str, model: str, steps: int, cache: str) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, __file__, "--child", kind, "--models", model, "--steps", str(steps)]
         command += ["--cache", cache, "--output_dir", output_dir]
-        env = os.environ | {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{kind} {model} failed:\n{done.stderr[-4000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -164,7 +141,7 @@ def main() -> None:
             figures[model] = _summarise(model, runs)
     _report(figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json_atomic(Path(args.json), figures)
 
 
 def _summarise(model: str, runs: dict) -> dict:

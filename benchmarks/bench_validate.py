@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,16 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
-SETUPS = {
-    "bert": {"script": "mlm", "config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
-    "opt": {"script": "clm", "config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
-}
-SEQ_LENGTH = 128
+from common import CHILD_ENV, DATA, REPO, SEQ_LENGTH, SETUPS, seq_flag, train_argv
+
+from transformers_language.checkpoints import write_json_atomic
+
 # The paper's code on this machine class (from the issue): FP validation process wall seconds, peak RSS GiB.
 PAPER = {"bert": {"seconds": (102, 123), "rss_gib": (2.8, 2.8)}, "opt": {"seconds": (49, 60), "rss_gib": (1.1, 1.2)}}
-ENV = {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Runs a script in this same process and prints that process's peak RSS (KiB) after it.
 RSS_WRAPPER = (
     "import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
@@ -42,15 +37,11 @@ RSS_WRAPPER = (
 )
 
 
-def _seq_flag(model: str) -> str:
-    return "--max_seq_length" if model == "bert" else "--block_size"
-
-
 def validate_argv(model: str, checkpoint: str, output_dir: str, cache: str) -> list[str]:
     return [
         "--model_name_or_path", checkpoint,
-        "--validation_file", str(SHARED / "data" / "wikitext-2" / "valid.txt"),
-        _seq_flag(model), str(SEQ_LENGTH),
+        "--validation_file", str(DATA / "valid.txt"),
+        seq_flag(model), str(SEQ_LENGTH),
         "--per_device_eval_batch_size", str(SETUPS[model]["batch"]),
         "--data_cache_dir", cache,
         "--output_dir", output_dir,
@@ -58,21 +49,13 @@ def validate_argv(model: str, checkpoint: str, output_dir: str, cache: str) -> l
 
 
 def _build_checkpoint(model: str, checkpoint: str, cache: str) -> None:
-    data = SHARED / "data" / "wikitext-2"
-    argv = [
-        "--config_path", str(REPO / "model_configs" / SETUPS[model]["config"]),
-        "--tokenizer_name", str(SHARED / "tokenizers" / SETUPS[model]["tokenizer"]),
-        "--train_file", str(data / "test.txt"),
-        "--validation_file", str(data / "valid.txt"),
-        "--train_percentage", "5",
-        "--validation_percentage", "1",
-        _seq_flag(model), str(SEQ_LENGTH),
-        "--max_train_steps", "1",
-        "--data_cache_dir", cache,
-        "--output_dir", checkpoint,
-    ]  # fmt: skip
-    command = [sys.executable, str(REPO / f"run_{SETUPS[model]['script']}.py"), *argv]
-    subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=True)
+    """One training step with run_mlm / run_clm: the weights do not change the cost of validation."""
+    command = [
+        sys.executable,
+        str(REPO / f"run_{SETUPS[model]['script']}.py"),
+        *train_argv(model, 1, checkpoint, cache),
+    ]
+    subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, check=True)
 
 
 def _process_run(model: str, checkpoint: str, cache: str, extra: tuple[str, ...] = ()) -> dict:
@@ -81,7 +64,7 @@ def _process_run(model: str, checkpoint: str, cache: str, extra: tuple[str, ...]
         command = [sys.executable, "-c", RSS_WRAPPER, str(REPO / f"validate_{SETUPS[model]['script']}.py")]
         command += [*validate_argv(model, checkpoint, output_dir, cache), *extra]
         start = time.perf_counter()
-        done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"validate {model} failed:\n{done.stderr[-4000:]}")
@@ -168,14 +151,14 @@ def main() -> None:
             processes.append(_process_run(model, checkpoint, cache))
             print(f"  {model} process: {processes[-1]['seconds']:.1f} s", file=sys.stderr)
         command = [sys.executable, __file__, "--rounds", str(args.rounds), "--child", model, checkpoint, cache]
-        done = subprocess.run(command, env=os.environ | ENV, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"overhead {model} failed:\n{done.stderr[-4000:]}")
         loops = json.loads(done.stdout.strip().splitlines()[-1])
         figures[model] = _summarise(model, processes, loops)
     _report(figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json_atomic(Path(args.json), figures)
 
 
 def _summarise(model: str, processes: list[dict], loops: dict) -> dict:

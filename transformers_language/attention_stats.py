@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .runtime import sum_across_processes
+
 DELIMITER_STRINGS = (".", ",")
 _BPE_SPACE_MARKS = "Ġ▁"  # byte-level BPE / sentencepiece word-start marks
 
@@ -41,21 +43,31 @@ class AttentionStatistics:
 
     def __init__(self, model: nn.Module, delimiter_ids: list[int]):
         self.variants = list(model.attention_variants().values())
-        self.delimiter_ids = delimiter_ids
+        device = next(model.parameters()).device
+        self.delimiter_ids = torch.tensor(delimiter_ids, dtype=torch.long, device=device)
+        heads = model.config.num_attention_heads
+        # Per layer, allocated up front (so every process joins the sync with the same shapes):
+        # mass [first token (H), delimiters (H), queries]; zeros [exact zeros (H), attended pairs];
+        # gate [sequence-weighted gate sum (H), sequences].
         self._sums: dict[str, torch.Tensor] = {}
+        for layer, variant in enumerate(self.variants):
+            self._sums[f"mass_{layer}"] = torch.zeros(2 * heads + 1, dtype=torch.float64, device=device)
+            if variant.settings.clipped:
+                self._sums[f"zeros_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
+            if variant.gate is not None:
+                self._sums[f"gate_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
         self._batch = 0
 
     def start_batch(self, input_ids: torch.Tensor, index: int) -> None:
-        ids = torch.tensor(self.delimiter_ids, device=input_ids.device)
         marked = torch.zeros(*input_ids.shape, 2, device=input_ids.device)  # (B, S, [first token, delimiter])
         marked[:, 0, 0] = 1.0
-        marked[..., 1] = torch.isin(input_ids, ids).float()
+        marked[..., 1] = torch.isin(input_ids, self.delimiter_ids.to(input_ids.device)).float()
         self._batch = input_ids.shape[0]
         for variant in self.variants:
             variant.marked_keys = marked
 
     def _add(self, key: str, values: torch.Tensor) -> None:
-        self._sums[key] = values if key not in self._sums else self._sums[key] + values
+        self._sums[key] += values
 
     def _mass_hook(self, layer: int):
         def hook(module, args, output):
@@ -107,28 +119,24 @@ class AttentionStatistics:
                 variant.marked_keys = None
 
     def synced(self, accelerator) -> dict[str, dict[str, list[float]]]:
-        """Per layer ('layer_0', ...), per head figures, after one sum across processes."""
-        if not self._sums:  # e.g. skip_attn: no layer computes probabilities
-            return {}
-        keys = list(self._sums)
-        flat = accelerator.reduce(torch.cat([self._sums[k] for k in keys]), "sum").cpu()
-        totals, offset = {}, 0
-        for key in keys:
-            totals[key], offset = flat[offset : offset + self._sums[key].numel()], offset + self._sums[key].numel()
+        """Per layer ('layer_0', ...), per head figures, after one sum across processes. A layer that computed
+        no attention (skip_attn) reports nothing."""
+        totals = dict(zip(self._sums, sum_across_processes(accelerator, list(self._sums.values())), strict=True))
         result = {}
         for layer in range(len(self.variants)):
-            figures = {}
-            if f"mass_{layer}" in totals:
-                *per_head, queries = totals[f"mass_{layer}"].tolist()
-                heads = len(per_head) // 2
-                figures["first_token_mass"] = [v / queries for v in per_head[:heads]]
-                figures["delimiter_mass"] = [v / queries for v in per_head[heads:]]
+            *per_head, queries = totals[f"mass_{layer}"].tolist()
+            if not queries:
+                continue
+            heads = len(per_head) // 2
+            figures = {
+                "first_token_mass": [v / queries for v in per_head[:heads]],
+                "delimiter_mass": [v / queries for v in per_head[heads:]],
+            }
             if f"zeros_{layer}" in totals:
                 *per_head, pairs = totals[f"zeros_{layer}"].tolist()
                 figures["exact_zero_fraction"] = [v / pairs for v in per_head]
             if f"gate_{layer}" in totals:
                 *per_head, sequences = totals[f"gate_{layer}"].tolist()
                 figures["gate_mean"] = [v / sequences for v in per_head]
-            if figures:
-                result[f"layer_{layer}"] = figures
+            result[f"layer_{layer}"] = figures
         return result

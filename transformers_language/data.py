@@ -67,18 +67,14 @@ DATASET_SETUPS: dict[str, dict[str, tuple[HubSource, ...]]] = {
 SPLITS = ("train", "validation")
 
 
-def add_data_args(
-    parser: argparse.ArgumentParser, seq_length_flag: str, splits: tuple[str, ...] = SPLITS
-) -> argparse.ArgumentParser:
-    """Data flags for the `splits` a script reads (validation scripts read no training data)."""
+def add_data_args(parser: argparse.ArgumentParser, seq_length_flag: str) -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_setup",
         default=None,
         help=f"Hub dataset setup, one of {', '.join(DATASET_SETUPS)} (alternative: --train_file/--validation_file).",
     )
-    if "train" in splits:
-        group.add_argument("--train_file", default=None, help="Local text file for training (one text per line).")
+    group.add_argument("--train_file", default=None, help="Local text file for training (one text per line).")
     group.add_argument("--validation_file", default=None, help="Local text file for validation.")
     if seq_length_flag == "max_seq_length":
         group.add_argument("--max_seq_length", type=int, default=128, help="Tokens per MLM sequence.")
@@ -93,8 +89,7 @@ def add_data_args(
         default=None,
         help="Where tokenized splits are cached (default: <HF datasets cache>/outlier_free_transformers).",
     )
-    if "train" in splits:
-        group.add_argument("--train_percentage", type=float, default=None, help="Use the first P%% of training texts.")
+    group.add_argument("--train_percentage", type=float, default=None, help="Use the first P%% of training texts.")
     group.add_argument(
         "--validation_percentage", type=float, default=None, help="Use the first P%% of validation texts."
     )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .models import Site
+from .runtime import max_across_processes, sum_across_processes
 
 OUTLIER_SIGMAS = 6.0
 # Layout of the per-site vectors of running sums (device) and counts (host).
@@ -136,8 +137,6 @@ class ActivationStatistics:
         vocab_size: int,
         kurtosis_max_batches: int | None = None,
     ):
-        if kurtosis_max_batches is not None and kurtosis_max_batches <= 0:
-            raise ValueError(f"--kurtosis_max_batches must be positive (or unset: all), got {kurtosis_max_batches}.")
         self.model = model
         self.sites = sites
         self.kurtosis_max_batches = kurtosis_max_batches
@@ -179,32 +178,25 @@ class ActivationStatistics:
     def synced(self, accelerator) -> dict[str, SiteFigures]:
         """Reduce every accumulator across processes at once and return the figures per site name."""
         accumulators = [self._accumulators[site.name] for site in self.sites]
-        summed = [acc.summed() for acc in accumulators]
-        sums = accelerator.reduce(torch.cat([t for parts in summed for t in parts]), "sum").cpu()
-        peaks = accelerator.gather(torch.cat([acc.dim_peak for acc in accumulators]).view(1, -1)).amax(dim=0).cpu()
-        figures, offset, peak_offset = {}, 0, 0
-        for site, acc, local in zip(self.sites, accumulators, summed, strict=True):
-            parts = []
-            for tensor in local:
-                parts.append(sums[offset : offset + tensor.numel()])
-                offset += tensor.numel()
-            hidden = acc.dim_peak.numel()
-            dim_peak, peak_offset = peaks[peak_offset : peak_offset + hidden], peak_offset + hidden
-            totals = dict(zip(_SUMS + _COUNTS, parts[0].tolist(), strict=True))
+        summed = sum_across_processes(accelerator, [t for acc in accumulators for t in acc.summed()])
+        peaks = max_across_processes(accelerator, [acc.dim_peak for acc in accumulators])
+        figures = {}
+        for index, (site, dim_peak) in enumerate(zip(self.sites, peaks, strict=True)):
+            totals, dim_outliers, token_maxima, token_outliers = summed[4 * index : 4 * index + 4]
+            totals = dict(zip(_SUMS + _COUNTS, totals.tolist(), strict=True))
+            kurtosis_sequences = totals["kurtosis_sequences"]
             figures[site.name] = SiteFigures(
                 site=site,
                 inf_norm=totals["inf_norm"] / max(totals["sequences"], 1.0),
                 inf_norm_max=dim_peak.max().item(),
-                kurtosis=totals["kurtosis"] / totals["kurtosis_sequences"]
-                if totals["kurtosis_sequences"]
-                else float("nan"),
+                kurtosis=totals["kurtosis"] / kurtosis_sequences if kurtosis_sequences else float("nan"),
                 sequences=int(totals["sequences"]),
-                kurtosis_sequences=int(totals["kurtosis_sequences"]),
+                kurtosis_sequences=int(kurtosis_sequences),
                 outliers=int(totals["outliers"]),
                 values=int(totals["values"]),
-                dim_outliers=parts[1],
+                dim_outliers=dim_outliers,
                 dim_peak=dim_peak,
-                token_maxima=parts[2],
-                token_outliers=parts[3],
+                token_maxima=token_maxima,
+                token_outliers=token_outliers,
             )
         return figures

@@ -65,10 +65,8 @@ WIRINGS = {
 }
 
 
-def _quantize_input(module: nn.Module, quantizer: Quantizer | None) -> None:
+def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
     """Quantize `module`'s first positional input; the quantizer is a child, so it is saved with the model."""
-    if quantizer is None:
-        return
     module.input_quantizer = quantizer
 
     def hook(mod, args, kwargs):
@@ -122,24 +120,25 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             continue
         model.set_submodule(name, swapped)
 
-    for variant in model.attention_variants().values():
-        for point in ("scores", "probs", "context"):
-            quantizer = act_q()
-            if quantizer is not None:
-                setattr(variant, point, quantizer)
-
-    hidden = model.config.hidden_size
-    for layer in layers:
-        for path in wiring.residual_layernorms:
-            _quantize_input(layer.get_submodule(path), act_q())
-        if wiring.residual_sums_in_layer and config.act_quant:
-            SumQuantizers([act_q() for _ in range(wiring.residual_sums_in_layer)], hidden).attach(layer)
-    if wiring.embedding_sums is not None and config.act_quant:
-        SumQuantizers([act_q(), act_q()], hidden).attach(model.get_submodule(wiring.embedding_sums))
-    consumers = [p for p in wiring.embedding_sum_consumers if _optional_submodule(model, p) is not None]
-    if consumers:
-        _quantize_input(model.get_submodule(consumers[0]), act_q())
-    model.quant_config = config
+    if config.act_quant:
+        for variant in model.attention_variants().values():
+            for point in ("scores", "probs", "context"):
+                setattr(variant, point, config.act_quantizer())
+        hidden = model.config.hidden_size
+        for layer in layers:
+            for path in wiring.residual_layernorms:
+                _quantize_input(layer.get_submodule(path), config.act_quantizer())
+            if wiring.residual_sums_in_layer:
+                SumQuantizers([config.act_quantizer() for _ in range(wiring.residual_sums_in_layer)], hidden).attach(
+                    layer
+                )
+        if wiring.embedding_sums is not None:
+            SumQuantizers([config.act_quantizer(), config.act_quantizer()], hidden).attach(
+                model.get_submodule(wiring.embedding_sums)
+            )
+        consumers = [p for p in wiring.embedding_sum_consumers if _optional_submodule(model, p) is not None]
+        if consumers:
+            _quantize_input(model.get_submodule(consumers[0]), config.act_quantizer())
     return model
 
 
@@ -148,20 +147,29 @@ CALIBRATION_SPLITS = ("train", "validation")
 
 def add_quantization_args(parser) -> None:
     """The W8A8 flags of the paper's validation commands; each one works for both model families."""
+    defaults = QuantConfig()  # the one source of the defaults
     group = parser.add_argument_group("W8A8 simulation")
     group.add_argument("--quantize", action="store_true", help="Evaluate the W8A8 (or --n_bits/--n_bits_act) model.")
     group.add_argument("--est_num_batches", type=int, default=16, help="Calibration batches for activation ranges.")
-    group.add_argument("--n_bits", type=int, default=8, help="Weight bits.")
-    group.add_argument("--n_bits_act", type=int, default=8, help="Activation bits.")
+    group.add_argument("--n_bits", type=int, default=defaults.n_bits, help="Weight bits.")
+    group.add_argument("--n_bits_act", type=int, default=defaults.n_bits_act, help="Activation bits.")
     group.add_argument("--no_weight_quant", action="store_true", help="Keep the weights FP.")
     group.add_argument("--no_act_quant", action="store_true", help="Keep the activations FP.")
-    group.add_argument("--qmethod_acts", default="asymmetric_uniform", help="asymmetric_uniform or symmetric_uniform.")
-    group.add_argument("--ranges_weights", default="minmax", help="Weight ranges: minmax, MSE or L<p> (e.g. L2.4).")
+    group.add_argument("--qmethod_acts", default=defaults.qmethod_acts, help="asymmetric_uniform or symmetric_uniform.")
     group.add_argument(
-        "--ranges_acts", default="running_minmax", help="Activation ranges: running_minmax, current_minmax, MSE, L<p>."
+        "--ranges_weights", default=defaults.ranges_weights, help="Weight ranges: minmax, MSE or L<p> (e.g. L2.4)."
     )
-    group.add_argument("--percentile", type=float, default=None, help="Min-max ranges from percentiles P / 100-P.")
-    group.add_argument("--quant_setup", default="fp32_head", help="all, fp32_head, fp32_head+int16_final_LN, ...")
+    group.add_argument(
+        "--ranges_acts",
+        default=defaults.ranges_acts,
+        help="Activation ranges: running_minmax, current_minmax, MSE, L<p>.",
+    )
+    group.add_argument(
+        "--percentile", type=float, default=defaults.percentile, help="Min-max ranges from percentiles P / 100-P."
+    )
+    group.add_argument(
+        "--quant_setup", default=defaults.quant_setup, help="all, fp32_head, fp32_head+int16_final_LN, ..."
+    )
     group.add_argument(
         "--calibration_split",
         default="train",

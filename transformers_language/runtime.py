@@ -1,10 +1,12 @@
-"""Process setup shared by the entry points: log format, and quiet libraries on all but the main process."""
+"""Process-level helpers shared by the entry points and the streaming statistics: log setup (quiet libraries
+on all but the main process) and one-collective reductions of many accumulators across processes."""
 
 from __future__ import annotations
 
 import logging
 
 import datasets
+import torch
 import transformers
 
 
@@ -14,3 +16,15 @@ def setup_logging(accelerator) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
+
+
+def sum_across_processes(accelerator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over processes, with one collective; returned on the host in the same shapes."""
+    flat = accelerator.reduce(torch.cat([t.flatten() for t in tensors]), "sum").cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
+def max_across_processes(accelerator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's elementwise maximum over processes, with one gather; returned on the host."""
+    flat = accelerator.gather(torch.cat([t.flatten() for t in tensors]).view(1, -1)).amax(dim=0).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]

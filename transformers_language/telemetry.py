@@ -17,6 +17,7 @@ from torch import nn
 
 from .gates import AttentionGate
 from .metrics import per_sequence_stats
+from .runtime import max_across_processes, sum_across_processes
 
 HISTOGRAM_BINS = 64
 
@@ -104,12 +105,12 @@ class Telemetry:
         """Reduce every accumulated statistic across processes at once (one sum, one gather) and read it."""
         sums = {k: v for k, v in self._sums.items() if not k.endswith("_max")}
         peaks = {k: v for k, v in self._sums.items() if k.endswith("_max")}
-        flat_sums = self.accelerator.reduce(torch.cat([v.flatten() for v in sums.values()]), "sum").tolist()
-        flat_peaks = self.accelerator.gather(torch.cat(list(peaks.values())).view(1, -1)).amax(dim=0).tolist()
-        peak_of = dict(zip(peaks, flat_peaks, strict=True))
-        scalars, offset = {}, 0
-        for key, value in sums.items():
-            values, offset = flat_sums[offset : offset + value.numel()], offset + value.numel()
+        reduced = dict(zip(sums, sum_across_processes(self.accelerator, list(sums.values())), strict=True))
+        maxima = max_across_processes(self.accelerator, list(peaks.values()))
+        peak_of = {key: value.item() for key, value in zip(peaks, maxima, strict=True)}
+        scalars = {}
+        for key, reduced_values in reduced.items():
+            values = reduced_values.tolist()
             if key.startswith("layer_"):
                 inf_sum, kurtosis_sum, count = values
                 scalars[f"activations/{key}/inf_norm"] = inf_sum / count

@@ -88,15 +88,16 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None, args: argparse.Namespace) -> None:
+def _calibrate(
+    accelerator, model, loss_module, quantize_head: bool, blocks, masking: Masking | None, args: argparse.Namespace
+) -> None:
     """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (MLM: masked with a generator of the
     seed), then freeze every range. Each process draws the same batches, so all hold the same ranges. The
     head and the loss run only when the preset quantizes the head."""
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
     count = min(len(blocks), args.est_num_batches * args.per_device_eval_batch_size)
-    chosen = torch.randperm(len(blocks), generator=generator)[:count].tolist()
-    ids = blocks[chosen]["input_ids"] if count else None
+    ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
     with torch.no_grad(), calibration(model):
         for start in tqdm(
             range(0, count, args.per_device_eval_batch_size),
@@ -108,7 +109,7 @@ def _calibrate(accelerator, model, loss_module, blocks, masking: Masking | None,
             if masking is not None:
                 input_ids, labels = masking(input_ids, generator)
             with accelerator.autocast():
-                if model.quant_config.preset.quantize_head:
+                if quantize_head:
                     loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
                 else:  # an FP head has nothing to observe: the transformer body alone sees every quantizer
                     model.base_model(input_ids=input_ids.to(accelerator.device))
@@ -158,7 +159,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
                 "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
             )
         source = splits.get("train", splits["validation"])
-        _calibrate(accelerator, model, loss_module, source, masking, args)
+        _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, masking, args)
     delimiters = delimiter_token_ids(tokenizer)
     activations = ActivationStatistics(
         model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches

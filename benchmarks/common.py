@@ -1,0 +1,39 @@
+"""What the benchmarks share: where the repo and ../shared are, the BERT-small / OPT-small setups on
+WikiText-2, the child-process environment (2 threads, no progress bars) and a training run's arguments."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
+DATA = SHARED / "data" / "wikitext-2"
+SETUPS = {
+    "bert": {"script": "mlm", "config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
+    "opt": {"script": "clm", "config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
+}
+SEQ_LENGTH = 128
+CHILD_ENV = os.environ | {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def seq_flag(model: str) -> str:
+    return "--max_seq_length" if model == "bert" else "--block_size"
+
+
+def train_argv(model: str, steps: int, output_dir: str, cache: str) -> list[str]:
+    """run_mlm / run_clm arguments: the small model on test.txt, 1% of valid.txt for its final evaluation."""
+    setup = SETUPS[model]
+    return [
+        "--config_path", str(REPO / "model_configs" / setup["config"]),
+        "--tokenizer_name", str(SHARED / "tokenizers" / setup["tokenizer"]),
+        "--train_file", str(DATA / "test.txt"),
+        "--validation_file", str(DATA / "valid.txt"),
+        "--validation_percentage", "1",
+        seq_flag(model), str(SEQ_LENGTH),
+        "--per_device_train_batch_size", str(setup["batch"]),
+        "--learning_rate", "1e-4",
+        "--max_train_steps", str(steps),
+        "--output_dir", output_dir,
+        "--data_cache_dir", cache,
+    ]  # fmt: skip
