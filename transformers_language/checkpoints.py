@@ -75,19 +75,23 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     return final
 
 
-def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: readers never see a partial file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(values, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
+    """`values` as indented JSON, written atomically."""
+    write_text_atomic(path, json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def save_pretrained_atomic(model, tokenizer, output_dir: str | os.PathLike) -> None:

@@ -1,5 +1,6 @@
 """PNG plots of an evaluation's outlier figures (`--plot`): per-layer inf-norm and kurtosis bars, and a heatmap
-of which hidden dimensions carry the >6 sigma values of the residual stream, layer by layer."""
+of which hidden dimensions carry the >6 sigma values of the residual stream, layer by layer; and the demo's
+side-by-side comparison of attention methods."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .metrics import SiteFigures
 from .outlier_report import TOP_K, top_dims
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Write next to `path` and rename, so an interrupted run never leaves a broken PNG."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=120, format="png")
@@ -43,7 +44,7 @@ def _per_layer_bars(figures: dict[str, SiteFigures], statistic: str, title: str,
         ax.set_yscale("log")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _dims_heatmap(figures: dict[str, SiteFigures], stream_kind: str, path: Path) -> None:
@@ -60,7 +61,7 @@ def _dims_heatmap(figures: dict[str, SiteFigures], stream_kind: str, path: Path)
     ax.set_title(f"Share of the layer's >6σ values per hidden dim ({stream_kind})", fontsize="medium")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_plots(figures: dict[str, SiteFigures], stream_kind: str, output_dir: Path) -> list[Path]:
@@ -71,3 +72,24 @@ def write_plots(figures: dict[str, SiteFigures], stream_kind: str, output_dir: P
     _per_layer_bars(figures, "kurtosis", "Mean per-sequence kurtosis (Pearson)", paths[1], log=True)
     _dims_heatmap(figures, stream_kind, paths[2])
     return paths
+
+
+def write_method_comparison(per_layer: dict[str, dict[str, list[float]]], titles: dict[str, str], path: Path) -> Path:
+    """One panel per figure of `titles` (e.g. residual-stream kurtosis per layer), with one bar per method and
+    layer: `per_layer[method][figure]` holds the per-layer values."""
+    methods = list(per_layer)
+    width = 0.8 / len(methods)
+    fig = Figure(figsize=(5.0 * len(titles), 4.0))
+    for ax, (key, title) in zip(np.atleast_1d(fig.subplots(1, len(titles))), titles.items(), strict=True):
+        for offset, method in enumerate(methods):
+            values = per_layer[method][key]
+            x = np.arange(len(values)) + (offset - (len(methods) - 1) / 2) * width
+            ax.bar(x, values, width=width, label=method)
+        ax.set_xticks(range(len(values)), [str(layer) for layer in range(len(values))])
+        ax.set_xlabel("layer")
+        ax.set_title(title, fontsize="medium")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
+    return path

@@ -1,0 +1,190 @@
+"""The demo: pre-train OPT-small three times (vanilla softmax, clipped softmax, gated attention) on WikiText-2,
+validate each model in floating point and in simulated W8A8, and print one side-by-side table with plots.
+
+Every stage is a call of the library behind `run_clm.py` / `validate_clm.py` with the flags printed before
+it, so each stage can be repeated by hand. Data and tokenizer come from local files when the shared folder is
+there (`$OFT_SHARED_DIR`, default `../shared` beside the checkout), otherwise from the HF hub.
+
+    python scripts/demo.py            # the whole pipeline, about 10 minutes on 2 CPU cores
+    python scripts/demo.py --full     # long enough for outliers to form in the vanilla model (~75 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
+
+from transformers_language.checkpoints import write_json_atomic, write_text_atomic  # noqa: E402
+from transformers_language.plots import write_method_comparison  # noqa: E402
+from transformers_language.pretrain import pretrain  # noqa: E402
+from transformers_language.validate import validate  # noqa: E402
+
+# The compared methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25).
+METHODS = {
+    "vanilla": [],
+    "clipped_softmax": ["--alpha", "12"],
+    "gated_attention": ["--attn_gate_type", "conditional_per_token", "--attn_gate_init", "0.25"],
+}
+# The two sizes. `full` is the run in which the vanilla model's residual-stream kurtosis climbs to ~20 by step
+# 1500 while the gated model's stays under ~8: lr 1e-3 decaying linearly towards 0 at step 3000, stopped at
+# step 1500 (the learning rate then stands at 1500 / 2900 of its peak, the final_lr_fraction below).
+SIZES = {
+    "default": {"max_train_steps": 150, "num_warmup_steps": 15, "final_lr_fraction": 0.0, "validation_percentage": 50},
+    "full": {
+        "max_train_steps": 1500,
+        "num_warmup_steps": 100,
+        "final_lr_fraction": 0.517,
+        "validation_percentage": 100,
+    },
+}
+PER_LAYER = {
+    "kurtosis": "Residual-stream kurtosis (FP)",
+    "inf_norm": "Residual-stream inf-norm (FP)",
+    "first_token_mass": "Attention on the first token (FP)",
+}
+
+
+def data_flags() -> tuple[list[str], list[str], list[str]]:
+    """(tokenizer, training data, validation data) flags: local WikiText-2 and the 8k OPT tokenizer when the
+    shared folder exists, else the hub's (where `--dataset_setup` gives both splits)."""
+    shared = Path(os.environ.get("OFT_SHARED_DIR", REPO.parent / "shared"))
+    text = shared / "data" / "wikitext-2"
+    if (text / "test.txt").is_file():
+        return (
+            ["--tokenizer_name", str(shared / "tokenizers" / "opt-bpe-8k")],
+            ["--train_file", str(text / "test.txt")],
+            ["--validation_file", str(text / "valid.txt")],
+        )
+    print(f"No WikiText-2 under {shared} (set OFT_SHARED_DIR): using the HF hub.", flush=True)
+    return ["--tokenizer_name", "facebook/opt-125m"], [], ["--dataset_setup", "wikitext_2"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="The long run (1500 steps per method).")
+    parser.add_argument("--output_dir", default=None, help="Default: runs/demo (runs/demo-full with --full).")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Override the size's steps.")
+    parser.add_argument("--validation_percentage", type=float, default=None, help="Override: share of valid.txt.")
+    parser.add_argument("--est_num_batches", type=int, default=16, help="W8A8 calibration batches.")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=32)
+    return parser.parse_args()
+
+
+def run_stage(number: int, total: int, title: str, job, objective: str, argv: list[str]) -> dict:
+    print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}('{objective}', {' '.join(argv)})", flush=True)
+    start = time.perf_counter()
+    results = job(objective, argv)
+    print(f"=== [{number}/{total}] done in {time.perf_counter() - start:.0f} s", flush=True)
+    return results
+
+
+def per_layer_figures(results: dict) -> dict[str, list[float]]:
+    """Residual-stream (decoder-layer output) kurtosis and inf-norm, and the mean first-token attention mass
+    over heads, per layer."""
+    stream = sorted(
+        (r for r in results["activations"].values() if r["kind"] == "layer_output"), key=lambda r: r["layer"]
+    )
+    attention = [results["attention"][f"layer_{i}"]["first_token_mass"] for i in range(len(results["attention"]))]
+    return {
+        "kurtosis": [r["kurtosis"] for r in stream],
+        "inf_norm": [r["inf_norm"] for r in stream],
+        "first_token_mass": [sum(heads) / len(heads) for heads in attention],
+    }
+
+
+def table(rows: dict[str, dict]) -> str:
+    """The side-by-side comparison as a Markdown table."""
+    header = (
+        "| method | FP ppl | W8A8 ppl | W8A8 gap | max inf-norm | avg kurtosis | residual kurtosis per layer "
+        "| first-token attention per layer |"
+    )
+    lines = [header, "|" + " --- |" * 8]
+    for method, row in rows.items():
+        gap = row["w8a8_perplexity"] / row["fp_perplexity"] - 1 if math.isfinite(row["w8a8_perplexity"]) else math.inf
+        lines.append(
+            f"| {method} | {row['fp_perplexity']:.2f} | {row['w8a8_perplexity']:.2f} | {gap:+.1%} "
+            f"| {row['max_inf_norm']:.1f} | {row['avg_kurtosis']:.1f} "
+            f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['kurtosis'])} "
+            f"| {' / '.join(f'{v:.0%}' for v in row['per_layer']['first_token_mass'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    size = dict(SIZES["full" if args.full else "default"])
+    for key in ("max_train_steps", "validation_percentage"):
+        if getattr(args, key) is not None:
+            size[key] = getattr(args, key)
+    output_dir = Path(args.output_dir or REPO / "runs" / ("demo-full" if args.full else "demo"))
+    tokenizer, train_data, validation_data = data_flags()
+    validation_data += ["--validation_percentage", str(size["validation_percentage"])]
+    common_train = [
+        "--config_path", str(REPO / "model_configs" / "opt-small.yaml"),
+        "--block_size", "128",
+        "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+        "--per_device_eval_batch_size", "16",
+        "--learning_rate", "1e-3",
+        "--num_warmup_steps", str(size["num_warmup_steps"]),
+        "--max_train_steps", str(size["max_train_steps"]),
+        "--final_lr_fraction", str(size["final_lr_fraction"]),
+        "--weight_decay", "0.1",
+        "--seed", "42",
+    ]  # fmt: skip
+    # Calibration on the training split (16 batches, running min-max), MSE weight ranges as the paper's OPT runs.
+    quantize = ["--quantize", "--ranges_weights", "MSE", "--est_num_batches", str(args.est_num_batches)]
+
+    start = time.perf_counter()
+    total, stage, rows = 3 * len(args.methods), 0, {}
+    for method in args.methods:
+        run_dir = output_dir / method
+        training = [*common_train, *tokenizer, *train_data, *validation_data, *METHODS[method]]
+        evaluation = ["--model_name_or_path", str(run_dir), "--block_size", "128", "--per_device_eval_batch_size", "16"]
+        evaluation += validation_data
+        stages = (
+            (f"pre-train OPT-small, {method}", pretrain, [*training, "--output_dir", str(run_dir)]),
+            (f"validate {method} (FP)", validate, [*evaluation, "--plot", "--output_dir", str(run_dir / "eval-fp")]),
+            (
+                f"validate {method} (W8A8)",
+                validate,
+                [*evaluation, *train_data, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
+            ),
+        )
+        results = []
+        for title, job, argv in stages:
+            stage += 1
+            results.append(run_stage(stage, total, title, job, "clm", argv))
+        _, fp, w8a8 = results
+        rows[method] = {
+            "fp_perplexity": fp["perplexity"],
+            "w8a8_perplexity": w8a8["perplexity"],
+            "max_inf_norm": fp["max_inf_norm"],
+            "avg_kurtosis": fp["avg_kurtosis"],
+            "max_kurtosis_layers": fp["max_kurtosis_layers"],
+            "per_layer": per_layer_figures(fp),
+        }
+
+    markdown = table(rows)
+    plot = write_method_comparison(
+        {m: r["per_layer"] for m, r in rows.items()}, PER_LAYER, output_dir / "comparison.png"
+    )
+    minutes = (time.perf_counter() - start) / 60
+    settings = {"size": "full" if args.full else "default", **size, "methods": args.methods, "minutes": minutes}
+    write_json_atomic(output_dir / "summary.json", {"methods": rows, "settings": settings})
+    write_text_atomic(output_dir / "summary.md", markdown)
+    print(f"\nOPT-small after {size['max_train_steps']} steps per method ({minutes:.1f} min in all):\n")
+    print(markdown)
+    print(f"Table: {output_dir / 'summary.md'}; figures: {output_dir / 'summary.json'}; plot: {plot}")
+    print(f"Per-model plots and every statistic: {output_dir}/<method>/eval-fp/")
+
+
+if __name__ == "__main__":
+    main()
