@@ -96,7 +96,7 @@ def add_data_args(parser: argparse.ArgumentParser, seq_length_flag: str) -> argp
     return parser
 
 
-def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+def check_data_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
     if args.dataset_setup is not None:
         if args.dataset_setup not in DATASET_SETUPS:
             raise ValueError(
@@ -210,7 +210,7 @@ def prepare_splits(
     args: argparse.Namespace, splits: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, seq_length: int, accelerator
 ) -> dict[str, Dataset]:
     """Tokenized blocks for each requested split; the main process builds missing caches first."""
-    _check_sources(args, splits)
+    check_data_sources(args, splits)
     result = {}
     with accelerator.main_process_first():
         for split in splits:

@@ -149,13 +149,19 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
     return config
 
 
-def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int, device: torch.device):
-    """Build (or load) the model with the resolved attention method stored in `config`."""
+def resolve_method(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int) -> AttentionConfig:
+    """The run's attention method (flags, else the config's), stored in `config`."""
     source = f"the checkpoint {args.model_name_or_path}" if args.model_name_or_path else "the model config"
     attention = resolve_attention(
         attention_config_from_args(args, train_seq_length), AttentionConfig.from_model_config(config), source
     )
     attention.apply_to(config)
+    return attention
+
+
+def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int, device: torch.device):
+    """Build (or load) the model with the resolved attention method stored in `config`."""
+    attention = resolve_method(args, config, train_seq_length)
     cls = model_class(args.model_type)
     if args.model_name_or_path is not None:
         device_map = {"": device} if args.low_cpu_mem_usage else None
@@ -169,6 +175,19 @@ def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_len
         model = cls(config)
     logger.info("Model: %s, %.1fM parameters, attention %s", cls.__name__, model.num_parameters() / 1e6, attention)
     return model
+
+
+def describe_model(config: PretrainedConfig) -> dict:
+    """What `--dry_run` reports of a model: its class, parameter count and config, from a build on the meta
+    device (shapes only, no memory)."""
+    with torch.device("meta"):
+        model = model_class(config.model_type)(config)
+    return {
+        "model_class": type(model).__name__,
+        "parameters": model.num_parameters(),
+        "modules": sorted({type(module).__name__ for module in model.modules()}),
+        "config": config.to_dict(),
+    }
 
 
 def load_checkpoint_config(args: argparse.Namespace, script: str, other_script: str) -> PretrainedConfig:

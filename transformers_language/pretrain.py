@@ -20,9 +20,17 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from .checkpoints import TrainingProgress, resolve_resume, save_pretrained_atomic, write_json_atomic
-from .data import add_data_args, prepare_splits
+from .data import add_data_args, check_data_sources, prepare_splits
 from .evaluation import evaluate_perplexity
-from .model_loading import add_model_args, build_config, load_model, load_tokenizer, sequence_length
+from .model_loading import (
+    add_model_args,
+    build_config,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    resolve_method,
+    sequence_length,
+)
 from .objectives import Masking, Objective, get_objective, mask_eval_dataset
 from .optim import SCHEDULES, build_optimizer, build_scheduler
 from .runtime import setup_logging
@@ -90,6 +98,11 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     )
     group.add_argument("--tb_scalar_log_interval", type=int, default=100, help="Steps between extra statistics.")
     group.add_argument("--tb_hist_log_interval", type=int, default=1000, help="Steps between histograms.")
+    group.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Resolve the flags, model config and method, print them as JSON and exit (no data, no weights).",
+    )
     return parser
 
 
@@ -121,6 +134,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args)
     config = build_config(args, tokenizer)
     seq_length = sequence_length(args, config, objective.seq_length_flag)
+    if args.dry_run:
+        return _dry_run(accelerator, args, config, seq_length)
     model = load_model(args, config, seq_length, accelerator.device)
 
     splits = prepare_splits(args, ("train", "validation"), tokenizer, seq_length, accelerator)
@@ -220,6 +235,25 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _dry_run(accelerator: Accelerator, args: argparse.Namespace, config, seq_length: int) -> dict:
+    """The run as it would start: every flag, the sequence length, the batch per optimizer step, the method and
+    the model (built on the meta device). Printed as JSON and returned."""
+    check_data_sources(args, ("train", "validation"))
+    attention = resolve_method(args, config, seq_length)
+    summary = {
+        "settings": vars(args),
+        "seq_length": seq_length,
+        "sequences_per_step": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * accelerator.num_processes,
+        "attention": attention.to_dict(),
+        **describe_model(config),
+    }
+    if accelerator.is_main_process:
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return summary
 
 
 def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict) -> None:

@@ -11,6 +11,7 @@ Results go to `all_results.json` in `--output_dir` (atomically) with the setting
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -27,13 +28,14 @@ from quantization.calibration import activation_quantizers, calibration
 from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .checkpoints import write_json_atomic
-from .data import add_data_args, prepare_splits
+from .data import add_data_args, check_data_sources, prepare_splits
 from .evaluation import evaluate_perplexity
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
     add_model_args,
     check_method_flags,
     check_tokenizer_fits,
+    describe_model,
     load_checkpoint,
     load_checkpoint_config,
     load_tokenizer,
@@ -70,6 +72,11 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     )
     group.add_argument("--outlier_top_k", type=int, default=TOP_K, help="Dimensions and tokens listed per tensor.")
     group.add_argument("--plot", action="store_true", help="Also write PNG plots of the figures to --output_dir.")
+    group.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Check the flags against the checkpoint's config, print the resolved settings as JSON and exit.",
+    )
     add_quantization_args(parser)
     return parser
 
@@ -122,6 +129,10 @@ def _calibrate(
     )
 
 
+def _quantization_settings(quant_config) -> dict | None:
+    return None if quant_config is None else asdict(quant_config) | {"preset": asdict(quant_config.preset)}
+
+
 def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
     `all_results.json`."""
@@ -140,14 +151,26 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
     tokenizer = load_tokenizer(args)
     check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
+    needed = (
+        ("train", "validation") if quant_config is not None and args.calibration_split == "train" else ("validation",)
+    )
+    if args.dry_run:
+        check_data_sources(args, needed)
+        summary = {
+            "settings": vars(args),
+            "seq_length": seq_length,
+            "attention": attention.to_dict(),
+            "quantization": _quantization_settings(quant_config),
+            **describe_model(config),
+        }
+        if accelerator.is_main_process:
+            print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        return summary
     model = load_checkpoint(args, config, accelerator.device)
     if quant_config is not None:
         quantize_model(model, quant_config)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
-    needed = (
-        ("train", "validation") if quant_config is not None and args.calibration_split == "train" else ("validation",)
-    )
     splits = prepare_splits(args, needed, tokenizer, seq_length, accelerator)
     dataset = splits["validation"]
     masking = Masking.from_tokenizer(tokenizer, args.mlm_probability) if objective.name == "mlm" else None
@@ -187,9 +210,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
         "kurtosis": "Pearson (non-excess), population std, no epsilon",
         "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
         "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
-        "quantization": None
-        if quant_config is None
-        else asdict(quant_config) | {"preset": asdict(quant_config.preset)},
+        "quantization": _quantization_settings(quant_config),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }

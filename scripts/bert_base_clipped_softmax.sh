@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# BERT-base, clipped softmax with gamma = -0.025, zeta = 1 (the paper's best BERT setting); training as
+# bert_base_vanilla.sh.
+# Usage: scripts/bert_base_clipped_softmax.sh [--accelerate_config FILE] [flags of run_mlm.py that override these]
+set -euo pipefail
+source "$(dirname "$0")/lib/launch.sh"
+accelerate launch --config_file "$ACCELERATE_CONFIG" "$ROOT/run_mlm.py" \
+  --dataset_setup bookcorpus_and_wiki --tokenizer_name bert-base-uncased \
+  --per_device_train_batch_size 256 --per_device_eval_batch_size 256 --learning_rate 1e-4 \
+  --num_warmup_steps 10000 --max_train_steps 1000000 --weight_decay 0.01 \
+  --with_tracking --extra_tb_stats --tb_scalar_log_interval 2000 --tb_hist_log_interval 100000 \
+  --checkpointing_steps 100000 \
+  --attn_softmax "clipped(-.025:1)" \
+  --output_dir runs/bert_base_clipped_softmax "${ARGS[@]}"

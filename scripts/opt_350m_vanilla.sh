@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# OPT-350m (24 layers, 16 heads, pre-LN, hidden 1024), vanilla softmax (100k steps, batch 24 x 11
+# accumulation, lr 4e-4, 2k warmup, block 512, weight decay 0.1).
+# Usage: scripts/opt_350m_vanilla.sh [--accelerate_config FILE] [flags of run_clm.py that override these]
+set -euo pipefail
+source "$(dirname "$0")/lib/launch.sh"
+accelerate launch --config_file "$ACCELERATE_CONFIG" "$ROOT/run_clm.py" \
+  --dataset_setup bookcorpus_and_wiki --tokenizer_name facebook/opt-350m \
+  --config_path "$ROOT/model_configs/opt-350m.yaml" --block_size 512 \
+  --per_device_train_batch_size 24 --per_device_eval_batch_size 24 --gradient_accumulation_steps 11 \
+  --learning_rate 4e-4 --num_warmup_steps 2000 --max_train_steps 100000 --weight_decay 0.1 \
+  --with_tracking --checkpointing_steps 1000 \
+  --output_dir runs/opt_350m_vanilla "${ARGS[@]}"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# W8A8 evaluation of an OPT checkpoint as the paper ran it: MSE weight ranges, running min-max activation
+# ranges from the 99.999th percentiles over 16 training batches, FP head. Written to CHECKPOINT/eval-w8a8.
+# Usage: scripts/validate_opt_w8a8.sh CHECKPOINT [--accelerate_config FILE] [flags of validate_clm.py that override these]
+set -euo pipefail
+source "$(dirname "$0")/lib/checkpoint.sh"
+accelerate launch --config_file "$ACCELERATE_CONFIG" "$ROOT/validate_clm.py" \
+  --model_name_or_path "$CHECKPOINT" \
+  --dataset_setup bookcorpus_and_wiki --block_size 512 --per_device_eval_batch_size 4 \
+  --quantize --ranges_weights MSE --percentile 99.999 --output_dir "$CHECKPOINT/eval-w8a8" "${ARGS[@]}"
