@@ -3,7 +3,7 @@ validate each model in floating point and in simulated W8A8, and print one side-
 
 Every stage is a call of the library behind `run_clm.py` / `validate_clm.py` with the flags printed before
 it, so each stage can be repeated by hand. Data and tokenizer come from local files when the shared folder is
-there (`$OFT_SHARED_DIR`, default `../shared` beside the checkout), otherwise from the HF hub.
+there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from the HF hub.
 
     python scripts/demo.py            # the whole pipeline, about 10 minutes on 2 CPU cores
     python scripts/demo.py --full     # long enough for outliers to form in the vanilla model (~75 min on 2 cores)
@@ -54,7 +54,7 @@ PER_LAYER = {
 def data_flags() -> tuple[list[str], list[str], list[str]]:
     """(tokenizer, training data, validation data) flags: local WikiText-2 and the 8k OPT tokenizer when the
     shared folder exists, else the hub's (where `--dataset_setup` gives both splits)."""
-    shared = Path(os.environ.get("OFT_SHARED_DIR", REPO.parent / "shared"))
+    shared = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
     text = shared / "data" / "wikitext-2"
     if (text / "test.txt").is_file():
         return (
@@ -62,7 +62,7 @@ def data_flags() -> tuple[list[str], list[str], list[str]]:
             ["--train_file", str(text / "test.txt")],
             ["--validation_file", str(text / "valid.txt")],
         )
-    print(f"No WikiText-2 under {shared} (set OFT_SHARED_DIR): using the HF hub.", flush=True)
+    print(f"No WikiText-2 under {shared} (set OFT_SHARED): using the HF hub.", flush=True)
     return ["--tokenizer_name", "facebook/opt-125m"], [], ["--dataset_setup", "wikitext_2"]
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo on a fresh machine: make the virtual environment .venv (torch 2.13 CPU wheel first, then this
 # project) unless it is there, then run scripts/demo.py with the arguments given (e.g. --full).
-# Data and tokenizer: $OFT_SHARED_DIR, default ../shared beside the checkout, else the HF hub.
+# Data and tokenizer: $OFT_SHARED, default ../shared beside the checkout, else the HF hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import transformers_language, quantization" 2>/dev/null; then

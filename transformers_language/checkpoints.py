@@ -94,13 +94,14 @@ def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
     write_text_atomic(path, json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def save_pretrained_atomic(model, tokenizer, output_dir: str | os.PathLike) -> None:
-    """`save_pretrained` (safetensors) of model and tokenizer into a temporary folder, then move each file
-    into `output_dir` by rename, so an interrupted save leaves the previous files intact."""
+def save_pretrained_atomic(model, tokenizer, output_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """`save_pretrained` (safetensors) of model (with `state_dict` as its weights, when given) and tokenizer
+    into a temporary folder, then move each file into `output_dir` by rename, so an interrupted save leaves the
+    previous files intact."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".final.") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for item in Path(tmp).iterdir():
             os.replace(item, output_dir / item.name)

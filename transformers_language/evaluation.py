@@ -16,6 +16,7 @@ import math
 from contextlib import ExitStack
 
 import torch
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,7 +40,10 @@ def evaluate_perplexity(
     batch_size: int,
     probes: tuple = (),
 ) -> dict:
-    """Validation loss and perplexity of `loss_module` (an objectives loss module, not DDP-wrapped).
+    """Validation loss and perplexity of `loss_module`: an objectives loss module, unwrapped under DDP (whose
+    forward would sync buffers, a collective per batch that shards of unequal length cannot match) and wrapped
+    under FSDP (which gathers the weights at each forward; there the shorter shards run their last batch again,
+    uncounted, so every process takes part in every gather).
 
     `dataset` holds `input_ids` and, for MLM, the fixed masked inputs' `labels`; CLM predicts its inputs.
     Each probe has `attached()` (a context manager that hooks the model) and `start_batch(input_ids, index)`."""
@@ -51,6 +55,9 @@ def evaluate_perplexity(
     was_training = loss_module.training
     loss_module.eval()
     progress = tqdm(loader, desc="Evaluating", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    lockstep_batches = 0
+    if accelerator.distributed_type == DistributedType.FSDP:
+        lockstep_batches = int(accelerator.gather(torch.tensor([len(loader)], device=device)).max())
     with ExitStack() as stack:
         for probe in probes:
             stack.enter_context(probe.attached())
@@ -63,6 +70,9 @@ def evaluate_perplexity(
                 nll = loss_module(input_ids, labels).double()
             count = objective.count_targets(labels).double()
             totals += torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
+        for _ in range(lockstep_batches - len(loader)):
+            with accelerator.autocast():
+                loss_module(input_ids, labels)
     loss_module.train(was_training)
     total_nll, tokens, batch_loss_sum, batches = accelerator.reduce(totals, "sum").tolist()
     loss = total_nll / max(tokens, 1.0)

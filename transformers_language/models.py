@@ -134,6 +134,7 @@ class BertForMaskedLMWithVariants(AttentionVariantMixin, BertForMaskedLM):
 
     attention_class = BertSelfAttention
     layers_path = "bert.encoder.layer"
+    _no_split_modules = ("BertLayer",)  # one shard unit per layer under FSDP (stock BERT names none)
     layer_sites = (
         ("ffn_output", "output.dense", "output"),
         ("ffn_residual_sum", "output.LayerNorm", "input"),  # FFN input + output

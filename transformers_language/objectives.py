@@ -99,13 +99,22 @@ def head_nll(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> to
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class MaskedLMLoss(nn.Module):
-    """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions (the stock head's
-    transform and decoder, applied to those rows)."""
+class _LossModule(nn.Module):
+    """A model with its loss: what accelerate prepares and trains."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @property
+    def _no_split_modules(self):
+        """The model's layer classes, which FSDP's transformer wrap policy shards one by one."""
+        return getattr(self.model, "_no_split_modules", None)
+
+
+class MaskedLMLoss(_LossModule):
+    """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions (the stock head's
+    transform and decoder, applied to those rows)."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.bert(input_ids=input_ids).last_hidden_state.flatten(0, 1)
@@ -121,12 +130,8 @@ class MaskedLMLoss(nn.Module):
         return head_nll(head.decoder, head.transform(hidden[rows]), targets)
 
 
-class CausalLMLoss(nn.Module):
+class CausalLMLoss(_LossModule):
     """Summed next-token NLL of an OPT causal-LM model (its decoder, then the lm_head weight)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # No KV cache: OPT builds one by default, concatenating keys and values every layer for nothing.

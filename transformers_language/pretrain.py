@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from .checkpoints import TrainingProgress, resolve_resume, save_pretrained_atomic, write_json_atomic
@@ -216,8 +216,13 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         loop,
         telemetry,
     )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     results = evaluate_perplexity(
-        accelerator, accelerator.unwrap_model(loss_module), eval_set, objective, args.per_device_eval_batch_size
+        accelerator,
+        loss_module if fsdp else accelerator.unwrap_model(loss_module),
+        eval_set,
+        objective,
+        args.per_device_eval_batch_size,
     )
     results |= summary
     logger.info(
@@ -229,8 +234,10 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     if args.with_tracking:
         accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=progress.step)
     accelerator.wait_for_everyone()
+    # The full weights (under FSDP every process takes part in gathering the shards), keyed as the model's own.
+    state_dict = {key.removeprefix("model."): value for key, value in accelerator.get_state_dict(loss_module).items()}
     if accelerator.is_main_process:
-        save_pretrained_atomic(accelerator.unwrap_model(loss_module).model, tokenizer, output_dir)
+        save_pretrained_atomic(accelerator.unwrap_model(loss_module).model, tokenizer, output_dir, state_dict)
         write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,202 @@
+"""The shell presets, model configs and accelerate configs: every `scripts/*.sh` preset runs its exact
+`accelerate launch` line (through a stand-in `accelerate` on PATH that records its arguments) and the recorded
+flags go through the real entry point in `--dry_run` mode, which resolves the model config and method on the
+meta device. The hub is unreachable here, so the tokenizer is the one flag the test overrides (the presets'
+documented override mechanism: flags after the preset's own win)."""
+
+import os
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from transformers import AutoTokenizer
+
+from tests.conftest import TOKENIZERS, tiny_config
+from transformers_language import AttentionConfig, build_model
+from transformers_language.model_loading import model_class, read_yaml_overrides
+from transformers_language.pretrain import pretrain
+from transformers_language.validate import validate
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+
+# What the paper states for each run: (objective, layers, heads, hidden, sequence length, sequences per step,
+# learning rate, warmup, steps, weight decay, attention settings that differ from vanilla).
+BERT = ("mlm", 12, 12, 768, 128, 256, 1e-4, 10_000, 1_000_000, 0.01)
+OPT_125M = ("clm", 12, 12, 768, 512, 48 * 4, 4e-4, 2000, 125_000, 0.1)
+OPT_350M = ("clm", 24, 16, 1024, 512, 24 * 11, 4e-4, 2000, 100_000, 0.1)
+OPT_1_3B = ("clm", 24, 32, 2048, 512, 14 * 18, 4e-4, 2000, 100_000, 0.1)
+GATE_025 = {"gate_type": "conditional_per_token", "init_prob": 0.25}
+TRAINING_PRESETS = {
+    "bert_base_vanilla": (*BERT, {}),
+    "bert_base_clipped_softmax": (*BERT, {"softmax": "clipped(-0.025:1)"}),
+    "bert_base_gated_attention": (*BERT, {"gate_type": "conditional_per_token", "gate_network": "mlp"}),
+    "opt_125m_vanilla": (*OPT_125M, {}),
+    "opt_125m_clipped_softmax": (*OPT_125M, {"alpha": 12.0, "train_seq_length": 512}),
+    "opt_125m_gated_attention": (*OPT_125M, GATE_025),
+    "opt_350m_vanilla": (*OPT_350M, {}),
+    "opt_350m_gated_attention": (*OPT_350M, GATE_025),
+    "opt_1.3b_vanilla": (*OPT_1_3B, {}),
+    "opt_1.3b_gated_attention": (*OPT_1_3B, GATE_025 | {"gate_network": "all_heads_linear"}),
+}
+# Validation presets: (objective, quantized, expected settings).
+VALIDATION_PRESETS = {
+    "validate_bert": ("mlm", False, {"max_seq_length": 128}),
+    "validate_bert_w8a8": ("mlm", True, {"ranges_weights": "minmax", "percentile": None, "est_num_batches": 16}),
+    "validate_opt": ("clm", False, {"block_size": 512}),
+    "validate_opt_w8a8": ("clm", True, {"ranges_weights": "MSE", "percentile": 99.999, "est_num_batches": 16}),
+}
+STAND_IN = """#!/usr/bin/env bash
+# Test stand-in for accelerate: record the arguments, one per line, and succeed.
+printf '%s\\n' "$@" > "$ACCELERATE_RECORD"
+"""
+
+
+def test_every_preset_is_covered():
+    presets = {p.stem for p in SCRIPTS.glob("*.sh")} - {"demo"}
+    assert presets == set(TRAINING_PRESETS) | set(VALIDATION_PRESETS)
+
+
+def launch_preset(tmp_path: Path, name: str, *args: str) -> tuple[Path, str, list[str]]:
+    """Run scripts/<name>.sh with the stand-in; returns (accelerate config, entry script, its flags)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "accelerate").write_text(STAND_IN)
+    (bin_dir / "accelerate").chmod(0o755)
+    record = tmp_path / f"{name}.args"
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "ACCELERATE_RECORD": str(record)}
+    subprocess.run(["bash", str(SCRIPTS / f"{name}.sh"), *args], check=True, env=env, cwd=tmp_path)
+    launch, config_flag, config, script, *flags = record.read_text().splitlines()
+    assert (launch, config_flag) == ("launch", "--config_file")
+    return Path(config), script, flags
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_PRESETS))
+def test_training_preset_resolves_to_the_paper_run(name, tmp_path):
+    objective, layers, heads, hidden, seq_length, per_step, lr, warmup, steps, decay, method = TRAINING_PRESETS[name]
+    model_type = "bert" if objective == "mlm" else "opt"
+    config_file, script, flags = launch_preset(
+        tmp_path, name, "--tokenizer_name", str(TOKENIZERS[model_type]), "--output_dir", str(tmp_path / "out")
+    )
+    assert config_file == REPO / "accelerate_configs" / "1gpu_fp16.yaml"
+    assert script == str(REPO / f"run_{objective}.py")
+    assert flags.count("--tokenizer_name") == 2 and flags[-4:-2] == ["--tokenizer_name", str(TOKENIZERS[model_type])]
+
+    summary = pretrain(objective, [*flags, "--dry_run"])
+    config, settings = summary["config"], summary["settings"]
+    heads_key = "num_attention_heads"
+    assert (config["num_hidden_layers"], config[heads_key], config["hidden_size"]) == (layers, heads, hidden)
+    assert summary["seq_length"] == seq_length and summary["sequences_per_step"] == per_step
+    assert (settings["learning_rate"], settings["num_warmup_steps"]) == (lr, warmup)
+    assert (settings["max_train_steps"], settings["weight_decay"]) == (steps, decay)
+    assert settings["dataset_setup"] == "bookcorpus_and_wiki" and settings["output_dir"] == str(tmp_path / "out")
+    expected, resolved = AttentionConfig(**method), AttentionConfig.from_dict(summary["attention"])
+    assert (resolved.clipped, resolved.gamma, resolved.zeta) == (expected.clipped, expected.gamma, expected.zeta)
+    assert replace(resolved, softmax=expected.softmax) == expected
+    assert config["attention_variant"] == summary["attention"]
+    if model_type == "opt":
+        assert settings["wd_LN_gamma"] == (name.startswith("opt_125m"))
+        assert config["do_layer_norm_before"] and config["word_embed_proj_dim"] == hidden
+        assert config["init_std"] == 0.006 and config["dropout"] == 0.1
+    if expected.alpha is not None:
+        assert resolved.gamma == pytest.approx(-12 / 512)
+    gated = "AttentionGate" in summary["modules"] or "AllHeadsLinearGate" in summary["modules"]
+    assert gated == (expected.gate_type != "none")
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny BERT and OPT checkpoints with the local tokenizers (with the positions the presets need)."""
+    root = tmp_path_factory.mktemp("preset_checkpoints")
+    paths = {}
+    for model_type, extra in (("bert", {"max_position_embeddings": 128}), ("opt", {"max_position_embeddings": 512})):
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS[model_type])
+        model = build_model(
+            tiny_config(model_type, vocab_size=len(tokenizer), **extra),
+            AttentionConfig(alpha=4.0, train_seq_length=128),
+        )
+        paths[model_type] = root / model_type
+        model.save_pretrained(paths[model_type])
+        tokenizer.save_pretrained(paths[model_type])
+    return paths
+
+
+@pytest.mark.parametrize("name", sorted(VALIDATION_PRESETS))
+def test_validation_preset_resolves(name, tmp_path, saved_checkpoints):
+    objective, quantized, expected = VALIDATION_PRESETS[name]
+    checkpoint = saved_checkpoints["bert" if objective == "mlm" else "opt"]
+    _, script, flags = launch_preset(
+        tmp_path, name, str(checkpoint), "--accelerate_config", str(REPO / "accelerate_configs" / "cpu.yaml")
+    )
+    assert script == str(REPO / f"validate_{objective}.py")
+    summary = validate(objective, [*flags, "--dry_run"])
+    settings = summary["settings"]
+    assert settings["model_name_or_path"] == str(checkpoint)
+    assert settings["output_dir"] == str(checkpoint / ("eval-w8a8" if quantized else "eval-fp"))
+    assert (summary["quantization"] is not None) == quantized
+    for key, value in expected.items():
+        assert (summary["quantization"] if key in ("ranges_weights", "percentile") else settings)[key] == value
+    assert summary["attention"]["alpha"] == 4.0  # from the checkpoint's config.json
+
+
+def test_preset_usage_errors(tmp_path):
+    for args, message in (
+        ((), "usage: "),
+        (("--plot",), "usage: "),
+        (("ckpt", "--accelerate_config", "x.yaml"), "x.yaml"),
+    ):
+        result = subprocess.run(
+            ["bash", str(SCRIPTS / "validate_opt.sh"), *args], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "model_configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_model_config_loads(path):
+    overrides = read_yaml_overrides(str(path))
+    model_type = path.stem.split("-")[0]
+    config_class = type(tiny_config(model_type))
+    config = config_class(**overrides)
+    with torch.device("meta"):
+        model = model_class(model_type)(config)
+    assert model.config.num_hidden_layers == overrides["num_hidden_layers"]
+    if model_type == "opt":
+        decoder = model.model.decoder
+        assert decoder.project_in is None and decoder.project_out is None
+        assert config.do_layer_norm_before and config.init_std == 0.006 and config.dropout == 0.1
+    if path.stem.endswith("-small"):
+        ffn = overrides["intermediate_size" if model_type == "bert" else "ffn_dim"]
+        assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, ffn) == (4, 256, 4, 1024)
+
+
+ACCELERATE_CONFIGS = {
+    "1gpu_fp16": ("NO", "fp16", False),
+    "1gpu_bf16": ("NO", "bf16", False),
+    "1gpu_fp32": ("NO", "no", False),
+    "multi_gpu": ("MULTI_GPU", "fp16", False),
+    "fsdp": ("FSDP", "bf16", False),
+    "cpu": ("NO", "no", True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_config_loads(name):
+    path = REPO / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    distributed, precision, cpu = ACCELERATE_CONFIGS[name]
+    assert (str(config.distributed_type).split(".")[-1], str(config.mixed_precision), config.use_cpu) == (
+        distributed,
+        precision,
+        cpu,
+    )
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert set(yaml.safe_load(path.read_text())) <= set(vars(config))
+
+
+def test_no_other_accelerate_configs():
+    assert {p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")} == set(ACCELERATE_CONFIGS)
