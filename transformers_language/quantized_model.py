@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantization.config import HIGH_PRECISION_BITS, QuantConfig
+from quantization.config import HIGH_PRECISION_BITS, QUANT_PRESETS, QuantConfig
 from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
@@ -167,9 +167,7 @@ def add_quantization_args(parser) -> None:
     group.add_argument(
         "--percentile", type=float, default=defaults.percentile, help="Min-max ranges from percentiles P / 100-P."
     )
-    group.add_argument(
-        "--quant_setup", default=defaults.quant_setup, help="all, fp32_head, fp32_head+int16_final_LN, ..."
-    )
+    group.add_argument("--quant_setup", default=defaults.quant_setup, help=f"Preset: {', '.join(QUANT_PRESETS)}.")
     group.add_argument(
         "--calibration_split",
         default="train",

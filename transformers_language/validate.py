@@ -62,7 +62,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     if objective.name == "mlm":
         group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
     group.add_argument("--seed", type=int, default=42, help="Seed of the evaluation masks (MLM).")
-    group.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    group.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Sequences per batch.")
     group.add_argument("--output_dir", required=True, help="Where all_results.json (and the plots) go.")
     group.add_argument(
         "--kurtosis_max_batches",

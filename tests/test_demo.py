@@ -1,0 +1,41 @@
+"""The demo end to end in a reduced mode: three methods trained for a few steps, validated FP and W8A8, and
+the side-by-side table printed and written with the comparison plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_prints_the_comparison_table(tmp_path):
+    output_dir = tmp_path / "demo"
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output_dir)]
+    command += ["--max_train_steps", "2", "--validation_percentage", "1", "--est_num_batches", "1"]
+    env = os.environ | {"OFT_SHARED": str(SHARED), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    methods = ["vanilla", "clipped_softmax", "gated_attention"]
+    assert sorted(summary["methods"]) == sorted(methods) and summary["settings"]["max_train_steps"] == 2
+    table = (output_dir / "summary.md").read_text()
+    assert table in result.stdout and "W8A8 ppl" in table
+    for method in methods:
+        row = summary["methods"][method]
+        assert len(row["per_layer"]["kurtosis"]) == 4  # OPT-small's layers
+        line = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        assert f"| {row['fp_perplexity']:.2f} | {row['w8a8_perplexity']:.2f} |" in line
+        fp = json.loads((output_dir / method / "eval-fp" / "all_results.json").read_text())
+        w8a8 = json.loads((output_dir / method / "eval-w8a8" / "all_results.json").read_text())
+        assert fp["perplexity"] == row["fp_perplexity"] and w8a8["perplexity"] == row["w8a8_perplexity"]
+        assert w8a8["settings"]["quantization"]["ranges_weights"] == "MSE"
+        assert (output_dir / method / "eval-fp" / "kurtosis_per_layer.png").stat().st_size > 0
+    assert (output_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "=== [9/9]" in result.stdout
