@@ -1,6 +1,7 @@
 """Evaluation: perplexity against a hand computation, streamed statistics against stored activations, the
 attention diagnostics against stored probabilities, and a planted outlier found by the analysis."""
 
+import contextlib
 import logging
 import math
 
@@ -257,3 +258,51 @@ def test_an_overflowing_perplexity_is_infinity(caplog):
     with caplog.at_level(logging.INFO):
         log_results(results | {"activations": {}, "attention": {}, "max_abs_activation": 0.0, "outliers_6sigma": 0}, ())
     assert "perplexity: inf" in caplog.text
+
+
+def test_fsdp_lockstep_runs_uncounted_filler_batches():
+    """Under FSDP every forward is a collective: a process whose shard has fewer batches than the longest one
+    runs filler forwards after the probes detach, and neither the figures nor the probes count them."""
+    from accelerate.utils import DistributedType
+
+    class LongestShardHasTwoMore:  # this process's view: another shard has 2 more batches
+        distributed_type, num_processes, process_index, device = DistributedType.FSDP, 1, 0, torch.device("cpu")
+        is_local_main_process = True
+
+        def gather(self, tensor):
+            return tensor + 2
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+    class CountingLoss(torch.nn.Module):
+        calls = probed_calls = 0
+
+        def forward(self, input_ids, labels):
+            self.calls += 1
+            self.probed_calls += probe.active  # what a probe's hooks would see
+            return torch.tensor(1.0) * labels[:, 1:].numel()
+
+    class Probe:
+        batches = 0
+        active = False
+
+        @contextlib.contextmanager
+        def attached(self):
+            self.active = True
+            yield
+            self.active = False
+
+        def start_batch(self, input_ids, index):
+            assert self.active
+            self.batches += 1
+
+    loss, probe = CountingLoss(), Probe()
+    dataset = _dataset("opt")
+    results = evaluate_perplexity(LongestShardHasTwoMore(), loss, dataset, get_objective("clm"), BATCH, (probe,))
+    batches = math.ceil(EXAMPLES / BATCH)
+    assert loss.calls == batches + 2 and loss.probed_calls == probe.batches == batches
+    assert results["eval_tokens"] == EXAMPLES * (SEQ - 1) and results["eval_loss"] == pytest.approx(1.0)

@@ -42,8 +42,8 @@ def evaluate_perplexity(
 ) -> dict:
     """Validation loss and perplexity of `loss_module`: an objectives loss module, unwrapped under DDP (whose
     forward would sync buffers, a collective per batch that shards of unequal length cannot match) and wrapped
-    under FSDP (which gathers the weights at each forward; there the shorter shards run their last batch again,
-    uncounted, so every process takes part in every gather).
+    under FSDP (which gathers the weights at each forward; there the shorter shards run uncounted filler batches,
+    so every process takes part in every gather).
 
     `dataset` holds `input_ids` and, for MLM, the fixed masked inputs' `labels`; CLM predicts its inputs.
     Each probe has `attached()` (a context manager that hooks the model) and `start_batch(input_ids, index)`."""
@@ -70,6 +70,10 @@ def evaluate_perplexity(
                 nll = loss_module(input_ids, labels).double()
             count = objective.count_targets(labels).double()
             totals += torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
+    if lockstep_batches > len(loader):  # after the probes detach, so they never see the uncounted batches
+        filler = dataset[:1]
+        input_ids = filler["input_ids"].to(device)
+        labels = filler["labels"].to(device) if "labels" in filler else input_ids
         for _ in range(lockstep_batches - len(loader)):
             with accelerator.autocast():
                 loss_module(input_ids, labels)
