@@ -106,12 +106,19 @@ class RunningMinMax(RangeEstimator):
 
 
 def quantization_error(
-    flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, n_bits: int, symmetric: bool, p: float
+    flat: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    n_bits: int,
+    symmetric: bool,
+    p: float,
+    signed: bool | None = None,
 ):
-    """sum |x - Q(x)|^p per candidate and channel: flat (C, n), low / high (K, C) -> errors (K, C)."""
+    """sum |x - Q(x)|^p per candidate and channel: flat (C, n), low / high (K, C) -> errors (K, C). `signed`
+    (whether `flat` has negative values, for the symmetric grid) is computed when not given."""
     tiny = torch.finfo(torch.float32).tiny
     if symmetric:
-        signed = bool((flat < 0).any())
+        signed = bool((flat < 0).any()) if signed is None else signed
         q_min, q_max = grid(n_bits, True, signed)
         scale = (torch.maximum(high.abs(), low.abs()) if signed else high).clamp_min(tiny) / q_max
         zero = torch.zeros_like(scale)
@@ -160,18 +167,21 @@ class SearchEstimator(RangeEstimator):
     def observe(self, x: torch.Tensor) -> None:
         flat = _by_channel(x, self.axis)
         low, high = flat.amin(dim=1).clamp_max(0), flat.amax(dim=1).clamp_min(0)
+        signed = bool((low < 0).any())  # once per tensor, not per chunk of candidates
         low_c, high_c = self._candidates(low, high)
         step = max(1, SEARCH_CHUNK_ELEMENTS // flat.numel())
         errors = torch.cat(
             [
-                quantization_error(flat, low_c[i : i + step], high_c[i : i + step], self.n_bits, self.symmetric, self.p)
+                quantization_error(
+                    flat, low_c[i : i + step], high_c[i : i + step], self.n_bits, self.symmetric, self.p, signed
+                )
                 for i in range(0, low_c.shape[0], step)
             ]
         )
         best = errors.argmin(dim=0)  # per channel
         channels = torch.arange(flat.shape[0], device=flat.device)
         low_best, high_best = low_c[best, channels], high_c[best, channels]
-        if self.symmetric and not bool((flat < 0).any()):
+        if self.symmetric and not signed:
             low_best = torch.zeros_like(low_best)
         low_best, high_best = _shaped(low_best, self.axis), _shaped(high_best, self.axis)
         if self.batches == 0 or self.low.numel() == 0:
