@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .affine import grid
+from .affine import scale_and_zero_point
 from .buffers import CalibratedState
 
 _LP_NAME = re.compile(r"^L(\d+(?:\.\d*)?|\.\d+)$")
@@ -106,28 +106,13 @@ class RunningMinMax(RangeEstimator):
 
 
 def quantization_error(
-    flat: torch.Tensor,
-    low: torch.Tensor,
-    high: torch.Tensor,
-    n_bits: int,
-    symmetric: bool,
-    p: float,
-    signed: bool | None = None,
+    flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, n_bits: int, symmetric: bool, p: float
 ):
-    """sum |x - Q(x)|^p per candidate and channel: flat (C, n), low / high (K, C) -> errors (K, C). `signed`
-    (whether `flat` has negative values, for the symmetric grid) is computed when not given."""
-    tiny = torch.finfo(torch.float32).tiny
-    if symmetric:
-        signed = bool((flat < 0).any()) if signed is None else signed
-        q_min, q_max = grid(n_bits, True, signed)
-        scale = (torch.maximum(high.abs(), low.abs()) if signed else high).clamp_min(tiny) / q_max
-        zero = torch.zeros_like(scale)
-    else:
-        q_min, q_max = grid(n_bits, False, False)
-        low, high = low.clamp_max(0), high.clamp_min(0)
-        scale = ((high - low) / q_max).clamp_min(tiny)
-        zero = torch.round(-low / scale)
-    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)  # (K, C, 1)
+    """sum |x - Q(x)|^p per candidate and channel: flat (C, n), low / high (K, C) -> errors (K, C). Each candidate
+    range gets the grid `freeze` would give it (affine.scale_and_zero_point): a symmetric grid is signed when
+    the candidates' low ends are negative, so pass low = 0 for data without negative values."""
+    scale, zero, q_min, q_max = scale_and_zero_point(low, high, n_bits, symmetric)
+    scale, zero = scale.unsqueeze(-1), zero.float().unsqueeze(-1)  # (K, C, 1)
     # One (K, C, n) temporary, updated in place; the zero point only where it is not 0.
     error = flat.div(scale).round_()
     if not symmetric:
@@ -158,7 +143,7 @@ class SearchEstimator(RangeEstimator):
         if self.symmetric:  # clip the absolute maximum; the sign of the grid follows the data
             absmax = torch.maximum(low.abs(), high.abs())
             clip = fractions[:, None] * absmax[None]  # (G, C)
-            return -clip, clip
+            return (-clip if bool((low < 0).any()) else torch.zeros_like(clip)), clip
         low_c = (fractions[:, None, None] * low[None, None]).expand(self.grid_size, self.grid_size, -1)
         high_c = (fractions[None, :, None] * high[None, None]).expand(self.grid_size, self.grid_size, -1)
         return low_c.reshape(-1, low.numel()), high_c.reshape(-1, high.numel())
@@ -167,22 +152,17 @@ class SearchEstimator(RangeEstimator):
     def observe(self, x: torch.Tensor) -> None:
         flat = _by_channel(x, self.axis)
         low, high = flat.amin(dim=1).clamp_max(0), flat.amax(dim=1).clamp_min(0)
-        signed = bool((low < 0).any())  # once per tensor, not per chunk of candidates
         low_c, high_c = self._candidates(low, high)
         step = max(1, SEARCH_CHUNK_ELEMENTS // flat.numel())
         errors = torch.cat(
             [
-                quantization_error(
-                    flat, low_c[i : i + step], high_c[i : i + step], self.n_bits, self.symmetric, self.p, signed
-                )
+                quantization_error(flat, low_c[i : i + step], high_c[i : i + step], self.n_bits, self.symmetric, self.p)
                 for i in range(0, low_c.shape[0], step)
             ]
         )
         best = errors.argmin(dim=0)  # per channel
         channels = torch.arange(flat.shape[0], device=flat.device)
         low_best, high_best = low_c[best, channels], high_c[best, channels]
-        if self.symmetric and not signed:
-            low_best = torch.zeros_like(low_best)
         low_best, high_best = _shaped(low_best, self.axis), _shaped(high_best, self.axis)
         if self.batches == 0 or self.low.numel() == 0:
             self.low, self.high = low_best, high_best
