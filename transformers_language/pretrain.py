@@ -33,7 +33,7 @@ from .model_loading import (
 )
 from .objectives import Masking, Objective, get_objective, mask_eval_dataset
 from .optim import SCHEDULES, build_optimizer, build_scheduler
-from .runtime import setup_logging
+from .runtime import print_dry_run, setup_logging
 from .telemetry import Telemetry, init_tracking
 from .training import EpochPermutationSampler, LoopSettings, train
 
@@ -260,9 +260,7 @@ def _dry_run(accelerator: Accelerator, args: argparse.Namespace, config, seq_len
         "attention": attention.to_dict(),
         **describe_model(config),
     }
-    if accelerator.is_main_process:
-        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    return summary
+    return print_dry_run(accelerator, summary)
 
 
 def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict) -> None:

@@ -1,8 +1,10 @@
 """Process-level helpers shared by the entry points and the streaming statistics: log setup (quiet libraries
-on all but the main process) and one-collective reductions of many accumulators across processes."""
+on all but the main process), the `--dry_run` report, and one-collective reductions of many accumulators
+across processes."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import datasets
@@ -16,6 +18,13 @@ def setup_logging(accelerator) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
+
+
+def print_dry_run(accelerator, summary: dict) -> dict:
+    """`--dry_run`: the resolved run as JSON on stdout (main process only); returns `summary`."""
+    if accelerator.is_main_process:
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return summary
 
 
 def sum_across_processes(accelerator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,7 +11,6 @@ Results go to `all_results.json` in `--output_dir` (atomically) with the setting
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -44,7 +43,7 @@ from .model_loading import (
 from .objectives import Masking, Objective, derive_seed, get_objective, mask_eval_dataset
 from .outlier_report import TOP_K, log_results, outlier_results
 from .quantized_model import add_quantization_args, quant_config_from_args, quantize_model
-from .runtime import setup_logging
+from .runtime import print_dry_run, setup_logging
 
 logger = logging.getLogger(__name__)
 CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
@@ -163,9 +162,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
             "quantization": _quantization_settings(quant_config),
             **describe_model(config),
         }
-        if accelerator.is_main_process:
-            print(json.dumps(summary, indent=2, sort_keys=True, default=str))
-        return summary
+        return print_dry_run(accelerator, summary)
     model = load_checkpoint(args, config, accelerator.device)
     if quant_config is not None:
         quantize_model(model, quant_config)
