@@ -80,4 +80,7 @@ class QuantConfig:
     def act_quantizer(self, n_bits: int | None = None) -> Quantizer:
         options = {} if self.percentile is None else {"percentile": self.percentile}
         symmetric = self.qmethod_acts == "symmetric_uniform"
-        return Quantizer(n_bits or self.n_bits_act, symmetric=symmetric, estimator=self.ranges_acts, **options)
+        # Every activation point's input is a fresh intermediate read by nothing else: quantize it in place.
+        return Quantizer(
+            n_bits or self.n_bits_act, symmetric=symmetric, estimator=self.ranges_acts, in_place=True, **options
+        )

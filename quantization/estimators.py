@@ -7,10 +7,14 @@
   L<p>             the same search minimising sum |x - Q(x)|^p (e.g. L2.4)
 With `percentile=P` the min-max estimators use the nearest-rank (100 - P)th and Pth percentiles of the batch
 instead of its min and max, computed with torch on the tensor's device (kthvalue: no size limit, no host
-copy). The search estimators start from the batch's min / max and, per observed batch, try G fractions of
-them (symmetric: G clipping values; asymmetric: a G x G grid of low and high ends); every candidate is
-scored at once on the device, in chunks that bound the temporary memory. Over several batches they keep the
-mean of the per-batch optima. All estimators work per tensor or per channel (`axis`).
+copy). The search estimators start from the batch's min / max and, per observed batch, look for the best of G
+fractions of them (symmetric: G clipping values; asymmetric: a G x G grid of low and high ends). They search
+coarse to fine: every s-th fraction (s ~ sqrt(G)) first, then every fraction within s of the best coarse one,
+per channel. That scores ~3 sqrt(G) candidates instead of G (about 28 instead of 100; 74 instead of 400 for the
+asymmetric grid) and finds the same optimum as the full grid whenever the error falls and then rises along the
+grid, which is the shape of the clipping trade-off. Candidates are scored at once on the device, in chunks that
+bound the temporary memory. Over several batches the estimators keep the mean of the per-batch optima. All
+estimators work per tensor or per channel (`axis`).
 """
 
 from __future__ import annotations
@@ -49,11 +53,21 @@ def _shaped(values: torch.Tensor, axis: int | None) -> torch.Tensor:
     return values.reshape(()) if axis is None else values
 
 
+def _min_max(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) min and max per channel of the (C, n) view. A single channel takes one pass (aminmax over all
+    elements); per channel, amin / amax along a dimension are 8-10x faster on CPU than aminmax along it."""
+    if flat.shape[0] == 1:
+        low, high = torch.aminmax(flat)
+        return low.reshape(1), high.reshape(1)
+    return flat.amin(dim=1), flat.amax(dim=1)
+
+
 def batch_extremes(x: torch.Tensor, axis: int | None, percentile: float | None = None):
     """(low, high) of one batch: min / max, or the (100 - P)th / Pth nearest-rank percentiles."""
     flat = _by_channel(x, axis)
     if percentile is None:
-        return _shaped(flat.amin(dim=1), axis), _shaped(flat.amax(dim=1), axis)
+        low, high = _min_max(flat)
+        return _shaped(low, axis), _shaped(high, axis)
     count = flat.shape[1]
     k_high = min(count, max(1, math.ceil(percentile / 100 * count)))
     k_low = min(count, max(1, math.ceil((100 - percentile) / 100 * count)))
@@ -138,31 +152,56 @@ class SearchEstimator(RangeEstimator):
         self.grid_size = grid_size or (100 if self.symmetric else 20)
         self.batches = 0
 
-    def _candidates(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fractions = torch.linspace(1 / self.grid_size, 1.0, self.grid_size, device=low.device)
-        if self.symmetric:  # clip the absolute maximum; the sign of the grid follows the data
-            absmax = torch.maximum(low.abs(), high.abs())
-            clip = fractions[:, None] * absmax[None]  # (G, C)
-            return (-clip if bool((low < 0).any()) else torch.zeros_like(clip)), clip
-        low_c = (fractions[:, None, None] * low[None, None]).expand(self.grid_size, self.grid_size, -1)
-        high_c = (fractions[None, :, None] * high[None, None]).expand(self.grid_size, self.grid_size, -1)
-        return low_c.reshape(-1, low.numel()), high_c.reshape(-1, high.numel())
-
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        flat = _by_channel(x, self.axis)
-        low, high = flat.amin(dim=1).clamp_max(0), flat.amax(dim=1).clamp_min(0)
-        low_c, high_c = self._candidates(low, high)
+    def _errors(self, flat: torch.Tensor, low_c: torch.Tensor, high_c: torch.Tensor) -> torch.Tensor:
+        """Errors (K, C) of candidate ranges (K, C), in chunks of at most SEARCH_CHUNK_ELEMENTS temporaries."""
         step = max(1, SEARCH_CHUNK_ELEMENTS // flat.numel())
-        errors = torch.cat(
+        return torch.cat(
             [
                 quantization_error(flat, low_c[i : i + step], high_c[i : i + step], self.n_bits, self.symmetric, self.p)
                 for i in range(0, low_c.shape[0], step)
             ]
         )
+
+    def _search(self, flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best (low, high) per channel among the fractions k / G (k = 1..G) of the batch's (low, high)."""
+        size, channels = self.grid_size, flat.shape[0]
+        stride = max(1, round(math.sqrt(size)))
+        dims = 1 if self.symmetric else 2  # a symmetric range has one free end; an asymmetric one two
+        device = flat.device
+        # Coarse: every stride-th index counted down from G, so the full range is always a candidate.
+        coarse_axis = torch.arange(size, 0, -stride, device=device)
+        coarse = torch.cartesian_prod(*[coarse_axis] * dims).reshape(-1, dims)  # (Kc, dims) indices
+        coarse = coarse[:, None, :].expand(-1, channels, -1)  # (Kc, C, dims)
+        best = self._best(flat, low, high, coarse)  # (C, dims)
+        # Fine: every index within stride of the coarse optimum, per channel (clamped to the grid; repeats are
+        # harmless). The coarse optimum is among them, so the fine optimum is never worse.
+        offsets = torch.arange(1 - stride, stride, device=device)
+        offsets = torch.cartesian_prod(*[offsets] * dims).reshape(-1, dims)  # (Kf, dims)
+        fine = (best[None] + offsets[:, None, :]).clamp(1, size)  # (Kf, C, dims)
+        best = self._best(flat, low, high, fine)
+        low_best, high_best = self._ranges(low, high, best[None])
+        return low_best[0], high_best[0]
+
+    def _ranges(self, low: torch.Tensor, high: torch.Tensor, indices: torch.Tensor):
+        """Candidate ranges (K, C) for grid indices (K, C, dims)."""
+        fractions = indices.float() / self.grid_size
+        if self.symmetric:  # clip the absolute maximum; the sign of the grid follows the data
+            clip = fractions[..., 0] * torch.maximum(low.abs(), high.abs())
+            return (-clip if bool((low < 0).any()) else torch.zeros_like(clip)), clip
+        return fractions[..., 0] * low, fractions[..., 1] * high
+
+    def _best(self, flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The grid indices (C, dims) of the lowest-error candidate per channel."""
+        errors = self._errors(flat, *self._ranges(low, high, indices))
         best = errors.argmin(dim=0)  # per channel
-        channels = torch.arange(flat.shape[0], device=flat.device)
-        low_best, high_best = low_c[best, channels], high_c[best, channels]
+        return indices[best, torch.arange(flat.shape[0], device=flat.device)]
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        flat = _by_channel(x, self.axis)
+        low, high = _min_max(flat)
+        low, high = low.clamp_max(0), high.clamp_min(0)
+        low_best, high_best = self._search(flat, low, high)
         low_best, high_best = _shaped(low_best, self.axis), _shaped(high_best, self.axis)
         if self.batches == 0 or self.low.numel() == 0:
             self.low, self.high = low_best, high_best

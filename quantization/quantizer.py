@@ -25,14 +25,9 @@ MODES = ("off", "observe", "quantize")
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int, axis: int | None
 ) -> torch.Tensor:
-    """Quantize-dequantize `x` (any float dtype; computed in fp32) with a straight-through gradient."""
+    """Quantize-dequantize `x` (any float dtype; computed in fp32) with torch's kernels (straight-through
+    gradient inside the range, zero outside)."""
     values = x.float()
-    if axis is None and not (torch.is_grad_enabled() and x.requires_grad):
-        # No gradient needed: the same arithmetic as torch's kernel, in its order (round x / s, then shift), as
-        # in-place tensor ops, which are 2.5x faster on CPU than that kernel; the results are bit-identical.
-        zero = zero_point.reshape(())
-        out = values.mul(1.0 / scale.reshape(())).round_().add_(zero).clamp_(q_min, q_max).sub_(zero)
-        return out.mul_(scale.reshape(())).to(x.dtype)
     if axis is None:
         out = torch.fake_quantize_per_tensor_affine(values, scale.reshape(()), zero_point.reshape(()), q_min, q_max)
     else:
@@ -40,6 +35,19 @@ def fake_quantize(
             values, scale.flatten(), zero_point.flatten(), axis % x.dim(), q_min, q_max
         )
     return out.to(x.dtype)
+
+
+def fake_quantize_no_grad(
+    x: torch.Tensor, scale: torch.Tensor, low: float, high: float, in_place: bool = False
+) -> torch.Tensor:
+    """Per-tensor quantize-dequantize without a gradient, bit-identical to `fake_quantize` and 3-6x faster on
+    CPU: the kernel's arithmetic in its order (round x / s, then clamp) as four tensor ops. `low` / `high` are
+    the grid bounds minus the zero point: clamp(round(x / s) + z, q_min, q_max) - z equals clamp(round(x / s),
+    q_min - z, q_max - z) exactly (integers in fp32), so the shift costs no pass. Plain float bounds, because
+    tensor bounds make clamp 1.5x slower. `in_place` overwrites an fp32 `x` instead of allocating the result."""
+    values = x.float()
+    values = values.mul_(1.0 / scale) if in_place else values.mul(1.0 / scale)
+    return values.round_().clamp_(low, high).mul_(scale).to(x.dtype)
 
 
 class Quantizer(CalibratedState):
@@ -51,8 +59,11 @@ class Quantizer(CalibratedState):
         symmetric: bool = False,
         estimator: str | RangeEstimator = "current_minmax",
         axis: int | None = None,
+        in_place: bool = False,
         **estimator_options,
     ):
+        """`in_place`: without a gradient, overwrite the input with its quantized value (no new tensor). Only
+        for activation points whose input is a fresh intermediate that nothing else reads; never weights."""
         super().__init__()
         self.n_bits = check_bits(n_bits)
         self.symmetric = symmetric
@@ -62,8 +73,10 @@ class Quantizer(CalibratedState):
             if isinstance(estimator, str)
             else estimator
         )
+        self.in_place = in_place
         self.mode = "off"
         self.q_range: tuple[int, int] | None = None  # host copy of grid_bounds, read every forward
+        self.shifted_bounds: tuple[float, float] | None = None  # per tensor: q_range minus the zero point
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.register_buffer("grid_bounds", torch.empty(0, dtype=torch.int64))
@@ -91,8 +104,15 @@ class Quantizer(CalibratedState):
         scale, zero_point, q_min, q_max = scale_and_zero_point(low, high, self.n_bits, self.symmetric)
         self.scale, self.zero_point = scale, zero_point
         self.grid_bounds = torch.tensor([q_min, q_max], device=scale.device)
-        self.q_range = (q_min, q_max)
+        self._cache_host_grid()
         self.mode = "quantize"
+
+    def _cache_host_grid(self) -> None:
+        """Host copies of the grid, read every forward (one device sync here instead of one per call)."""
+        self.q_range = tuple(self.grid_bounds.tolist())
+        if self.axis is None:
+            zero = float(self.zero_point.reshape(()))
+            self.shifted_bounds = (self.q_range[0] - zero, self.q_range[1] - zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
@@ -100,11 +120,13 @@ class Quantizer(CalibratedState):
         if self.mode == "observe":
             self.estimator.observe(x.detach())
             return x
+        if self.axis is None and not (torch.is_grad_enabled() and x.requires_grad):
+            return fake_quantize_no_grad(x, self.scale.reshape(()), *self.shifted_bounds, in_place=self.in_place)
         return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)
 
     def _after_load(self) -> None:
         if self.is_frozen:
-            self.q_range = tuple(self.grid_bounds.tolist())
+            self._cache_host_grid()
             self.mode = "quantize"
 
     def extra_repr(self) -> str:

@@ -123,6 +123,26 @@ def test_opt_residual_sums_are_quantized_exactly():
     assert len(torch.unique(sum1)) <= 256
 
 
+def test_opt_embedding_sum_is_quantized_behind_a_project_in():
+    """With word_embed_proj_dim < hidden (facebook/opt-350m's layout) the sum after project_in is the point:
+    project_in reads the table lookup, already on the weight grid, and its output is quantized too."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("opt", word_embed_proj_dim=16), AttentionConfig()).eval()
+    assert model.model.decoder.project_in is not None
+    quantize_model(model, QuantConfig())
+    _calibrate(model)
+    inputs = []
+    first = model.transformer_layers()[0]
+    handle = first.register_forward_pre_hook(  # runs after the quantizing hook
+        lambda m, a, k: inputs.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(input_ids=_ids(8))
+    handle.remove()
+    assert len(torch.unique(inputs[0])) <= 256
+    assert not hasattr(model.model.decoder.project_in, "input_quantizer")
+
+
 def test_bert_residual_sums_and_embedding_sums_are_quantized():
     _, model = _pair("bert")
     quantize_model(model, QuantConfig())

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from quantization import estimators
 from quantization.affine import scale_and_zero_point
+from quantization.config import QuantConfig
 from quantization.estimators import ESTIMATOR_NAMES, build_estimator, quantization_error
 from quantization.quantizer import Quantizer
 
@@ -125,27 +127,38 @@ def _brute_force_range(x: torch.Tensor, n_bits: int, symmetric: bool, p: float, 
 
 @pytest.mark.parametrize("name, p", [("MSE", 2.0), ("L2.4", 2.4), ("L1", 1.0)])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_search_estimators_find_the_brute_force_optimum(name, p, symmetric):
+@pytest.mark.parametrize("default_grid", [False, True])
+def test_search_estimators_find_the_brute_force_optimum(name, p, symmetric, default_grid):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(4000, generator=generator)
     x[:4] = torch.tensor([40.0, -25.0, 60.0, 33.0])  # outliers that min-max would cover
-    grid_size = 60 if symmetric else 12
+    grid_size = None if default_grid else (60 if symmetric else 12)
     estimator = build_estimator(name, 4, symmetric, None, grid_size=grid_size)
     estimator.observe(x)
     low, high = (v.item() for v in estimator.range())
-    reference = _brute_force_range(x, 4, symmetric, p, grid_size)
+    reference = _brute_force_range(x, 4, symmetric, p, estimator.grid_size)
     assert (low, high) == pytest.approx(reference, rel=1e-5)
     assert high < 60.0  # the optimum clips the outliers
 
 
-def test_search_estimator_per_channel_and_vectorised_error():
-    weight = torch.randn(5, 300) * torch.arange(1, 6)[:, None]
-    estimator = build_estimator("MSE", 8, True, 0, grid_size=40)
+def test_search_estimator_per_channel_and_vectorised_error(monkeypatch):
+    # Heavy-tailed rows (Student's t, 3 degrees of freedom) of different widths, at the default grid of 100.
+    torch.manual_seed(5)
+    weight = torch.distributions.StudentT(3.0).sample((5, 300)) * torch.arange(1, 6)[:, None]
+    scored = []
+
+    def counting_error(flat, low, high, *args):
+        scored.append(low.shape[0])
+        return quantization_error(flat, low, high, *args)
+
+    monkeypatch.setattr(estimators, "quantization_error", counting_error)
+    estimator = build_estimator("MSE", 8, True, 0)
     estimator.observe(weight)
     low, high = estimator.range()
     for channel in range(5):
-        reference = _brute_force_range(weight[channel], 8, True, 2.0, 40)
+        reference = _brute_force_range(weight[channel], 8, True, 2.0, 100)
         assert (low[channel].item(), high[channel].item()) == pytest.approx(reference, rel=1e-5)
+    assert sum(scored) == 10 + 19  # coarse to fine: every 10th fraction, then the 19 around the best one
     # quantization_error scores K candidates x C channels at once
     errors = quantization_error(weight, -torch.ones(3, 5), torch.ones(3, 5) * 2, 8, True, 2.0)
     assert errors.shape == (3, 5)
@@ -167,11 +180,28 @@ def test_bad_settings_name_the_valid_values():
 
 def test_the_no_grad_path_is_bit_identical_to_torch_fake_quantize():
     generator = torch.Generator().manual_seed(0)
-    for trial in range(50):
+    for trial in range(60):
         x = torch.randn(20000, generator=generator) * (trial + 1) / 7
-        symmetric = trial % 2 == 0
-        quantizer = _calibrated(x[:5000] * 0.9, n_bits=8, symmetric=symmetric)  # some values fall outside
-        with torch.no_grad():
-            fast = quantizer(x)
+        symmetric, n_bits = trial % 2 == 0, (8, 4, 16)[trial % 3]
+        quantizer = _calibrated(x[:5000] * 0.9, n_bits=n_bits, symmetric=symmetric)  # some values fall outside
         kernel = torch.fake_quantize_per_tensor_affine(x, quantizer.scale, quantizer.zero_point, *quantizer.q_range)
-        assert torch.equal(fast, kernel)
+        with torch.no_grad():
+            assert torch.equal(quantizer(x), kernel)
+            quantizer.in_place = True
+            overwritten = x.clone()
+            assert quantizer(overwritten).data_ptr() == overwritten.data_ptr()
+            assert torch.equal(overwritten, kernel)
+
+
+def test_only_activation_quantizers_overwrite_their_input():
+    config = QuantConfig()
+    assert config.act_quantizer().in_place and not config.weight_quantizer().in_place
+    weight = torch.randn(8, 8)
+    quantizer = config.weight_quantizer()
+    quantizer.set_mode("observe")
+    quantizer(weight)
+    quantizer.freeze()
+    before = weight.clone()
+    with torch.no_grad():
+        quantizer(weight)
+    assert torch.equal(weight, before)

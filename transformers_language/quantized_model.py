@@ -40,9 +40,9 @@ class Wiring:
     """Residual additions inside each layer's forward (pre-LN OPT)."""
     embedding_sums: str | None = None
     """A module whose forward adds the embeddings (BERT: 2 additions)."""
-    embedding_sum_consumers: tuple[str, ...] = ()
-    """Candidates for the module whose only input is the embedding sum: the first one the model has (OPT:
-    `project_in` when the embedding width differs from the hidden size, else the first decoder layer)."""
+    embedding_sum_consumer: str | None = None
+    """The module whose only input is the embedding sum (OPT: the first decoder layer, also behind a
+    `project_in`, whose own input is a lookup in the quantized table and so already on the weight grid)."""
 
 
 WIRINGS = {
@@ -60,13 +60,14 @@ WIRINGS = {
         ffn_in="fc1",
         ffn_activation="activation_fn",
         residual_sums_in_layer=2,
-        embedding_sum_consumers=("model.decoder.project_in", "model.decoder.layers.0"),
+        embedding_sum_consumer="model.decoder.layers.0",
     ),
 }
 
 
 def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
-    """Quantize `module`'s first positional input; the quantizer is a child, so it is saved with the model."""
+    """Quantize `module`'s first positional input, a sum made for it alone (so the quantizer may overwrite
+    it); the quantizer is a child, so it is saved with the model."""
     module.input_quantizer = quantizer
 
     def hook(mod, args, kwargs):
@@ -75,11 +76,6 @@ def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
         return args, kwargs | {"hidden_states": mod.input_quantizer(kwargs["hidden_states"])}
 
     module.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def _optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
-    parent, _, name = path.rpartition(".")
-    return getattr(model.get_submodule(parent), name, None)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
@@ -136,9 +132,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             SumQuantizers([config.act_quantizer(), config.act_quantizer()], hidden).attach(
                 model.get_submodule(wiring.embedding_sums)
             )
-        consumers = [p for p in wiring.embedding_sum_consumers if _optional_submodule(model, p) is not None]
-        if consumers:
-            _quantize_input(model.get_submodule(consumers[0]), config.act_quantizer())
+        if wiring.embedding_sum_consumer is not None:
+            _quantize_input(model.get_submodule(wiring.embedding_sum_consumer), config.act_quantizer())
     return model
 
 
