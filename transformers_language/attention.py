@@ -114,7 +114,10 @@ class AttentionVariant(nn.Module):
                 # Same convention as HF's SDPA path (upper-left causal; a static-cache prefill keeps T keys).
                 key, value = key[:, :, :q_length], value[:, :, :q_length]
                 attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
-            scores = self.scores(torch.matmul(query, key.transpose(-1, -2)) * scaling)
+            # Scale the (B, H, T, d) query, not the (B, H, T, S) scores: fewer values, and none at all for OPT,
+            # which scales its query projection itself and passes 1.0.
+            scaled_query = query if scaling == 1.0 else query * scaling
+            scores = self.scores(torch.matmul(scaled_query, key.transpose(-1, -2)))
             if attention_mask is not None:
                 if attention_mask.dtype == torch.bool:
                     scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
