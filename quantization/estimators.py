@@ -10,7 +10,7 @@ instead of its min and max, computed with torch on the tensor's device (kthvalue
 copy). The search estimators start from the batch's min / max and, per observed batch, look for the best of G
 fractions of them (symmetric: G clipping values; asymmetric: a G x G grid of low and high ends). They search
 coarse to fine: every s-th fraction (s ~ sqrt(G)) first, then every fraction within s of the best coarse one,
-per channel. That scores ~3 sqrt(G) candidates instead of G (about 28 instead of 100; 74 instead of 400 for the
+per channel. That scores ~3 sqrt(G) candidates instead of G (29 instead of 100; 74 instead of 400 for the
 asymmetric grid) and finds the same optimum as the full grid whenever the error falls and then rises along the
 grid, which is the shape of the clipping trade-off. Candidates are scored at once on the device, in chunks that
 bound the temporary memory. Over several batches the estimators keep the mean of the per-batch optima. All

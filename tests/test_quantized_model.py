@@ -140,7 +140,9 @@ def test_opt_embedding_sum_is_quantized_behind_a_project_in():
         model(input_ids=_ids(8))
     handle.remove()
     assert len(torch.unique(inputs[0])) <= 256
-    assert not hasattr(model.model.decoder.project_in, "input_quantizer")
+    project_in = model.model.decoder.project_in
+    assert not hasattr(project_in, "input_quantizer")
+    assert isinstance(project_in, QuantLinear) and project_in.output_quantizer.mode == "quantize"
 
 
 def test_bert_residual_sums_and_embedding_sums_are_quantized():
