@@ -88,11 +88,8 @@ def test_training_preset_resolves_to_the_paper_run(name, tmp_path):
 
     summary = pretrain(objective, [*flags, "--dry_run"])
     config, settings = summary["config"], summary["settings"]
-    assert (config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"]) == (
-        layers,
-        heads,
-        hidden,
-    )
+    layout = (config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"])
+    assert layout == (layers, heads, hidden)
     assert summary["seq_length"] == seq_length and summary["sequences_per_step"] == per_step
     assert (settings["learning_rate"], settings["num_warmup_steps"]) == (lr, warmup)
     assert (settings["max_train_steps"], settings["weight_decay"]) == (steps, decay)
