@@ -168,31 +168,35 @@ class SearchEstimator(RangeEstimator):
         stride = max(1, round(math.sqrt(size)))
         dims = 1 if self.symmetric else 2  # a symmetric range has one free end; an asymmetric one two
         device = flat.device
+        # A symmetric grid is signed when the data has negative values: decided once (a device sync) per batch.
+        signed = self.symmetric and bool((low < 0).any())
         # Coarse: every stride-th index counted down from G, so the full range is always a candidate.
         coarse_axis = torch.arange(size, 0, -stride, device=device)
         coarse = torch.cartesian_prod(*[coarse_axis] * dims).reshape(-1, dims)  # (Kc, dims) indices
         coarse = coarse[:, None, :].expand(-1, channels, -1)  # (Kc, C, dims)
-        best = self._best(flat, low, high, coarse)  # (C, dims)
+        best = self._best(flat, low, high, coarse, signed)  # (C, dims)
         # Fine: every index within stride of the coarse optimum, per channel (clamped to the grid; repeats are
         # harmless). The coarse optimum is among them, so the fine optimum is never worse.
         offsets = torch.arange(1 - stride, stride, device=device)
         offsets = torch.cartesian_prod(*[offsets] * dims).reshape(-1, dims)  # (Kf, dims)
         fine = (best[None] + offsets[:, None, :]).clamp(1, size)  # (Kf, C, dims)
-        best = self._best(flat, low, high, fine)
-        low_best, high_best = self._ranges(low, high, best[None])
+        best = self._best(flat, low, high, fine, signed)
+        low_best, high_best = self._ranges(low, high, best[None], signed)
         return low_best[0], high_best[0]
 
-    def _ranges(self, low: torch.Tensor, high: torch.Tensor, indices: torch.Tensor):
+    def _ranges(self, low: torch.Tensor, high: torch.Tensor, indices: torch.Tensor, signed: bool):
         """Candidate ranges (K, C) for grid indices (K, C, dims)."""
         fractions = indices.float() / self.grid_size
-        if self.symmetric:  # clip the absolute maximum; the sign of the grid follows the data
+        if self.symmetric:  # clip the absolute maximum; the grid is [-clip, clip] if `signed`, else [0, clip]
             clip = fractions[..., 0] * torch.maximum(low.abs(), high.abs())
-            return (-clip if bool((low < 0).any()) else torch.zeros_like(clip)), clip
+            return (-clip if signed else torch.zeros_like(clip)), clip
         return fractions[..., 0] * low, fractions[..., 1] * high
 
-    def _best(self, flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def _best(
+        self, flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, indices: torch.Tensor, signed: bool
+    ) -> torch.Tensor:
         """The grid indices (C, dims) of the lowest-error candidate per channel."""
-        errors = self._errors(flat, *self._ranges(low, high, indices))
+        errors = self._errors(flat, *self._ranges(low, high, indices, signed))
         best = errors.argmin(dim=0)  # per channel
         return indices[best, torch.arange(flat.shape[0], device=flat.device)]
 
