@@ -91,7 +91,7 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     from transformers import AutoConfig
 
     from transformers_language.attention_stats import AttentionStatistics, delimiter_token_ids
-    from transformers_language.data import prepare_splits
+    from transformers_language.data import prepare_splits, resolve_block_layout
     from transformers_language.evaluation import evaluate_perplexity
     from transformers_language.metrics import ActivationStatistics
     from transformers_language.model_loading import load_checkpoint, load_tokenizer
@@ -102,6 +102,7 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     objective = get_objective(SETUPS[model]["script"])
     with tempfile.TemporaryDirectory() as output_dir:
         args = build_parser(objective).parse_args(validate_argv(model, checkpoint, output_dir, cache))
+    resolve_block_layout(args, checkpoint)
     accelerator = Accelerator(cpu=True)
     tokenizer = load_tokenizer(args)
     net = load_checkpoint(args, AutoConfig.from_pretrained(checkpoint), accelerator.device)

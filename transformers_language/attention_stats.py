@@ -3,6 +3,10 @@
 A head that wants no update puts its attention on tokens that carry little information (the first token,
 [SEP], `.`, `,`), which is what grows outliers in vanilla models. Per layer and head this measures:
   first_token_mass      mean attention probability on the first key position
+  sink_ratio            first_token_mass over what uniform attention would put there (1/keys a query may
+                        attend, averaged over queries: ~0.042 for causal attention over 128 positions, where
+                        the first query can see nothing else), so a value of 3 means a head parks on the first
+                        token three times more than chance, whatever the sequence length
   delimiter_mass        mean total attention probability on delimiter tokens (see `delimiter_token_ids`)
   exact_zero_fraction   clipped softmax only: share of attended (not masked) query-key pairs whose
                         probability is exactly 0
@@ -23,6 +27,16 @@ from transformers import PreTrainedTokenizerBase
 from .runtime import sum_across_processes
 
 DELIMITER_STRINGS = (".", ",")
+
+
+def uniform_first_key_mass(queries: int, keys: int, is_causal: bool) -> float:
+    """Summed over `queries` queries, the attention uniform weights put on the first of `keys` keys (causal:
+    query i of the last `queries` positions sees keys - queries + i + 1 keys)."""
+    if not is_causal:
+        return queries / keys
+    return sum(1.0 / (keys - queries + i + 1) for i in range(queries))
+
+
 _BPE_SPACE_MARKS = "Ġ▁"  # byte-level BPE / sentencepiece word-start marks
 
 
@@ -47,11 +61,11 @@ class AttentionStatistics:
         self.delimiter_ids = torch.tensor(delimiter_ids, dtype=torch.long, device=device)
         heads = model.config.num_attention_heads
         # Per layer, allocated up front (so every process joins the sync with the same shapes):
-        # mass [first token (H), delimiters (H), queries]; zeros [exact zeros (H), attended pairs];
-        # gate [sequence-weighted gate sum (H), sequences].
+        # mass [first token (H), delimiters (H), queries, uniform first-token mass];
+        # zeros [exact zeros (H), attended pairs]; gate [sequence-weighted gate sum (H), sequences].
         self._sums: dict[str, torch.Tensor] = {}
         for layer, variant in enumerate(self.variants):
-            self._sums[f"mass_{layer}"] = torch.zeros(2 * heads + 1, dtype=torch.float64, device=device)
+            self._sums[f"mass_{layer}"] = torch.zeros(2 * heads + 2, dtype=torch.float64, device=device)
             if variant.settings.clipped:
                 self._sums[f"zeros_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
             if variant.gate is not None:
@@ -70,10 +84,14 @@ class AttentionStatistics:
         self._sums[key] += values
 
     def _mass_hook(self, layer: int):
+        variant = self.variants[layer]
+
         def hook(module, args, output):
             mass = output.detach().float().sum(dim=(0, 1))  # (H, 2): summed over sequences and queries
-            queries = output.shape[0] * output.shape[1]
-            self._add(f"mass_{layer}", torch.cat([mass.t().flatten(), mass.new_full((1,), queries)]).double())
+            batch, queries, keys = output.shape[0], output.shape[1], variant.marked_keys.shape[1]
+            uniform = batch * uniform_first_key_mass(queries, keys, variant.is_causal)
+            counts = mass.new_tensor([batch * queries, uniform])
+            self._add(f"mass_{layer}", torch.cat([mass.t().flatten(), counts]).double())
 
         return hook
 
@@ -124,12 +142,13 @@ class AttentionStatistics:
         totals = dict(zip(self._sums, sum_across_processes(accelerator, list(self._sums.values())), strict=True))
         result = {}
         for layer in range(len(self.variants)):
-            *per_head, queries = totals[f"mass_{layer}"].tolist()
+            *per_head, queries, uniform = totals[f"mass_{layer}"].tolist()
             if not queries:
                 continue
             heads = len(per_head) // 2
             figures = {
                 "first_token_mass": [v / queries for v in per_head[:heads]],
+                "sink_ratio": [v / uniform for v in per_head[:heads]],
                 "delimiter_mass": [v / queries for v in per_head[heads:]],
             }
             if f"zeros_{layer}" in totals:

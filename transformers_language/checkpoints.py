@@ -2,7 +2,10 @@
 
 A checkpoint is written to `step_N.tmp` and renamed to `step_N` only when every process has finished, so a
 run killed while saving never leaves a half-written `step_N` behind, and `latest` always means a complete
-one. Older checkpoints beyond the limit are removed after the new one is in place.
+one. Older checkpoints beyond the limit are removed after the new one is in place. Every `step_N` is also a
+loadable model: accelerate's model-state hooks write the weights with `save_pretrained` (config.json,
+safetensors, tokenizer and the layout record beside the training state) and read them back on resume, so
+`validate_*.py --model_name_or_path RUN/step_N` evaluates the model as it was at step N.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from safetensors.torch import load_file
+
+WEIGHTS_NAME = "model.safetensors"  # save_pretrained's single-file weights (the models here are small enough)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -89,19 +96,83 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a per-step JSON-lines log up to `step` (a resumed run rewrites what came after its
+    checkpoint), atomically."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
 def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
     """`values` as indented JSON, written atomically."""
     write_text_atomic(path, json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def save_pretrained_atomic(model, tokenizer, output_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """`save_pretrained` (safetensors) of model (with `state_dict` as its weights, when given) and tokenizer
-    into a temporary folder, then move each file into `output_dir` by rename, so an interrupted save leaves the
-    previous files intact."""
+def save_model_files(model, tokenizer, directory: Path, state_dict: dict | None, records: dict[str, dict]) -> None:
+    """`save_pretrained` (safetensors) of model (with `state_dict` as its weights, when given) and tokenizer,
+    and each JSON record (file name -> values) beside them."""
+    model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    for name, values in records.items():
+        write_json_atomic(Path(directory) / name, values)
+
+
+def save_pretrained_atomic(
+    model, tokenizer, output_dir: str | os.PathLike, state_dict: dict | None = None, records: dict | None = None
+) -> None:
+    """`save_model_files` into a temporary folder, then move each file into `output_dir` by rename, so an
+    interrupted save leaves the previous files intact."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".final.") as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        save_model_files(model, tokenizer, Path(tmp), state_dict, records or {})
         for item in Path(tmp).iterdir():
             os.replace(item, output_dir / item.name)
+
+
+def model_state_dict(accelerator, loss_module) -> dict:
+    """The full weights of the model inside a prepared loss module, keyed as the model's own (under FSDP every
+    process must call this: it gathers the shards)."""
+    return {key.removeprefix("model."): value for key, value in accelerator.get_state_dict(loss_module).items()}
+
+
+def _load_model_weights(model, path: Path) -> None:
+    """Load `save_pretrained` weights into `model` in place; a weight may be missing only where it is tied to
+    one that was loaded (save_pretrained writes a tied head once)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} has no {WEIGHTS_NAME}; resume from a step_N written by this version.")
+    state = load_file(str(path))
+    result = model.load_state_dict(state, strict=False)
+    current = model.state_dict()
+    loaded = {current[key].data_ptr() for key in state if key in current}
+    untied = [key for key in result.missing_keys if current[key].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit this model (missing {untied}, unexpected {result.unexpected_keys}); resume with the "
+            "settings that wrote it."
+        )
+
+
+def register_model_checkpointing(accelerator, loss_module, tokenizer, records: dict[str, dict]) -> None:
+    """Make every `save_state` checkpoint a loadable model: the model's weights go through `save_pretrained`
+    (with tokenizer and records) instead of accelerate's own weights file, and `load_state` reads them back.
+    Under FSDP accelerate keeps its sharded files for resuming, and the gathered weights are written beside."""
+
+    def save_hook(models, weights, output_dir):
+        state_dict = model_state_dict(accelerator, loss_module)
+        if accelerator.is_main_process:
+            save_model_files(
+                accelerator.unwrap_model(loss_module).model, tokenizer, Path(output_dir), state_dict, records
+            )
+        if weights:  # not under FSDP: one weights entry per prepared model, ours is written above
+            weights.pop(models.index(loss_module))
+
+    def load_hook(models, input_dir):
+        if any(model is loss_module for model in models):  # not under FSDP, which loads its own shards
+            _load_model_weights(accelerator.unwrap_model(loss_module).model, Path(input_dir) / WEIGHTS_NAME)
+            models.remove(loss_module)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

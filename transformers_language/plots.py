@@ -1,6 +1,6 @@
 """PNG plots of an evaluation's outlier figures (`--plot`): per-layer inf-norm and kurtosis bars, and a heatmap
 of which hidden dimensions carry the >6 sigma values of the residual stream, layer by layer; and the demo's
-side-by-side comparison of attention methods."""
+side-by-side comparison of attention methods, at the end of training and over it (growth)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,27 @@ def write_method_comparison(per_layer: dict[str, dict[str, list[float]]], titles
         ax.set_xlabel("layer")
         ax.set_title(title, fontsize="medium")
         ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
+    return path
+
+
+def write_growth(growth: dict[str, list[dict]], titles: dict[str, str], path: Path) -> Path:
+    """Per-layer figures against the training step: one row per figure of `titles` (a key of the growth
+    records, e.g. residual kurtosis), one column per layer, one line per method. `growth[method]` holds the
+    run's growth.jsonl records."""
+    layers = max(len(records[0][key]) for records in growth.values() if records for key in titles)
+    fig = Figure(figsize=(3.2 * layers, 2.8 * len(titles)))
+    axes = np.atleast_2d(fig.subplots(len(titles), layers, squeeze=False))
+    for row, (key, title) in enumerate(titles.items()):
+        for layer in range(layers):
+            ax = axes[row, layer]
+            for method, records in growth.items():
+                ax.plot([r["step"] for r in records], [r[key][layer] for r in records], label=method)
+            ax.set_title(f"layer {layer}: {title}", fontsize="medium")
+            ax.set_xlabel("step")
+    axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)

@@ -19,8 +19,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from .checkpoints import TrainingProgress, resolve_resume, save_pretrained_atomic, write_json_atomic
-from .data import add_data_args, check_data_sources, prepare_splits
+from .attention_stats import delimiter_token_ids
+from .checkpoints import (
+    TrainingProgress,
+    model_state_dict,
+    register_model_checkpointing,
+    resolve_resume,
+    save_pretrained_atomic,
+    write_json_atomic,
+)
+from .data import add_data_args, check_data_sources, layout_record, prepare_splits
 from .evaluation import evaluate_perplexity
 from .model_loading import (
     add_model_args,
@@ -51,6 +59,8 @@ RESUME_KEYS = (
     "dataset_setup",
     "train_file",
     "train_percentage",
+    "block_layout",
+    "sample_with_replacement",
     "max_train_steps",
 )
 
@@ -72,6 +82,11 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         "--per_device_train_batch_size", type=int, default=8, help="Sequences per micro-batch and process."
     )
     group.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Sequences per evaluation batch.")
+    group.add_argument(
+        "--sample_with_replacement",
+        action="store_true",
+        help="Draw training blocks uniformly at random with replacement (default: a fresh permutation each epoch).",
+    )
     group.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate.")
     group.add_argument("--lr_scheduler_type", default="linear", choices=SCHEDULES, help="Schedule after warmup.")
     group.add_argument("--num_train_epochs", type=int, default=3, help="Epochs (when --max_train_steps is not set).")
@@ -101,7 +116,9 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     group.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     group.add_argument("--report_to", default="tensorboard", help="accelerate tracker name(s), or 'all'.")
     group.add_argument(
-        "--extra_tb_stats", action="store_true", help="Log weight / activation inf-norms, kurtosis and gates."
+        "--extra_tb_stats",
+        action="store_true",
+        help="Log weight / activation inf-norms, kurtosis, first-token attention and gates (also to growth.jsonl).",
     )
     group.add_argument("--tb_scalar_log_interval", type=int, default=100, help="Steps between extra statistics.")
     group.add_argument("--tb_hist_log_interval", type=int, default=1000, help="Steps between histograms.")
@@ -146,7 +163,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         targets, eval_set = masking, mask_eval_dataset(splits["validation"], masking, args.seed)
     else:
         targets, eval_set = (lambda ids, generator: (ids, ids)), splits["validation"]
-    sampler = EpochPermutationSampler(len(splits["train"]), args.seed)
+    sampler = EpochPermutationSampler(len(splits["train"]), args.seed, args.sample_with_replacement)
     # Its own generator: iterating a DataLoader must not draw from the global RNG that dropout uses.
     train_loader = DataLoader(
         splits["train"], batch_size=args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator()
@@ -161,6 +178,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         args.adam_epsilon,
     )
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
+    records = layout_record(args.block_layout)
+    register_model_checkpointing(accelerator, loss_module, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
     scheduler = build_scheduler(
@@ -192,7 +211,14 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         init_tracking(accelerator, args, f"{objective.name}_{args.model_type}")
         unwrapped = accelerator.unwrap_model(loss_module).model
         telemetry = Telemetry(
-            accelerator, unwrapped, args.extra_tb_stats, args.tb_scalar_log_interval, args.tb_hist_log_interval
+            accelerator,
+            unwrapped,
+            args.extra_tb_stats,
+            args.tb_scalar_log_interval,
+            args.tb_hist_log_interval,
+            delimiter_token_ids(tokenizer),
+            output_dir,
+            progress.step,
         )
     loop = LoopSettings(
         max_train_steps=max_train_steps,
@@ -236,10 +262,9 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     if args.with_tracking:
         accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=progress.step)
     accelerator.wait_for_everyone()
-    # The full weights (under FSDP every process takes part in gathering the shards), keyed as the model's own.
-    state_dict = {key.removeprefix("model."): value for key, value in accelerator.get_state_dict(loss_module).items()}
+    state_dict = model_state_dict(accelerator, loss_module)
     if accelerator.is_main_process:
-        save_pretrained_atomic(accelerator.unwrap_model(loss_module).model, tokenizer, output_dir, state_dict)
+        save_pretrained_atomic(accelerator.unwrap_model(loss_module).model, tokenizer, output_dir, state_dict, records)
         write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
     accelerator.wait_for_everyone()
     accelerator.end_training()

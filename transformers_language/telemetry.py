@@ -2,24 +2,31 @@
 
 Every step: loss, learning rate, grad norm, tokens/s. Every `scalar_interval` steps: the inf-norm of each
 module's weight, the inf-norm and kurtosis of the residual stream after each layer (mean over the step's
-sequences, plus the maximum), and the mean gate probability per layer and head of gated models. Every
-`hist_interval` steps: histograms of the weights and of each layer's residual stream. Hooks exist only
-while a measured step runs; each reduces its output at once into a few device tensors, and those are
-synced once, when the step is logged. No activation outlives its micro-batch.
+sequences, plus the maximum), the attention on the first token and its sink ratio (attention_stats.py) per
+layer, and the mean gate probability per layer and head of gated models. The same per-layer figures go, one
+JSON line per measured step, to `growth.jsonl` in the run directory: outlier growth over training without
+TensorBoard. Every `hist_interval` steps: histograms of the weights and of each layer's residual stream.
+Hooks exist only while a measured step runs; each reduces its output at once into a few device tensors, and
+those are synced once, when the step is logged. No activation outlives its micro-batch.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import json
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .attention_stats import AttentionStatistics
+from .checkpoints import truncate_jsonl
 from .gates import AttentionGate
 from .metrics import per_sequence_stats
 from .runtime import max_across_processes, sum_across_processes
 
 HISTOGRAM_BINS = 64
+GROWTH_FILE = "growth.jsonl"
 
 
 def _weight_modules(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,8 +47,22 @@ def _device_histogram(values: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"low": low, "high": high, "counts": counts, "sum": values.sum(), "sum_squares": values.square().sum()}
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 class Telemetry:
-    def __init__(self, accelerator, model: nn.Module, extra_stats: bool, scalar_interval: int, hist_interval: int):
+    def __init__(
+        self,
+        accelerator,
+        model: nn.Module,
+        extra_stats: bool,
+        scalar_interval: int,
+        hist_interval: int,
+        delimiter_ids: list[int],
+        output_dir: Path,
+        start_step: int = 0,
+    ):
         self.accelerator = accelerator
         self.model = model
         self.extra_stats = extra_stats
@@ -52,6 +73,12 @@ class Telemetry:
             self._writer = accelerator.get_tracker("tensorboard", unwrap=True)
         self._sums: dict[str, torch.Tensor] = {}
         self._histograms: dict[str, dict] = {}
+        self.delimiter_ids = delimiter_ids
+        self._attention: AttentionStatistics | None = None
+        self.growth_path = Path(output_dir) / GROWTH_FILE
+        if extra_stats and accelerator.is_main_process:
+            self.growth_path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self.growth_path, start_step)  # a resumed run rewrites what came after its checkpoint
 
     def _scalar_step(self, step: int) -> bool:
         return self.extra_stats and step % self.scalar_interval == 0
@@ -95,11 +122,22 @@ class Telemetry:
             handles.append(layer.register_forward_hook(self._layer_hook(index, self._hist_step(step))))
             gates = [m for m in layer.modules() if isinstance(m, AttentionGate)]
             handles += [gate.register_forward_hook(self._gate_hook(index)) for gate in gates]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        with ExitStack() as stack:
+            if self._scalar_step(step):
+                self._attention = AttentionStatistics(self.model, self.delimiter_ids)
+                stack.enter_context(self._attention.attached())
+                handles.append(
+                    self.model.base_model.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True)
+                )
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _start_batch_hook(self, module, args, kwargs):
+        """Tell the attention statistics the tokens of each micro-batch before the model runs on them."""
+        self._attention.start_batch(kwargs["input_ids"] if "input_ids" in kwargs else args[0], 0)
 
     def _stats_scalars(self) -> dict[str, float]:
         """Reduce every accumulated statistic across processes at once (one sum, one gather) and read it."""
@@ -129,11 +167,42 @@ class Telemetry:
             norms = _weight_modules(self.model)
             values = torch.stack([w.detach().abs().amax().float() for w in norms.values()]).tolist()
             scalars |= {f"weight_inf_norm/{name}": value for name, value in zip(norms, values, strict=True)}
-            scalars |= self._stats_scalars()
+            stats = self._stats_scalars()
+            attention, self._attention = self._attention.synced(self.accelerator), None
+            for layer, figures in attention.items():
+                stats[f"attention/{layer}/first_token_mass"] = _mean(figures["first_token_mass"])
+                stats[f"attention/{layer}/sink_ratio"] = _mean(figures["sink_ratio"])
+            scalars |= stats
+            if self.accelerator.is_main_process:
+                self._write_growth(step, stats)
         self._sums.clear()  # also after a histogram-only step, whose sums belong to no scalar step
         self.accelerator.log(scalars, step=step)
         if self._hist_step(step):
             self._log_histograms(step)
+
+    def _write_growth(self, step: int, stats: dict[str, float]) -> None:
+        """One line of per-layer figures (lists indexed by layer; gate_mean: per layer, per head)."""
+        layers = len(self.model.transformer_layers())
+
+        def per_layer(template: str) -> list[float] | None:
+            values = [stats.get(template.format(layer=i)) for i in range(layers)]
+            return None if None in values else values
+
+        record = {"step": step}
+        for name, template in (
+            ("kurtosis", "activations/layer_{layer}/kurtosis"),
+            ("inf_norm", "activations/layer_{layer}/inf_norm"),
+            ("inf_norm_max", "activations/layer_{layer}/inf_norm_max"),
+            ("first_token_mass", "attention/layer_{layer}/first_token_mass"),
+            ("sink_ratio", "attention/layer_{layer}/sink_ratio"),
+        ):
+            if (values := per_layer(template)) is not None:
+                record[name] = values
+        gates = [[v for k, v in stats.items() if k.startswith(f"gates/layer_{i}/")] for i in range(layers)]
+        if any(gates):
+            record["gate_mean"] = gates
+        with open(self.growth_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def _log_histograms(self, step: int) -> None:
         histograms, self._histograms = self._histograms, {}

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoints import TrainingProgress, checkpoint_dirs, save_checkpoint
+from .checkpoints import TrainingProgress, checkpoint_dirs, save_checkpoint, truncate_jsonl
 from .objectives import Objective, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,13 @@ Targets = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Te
 
 
 class EpochPermutationSampler(Sampler[int]):
-    """A fresh random order each epoch, a pure function of (seed, epoch): a resumed run sees the same order."""
+    """A fresh random order each epoch, a pure function of (seed, epoch): a resumed run sees the same order.
+    With `replacement`, each epoch is as many blocks drawn uniformly at random with replacement."""
 
-    def __init__(self, num_examples: int, seed: int):
+    def __init__(self, num_examples: int, seed: int, replacement: bool = False):
         self.num_examples = num_examples
         self.seed = seed
+        self.replacement = replacement
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,6 +47,8 @@ class EpochPermutationSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        if self.replacement:
+            return iter(torch.randint(self.num_examples, (self.num_examples,), generator=generator).tolist())
         return iter(torch.randperm(self.num_examples, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -76,14 +80,6 @@ def _due(checkpointing_steps: str | None, step: int, steps_per_epoch: int, last:
     return step % int(checkpointing_steps) == 0
 
 
-def _truncate_log(log_path: Path, step: int) -> None:
-    """Keep the per-step log lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    if not log_path.exists():
-        return
-    lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    log_path.write_text("".join(line + "\n" for line in lines))
-
-
 def train(
     accelerator,
     loss_module: torch.nn.Module,
@@ -101,7 +97,7 @@ def train(
     log_path = settings.output_dir / "train_log.jsonl"
     if accelerator.is_main_process:
         settings.output_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_path, progress.step)
+        truncate_jsonl(log_path, progress.step)
     log_file = open(log_path, "a") if accelerator.is_main_process else None  # noqa: SIM115 (closed below)
     parameters = [p for p in loss_module.parameters() if p.requires_grad]
     max_norm = settings.max_grad_norm if settings.max_grad_norm else float("inf")  # 0 / None: measure only

@@ -27,7 +27,7 @@ from quantization.calibration import activation_quantizers, calibration
 from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .checkpoints import write_json_atomic
-from .data import add_data_args, check_data_sources, prepare_splits
+from .data import add_data_args, check_data_sources, prepare_splits, resolve_block_layout
 from .evaluation import evaluate_perplexity
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
@@ -56,7 +56,8 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_model_args(parser, objective.model_type, training=False)
-    add_data_args(parser, objective.seq_length_flag)  # training data only calibrates --quantize
+    # Training data only calibrates --quantize; the block layout defaults to the checkpoint's.
+    add_data_args(parser, objective.seq_length_flag, layout_default=None)
     group = parser.add_argument_group("evaluation")
     if objective.name == "mlm":
         group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
@@ -145,6 +146,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
 
     config = load_checkpoint_config(args, script, other)
+    layout_source = resolve_block_layout(args, args.model_name_or_path)
     seq_length = sequence_length(args, config, objective.seq_length_flag)
     attention = AttentionConfig.from_model_config(config)
     check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
@@ -200,6 +202,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     settings = vars(args) | {
         "script": script,
         "seq_length": seq_length,
+        "block_layout_source": layout_source,
         "attention": attention.to_dict(),
         "validation_blocks": len(dataset),
         "num_processes": accelerator.num_processes,
