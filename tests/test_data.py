@@ -1,6 +1,7 @@
 """The data pipeline: blocks against a reference tokenization, splitting, caching, and error messages."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ def data_args(tmp_path, **overrides) -> argparse.Namespace:
         data_cache_dir=str(tmp_path / "cache"),
         train_percentage=None,
         validation_percentage=10,
+        block_layout="stream",
     )
     return argparse.Namespace(**(values | overrides))
 
@@ -49,6 +51,47 @@ def test_blocks_match_a_reference_tokenization(model_type, tokenizers, tmp_path)
     assert dataset[:]["input_ids"].tolist() == expected
     first = tokenizer.cls_token_id if model_type == "bert" else tokenizer.bos_token_id
     assert (dataset[:]["input_ids"] == first).sum() > 10  # the special tokens are in the stream
+
+
+@pytest.mark.parametrize("model_type", ["bert", "opt"])
+def test_bos_first_blocks_frame_one_plain_stream(model_type, tokenizers, tmp_path):
+    tokenizer = tokenizers[model_type]
+    seq_length = 64
+    args = data_args(tmp_path, block_layout="bos_first")
+    blocks = data.load_split(args, "validation", tokenizer, seq_length)[:]["input_ids"]
+    assert blocks.shape[1] == seq_length and len(blocks) > 100
+    lines = VALID_TEXT.read_text().splitlines()[: -(-len(VALID_TEXT.read_text().splitlines()) * 10 // 100)]
+    stream = [
+        t for line in lines if line.strip() for t in tokenizer(line.strip(), add_special_tokens=False)["input_ids"]
+    ]
+    if model_type == "opt":  # </s> at position 0 and nowhere else
+        first, body = tokenizer.bos_token_id, blocks[:, 1:]
+        assert (blocks[:, 0] == first).all() and not (body == first).any()
+    else:  # [CLS] body [SEP], as BERT's own pre-training sequences
+        body = blocks[:, 1:-1]
+        assert (blocks[:, 0] == tokenizer.cls_token_id).all() and (blocks[:, -1] == tokenizer.sep_token_id).all()
+        assert not torch.isin(body, torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id])).any()
+    body_length = body.shape[1]
+    assert body.flatten().tolist() == stream[: len(blocks) * body_length]  # in order, nothing skipped
+    assert len(stream) - len(blocks) * body_length < body_length  # only the tail is lost
+    again = data.load_split(
+        data_args(tmp_path, block_layout="bos_first", overwrite_cache=True), "validation", tokenizer, 64
+    )
+    assert torch.equal(again[:]["input_ids"], blocks)  # deterministic
+
+
+def test_the_layout_is_part_of_the_cache_key(tokenizers, tmp_path):
+    for layout in data.BLOCK_LAYOUTS:
+        data.load_split(data_args(tmp_path, block_layout=layout), "validation", tokenizers["opt"], 32)
+    caches = sorted((tmp_path / "cache").glob("validation-*"))
+    assert len(caches) == 2
+    layouts = {json.loads((c / "settings.json").read_text())["block_layout"] for c in caches}
+    assert layouts == set(data.BLOCK_LAYOUTS)
+
+
+def test_unknown_layout_lists_the_valid_ones(tokenizers, tmp_path):
+    with pytest.raises(ValueError, match="Unknown block layout 'bos'; valid layouts: stream, bos_first"):
+        data.load_split(data_args(tmp_path, block_layout="bos"), "validation", tokenizers["opt"], 32)
 
 
 def test_a_long_text_is_split_into_blocks_not_truncated(tokenizers, tmp_path):

@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig, build_model
-from transformers_language.attention_stats import AttentionStatistics
+from transformers_language.attention_stats import AttentionStatistics, uniform_first_key_mass
 from transformers_language.evaluation import evaluate_perplexity
 from transformers_language.linear_cross_entropy import IGNORE_INDEX
 from transformers_language.metrics import ActivationStatistics
@@ -229,6 +229,9 @@ def test_attention_diagnostics_equal_stored_probabilities(model_type, attention)
         p = torch.cat(probs[layer]).double()  # (N, H, T, S)
         figures = result[f"layer_{layer}"]
         np.testing.assert_allclose(figures["first_token_mass"], p[..., 0].mean((0, 2)), rtol=1e-5)
+        # Uniform attention over the keys each query may see: 1 / (i + 1) causal, 1 / S bidirectional.
+        uniform = (allowed.double() / allowed.sum(-1, keepdim=True))[:, 0].mean()
+        np.testing.assert_allclose(figures["sink_ratio"], p[..., 0].mean((0, 2)) / uniform, rtol=1e-5)
         delimiter_mass = (p * is_delimiter[:, None, None, :]).sum(-1).mean((0, 2))
         np.testing.assert_allclose(figures["delimiter_mass"], delimiter_mass, rtol=1e-5)
         if clipped:  # clipped softmax gives some exact zeros; masked pairs do not count
@@ -306,3 +309,13 @@ def test_fsdp_lockstep_runs_uncounted_filler_batches():
     batches = math.ceil(EXAMPLES / BATCH)
     assert loss.calls == batches + 2 and loss.probed_calls == probe.batches == batches
     assert results["eval_tokens"] == EXAMPLES * (SEQ - 1) and results["eval_loss"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("queries, keys", [(128, 128), (5, 9), (1, 7)])
+def test_uniform_first_key_mass_is_what_uniform_attention_puts_on_the_first_key(queries, keys):
+    allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)  # bottom-right aligned
+    uniform = allowed.double() / allowed.sum(-1, keepdim=True)
+    assert uniform_first_key_mass(queries, keys, is_causal=True) == pytest.approx(uniform[:, 0].sum().item())
+    assert uniform_first_key_mass(queries, keys, is_causal=False) == pytest.approx(queries / keys)
+    if queries == keys == 128:  # the figure the README quotes: ~4.2% on the first token by chance alone
+        assert uniform[:, 0].mean().item() == pytest.approx(0.0424, abs=1e-4)

@@ -1,6 +1,8 @@
 """Telemetry: statistics reduced in hooks equal those of stored activations, hooks are scoped, TensorBoard gets
 every tag."""
 
+import json
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -9,17 +11,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import VOCAB, run_main, tiny_config, train_argv
 from transformers_language import AttentionConfig, build_model
 from transformers_language.metrics import per_sequence_stats
-from transformers_language.telemetry import Telemetry
+from transformers_language.telemetry import GROWTH_FILE, Telemetry
 
 
 def _hook_counts(model) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-def test_streamed_statistics_equal_stored_activations(model_type):
+def test_streamed_statistics_equal_stored_activations(model_type, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_config(model_type), AttentionConfig(gate_type="conditional_per_token")).eval()
-    telemetry = Telemetry(Accelerator(cpu=True), model, extra_stats=True, scalar_interval=2, hist_interval=100)
+    telemetry = Telemetry(
+        Accelerator(cpu=True), model, True, scalar_interval=2, hist_interval=100, delimiter_ids=[], output_dir=tmp_path
+    )
     stored, gates = [[] for _ in model.transformer_layers()], [[] for _ in model.transformer_layers()]
     handles = [
         layer.register_forward_hook(lambda m, a, o, i=i: stored[i].append(o.detach()))
@@ -39,9 +43,37 @@ def test_streamed_statistics_equal_stored_activations(model_type):
         for ids in batches:
             model(input_ids=ids)
     assert _hook_counts(model) == baseline
+    assert all(variant.marked_keys is None for variant in model.attention_variants().values())
+    telemetry.log(2, {"step": 2, "loss": 1.0})  # writes the growth record and clears the step's sums
+    assert not telemetry._sums and telemetry._attention is None
+    with telemetry.measure(step=2):
+        for ids in batches:
+            model(input_ids=ids)
     scalars = telemetry._stats_scalars()
+    attention = telemetry._attention.synced(Accelerator(cpu=True))
     for handle in handles:
         handle.remove()
+    # First-token attention against the probabilities themselves (a hook on `probs` takes the explicit path).
+    probs = [[] for _ in model.transformer_layers()]
+    handles = [
+        v.probs.register_forward_hook(lambda m, a, o, i=i: probs[i].append(o.detach()))
+        for i, v in enumerate(model.attention_variants().values())
+    ]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    probs = [torch.cat(per_layer) for per_layer in probs]
+    causal = model_type == "opt"
+    for index, p in enumerate(probs):
+        mass = p[..., 0].double().mean((0, 2))
+        assert attention[f"layer_{index}"]["first_token_mass"] == pytest.approx(mass.tolist(), rel=1e-5)
+        queries, keys = p.shape[-2:]
+        uniform = sum(1.0 / (i + 1) for i in range(queries)) / queries if causal else 1.0 / keys
+        assert attention[f"layer_{index}"]["sink_ratio"] == pytest.approx((mass / uniform).tolist(), rel=1e-5)
+    record = json.loads((tmp_path / GROWTH_FILE).read_text().splitlines()[0])
+    assert record["step"] == 2 and len(record["kurtosis"]) == len(record["sink_ratio"]) == len(probs)
 
     for index, outputs in enumerate(stored):
         everything = torch.cat(outputs)
@@ -82,3 +114,21 @@ def test_tensorboard_receives_step_and_extra_statistics(tmp_path, data_cache):
 def test_extra_stats_need_tensorboard(tmp_path, data_cache):
     with pytest.raises(ValueError, match="--extra_tb_stats logs to TensorBoard: add --with_tracking"):
         run_main("opt", train_argv("opt", tmp_path / "run", data_cache, "--extra_tb_stats"))
+
+
+def test_growth_file_has_one_record_per_logging_step(tmp_path, data_cache):
+    out = tmp_path / "run"
+    tracking = ["--with_tracking", "--report_to", "tensorboard", "--extra_tb_stats", "--tb_scalar_log_interval", "2"]
+    run_main("opt", train_argv("opt", out, data_cache, *tracking, "--attn_gate_type", "conditional_per_token", steps=5))
+    records = [json.loads(line) for line in (out / GROWTH_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    for record in records:
+        for key in ("kurtosis", "inf_norm", "inf_norm_max", "first_token_mass", "sink_ratio"):
+            assert len(record[key]) == 2 and all(v > 0 for v in record[key])
+        assert len(record["gate_mean"]) == 2 and len(record["gate_mean"][0]) == 4  # per layer, per head
+        logged = {e.step: e.value for e in events.Scalars("activations/layer_1/kurtosis")}
+        assert record["kurtosis"][1] == pytest.approx(logged[record["step"]], rel=1e-6)
+        logged = {e.step: e.value for e in events.Scalars("attention/layer_0/sink_ratio")}
+        assert record["sink_ratio"][0] == pytest.approx(logged[record["step"]], rel=1e-6)

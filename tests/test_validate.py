@@ -109,7 +109,7 @@ def test_validation_writes_every_figure(model_type, checkpoints, tmp_path, data_
     attention = results["attention"]
     assert sorted(attention) == ["layer_0", "layer_1"]
     # BERT: clipped softmax (exact zeros); OPT: gated.
-    expected = {"first_token_mass", "delimiter_mass"} | (
+    expected = {"first_token_mass", "sink_ratio", "delimiter_mass"} | (
         {"gate_mean"} if model_type == "opt" else {"exact_zero_fraction"}
     )
     assert all(set(figures) == expected and len(figures["first_token_mass"]) == 4 for figures in attention.values())
@@ -315,3 +315,59 @@ def test_the_paper_readme_commands_parse(model_type, kind):
     assert (config is not None) == (kind == "w8a8")
     if config is not None and model_type == "opt":
         assert config.percentile == 99.999 and config.quant_setup == "fp32_head"
+
+
+def _settings(output_dir: Path) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())["settings"]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "opt"])
+def test_validation_uses_the_layout_the_checkpoint_was_trained_with(model_type, tmp_path, data_cache):
+    run = tmp_path / "run"
+    run_main(model_type, train_argv(model_type, run, data_cache, "--block_layout", "bos_first", steps=2))
+    assert json.loads((run / "block_layout.json").read_text()) == {"block_layout": "bos_first"}
+    assert json.loads((run / "run_settings.json").read_text())["block_layout"] == "bos_first"
+    recorded = run_validate(model_type, validate_argv(model_type, run, tmp_path / "a", data_cache))
+    settings = _settings(tmp_path / "a")
+    assert settings["block_layout"] == "bos_first" and "block_layout.json" in settings["block_layout_source"]
+    flag = ["--block_layout", "stream"]
+    overridden = run_validate(model_type, validate_argv(model_type, run, tmp_path / "b", data_cache, *flag))
+    assert _settings(tmp_path / "b")["block_layout"] == "stream"
+    assert _settings(tmp_path / "b")["block_layout_source"] == "--block_layout"
+    assert overridden["perplexity"] != recorded["perplexity"]  # other blocks
+
+
+def test_a_model_without_a_layout_record_is_validated_on_stream_blocks(checkpoints, tmp_path, data_cache):
+    checkpoint = tmp_path / "copy"
+    checkpoint.mkdir()
+    for item in checkpoints["opt"].iterdir():
+        if item.is_file() and item.name != "block_layout.json":
+            (checkpoint / item.name).write_bytes(item.read_bytes())
+    run_validate("opt", validate_argv("opt", checkpoint, tmp_path / "eval", data_cache))
+    assert _settings(tmp_path / "eval")["block_layout"] == "stream"
+
+
+def test_corrupt_layout_record_is_a_clear_error(checkpoints, tmp_path, data_cache):
+    checkpoint = tmp_path / "copy"
+    checkpoint.mkdir()
+    for item in checkpoints["opt"].iterdir():
+        if item.is_file():
+            (checkpoint / item.name).write_bytes(item.read_bytes())
+    (checkpoint / "block_layout.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"block_layout\.json is corrupt .*; pass --block_layout"):
+        run_validate("opt", validate_argv("opt", checkpoint, tmp_path / "eval", data_cache))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "opt"])
+def test_a_mid_run_checkpoint_validates_like_the_final_model(model_type, tmp_path, data_cache):
+    run = tmp_path / "run"
+    extra = ["--checkpointing_steps", "2", "--block_layout", "bos_first"]
+    run_main(model_type, train_argv(model_type, run, data_cache, *extra, *METHOD[model_type], steps=4))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "block_layout.json"):
+        assert (run / "step_2" / name).is_file() and (run / "step_4" / name).is_file()
+    mid = run_validate(model_type, validate_argv(model_type, run / "step_2", tmp_path / "mid", data_cache))
+    last = run_validate(model_type, validate_argv(model_type, run / "step_4", tmp_path / "last", data_cache))
+    final = run_validate(model_type, validate_argv(model_type, run, tmp_path / "final", data_cache))
+    assert last["perplexity"] == final["perplexity"]  # the same weights, saved as step_4 and as the final model
+    assert mid["perplexity"] != last["perplexity"] and math.isfinite(mid["perplexity"])
+    assert _settings(tmp_path / "mid")["block_layout"] == "bos_first"

@@ -177,6 +177,7 @@ def add_data_args(
 
 
 def check_data_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+    get_block_layout(args.block_layout)
     if args.dataset_setup is not None:
         if args.dataset_setup not in DATASET_SETUPS:
             raise ValueError(
@@ -285,6 +286,7 @@ def load_split(
 
     Only the main process tokenizes; the others must call this after it has finished (see
     `prepare_splits`), and then load the cache it wrote."""
+    layout = get_block_layout(args.block_layout)
     key = {
         "version": CACHE_FORMAT_VERSION,
         "split": split,
@@ -302,7 +304,6 @@ def load_split(
         return load_from_disk(str(cache)).with_format("torch")
     if not is_main:
         raise RuntimeError(f"The main process did not write the {split} cache {cache}.")
-    layout = get_block_layout(args.block_layout)
     raw = _load_raw(args, split)
     tokenized = raw.map(
         partial(_tokenize, tokenizer=tokenizer, layout=layout),

@@ -126,9 +126,8 @@ class Telemetry:
             if self._scalar_step(step):
                 self._attention = AttentionStatistics(self.model, self.delimiter_ids)
                 stack.enter_context(self._attention.attached())
-                handles.append(
-                    self.model.base_model.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True)
-                )
+                embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids
+                handles.append(embeddings.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True))
             try:
                 yield
             finally:
@@ -137,7 +136,7 @@ class Telemetry:
 
     def _start_batch_hook(self, module, args, kwargs):
         """Tell the attention statistics the tokens of each micro-batch before the model runs on them."""
-        self._attention.start_batch(kwargs["input_ids"] if "input_ids" in kwargs else args[0], 0)
+        self._attention.start_batch(args[0] if args else kwargs["input"], 0)
 
     def _stats_scalars(self) -> dict[str, float]:
         """Reduce every accumulated statistic across processes at once (one sum, one gather) and read it."""
