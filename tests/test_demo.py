@@ -1,5 +1,5 @@
-"""The demo end to end in a reduced mode: three methods trained for a few steps, validated FP and W8A8, and
-the side-by-side table printed and written with the comparison plot."""
+"""The demo end to end in a reduced mode: three methods trained for a few steps on bos_first blocks, validated
+FP and W8A8, and the side-by-side table printed and written with the comparison and growth plots."""
 
 import json
 import os
@@ -26,16 +26,23 @@ def test_demo_prints_the_comparison_table(tmp_path):
     methods = ["vanilla", "clipped_softmax", "gated_attention"]
     assert sorted(summary["methods"]) == sorted(methods) and summary["settings"]["max_train_steps"] == 2
     table = (output_dir / "summary.md").read_text()
-    assert table in result.stdout and "W8A8 ppl" in table
+    assert table in result.stdout
+    header = "| method | FP ppl | W8A8 ppl | W8A8 gap | max inf-norm | avg kurtosis | residual kurtosis per layer |"
+    assert table.startswith(header + " sink ratio per layer |")
     for method in methods:
         row = summary["methods"][method]
-        assert len(row["per_layer"]["kurtosis"]) == 4  # OPT-small's layers
+        assert len(row["per_layer"]["kurtosis"]) == len(row["per_layer"]["sink_ratio"]) == 4  # OPT-small's layers
         line = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
         assert f"| {row['fp_perplexity']:.2f} | {row['w8a8_perplexity']:.2f} |" in line
+        assert line.endswith(f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['sink_ratio'])} |")
+        assert [record["step"] for record in row["growth"]] == [2]  # logged at the run's last step
+        assert len(row["growth"][0]["kurtosis"]) == len(row["growth"][0]["sink_ratio"]) == 4
         fp = json.loads((output_dir / method / "eval-fp" / "all_results.json").read_text())
         w8a8 = json.loads((output_dir / method / "eval-w8a8" / "all_results.json").read_text())
         assert fp["perplexity"] == row["fp_perplexity"] and w8a8["perplexity"] == row["w8a8_perplexity"]
         assert w8a8["settings"]["quantization"]["ranges_weights"] == "MSE"
+        assert fp["settings"]["block_layout"] == w8a8["settings"]["block_layout"] == "bos_first"  # the checkpoint's
         assert (output_dir / method / "eval-fp" / "kurtosis_per_layer.png").stat().st_size > 0
     assert (output_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (output_dir / "growth.png").read_bytes()[:4] == b"\x89PNG"
     assert "=== [9/9]" in result.stdout

@@ -160,19 +160,24 @@ def register_model_checkpointing(accelerator, loss_module, tokenizer, records: d
     (with tokenizer and records) instead of accelerate's own weights file, and `load_state` reads them back.
     Under FSDP accelerate keeps its sharded files for resuming, and the gathered weights are written beside."""
 
+    unwrapped = accelerator.unwrap_model(loss_module)
+
+    def ours(models) -> int | None:  # where the loss module sits in accelerate's list (wrapped or not)
+        found = [i for i, model in enumerate(models) if accelerator.unwrap_model(model) is unwrapped]
+        return found[0] if found else None
+
     def save_hook(models, weights, output_dir):
         state_dict = model_state_dict(accelerator, loss_module)
         if accelerator.is_main_process:
-            save_model_files(
-                accelerator.unwrap_model(loss_module).model, tokenizer, Path(output_dir), state_dict, records
-            )
+            save_model_files(unwrapped.model, tokenizer, Path(output_dir), state_dict, records)
         if weights:  # not under FSDP: one weights entry per prepared model, ours is written above
-            weights.pop(models.index(loss_module))
+            weights.pop(ours(models))
 
     def load_hook(models, input_dir):
-        if any(model is loss_module for model in models):  # not under FSDP, which loads its own shards
-            _load_model_weights(accelerator.unwrap_model(loss_module).model, Path(input_dir) / WEIGHTS_NAME)
-            models.remove(loss_module)
+        index = ours(models)
+        if index is not None:  # not under FSDP, which loads its own shards
+            _load_model_weights(unwrapped.model, Path(input_dir) / WEIGHTS_NAME)
+            models.pop(index)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
