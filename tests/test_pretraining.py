@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tests.conftest import VARIANTS, read_log, run_main, train_argv
 from transformers_language import AttentionConfig, model_class
 from transformers_language.objectives import CausalLMLoss
+from transformers_language.training import EpochPermutationSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,8 @@ def test_resume_gives_identical_losses(model_type, tmp_path, data_cache, monkeyp
     import transformers_language.training as training
 
     extra = ["--checkpointing_steps", "3", "--attn_dropout", "0.1", "--hidden_dropout", "0.1"]
+    if model_type == "opt":  # the other sampler: blocks drawn with replacement
+        extra.append("--sample_with_replacement")
     straight = tmp_path / "straight"
     run_main(model_type, train_argv(model_type, straight, data_cache, *extra, steps=6))
 
@@ -90,6 +93,16 @@ def test_resume_gives_identical_losses(model_type, tmp_path, data_cache, monkeyp
     assert _losses(resumed) == _losses(straight)  # bit for bit
     first, second = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_samplers_are_functions_of_seed_and_epoch():
+    permutation, replacement = EpochPermutationSampler(50, 7), EpochPermutationSampler(50, 7, replacement=True)
+    assert sorted(permutation) == list(range(50))  # each block once per epoch
+    drawn = list(replacement)
+    assert len(drawn) == 50 and len(set(drawn)) < 50 and all(0 <= i < 50 for i in drawn)  # repeats
+    assert list(EpochPermutationSampler(50, 7, replacement=True)) == drawn
+    replacement.set_epoch(1)
+    assert list(replacement) != drawn
 
 
 def test_gradient_accumulation_matches_large_batch(model_type, tmp_path, data_cache):

@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import VOCAB, run_main, tiny_config, train_argv
+from tests.conftest import VOCAB, read_log, run_main, tiny_config, train_argv
 from transformers_language import AttentionConfig, build_model
 from transformers_language.metrics import per_sequence_stats
 from transformers_language.telemetry import GROWTH_FILE, Telemetry
@@ -132,3 +132,12 @@ def test_growth_file_has_one_record_per_logging_step(tmp_path, data_cache):
         assert record["kurtosis"][1] == pytest.approx(logged[record["step"]], rel=1e-6)
         logged = {e.step: e.value for e in events.Scalars("attention/layer_0/sink_ratio")}
         assert record["sink_ratio"][0] == pytest.approx(logged[record["step"]], rel=1e-6)
+
+
+def test_measured_steps_train_exactly_as_unmeasured_ones(tmp_path, data_cache):
+    """The first-token indicators ride along as extra value channels: the step's numbers must not move."""
+    plain, measured = tmp_path / "plain", tmp_path / "measured"
+    run_main("opt", train_argv("opt", plain, data_cache, "--hidden_dropout", "0.1", steps=4))
+    tracking = ["--with_tracking", "--extra_tb_stats", "--tb_scalar_log_interval", "1"]
+    run_main("opt", train_argv("opt", measured, data_cache, "--hidden_dropout", "0.1", *tracking, steps=4))
+    assert [r["loss"] for r in read_log(measured)] == [r["loss"] for r in read_log(plain)]

@@ -199,13 +199,18 @@ def test_a_method_flag_that_contradicts_the_checkpoint(checkpoints, tmp_path, da
     assert not (out / "all_results.json").exists()
 
 
+def copy_files(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A copy of a checkpoint's files (not its subfolders), without those named in `skip`."""
+    target.mkdir()
+    for item in source.iterdir():
+        if item.is_file() and item.name not in skip:
+            (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
 def test_checkpoint_whose_weights_do_not_match_its_config(checkpoints, tmp_path, data_cache):
     """A config.json that names a gate over weights without one must not evaluate a freshly initialised gate."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for item in checkpoints["bert"].iterdir():
-        if item.is_file():
-            (broken / item.name).write_bytes(item.read_bytes())
+    broken = copy_files(checkpoints["bert"], tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())
     config["attention_variant"] |= {"gate_type": "conditional_per_token"}
     (broken / "config.json").write_text(json.dumps(config))
@@ -338,21 +343,13 @@ def test_validation_uses_the_layout_the_checkpoint_was_trained_with(model_type, 
 
 
 def test_a_model_without_a_layout_record_is_validated_on_stream_blocks(checkpoints, tmp_path, data_cache):
-    checkpoint = tmp_path / "copy"
-    checkpoint.mkdir()
-    for item in checkpoints["opt"].iterdir():
-        if item.is_file() and item.name != "block_layout.json":
-            (checkpoint / item.name).write_bytes(item.read_bytes())
+    checkpoint = copy_files(checkpoints["opt"], tmp_path / "copy", skip=("block_layout.json",))
     run_validate("opt", validate_argv("opt", checkpoint, tmp_path / "eval", data_cache))
     assert _settings(tmp_path / "eval")["block_layout"] == "stream"
 
 
 def test_corrupt_layout_record_is_a_clear_error(checkpoints, tmp_path, data_cache):
-    checkpoint = tmp_path / "copy"
-    checkpoint.mkdir()
-    for item in checkpoints["opt"].iterdir():
-        if item.is_file():
-            (checkpoint / item.name).write_bytes(item.read_bytes())
+    checkpoint = copy_files(checkpoints["opt"], tmp_path / "copy")
     (checkpoint / "block_layout.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"block_layout\.json is corrupt .*; pass --block_layout"):
         run_validate("opt", validate_argv("opt", checkpoint, tmp_path / "eval", data_cache))
