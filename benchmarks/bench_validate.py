@@ -91,7 +91,8 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     from transformers import AutoConfig
 
     from transformers_language.attention_stats import AttentionStatistics, delimiter_token_ids
-    from transformers_language.data import prepare_splits, resolve_block_layout
+    from transformers_language.block_layouts import resolve_block_layout
+    from transformers_language.data import prepare_splits
     from transformers_language.evaluation import evaluate_perplexity
     from transformers_language.metrics import ActivationStatistics
     from transformers_language.model_loading import load_checkpoint, load_tokenizer

@@ -1,14 +1,9 @@
 """Text datasets for pre-training and evaluation: hub setups or local files, tokenized into fixed-length blocks.
 
 One pipeline serves MLM and CLM. Each split is loaded on its own (evaluation never touches the training
-split), blank lines are dropped, and the texts become blocks of exactly `seq_length` tokens in one of two
-layouts (`--block_layout`, the BLOCK_LAYOUTS registry):
-  stream     every line tokenized with the tokenizer's special tokens (BERT: `[CLS] ... [SEP]`, OPT: a leading
-             `</s>`), the token stream cut into blocks (HF's `group_texts`, the paper's code);
-  bos_first  lines stripped and tokenized without special tokens, one stream cut into bodies of
-             `seq_length - k` tokens, each framed by the tokenizer's k special tokens (OPT: `</s>` + body,
-             BERT: `[CLS]` + body + `[SEP]`), so the content-free token sits at position 0 and nowhere else.
-Either way a long text is split, never truncated. Grouping runs in one process, so the blocks do not depend
+split), blank lines are dropped, and the texts become blocks of exactly `seq_length` tokens in the layout
+of `--block_layout` (block_layouts.py: `stream`, the paper's, or `bos_first`). Either way a long text is
+split, never truncated. Grouping runs in one process, so the blocks do not depend
 on `--preprocessing_num_workers`. Processed splits are saved under `--data_cache_dir` with a
 key made of everything that determines them, and a later run with the same settings loads them instead of
 tokenizing again.
@@ -31,10 +26,18 @@ import datasets
 from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from .block_layouts import (
+    BLOCK_LAYOUTS,
+    DEFAULT_BLOCK_LAYOUT,
+    GROUP_BATCH_SIZE,
+    BlockLayout,
+    build_blocks,
+    get_block_layout,
+)
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-GROUP_BATCH_SIZE = 1000  # stream layout: lines per grouping batch; each batch's tail shorter than a block is dropped
 
 
 @dataclass(frozen=True)
@@ -70,66 +73,6 @@ DATASET_SETUPS: dict[str, dict[str, tuple[HubSource, ...]]] = {
     },
 }
 SPLITS = ("train", "validation")
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """How tokenized texts become blocks: what the tokenizer adds to each text, and how blocks are framed."""
-
-    description: str
-    special_tokens_per_text: bool  # stream: each text carries its special tokens; bos_first: none
-    framed_blocks: bool  # bos_first: every block gets the tokenizer's special tokens around its body
-
-
-BLOCK_LAYOUTS = {
-    "stream": BlockLayout("lines with their special tokens, one stream cut into blocks (HF group_texts)", True, False),
-    "bos_first": BlockLayout("one stream of plain tokens, each block framed as one text ([BOS] + body)", False, True),
-}
-DEFAULT_BLOCK_LAYOUT = "stream"
-
-
-LAYOUT_RECORD = "block_layout.json"  # written beside every saved model: the layout it was trained on
-
-
-def layout_record(block_layout: str) -> dict[str, dict]:
-    """The file (name -> JSON values) that records a model's training layout beside its weights."""
-    return {LAYOUT_RECORD: {"block_layout": block_layout}}
-
-
-def resolve_block_layout(args: argparse.Namespace, model_dir: str) -> str:
-    """The layout an evaluation uses: `--block_layout` when given, else the one recorded beside the checkpoint,
-    else `stream` (a model not trained here, e.g. from the hub). Stored in `args.block_layout`; logged."""
-    record = Path(model_dir) / LAYOUT_RECORD
-    if args.block_layout is not None:
-        source = "--block_layout"
-    elif record.is_file():
-        try:
-            args.block_layout = json.loads(record.read_text())["block_layout"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{record} is corrupt ({error}); pass --block_layout to choose the layout.") from error
-        get_block_layout(args.block_layout)
-        source = f"the checkpoint's {LAYOUT_RECORD}"
-    else:
-        args.block_layout, source = DEFAULT_BLOCK_LAYOUT, f"the default (no {LAYOUT_RECORD} beside the checkpoint)"
-    logger.info("Block layout %s, from %s", args.block_layout, source)
-    return source
-
-
-def get_block_layout(name: str) -> BlockLayout:
-    if name not in BLOCK_LAYOUTS:
-        raise ValueError(f"Unknown block layout {name!r}; valid layouts: {', '.join(BLOCK_LAYOUTS)}.")
-    return BLOCK_LAYOUTS[name]
-
-
-def block_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """(prefix, suffix): the special tokens the tokenizer puts around one text (OPT: [</s>], []; BERT: [CLS],
-    [SEP]), read from how it frames a short text."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
-    starts = [i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain]
-    if len(starts) != 1:
-        raise ValueError(f"Cannot read the special-token frame of the tokenizer {tokenizer.name_or_path!r}.")
-    return framed[: starts[0]], framed[starts[0] + len(plain) :]
 
 
 def add_data_args(
@@ -235,46 +178,6 @@ def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, layout: BlockLayo
     return {"input_ids": encoded["input_ids"]}
 
 
-def _group(batch: dict, seq_length: int) -> dict:
-    stream = [token for ids in batch["input_ids"] for token in ids]
-    usable = len(stream) - len(stream) % seq_length
-    return {"input_ids": [stream[i : i + seq_length] for i in range(0, usable, seq_length)]}
-
-
-class _FramedBlocks:
-    """A batched map over the tokenized rows, in order, yielding blocks of prefix + body + suffix: the bodies
-    are cut from the whole split's stream (what a batch leaves over carries into the next one), so only the
-    stream's last, partial body is dropped. Stateful, hence run in one process."""
-
-    def __init__(self, prefix: list[int], suffix: list[int], seq_length: int):
-        self.prefix, self.suffix = prefix, suffix
-        self.body_length = seq_length - len(prefix) - len(suffix)
-        self.pending: list[int] = []
-
-    def __call__(self, batch: dict) -> dict:
-        for ids in batch["input_ids"]:
-            self.pending.extend(ids)
-        usable = len(self.pending) - len(self.pending) % self.body_length
-        bodies = [self.pending[i : i + self.body_length] for i in range(0, usable, self.body_length)]
-        del self.pending[:usable]
-        return {"input_ids": [self.prefix + body + self.suffix for body in bodies]}
-
-
-def _build_blocks(tokenized: Dataset, tokenizer, layout: BlockLayout, seq_length: int, split: str) -> Dataset:
-    if not layout.framed_blocks:
-        group = partial(_group, seq_length=seq_length)
-    else:
-        prefix, suffix = block_frame(tokenizer)
-        if seq_length <= len(prefix) + len(suffix):
-            raise ValueError(
-                f"A block of {seq_length} tokens leaves no room beside its {len(prefix) + len(suffix)} special tokens."
-            )
-        group = _FramedBlocks(prefix, suffix, seq_length)
-    return tokenized.map(
-        group, batched=True, batch_size=GROUP_BATCH_SIZE, load_from_cache_file=False, desc=f"Grouping {split}"
-    )
-
-
 def default_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "outlier_free_transformers"
 
@@ -312,7 +215,7 @@ def load_split(
         remove_columns=raw.column_names,
         desc=f"Tokenizing {split}",
     )
-    blocks = _build_blocks(tokenized, tokenizer, layout, seq_length, split)
+    blocks = build_blocks(tokenized, tokenizer, layout, seq_length, split)
     if len(blocks) == 0:
         raise ValueError(f"The {split} data has fewer than {seq_length} tokens: no block of that length fits.")
     tmp = cache.with_name(cache.name + ".tmp")

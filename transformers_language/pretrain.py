@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from .attention_stats import delimiter_token_ids
+from .block_layouts import layout_record
 from .checkpoints import (
     TrainingProgress,
     model_state_dict,
@@ -28,7 +29,7 @@ from .checkpoints import (
     save_pretrained_atomic,
     write_json_atomic,
 )
-from .data import add_data_args, check_data_sources, layout_record, prepare_splits
+from .data import add_data_args, check_data_sources, prepare_splits
 from .evaluation import evaluate_perplexity
 from .model_loading import (
     add_model_args,
