@@ -113,13 +113,15 @@ class _FramedBlocks:
 
 
 def build_blocks(tokenized: Dataset, tokenizer, layout: BlockLayout, seq_length: int, split: str) -> Dataset:
+    """The split's blocks of `seq_length` tokens in `layout`, from its tokenized texts (in one process)."""
     if not layout.framed_blocks:
         group = partial(_group, seq_length=seq_length)
     else:
         prefix, suffix = block_frame(tokenizer)
         if seq_length <= len(prefix) + len(suffix):
             raise ValueError(
-                f"A block of {seq_length} tokens leaves no room beside its {len(prefix) + len(suffix)} special tokens."
+                f"A {seq_length}-token block leaves no room beside its {len(prefix) + len(suffix)} special tokens; "
+                "use a longer sequence length."
             )
         group = _FramedBlocks(prefix, suffix, seq_length)
     return tokenized.map(
