@@ -95,10 +95,13 @@ def write_method_comparison(per_layer: dict[str, dict[str, list[float]]], titles
     return path
 
 
-def write_growth(growth: dict[str, list[dict]], titles: dict[str, str], path: Path) -> Path:
+def write_growth(
+    growth: dict[str, list[dict]], titles: dict[str, str], path: Path, baselines: dict[str, float] | None = None
+) -> Path:
     """Per-layer figures against the training step: one row per figure of `titles` (a key of the growth
     records, e.g. residual kurtosis), one column per layer, one line per method. `growth[method]` holds the
-    run's growth.jsonl records."""
+    run's growth.jsonl records; `baselines[figure]` draws a dashed reference (e.g. 3, a Gaussian's kurtosis)."""
+    baselines = baselines or {}
     layers = max(len(records[0][key]) for records in growth.values() if records for key in titles)
     fig = Figure(figsize=(3.2 * layers, 2.8 * len(titles)))
     axes = np.atleast_2d(fig.subplots(len(titles), layers, squeeze=False))
@@ -107,6 +110,8 @@ def write_growth(growth: dict[str, list[dict]], titles: dict[str, str], path: Pa
             ax = axes[row, layer]
             for method, records in growth.items():
                 ax.plot([r["step"] for r in records], [r[key][layer] for r in records], label=method)
+            if key in baselines:
+                ax.axhline(baselines[key], color="grey", linestyle="--", linewidth=0.8)
             ax.set_title(f"layer {layer}: {title}", fontsize="medium")
             ax.set_xlabel("step")
     axes[0, 0].legend(fontsize="small")
