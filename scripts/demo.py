@@ -9,8 +9,8 @@ Every stage is a call of the library behind `run_clm.py` / `validate_clm.py` wit
 it, so each stage can be repeated by hand. Data and tokenizer come from local files when the shared folder is
 there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from the HF hub.
 
-    python scripts/demo.py            # the whole pipeline, about 10 minutes on 2 CPU cores
-    python scripts/demo.py --full     # 1500 steps per method (about 80 minutes on 2 cores)
+    python scripts/demo.py            # the whole pipeline, about 8 minutes on 2 CPU cores
+    python scripts/demo.py --full     # 1500 steps per method (about 71 minutes on 2 cores)
     python scripts/demo.py --full --seed 0 --methods vanilla gated_attention   # another seed
 """
 
