@@ -18,6 +18,7 @@ probabilities, which clipped softmax computes anyway.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -29,15 +30,16 @@ from .runtime import sum_across_processes
 DELIMITER_STRINGS = (".", ",")
 
 
+_BPE_SPACE_MARKS = "Ġ▁"  # byte-level BPE / sentencepiece word-start marks
+
+
+@functools.cache  # called per layer and batch with the same few shapes
 def uniform_first_key_mass(queries: int, keys: int, is_causal: bool) -> float:
     """Summed over `queries` queries, the attention uniform weights put on the first of `keys` keys (causal:
     query i of the last `queries` positions sees keys - queries + i + 1 keys)."""
     if not is_causal:
         return queries / keys
     return sum(1.0 / (keys - queries + i + 1) for i in range(queries))
-
-
-_BPE_SPACE_MARKS = "Ġ▁"  # byte-level BPE / sentencepiece word-start marks
 
 
 def delimiter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

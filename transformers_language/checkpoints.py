@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file
-
-WEIGHTS_NAME = "model.safetensors"  # save_pretrained's single-file weights (the models here are small enough)
+from transformers.utils import SAFE_WEIGHTS_NAME  # save_pretrained's single-file weights (our models fit one)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -142,7 +141,9 @@ def _load_model_weights(model, path: Path) -> None:
     """Load `save_pretrained` weights into `model` in place; a weight may be missing only where it is tied to
     one that was loaded (save_pretrained writes a tied head once)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path.parent} has no {WEIGHTS_NAME}; resume from a step_N written by this version.")
+        raise FileNotFoundError(
+            f"{path.parent} has no {SAFE_WEIGHTS_NAME}; resume from a step_N written by this version."
+        )
     state = load_file(str(path))
     result = model.load_state_dict(state, strict=False)
     current = model.state_dict()
@@ -176,7 +177,7 @@ def register_model_checkpointing(accelerator, loss_module, tokenizer, records: d
     def load_hook(models, input_dir):
         index = ours(models)
         if index is not None:  # not under FSDP, which loads its own shards
-            _load_model_weights(unwrapped.model, Path(input_dir) / WEIGHTS_NAME)
+            _load_model_weights(unwrapped.model, Path(input_dir) / SAFE_WEIGHTS_NAME)
             models.pop(index)
 
     accelerator.register_save_state_pre_hook(save_hook)

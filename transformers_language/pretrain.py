@@ -19,7 +19,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from .attention_stats import delimiter_token_ids
 from .block_layouts import layout_record
 from .checkpoints import (
     TrainingProgress,
@@ -217,7 +216,6 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
             args.extra_tb_stats,
             args.tb_scalar_log_interval,
             args.tb_hist_log_interval,
-            delimiter_token_ids(tokenizer),
             output_dir,
             progress.step,
         )

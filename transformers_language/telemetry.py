@@ -59,7 +59,6 @@ class Telemetry:
         extra_stats: bool,
         scalar_interval: int,
         hist_interval: int,
-        delimiter_ids: list[int],
         output_dir: Path,
         start_step: int = 0,
     ):
@@ -73,7 +72,6 @@ class Telemetry:
             self._writer = accelerator.get_tracker("tensorboard", unwrap=True)
         self._sums: dict[str, torch.Tensor] = {}
         self._histograms: dict[str, dict] = {}
-        self.delimiter_ids = delimiter_ids
         self._attention: AttentionStatistics | None = None
         self.growth_path = Path(output_dir) / GROWTH_FILE
         if extra_stats and accelerator.is_main_process:
@@ -124,7 +122,8 @@ class Telemetry:
             handles += [gate.register_forward_hook(self._gate_hook(index)) for gate in gates]
         with ExitStack() as stack:
             if self._scalar_step(step):
-                self._attention = AttentionStatistics(self.model, self.delimiter_ids)
+                # Only the first-token figures are logged, so no delimiter tokens are marked.
+                self._attention = AttentionStatistics(self.model, delimiter_ids=[])
                 stack.enter_context(self._attention.attached())
                 embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids
                 handles.append(embeddings.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True))
