@@ -3,6 +3,7 @@
 accelerate launch run_clm.py --help      (or: python run_clm.py ...)
 """
 
+from transformers_language.errors import run_cli
 from transformers_language.pretrain import pretrain
 
 
@@ -11,4 +12,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,6 +3,7 @@
 accelerate launch run_mlm.py --help      (or: python run_mlm.py ...)
 """
 
+from transformers_language.errors import run_cli
 from transformers_language.pretrain import pretrain
 
 
@@ -11,4 +12,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

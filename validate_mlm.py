@@ -3,6 +3,7 @@
 accelerate launch validate_mlm.py --help      (or: python validate_mlm.py ...)
 """
 
+from transformers_language.errors import run_cli
 from transformers_language.validate import validate
 
 
@@ -11,4 +12,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

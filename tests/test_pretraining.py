@@ -75,8 +75,8 @@ def test_resume_gives_identical_losses(model_type, tmp_path, data_cache, monkeyp
     resumed = tmp_path / "resumed"
     real_save = training.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, keep):
-        path = real_save(accelerator, output_dir, step, keep)
+    def save_then_die(accelerator, output_dir, step, *rest):
+        path = real_save(accelerator, output_dir, step, *rest)
         if step == 3:
             raise _Interrupted
         return path

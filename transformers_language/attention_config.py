@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 
 from transformers import PretrainedConfig
 
+from .errors import UsageError
+
 CONFIG_KEY = "attention_variant"
 
 GATE_TYPES = ("none", "unconditional_per_head", "conditional_per_head", "conditional_per_token")
@@ -31,12 +33,12 @@ def parse_softmax(method: str) -> tuple[float, float]:
         return 0.0, 1.0
     match = _CLIPPED.match(text)
     if match is None:
-        raise ValueError(f"Unknown softmax method {method!r}; accepted forms: {SOFTMAX_FORMS}.")
+        raise UsageError(f"Unknown softmax method {method!r}; accepted forms: {SOFTMAX_FORMS}.")
     gamma, zeta = float(match.group(1)), float(match.group(2))
     if not gamma <= 0.0:
-        raise ValueError(f"Clipped softmax needs gamma <= 0, got gamma={gamma} in {method!r}.")
+        raise UsageError(f"Clipped softmax needs gamma <= 0, got gamma={gamma} in {method!r}.")
     if not zeta >= 1.0:
-        raise ValueError(f"Clipped softmax needs zeta >= 1, got zeta={zeta} in {method!r}.")
+        raise UsageError(f"Clipped softmax needs zeta >= 1, got zeta={zeta} in {method!r}.")
     return gamma, zeta
 
 
@@ -67,37 +69,37 @@ class AttentionConfig:
         parse_softmax(self.softmax)  # validates the method string
         if self.alpha is not None:
             if self.softmax.strip() != "vanilla":
-                raise ValueError(
+                raise UsageError(
                     f"alpha={self.alpha} (--alpha) and softmax={self.softmax!r} (--attn_softmax) both set the "
                     "clipped softmax; use one of them (the alpha form needs softmax='vanilla')."
                 )
             if not (math.isfinite(self.alpha) and self.alpha >= 0):
-                raise ValueError(f"alpha must be a finite number >= 0 (gamma = -alpha / T), got {self.alpha}.")
+                raise UsageError(f"alpha must be a finite number >= 0 (gamma = -alpha / T), got {self.alpha}.")
             if self.train_seq_length is None or self.train_seq_length <= 0:
-                raise ValueError(
+                raise UsageError(
                     "The alpha form of clipped softmax needs the training sequence length "
                     "(train_seq_length = --max_seq_length for BERT, --block_size for OPT)."
                 )
         if self.gate_type not in GATE_TYPES:
-            raise ValueError(f"Unknown gate type {self.gate_type!r}; valid gate types: {', '.join(GATE_TYPES)}.")
+            raise UsageError(f"Unknown gate type {self.gate_type!r}; valid gate types: {', '.join(GATE_TYPES)}.")
         if self.gate_network not in GATE_NETWORKS:
-            raise ValueError(
+            raise UsageError(
                 f"Unknown gate network {self.gate_network!r}; valid gate networks: {', '.join(GATE_NETWORKS)}."
             )
         if not 0.0 < self.init_prob < 1.0:
-            raise ValueError(f"init_prob must lie strictly between 0 and 1, got {self.init_prob}.")
+            raise UsageError(f"init_prob must lie strictly between 0 and 1, got {self.init_prob}.")
         if self.gate_network != "linear" and self.gate_type not in ("conditional_per_head", "conditional_per_token"):
-            raise ValueError(
+            raise UsageError(
                 f"gate_network={self.gate_network!r} needs a conditional gate type "
                 f"(conditional_per_head or conditional_per_token), got gate_type={self.gate_type!r}."
             )
         if self.gate_type == "none" and (self.fine_tuning or self.init_prob != 0.5):
-            raise ValueError(
+            raise UsageError(
                 "fine_tuning and init_prob configure the attention gate, but gate_type='none'; "
                 "choose a gate type or drop them."
             )
         if self.skip_attn and (self.gated or self.clipped):
-            raise ValueError(
+            raise UsageError(
                 "skip_attn (--skip_attn) removes the attention output: it cannot be combined with a gate or "
                 "clipped softmax."
             )
@@ -134,7 +136,7 @@ class AttentionConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown attention settings {unknown}; valid keys: {sorted(known)}.")
+            raise UsageError(f"Unknown attention settings {unknown}; valid keys: {sorted(known)}.")
         return cls(**values)
 
     @classmethod
@@ -200,7 +202,7 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
     }
     chosen = [flag for flag, (_, on) in network_flags.items() if on]
     if len(chosen) > 1:
-        raise ValueError(f"Choose one gate network, got {' and '.join(chosen)}.")
+        raise UsageError(f"Choose one gate network, got {' and '.join(chosen)}.")
     gated_flags = chosen + [
         f
         for f, on in (("--attn_gate_init", args.attn_gate_init is not None), ("--fine_tuning", args.fine_tuning))
@@ -208,12 +210,12 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
     ]
     gate_type = args.attn_gate_type or "none"
     if gate_type == "none" and gated_flags:
-        raise ValueError(
+        raise UsageError(
             f"{', '.join(gated_flags)} configure the attention gate, but --attn_gate_type is 'none'; "
             "add --attn_gate_type conditional_per_token (the paper's choice) or drop them."
         )
     if chosen and gate_type == "unconditional_per_head":
-        raise ValueError(
+        raise UsageError(
             f"{chosen[0]} sets a gate network, but --attn_gate_type unconditional_per_head has none "
             "(it learns one logit per head); use a conditional gate type or drop the flag."
         )

@@ -22,6 +22,8 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 GROUP_BATCH_SIZE = 1000  # stream layout: texts per grouping batch; each batch's tail shorter than a block is dropped
@@ -61,7 +63,7 @@ def resolve_block_layout(args: argparse.Namespace, model_dir: str) -> str:
         try:
             args.block_layout = json.loads(record.read_text())["block_layout"]
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{record} is corrupt ({error}); pass --block_layout to choose the layout.") from error
+            raise UsageError(f"{record} is corrupt ({error}); pass --block_layout to choose the layout.") from error
         get_block_layout(args.block_layout)
         source = f"the checkpoint's {LAYOUT_RECORD}"
     else:
@@ -72,7 +74,7 @@ def resolve_block_layout(args: argparse.Namespace, model_dir: str) -> str:
 
 def get_block_layout(name: str) -> BlockLayout:
     if name not in BLOCK_LAYOUTS:
-        raise ValueError(f"Unknown block layout {name!r}; valid layouts: {', '.join(BLOCK_LAYOUTS)}.")
+        raise UsageError(f"Unknown block layout {name!r}; valid layouts: {', '.join(BLOCK_LAYOUTS)}.")
     return BLOCK_LAYOUTS[name]
 
 
@@ -83,7 +85,7 @@ def block_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int
     framed = tokenizer("a", add_special_tokens=True)["input_ids"]
     starts = [i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain]
     if len(starts) != 1:
-        raise ValueError(f"Cannot read the special-token frame of the tokenizer {tokenizer.name_or_path!r}.")
+        raise UsageError(f"Cannot read the special-token frame of the tokenizer {tokenizer.name_or_path!r}.")
     return framed[: starts[0]], framed[starts[0] + len(plain) :]
 
 
@@ -119,7 +121,7 @@ def build_blocks(tokenized: Dataset, tokenizer, layout: BlockLayout, seq_length:
     else:
         prefix, suffix = block_frame(tokenizer)
         if seq_length <= len(prefix) + len(suffix):
-            raise ValueError(
+            raise UsageError(
                 f"A {seq_length}-token block leaves no room beside its {len(prefix) + len(suffix)} special tokens; "
                 "use a longer sequence length."
             )

@@ -11,38 +11,83 @@ safetensors, tokenizer and the layout record beside the training state) and read
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers.utils import SAFE_WEIGHTS_NAME  # save_pretrained's single-file weights (our models fit one)
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME  # save_pretrained file names
+
+from .errors import InputFileError, UsageError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+TRAINING_STATE = "training_state.json"  # step and last loss: JSON, so resuming unpickles nothing of ours
+RUN_SETTINGS = "run_settings.json"  # the settings of the run, in its folder and in each of its checkpoints
+FINAL_TMP = ".final.tmp"  # where the final model is assembled before it is moved in
+# accelerate's per-process random states: the one pickle a checkpoint holds, loaded with weights_only=True.
+_RANDOM_STATES = re.compile(r"^random_states_\d+\.pkl$")
+
+
 class TrainingProgress:
-    """The optimizer-step counter, saved with each checkpoint (epoch and position follow from it)."""
+    """The optimizer-step counter and the loss of that step, saved with each checkpoint (epoch, position in
+    the epoch and learning rate follow from the step)."""
 
     def __init__(self):
         self.step = 0
+        self.loss: float | None = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "loss": self.loss}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.step, self.loss = int(state["step"]), state["loss"]
 
 
-def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+def checkpoint_dirs(output_dir: str | os.PathLike, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (with `run_id`: only those of that run)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [path for _, path in sorted(found)]
+    paths = [path for _, path in sorted(found)]
+    return paths if run_id is None else [path for path in paths if checkpoint_run_id(path) == run_id]
+
+
+def read_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON object from one of the project's own files, or one clear error naming the file and `fix`."""
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise InputFileError(f"{path} is missing ({what}); {fix}.") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputFileError(f"{path} is corrupt ({what}: {error}); {fix}.") from error
+    if not isinstance(values, dict):
+        raise InputFileError(f"{path} is corrupt ({what}: not a JSON object); {fix}.")
+    return values
+
+
+def checkpoint_run_id(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / RUN_SETTINGS).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """`--output_dir` as a folder path (it need not exist yet), checked before anything is loaded."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output_dir {path} is a file, not a folder; pass a folder path.")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"--output_dir {path}: {parent} is a file, not a folder; pass a folder path.")
+    return path
 
 
 def resolve_resume(resume_from: str, output_dir: str | os.PathLike) -> Path:
@@ -50,45 +95,82 @@ def resolve_resume(resume_from: str, output_dir: str | os.PathLike) -> Path:
     if resume_from == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"--resume_from_checkpoint latest: no step_N checkpoint in {output_dir}; pass a checkpoint path."
             )
         return found[-1]
     path = Path(resume_from)
-    if not (path / "custom_checkpoint_0.pkl").is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {resume_from} is not a training checkpoint (a step_N directory written with "
-            "--checkpointing_steps); pass one, or 'latest'."
+    if not (path / TRAINING_STATE).is_file():
+        raise InputFileError(
+            f"--resume_from_checkpoint {resume_from} is not a training checkpoint of this version (a step_N "
+            f"directory with {TRAINING_STATE}, written with --checkpointing_steps); pass one, or 'latest'."
         )
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep: int) -> Path:
-    """accelerate `save_state` into `step_{step}` (all processes call this), keeping the newest `keep`."""
+def check_checkpoint_files(checkpoint: Path, process_index: int) -> None:
+    """Refuse what resuming must not load: any pickle but accelerate's random states (a checkpoint of this
+    project holds no other), and a random-state file that does not load (accelerate would skip it with an
+    INFO line, and the resumed run would quietly stop repeating the uninterrupted one)."""
+    from accelerate.utils import load  # torch.load with weights_only=True and numpy's RNG types allowed
+
+    pickles = sorted(p.name for p in checkpoint.glob("*.pkl") if not _RANDOM_STATES.match(p.name))
+    if pickles:
+        raise InputFileError(
+            f"{checkpoint} holds {', '.join(pickles)}: pickles this project never writes and will not load (a "
+            "pickle can run code); resume from a checkpoint written by this version."
+        )
+    states = checkpoint / f"random_states_{process_index}.pkl"
+    try:
+        load(states)
+    except Exception as error:  # any failure: the states cannot be restored
+        raise InputFileError(
+            f"{states} is missing or corrupt ({type(error).__name__}); the run cannot resume exactly from "
+            f"{checkpoint.name}: resume from an earlier checkpoint."
+        ) from error
+
+
+def save_checkpoint(
+    accelerator, output_dir: str | os.PathLike, step: int, keep: int, records: dict[str, dict], run_id: str
+) -> Path:
+    """accelerate `save_state` into `step_{step}` with the JSON `records` beside it (all processes call this),
+    keeping the newest `keep` checkpoints of this run (another run's are never touched)."""
     final = Path(output_dir) / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        for name, values in records.items():
+            write_json_atomic(tmp / name, values)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+        for old in checkpoint_dirs(output_dir, run_id)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename: readers never see a partial file."""
+    """Write text to a temporary file beside `path`, then rename: readers never see a partial file. The file
+    gets the usual permissions (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,16 +179,44 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def truncate_jsonl(path: Path, step: int) -> None:
     """Keep the lines of a per-step JSON-lines log up to `step` (a resumed run rewrites what came after its
-    checkpoint), atomically."""
+    checkpoint), atomically. A torn last line (the run was killed while writing it) is dropped; a corrupt line
+    before it is an error."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise InputFileError(
+                f"{path} line {number} is corrupt ({error}); delete the line (or the file) to resume."
+            ) from error
+        if record["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def strict_json(values: dict, **options) -> str:
+    """JSON without NaN or infinity (not JSON, and many readers reject it): a non-finite number is null."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(values), allow_nan=False, default=str, **options)
 
 
 def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
-    """`values` as indented JSON, written atomically."""
-    write_text_atomic(path, json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+    """`values` as indented strict JSON, written atomically."""
+    write_text_atomic(path, strict_json(values, indent=2, sort_keys=True) + "\n")
 
 
 def save_model_files(model, tokenizer, directory: Path, state_dict: dict | None, records: dict[str, dict]) -> None:
@@ -121,14 +231,18 @@ def save_model_files(model, tokenizer, directory: Path, state_dict: dict | None,
 def save_pretrained_atomic(
     model, tokenizer, output_dir: str | os.PathLike, state_dict: dict | None = None, records: dict | None = None
 ) -> None:
-    """`save_model_files` into a temporary folder, then move each file into `output_dir` by rename, so an
-    interrupted save leaves the previous files intact."""
+    """`save_model_files` into a temporary folder, then moved into `output_dir` as a set: config.json (what
+    makes a folder a model to `from_pretrained`) is removed first and moved in last, so at every instant the
+    folder holds the whole previous model, no model, or the whole new one, never a mix."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".final.") as tmp:
-        save_model_files(model, tokenizer, Path(tmp), state_dict, records or {})
-        for item in Path(tmp).iterdir():
-            os.replace(item, output_dir / item.name)
+    tmp = output_dir / FINAL_TMP
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    save_model_files(model, tokenizer, tmp, state_dict, records or {})
+    (output_dir / CONFIG_NAME).unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir(), key=lambda item: item.name == CONFIG_NAME):
+        os.replace(item, output_dir / item.name)
+    tmp.rmdir()
 
 
 def model_state_dict(accelerator, loss_module) -> dict:
@@ -137,20 +251,28 @@ def model_state_dict(accelerator, loss_module) -> dict:
     return {key.removeprefix("model."): value for key, value in accelerator.get_state_dict(loss_module).items()}
 
 
+def load_weights(path: Path, fix: str) -> dict:
+    """The tensors of a safetensors file, or one clear error naming it (a truncated or corrupt file)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise InputFileError(f"{path} is corrupt or truncated ({error}); {fix}.") from error
+
+
 def _load_model_weights(model, path: Path) -> None:
     """Load `save_pretrained` weights into `model` in place; a weight may be missing only where it is tied to
     one that was loaded (save_pretrained writes a tied head once)."""
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputFileError(
             f"{path.parent} has no {SAFE_WEIGHTS_NAME}; resume from a step_N written by this version."
         )
-    state = load_file(str(path))
+    state = load_weights(path, "resume from an earlier checkpoint")
     result = model.load_state_dict(state, strict=False)
     current = model.state_dict()
     loaded = {current[key].data_ptr() for key in state if key in current}
     untied = [key for key in result.missing_keys if current[key].data_ptr() not in loaded]
     if untied or result.unexpected_keys:
-        raise ValueError(
+        raise UsageError(
             f"{path} does not fit this model (missing {untied}, unexpected {result.unexpected_keys}); resume with the "
             "settings that wrote it."
         )

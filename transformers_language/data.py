@@ -34,6 +34,7 @@ from .block_layouts import (
     build_blocks,
     get_block_layout,
 )
+from .errors import InputFileError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -123,21 +124,21 @@ def check_data_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> Non
     get_block_layout(args.block_layout)
     if args.dataset_setup is not None:
         if args.dataset_setup not in DATASET_SETUPS:
-            raise ValueError(
+            raise UsageError(
                 f"Unknown dataset setup {args.dataset_setup!r}; valid setups: {', '.join(DATASET_SETUPS)}."
             )
         local = [f"--{split}_file" for split in SPLITS if getattr(args, f"{split}_file", None)]
         if local:
-            raise ValueError(f"--dataset_setup and {', '.join(local)} both choose the data; use one of them.")
+            raise UsageError(f"--dataset_setup and {', '.join(local)} both choose the data; use one of them.")
     for split in splits:
         path = getattr(args, f"{split}_file", None)
         if args.dataset_setup is None and path is None:
-            raise ValueError(f"No {split} data: pass --dataset_setup or --{split}_file.")
+            raise UsageError(f"No {split} data: pass --dataset_setup or --{split}_file.")
         if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--{split}_file {path} does not exist; pass the path of a text file.")
+            raise InputFileError(f"--{split}_file {path} does not exist; pass the path of a text file.")
         percentage = getattr(args, f"{split}_percentage", None)
         if percentage is not None and not 0 < percentage <= 100:
-            raise ValueError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
+            raise UsageError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
 
 
 def _source_fingerprint(args: argparse.Namespace, split: str) -> dict:
@@ -217,7 +218,7 @@ def load_split(
     )
     blocks = build_blocks(tokenized, tokenizer, layout, seq_length, split)
     if len(blocks) == 0:
-        raise ValueError(f"The {split} data has fewer than {seq_length} tokens: no block of that length fits.")
+        raise UsageError(f"The {split} data has fewer than {seq_length} tokens: no block of that length fits.")
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     blocks.save_to_disk(str(tmp))

@@ -18,6 +18,7 @@ import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .attention_config import CONFIG_KEY, AttentionConfig, add_attention_args, attention_config_from_args
+from .errors import InputFileError, UsageError
 from .models import model_class
 
 logger = logging.getLogger(__name__)
@@ -63,16 +64,16 @@ def add_model_args(parser: argparse.ArgumentParser, model_type: str, training: b
 def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     name = args.tokenizer_name or args.model_name_or_path
     if name is None:
-        raise ValueError("No tokenizer: pass --tokenizer_name (or --model_name_or_path with a tokenizer).")
+        raise UsageError("No tokenizer: pass --tokenizer_name (or --model_name_or_path with a tokenizer).")
     return AutoTokenizer.from_pretrained(name, cache_dir=args.model_cache_dir)
 
 
 def read_yaml_overrides(path: str) -> dict:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--config_path {path} does not exist; pass a YAML file of config overrides.")
+        raise InputFileError(f"--config_path {path} does not exist; pass a YAML file of config overrides.")
     values = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"--config_path {path} must hold a mapping of config keys to values.")
+        raise UsageError(f"--config_path {path} must hold a mapping of config keys to values.")
     return values
 
 
@@ -81,7 +82,7 @@ def resolve_attention(from_flags: AttentionConfig, from_config: AttentionConfig,
     if from_flags == AttentionConfig():
         return from_config
     if from_config not in (AttentionConfig(), from_flags):
-        raise ValueError(
+        raise UsageError(
             f"The method flags ask for {from_flags} but {source} holds {from_config}; drop the flags to keep the "
             "stored method, or start from a checkpoint without one."
         )
@@ -90,7 +91,7 @@ def resolve_attention(from_flags: AttentionConfig, from_config: AttentionConfig,
 
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, checkpoint: str) -> None:
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"The tokenizer has {len(tokenizer)} tokens but {checkpoint} embeds only {config.vocab_size}; use the "
             "checkpoint's tokenizer."
         )
@@ -109,12 +110,12 @@ def sequence_length(args: argparse.Namespace, config: PretrainedConfig, flag: st
 def check_sequence_length(config: PretrainedConfig, seq_length: int, flag: str) -> None:
     table = config.max_position_embeddings
     if seq_length > table:
-        raise ValueError(
+        raise UsageError(
             f"--{flag} {seq_length} is longer than the model's position table (max_position_embeddings={table}); "
             f"use --{flag} <= {table}, or a config with more positions."
         )
     if seq_length < 2:
-        raise ValueError(f"--{flag} must be at least 2, got {seq_length}.")
+        raise UsageError(f"--{flag} must be at least 2, got {seq_length}.")
 
 
 def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -128,10 +129,10 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
         else AutoConfig.for_model(args.model_type)
     )
     if config.model_type != args.model_type:
-        raise ValueError(f"{base} is a {config.model_type!r} model; this script trains {args.model_type!r} models.")
+        raise UsageError(f"{base} is a {config.model_type!r} model; this script trains {args.model_type!r} models.")
     unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY})
     if unknown:
-        raise ValueError(f"--config_path {args.config_path}: {unknown} are not {args.model_type} config keys.")
+        raise UsageError(f"--config_path {args.config_path}: {unknown} are not {args.model_type} config keys.")
     for key, value in overrides.items():
         setattr(config, key, value)
     if not from_checkpoint:
@@ -195,19 +196,19 @@ def load_checkpoint_config(args: argparse.Namespace, script: str, other_script: 
     name = args.model_name_or_path
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if looks_local and not Path(name).expanduser().exists():
-        raise FileNotFoundError(
+        raise InputFileError(
             f"--model_name_or_path {name} does not exist; pass a directory written by the training script "
             "(save_pretrained) or a hub model id."
         )
     try:
         config = AutoConfig.from_pretrained(name, cache_dir=args.model_cache_dir)
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(
+        raise InputFileError(
             f"--model_name_or_path {name}: no checkpoint config found ({error}); pass a directory written by the "
             "training script (save_pretrained) or a hub model id."
         ) from error
     if config.model_type != args.model_type:
-        raise ValueError(
+        raise UsageError(
             f"{name} holds a {config.model_type!r} model, but {script} evaluates {args.model_type!r} models; "
             f"use {other_script} for it."
         )
@@ -250,7 +251,7 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
                 f"{flag} gives {field}={getattr(given, field)!r} but {source} has {field}={getattr(stored, field)!r}"
             )
     if conflicts:
-        raise ValueError(
+        raise UsageError(
             "The method flags contradict the checkpoint: "
             + "; ".join(conflicts)
             + ". The method comes from the checkpoint's config.json: drop the method flags or make them match."
@@ -275,7 +276,7 @@ def load_checkpoint(args: argparse.Namespace, config: PretrainedConfig, device: 
     if stray:
         problems.append(f"attention-variant weights its config does not use {stray}")
     if problems:
-        raise ValueError(
+        raise UsageError(
             f"{args.model_name_or_path} does not match its config.json ({'; '.join(problems)}); evaluate the "
             "directory the training script wrote, with the config.json saved beside its weights."
         )

@@ -20,6 +20,7 @@ from transformers.models.opt.modeling_opt import OPTAttention
 
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
+from .errors import UsageError
 from .gates import AttentionGate
 
 # Implementations users may ask for that our function covers: its explicit path computes what HF's eager
@@ -179,7 +180,7 @@ MODEL_CLASSES: dict[str, type] = {"bert": BertForMaskedLMWithVariants, "opt": OP
 
 def model_class(model_type: str) -> type:
     if model_type not in MODEL_CLASSES:
-        raise ValueError(f"Unknown model type {model_type!r}; valid model types: {', '.join(MODEL_CLASSES)}.")
+        raise UsageError(f"Unknown model type {model_type!r}; valid model types: {', '.join(MODEL_CLASSES)}.")
     return MODEL_CLASSES[model_type]
 
 

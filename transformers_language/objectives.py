@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
+from .errors import UsageError
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
 
 MASKED_ROWS_BUCKET = 128
@@ -51,9 +52,9 @@ class Masking:
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, probability: float) -> Masking:
         if tokenizer.mask_token_id is None:
-            raise ValueError(f"The tokenizer {tokenizer.name_or_path!r} has no mask token; MLM needs one.")
+            raise UsageError(f"The tokenizer {tokenizer.name_or_path!r} has no mask token; MLM needs one.")
         if not 0.0 < probability < 1.0:
-            raise ValueError(f"--mlm_probability must lie strictly between 0 and 1, got {probability}.")
+            raise UsageError(f"--mlm_probability must lie strictly between 0 and 1, got {probability}.")
         return cls(probability, tokenizer.mask_token_id, len(tokenizer), tuple(tokenizer.all_special_ids))
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,5 +168,5 @@ OBJECTIVES = {
 
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}.")
+        raise UsageError(f"Unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}.")
     return OBJECTIVES[name]

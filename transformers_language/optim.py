@@ -15,6 +15,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
+from .errors import UsageError
+
 _FUSED_DEVICES = ("cpu", "cuda")
 
 # Schedules built on LambdaLR, which the final-LR floor can wrap.
@@ -68,21 +70,26 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, training_steps: int, final_lr_fraction: float
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    warmup_steps: int,
+    training_steps: int,
+    final_lr_fraction: float,
+    start_step: int = 0,
 ) -> LambdaLR:
+    """The learning-rate schedule, positioned at `start_step`. The rate is a pure function of the flags and the
+    step, so a resumed run rebuilds it at its step (and a changed --learning_rate takes effect there)."""
     if name not in SCHEDULES:
-        raise ValueError(f"Unknown --lr_scheduler_type {name!r}; valid schedules: {', '.join(SCHEDULES)}.")
+        raise UsageError(f"Unknown --lr_scheduler_type {name!r}; valid schedules: {', '.join(SCHEDULES)}.")
     if not 0.0 <= final_lr_fraction <= 1.0:
-        raise ValueError(f"--final_lr_fraction must lie in [0, 1], got {final_lr_fraction}.")
+        raise UsageError(f"--final_lr_fraction must lie in [0, 1], got {final_lr_fraction}.")
     base = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=training_steps)
     base_factor = base.lr_lambdas[0]
 
-    # A closure, not an object: LambdaLR checkpoints only its step count for plain functions, so a resumed
-    # run rebuilds the same schedule from the flags and nothing unpicklable enters the checkpoint.
     def factor(step: int) -> float:
         value = base_factor(step)
         return value if step < warmup_steps else final_lr_fraction + (1.0 - final_lr_fraction) * value
 
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"]
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, factor, last_epoch=start_step - 1)  # its first step() moves it to start_step

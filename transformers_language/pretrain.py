@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import math
+import pickle
+import uuid
 from pathlib import Path
 
 import torch
@@ -21,14 +23,23 @@ from torch.utils.data import DataLoader
 
 from .block_layouts import layout_record
 from .checkpoints import (
+    RUN_SETTINGS,
+    TRAINING_STATE,
     TrainingProgress,
+    check_checkpoint_files,
+    check_output_dir,
+    checkpoint_dirs,
+    checkpoint_run_id,
     model_state_dict,
+    read_json,
     register_model_checkpointing,
     resolve_resume,
     save_pretrained_atomic,
+    strict_json,
     write_json_atomic,
 )
 from .data import add_data_args, check_data_sources, prepare_splits
+from .errors import UsageError, UserError
 from .evaluation import evaluate_perplexity
 from .model_loading import (
     add_model_args,
@@ -41,28 +52,57 @@ from .model_loading import (
 )
 from .objectives import Masking, Objective, get_objective, mask_eval_dataset
 from .optim import SCHEDULES, build_optimizer, build_scheduler
-from .runtime import print_dry_run, setup_logging
+from .runtime import check_launch, print_dry_run, setup_logging
 from .telemetry import Telemetry, init_tracking
 from .training import EpochPermutationSampler, LoopSettings, train
 
 logger = logging.getLogger(__name__)
 
-# Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = (
-    "model_type",
-    "seq_length",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_processes",
-    "seed",
-    "attention",
-    "dataset_setup",
-    "train_file",
-    "train_percentage",
-    "block_layout",
-    "sample_with_replacement",
-    "max_train_steps",
+# What a resumed run may set anew. Every other setting must equal the checkpoint's record (run_settings.json in
+# the checkpoint), since it shapes the model, the data or their order.
+# - These take effect from the resumed step on: the optimizer's hyperparameters and the schedule (e.g. a lower
+#   learning rate after a divergence). The optimizer's moments are restored, its hyperparameters are not.
+ADJUSTABLE_ON_RESUME = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "final_lr_fraction",
+    "max_grad_norm",
+    "grad_norm_type",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
 )
+# - These never touch the trajectory: where and how often the run saves, logs and evaluates, and caches
+#   (num_train_epochs is represented by max_train_steps, which is compared).
+FREE_ON_RESUME = (
+    "run_id",
+    "output_dir",
+    "resume_from_checkpoint",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "num_train_epochs",
+    "per_device_eval_batch_size",
+    "validation_file",
+    "validation_percentage",
+    "validation_blocks",
+    "with_tracking",
+    "report_to",
+    "extra_tb_stats",
+    "tb_scalar_log_interval",
+    "tb_hist_log_interval",
+    "preprocessing_num_workers",
+    "overwrite_cache",
+    "data_cache_dir",
+    "model_cache_dir",
+    "low_cpu_mem_usage",
+    "dry_run",
+    "transformers_version",
+    "torch_version",
+)
+# What in a folder marks a run: a new run there would adopt, rotate away or overwrite it.
+RUN_FILES = (RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
 
 
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
@@ -128,15 +168,30 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     steps = args.checkpointing_steps
     if steps is not None and steps != "epoch" and (not steps.isdigit() or int(steps) <= 0):
-        raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {steps!r}.")
+        raise UsageError(f"--checkpointing_steps must be a positive integer or 'epoch', got {steps!r}.")
     if args.extra_tb_stats and not (args.with_tracking and args.report_to in ("tensorboard", "all")):
-        raise ValueError("--extra_tb_stats logs to TensorBoard: add --with_tracking --report_to tensorboard.")
+        raise UsageError("--extra_tb_stats logs to TensorBoard: add --with_tracking --report_to tensorboard.")
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
     for flag in ("max_train_steps", "num_warmup_steps", "num_train_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+    if args.fine_tuning and args.model_name_or_path is None:
+        raise UsageError(
+            "--fine_tuning initialises gates added to a pretrained model: pass its --model_name_or_path, or drop "
+            "--fine_tuning to train from scratch."
+        )
+    output_dir = check_output_dir(args.output_dir)
+    if not args.resume_from_checkpoint and not args.dry_run and output_dir.is_dir():
+        found = sorted(
+            p.name for p in output_dir.iterdir() if p.name in RUN_FILES or p.name.startswith("step_")
+        )
+        if found:
+            raise UsageError(
+                f"--output_dir {output_dir} already holds a run ({', '.join(found[:4])}); pass a new --output_dir, "
+                "or --resume_from_checkpoint latest to continue that run."
+            )
 
 
 def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
@@ -146,8 +201,14 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     args = build_parser(objective).parse_args(argv)
     _check_args(args)
     output_dir = Path(args.output_dir)
+    checkpoint = None
+    if args.resume_from_checkpoint and not args.dry_run:
+        checkpoint = resolve_resume(args.resume_from_checkpoint, output_dir)
     accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=str(output_dir))
     setup_logging(accelerator)
+    check_launch(accelerator)
+    if checkpoint is not None:  # before any weights or data are loaded
+        check_checkpoint_files(checkpoint, accelerator.process_index)
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(args)
@@ -182,13 +243,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     register_model_checkpointing(accelerator, loss_module, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
-    scheduler = build_scheduler(
-        optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_train_steps, args.final_lr_fraction
-    )
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-
     settings = vars(args) | {
+        "run_id": uuid.uuid4().hex,  # which checkpoints are this run's (resumes keep it)
         "seq_length": seq_length,
         "max_train_steps": max_train_steps,
         "steps_per_epoch": steps_per_epoch,
@@ -200,11 +256,20 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
-    if args.resume_from_checkpoint:
-        _resume(accelerator, resolve_resume(args.resume_from_checkpoint, output_dir), settings)
-        logger.info("Resumed at step %d of %d", progress.step, max_train_steps)
+    progress = TrainingProgress()
+    if checkpoint is not None:
+        settings["run_id"] = _resume(accelerator, checkpoint, settings, optimizer, progress)
+        logger.info("Resumed at step %d of %d from %s", progress.step, max_train_steps, checkpoint)
+    scheduler = build_scheduler(
+        optimizer,
+        args.lr_scheduler_type,
+        args.num_warmup_steps,
+        max_train_steps,
+        args.final_lr_fraction,
+        start_step=progress.step,
+    )
     if accelerator.is_main_process:
-        write_json_atomic(output_dir / "run_settings.json", settings)
+        write_json_atomic(output_dir / RUN_SETTINGS, settings)
 
     telemetry = None
     if args.with_tracking:
@@ -229,6 +294,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         output_dir=output_dir,
         checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit,
+        run_settings=settings,
     )
     summary = train(
         accelerator,
@@ -287,19 +353,51 @@ def _dry_run(accelerator: Accelerator, args: argparse.Namespace, config, seq_len
     return print_dry_run(accelerator, summary)
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict) -> None:
-    """Load a checkpoint after checking that it was written by a run with the same settings."""
-    saved_path = checkpoint.parent / "run_settings.json"
-    if saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
-        different = {k: (saved.get(k), settings[k]) for k in RESUME_KEYS if saved.get(k) != settings[k]}
-        if different:
-            listing = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in different.items())
-            raise ValueError(f"{checkpoint} was written by a different run ({listing}); resume with its settings.")
+def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict, optimizer, progress: TrainingProgress) -> str:
+    """Load a checkpoint of the run that `settings` continues: the settings it records must match (but for the
+    adjustable and free ones), the output folder must hold no other run's checkpoints, and the optimizer keeps
+    this run's hyperparameters. Returns the run id to continue."""
+    fix = "resume from a checkpoint written by this version"
+    saved = read_json(checkpoint / RUN_SETTINGS, "the settings of the run that wrote it", fix)
+    now = json.loads(strict_json(settings))  # as the record holds them
+    exempt = {*ADJUSTABLE_ON_RESUME, *FREE_ON_RESUME}
+    fixed = [key for key in sorted(set(saved) | set(now)) if key not in exempt and saved.get(key) != now.get(key)]
+    if fixed:
+        listing = "; ".join(f"--{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}" for key in fixed)
+        raise UsageError(
+            f"{checkpoint} was written with other settings that cannot change on resume ({listing}); resume with "
+            "the checkpoint's values, or start a new run in a new --output_dir."
+        )
+    changed = [key for key in ADJUSTABLE_ON_RESUME if saved.get(key) != now.get(key)]
+    if changed:
+        logger.info(
+            "Resuming with new %s (they take effect from step %s on)",
+            ", ".join(f"--{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed),
+            checkpoint.name.removeprefix("step_"),
+        )
+    others = [p.name for p in checkpoint_dirs(settings["output_dir"]) if checkpoint_run_id(p) != saved["run_id"]]
+    if others:
+        raise UsageError(
+            f"--output_dir {settings['output_dir']} holds checkpoints of another run ({', '.join(others)}); resume "
+            "into that run's own folder or into a new --output_dir."
+        )
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         accelerator.load_state(str(checkpoint))
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise ValueError(
-            f"{checkpoint} does not match this run's model or optimizer ({error}); resume with the settings that "
-            "wrote it."
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise UsageError(
+            f"{checkpoint} is corrupt or does not match this run's model or optimizer ({error}); resume from "
+            "another checkpoint, or with the settings that wrote it."
         ) from error
+    for group, values in zip(optimizer.param_groups, hyperparameters, strict=True):
+        params = group["params"]
+        group.clear()
+        group.update(values, params=params)
+    progress.load_state_dict(read_json(checkpoint / TRAINING_STATE, "the step and loss", fix))
+    if progress.step > settings["max_train_steps"]:
+        raise UsageError(
+            f"{checkpoint} is at step {progress.step}, past --max_train_steps {settings['max_train_steps']}."
+        )
+    return saved["run_id"]

@@ -24,6 +24,8 @@ from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Wiring:
@@ -180,10 +182,10 @@ def quant_config_from_args(args) -> QuantConfig | None:
         changed += [f"--{f}" for f in ("no_weight_quant", "no_act_quant") if getattr(args, f)]
         changed += ["--calibration_split"] if args.calibration_split != "train" else []
         if changed:
-            raise ValueError(f"{', '.join(changed)} configure the W8A8 simulation: add --quantize, or drop them.")
+            raise UsageError(f"{', '.join(changed)} configure the W8A8 simulation: add --quantize, or drop them.")
         return None
     if args.est_num_batches <= 0:
-        raise ValueError(f"--est_num_batches must be positive, got {args.est_num_batches}.")
+        raise UsageError(f"--est_num_batches must be positive, got {args.est_num_batches}.")
     return QuantConfig(
         weight_quant=not args.no_weight_quant,
         act_quant=not args.no_act_quant,

@@ -1,15 +1,18 @@
 """Process-level helpers shared by the entry points and the streaming statistics: log setup (quiet libraries
-on all but the main process), the `--dry_run` report, and one-collective reductions of many accumulators
-across processes."""
+on all but the main process), the launch check, the `--dry_run` report, and one-collective reductions of many
+accumulators across processes."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import datasets
 import torch
 import transformers
+
+from .errors import UsageError
 
 
 def setup_logging(accelerator) -> None:
@@ -18,6 +21,18 @@ def setup_logging(accelerator) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
+
+
+def check_launch(accelerator) -> None:
+    """`accelerate launch --cpu --num_processes N` without MPI starts one process (with MASTER_ADDR set for the
+    N it was asked for, but no WORLD_SIZE): refuse to run it as if it were N."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    asked_for_many = "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+    if launched_by_accelerate and asked_for_many and accelerator.num_processes == 1:
+        raise UsageError(
+            "accelerate launch was asked for several processes but started one (its CPU launcher needs MPI, "
+            "--mpirun_hostfile); start them with: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N SCRIPT ..."
+        )
 
 
 def print_dry_run(accelerator, summary: dict) -> dict:

@@ -5,12 +5,13 @@ is the summed NLL divided by the number of predicted tokens of the whole step on
 accumulation 2 x batch 4 equals batch 8 and the step count, schedule and checkpoints never depend on the
 number of processes. Everything random is reproducible across an interruption: the data order is a
 permutation seeded by (seed, epoch), training masks come from a generator seeded by (seed, step, process),
-and accelerate's checkpoint restores dropout's RNG, the optimizer, the scheduler and the step.
+accelerate's checkpoint restores dropout's RNG and the optimizer's moments, and the step (JSON) fixes the
+epoch, the position in it and the learning rate. A step whose loss or gradient norm is not finite stops the
+run before it changes a weight, so every checkpoint holds finite weights.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -24,7 +25,16 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoints import TrainingProgress, checkpoint_dirs, save_checkpoint, truncate_jsonl
+from .checkpoints import (
+    RUN_SETTINGS,
+    TRAINING_STATE,
+    TrainingProgress,
+    checkpoint_dirs,
+    save_checkpoint,
+    strict_json,
+    truncate_jsonl,
+)
+from .errors import UserError
 from .objectives import Objective, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -66,10 +76,11 @@ class LoopSettings:
     output_dir: Path
     checkpointing_steps: str | None
     checkpoints_total_limit: int
+    run_settings: dict  # recorded in each checkpoint: what a resume is checked against
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A step whose loss or gradient norm is not finite: the run stops before the step changes any weight."""
 
 
 def _due(checkpointing_steps: str | None, step: int, steps_per_epoch: int, last: bool) -> bool:
@@ -110,10 +121,13 @@ def train(
     )
     world = accelerator.num_processes
     loss_module.train()
-    last_loss = float("nan")
+    run_id = settings.run_settings["run_id"]
     try:
         while progress.step < settings.max_train_steps:
             epoch, step_in_epoch = divmod(progress.step, settings.steps_per_epoch)
+            # The prepared loader owns the epoch: each iteration it sets its sampler's epoch from its own counter
+            # (0 in a fresh process), and skip_first_batches copies that counter.
+            train_loader.set_epoch(epoch)
             sampler.set_epoch(epoch)
             skip = step_in_epoch * settings.gradient_accumulation_steps
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -144,13 +158,12 @@ def train(
                         nll_sum += nll.detach().float()
                 loss = (accelerator.reduce(nll_sum, "sum") / num_targets).item()
                 if not math.isfinite(loss):
-                    latest = checkpoint_dirs(settings.output_dir)
-                    raise NonFiniteLossError(
-                        f"Loss is {loss} at step {step}; the run stopped before updating the weights. The last good "
-                        f"checkpoint is {latest[-1] if latest else 'none (no --checkpointing_steps)'}: resume from it "
-                        "with a lower --learning_rate or a --max_grad_norm."
-                    )
+                    raise NonFiniteLossError(_non_finite_message(f"Loss is {loss}", step, settings, run_id))
+                # The norm of the synchronised gradients: the same on every process, so all stop together.
                 grad_norm = accelerator.clip_grad_norm_(parameters, max_norm, norm_type=settings.grad_norm_type)
+                if not math.isfinite(float(grad_norm)):
+                    message = f"The gradient norm is {float(grad_norm)} (loss {loss:.4f})"
+                    raise NonFiniteLossError(_non_finite_message(message, step, settings, run_id))
                 learning_rate = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -164,9 +177,9 @@ def train(
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": ids.numel() * world / seconds,
                 }
-                last_loss = loss
+                progress.loss = loss
                 if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
+                    log_file.write(strict_json(record) + "\n")
                     log_file.flush()
                 if telemetry is not None:
                     telemetry.log(step, record)
@@ -174,9 +187,30 @@ def train(
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 last = step == settings.max_train_steps
                 if _due(settings.checkpointing_steps, step, settings.steps_per_epoch, last):
-                    save_checkpoint(accelerator, settings.output_dir, step, settings.checkpoints_total_limit)
+                    records = {TRAINING_STATE: progress.state_dict(), RUN_SETTINGS: settings.run_settings}
+                    save_checkpoint(
+                        accelerator, settings.output_dir, step, settings.checkpoints_total_limit, records, run_id
+                    )
     finally:
         bar.close()
         if log_file is not None:
             log_file.close()
-    return {"train_loss": last_loss, "step": progress.step, "epoch": progress.step / settings.steps_per_epoch}
+    # A run resumed at its last step trains nothing: its loss is the checkpoint's.
+    return {"train_loss": progress.loss, "step": progress.step, "epoch": progress.step / settings.steps_per_epoch}
+
+
+def _non_finite_message(problem: str, step: int, settings: LoopSettings, run_id: str) -> str:
+    """What stopped the run, the checkpoint to go back to (a checkpoint is written only after finite steps) and
+    a remedy that works (the learning rate and clipping may change on resume)."""
+    latest = checkpoint_dirs(settings.output_dir, run_id)
+    remedy = "a lower --learning_rate or a smaller --max_grad_norm (both take effect on resume)"
+    if latest:
+        where = f"The last checkpoint is finite: resume with --resume_from_checkpoint {latest[-1]} and {remedy}."
+    elif settings.checkpointing_steps is None:
+        where = f"There is no checkpoint (no --checkpointing_steps): start again in a new --output_dir with {remedy}."
+    else:
+        where = (
+            f"No checkpoint was due yet (--checkpointing_steps {settings.checkpointing_steps}): start again in a new "
+            f"--output_dir with {remedy}."
+        )
+    return f"{problem} at step {step}; the run stopped before the step changed any weight. {where}"

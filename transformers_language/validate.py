@@ -29,6 +29,7 @@ from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .block_layouts import resolve_block_layout
 from .checkpoints import write_json_atomic
 from .data import add_data_args, check_data_sources, prepare_splits
+from .errors import UsageError
 from .evaluation import evaluate_perplexity
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
@@ -85,13 +86,13 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     for flag in ("per_device_eval_batch_size", "outlier_top_k"):
         if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
     if not args.quantize or args.calibration_split != "train":
         unused = [f"--{f}" for f in ("train_file", "train_percentage") if getattr(args, f) is not None]
         if unused:
-            raise ValueError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
+            raise UsageError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
     if args.kurtosis_max_batches is not None and args.kurtosis_max_batches <= 0:
-        raise ValueError(
+        raise UsageError(
             f"--kurtosis_max_batches must be positive (leave it out for all), got {args.kurtosis_max_batches}."
         )
 
