@@ -49,8 +49,11 @@ class QuantConfig:
     quant_setup: str = "fp32_head"
 
     def __post_init__(self):
-        check_bits(self.n_bits)
-        check_bits(self.n_bits_act)
+        for flag in ("n_bits", "n_bits_act"):
+            try:
+                check_bits(getattr(self, flag))
+            except ValueError as error:
+                raise ValueError(f"--{flag} {getattr(self, flag)}: {error}") from error
         if self.qmethod_acts not in ACT_METHODS:
             raise ValueError(f"Unknown --qmethod_acts {self.qmethod_acts!r}; valid methods: {', '.join(ACT_METHODS)}.")
         if self.quant_setup not in QUANT_PRESETS:
@@ -61,7 +64,13 @@ class QuantConfig:
             )
         # Build once, so an unknown name or a percentile that does not apply fails before any model work.
         self.weight_quantizer()
-        self.act_quantizer()
+        try:
+            self.act_quantizer()
+        except ValueError as error:
+            flags = f"--ranges_acts {self.ranges_acts}" + (
+                "" if self.percentile is None else f", --percentile {self.percentile:g}"
+            )
+            raise ValueError(f"{flags}: {error}") from error
 
     @property
     def weight_estimator(self) -> str:

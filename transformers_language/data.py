@@ -24,6 +24,7 @@ from pathlib import Path
 
 import datasets
 from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from .block_layouts import (
@@ -121,7 +122,10 @@ def add_data_args(
 
 
 def check_data_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
-    get_block_layout(args.block_layout)
+    """The data flags and files of `splits`, checked before anything is loaded (validation resolves a missing
+    --block_layout from the checkpoint later)."""
+    if args.block_layout is not None:
+        get_block_layout(args.block_layout)
     if args.dataset_setup is not None:
         if args.dataset_setup not in DATASET_SETUPS:
             raise UsageError(
@@ -136,6 +140,8 @@ def check_data_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> Non
             raise UsageError(f"No {split} data: pass --dataset_setup or --{split}_file.")
         if path is not None and not Path(path).is_file():
             raise InputFileError(f"--{split}_file {path} does not exist; pass the path of a text file.")
+        if path is not None and Path(path).stat().st_size == 0:
+            raise InputFileError(f"--{split}_file {path} is empty; pass a text file with one text per line.")
         percentage = getattr(args, f"{split}_percentage", None)
         if percentage is not None and not 0 < percentage <= 100:
             raise UsageError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
@@ -161,7 +167,17 @@ def _load_raw(args: argparse.Namespace, split: str) -> Dataset:
         parts = [source.load() for source in DATASET_SETUPS[args.dataset_setup][split]]
         dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     else:
-        dataset = load_dataset("text", data_files={split: getattr(args, f"{split}_file")}, split=split)
+        path = getattr(args, f"{split}_file")
+        try:
+            dataset = load_dataset("text", data_files={split: path}, split=split)
+        except DatasetGenerationError as error:
+            cause = error.__cause__
+            if isinstance(cause, UnicodeDecodeError):
+                raise InputFileError(
+                    f"--{split}_file {path} is not UTF-8 text ({cause.reason} in byte {cause.start} of a chunk); "
+                    "convert it to UTF-8 (e.g. iconv -t UTF-8)."
+                ) from error
+            raise InputFileError(f"--{split}_file {path} cannot be read as text ({cause!r}).") from error
     percentage = getattr(args, f"{split}_percentage", None)
     if percentage is not None:
         dataset = dataset.select(range(math.ceil(len(dataset) * percentage / 100)))
@@ -170,6 +186,8 @@ def _load_raw(args: argparse.Namespace, split: str) -> Dataset:
 
 def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, layout: BlockLayout) -> dict:
     texts = [text for text in batch["text"] if text.strip()]
+    if not texts:  # a batch of blank lines (the tokenizer cannot take an empty list)
+        return {"input_ids": []}
     if not layout.special_tokens_per_text:
         texts = [text.strip() for text in texts]
     # verbose=False: lines longer than the model are expected here; grouping splits them into blocks.
@@ -218,7 +236,11 @@ def load_split(
     )
     blocks = build_blocks(tokenized, tokenizer, layout, seq_length, split)
     if len(blocks) == 0:
-        raise UsageError(f"The {split} data has fewer than {seq_length} tokens: no block of that length fits.")
+        source = getattr(args, f"{split}_file", None) or args.dataset_setup
+        raise UsageError(
+            f"The {split} data ({source}) has fewer than {seq_length} tokens: no block of that length fits; pass "
+            "more text or a shorter sequence length."
+        )
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     blocks.save_to_disk(str(tmp))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .attention_config import CONFIG_KEY, AttentionConfig, add_attention_args, attention_config_from_args
@@ -65,7 +66,14 @@ def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     name = args.tokenizer_name or args.model_name_or_path
     if name is None:
         raise UsageError("No tokenizer: pass --tokenizer_name (or --model_name_or_path with a tokenizer).")
-    return AutoTokenizer.from_pretrained(name, cache_dir=args.model_cache_dir)
+    flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+    try:
+        return AutoTokenizer.from_pretrained(name, cache_dir=args.model_cache_dir)
+    except (OSError, ValueError) as error:
+        raise InputFileError(
+            f"{flag} {name}: no tokenizer found there ({str(error).splitlines()[0]}); pass a tokenizer folder or "
+            "hub name."
+        ) from error
 
 
 def read_yaml_overrides(path: str) -> dict:
@@ -166,8 +174,8 @@ def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_len
     cls = model_class(args.model_type)
     if args.model_name_or_path is not None:
         device_map = {"": device} if args.low_cpu_mem_usage else None
-        model = cls.from_pretrained(
-            args.model_name_or_path, config=config, device_map=device_map, cache_dir=args.model_cache_dir
+        model = _from_pretrained(
+            cls, args.model_name_or_path, config=config, device_map=device_map, cache_dir=args.model_cache_dir
         )
     elif args.low_cpu_mem_usage:
         with torch.device(device):
@@ -176,6 +184,19 @@ def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_len
         model = cls(config)
     logger.info("Model: %s, %.1fM parameters, attention %s", cls.__name__, model.num_parameters() / 1e6, attention)
     return model
+
+
+def _from_pretrained(cls, name: str, **options):
+    """`cls.from_pretrained`, with one clear error for weights that are missing, truncated or corrupt."""
+    try:
+        return cls.from_pretrained(name, **options)
+    except SafetensorError as error:
+        raise InputFileError(
+            f"--model_name_or_path {name}: its weights are truncated or corrupt ({error}); save the model again, or "
+            "use an intact copy."
+        ) from error
+    except OSError as error:
+        raise InputFileError(f"--model_name_or_path {name}: the weights cannot be loaded ({error}).") from error
 
 
 def describe_model(config: PretrainedConfig) -> dict:
@@ -224,7 +245,13 @@ def _softmax_description(config: AttentionConfig) -> str:
 def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_length: int, source: str) -> None:
     """Evaluation takes the attention method from the checkpoint. Method flags may repeat it (the paper's
     commands pass them), but a flag that states something else is an error naming both values."""
-    given = attention_config_from_args(args, stored.train_seq_length or seq_length)
+    try:
+        given = attention_config_from_args(args, stored.train_seq_length or seq_length)
+    except UsageError as error:  # e.g. a gate network flag without a gate type, against a vanilla checkpoint
+        raise UsageError(
+            f"The method flags do not state a method ({error.args[0].split(';')[0]}), and the method of {source} "
+            f"comes from its config.json ({stored}): drop the method flags, or make them state that method."
+        ) from error
     conflicts = []
     if args.attn_softmax is not None or args.alpha is not None:
         same = (
@@ -262,7 +289,8 @@ def load_checkpoint(args: argparse.Namespace, config: PretrainedConfig, device: 
     """The checkpoint's model exactly as saved: every weight must come from the checkpoint (a gate that its
     config.json names but its weights lack would otherwise be freshly initialised without a word)."""
     device_map = {"": device} if args.low_cpu_mem_usage else None
-    model, info = model_class(config.model_type).from_pretrained(
+    model, info = _from_pretrained(
+        model_class(config.model_type),
         args.model_name_or_path,
         config=config,
         device_map=device_map,

@@ -75,9 +75,11 @@ ADJUSTABLE_ON_RESUME = (
     "adam_epsilon",
 )
 # - These never touch the trajectory: where and how often the run saves, logs and evaluates, and caches
-#   (num_train_epochs is represented by max_train_steps, which is compared).
+#   (num_train_epochs is represented by max_train_steps, the config flags by the model config, both compared).
 FREE_ON_RESUME = (
     "run_id",
+    "config_name",  # these two are compared as the model config they resolve to (model_config)
+    "config_path",
     "output_dir",
     "resume_from_checkpoint",
     "checkpointing_steps",
@@ -200,6 +202,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     objective = get_objective(objective_name)
     args = build_parser(objective).parse_args(argv)
     _check_args(args)
+    check_data_sources(args, ("train", "validation"))
     output_dir = Path(args.output_dir)
     checkpoint = None
     if args.resume_from_checkpoint and not args.dry_run:
@@ -251,6 +254,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "attention": config.attention_variant,
+        "model_config": {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"},
         "train_blocks": len(splits["train"]),
         "validation_blocks": len(eval_set),
         "transformers_version": transformers.__version__,
@@ -258,7 +262,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     }
     progress = TrainingProgress()
     if checkpoint is not None:
-        settings["run_id"] = _resume(accelerator, checkpoint, settings, optimizer, progress)
+        settings["run_id"] = _resume(accelerator, checkpoint, settings, set(vars(args)), optimizer, progress)
         logger.info("Resumed at step %d of %d from %s", progress.step, max_train_steps, checkpoint)
     scheduler = build_scheduler(
         optimizer,
@@ -353,7 +357,9 @@ def _dry_run(accelerator: Accelerator, args: argparse.Namespace, config, seq_len
     return print_dry_run(accelerator, summary)
 
 
-def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict, optimizer, progress: TrainingProgress) -> str:
+def _resume(
+    accelerator: Accelerator, checkpoint: Path, settings: dict, flags: set[str], optimizer, progress: TrainingProgress
+) -> str:
     """Load a checkpoint of the run that `settings` continues: the settings it records must match (but for the
     adjustable and free ones), the output folder must hold no other run's checkpoints, and the optimizer keeps
     this run's hyperparameters. Returns the run id to continue."""
@@ -363,7 +369,9 @@ def _resume(accelerator: Accelerator, checkpoint: Path, settings: dict, optimize
     exempt = {*ADJUSTABLE_ON_RESUME, *FREE_ON_RESUME}
     fixed = [key for key in sorted(set(saved) | set(now)) if key not in exempt and saved.get(key) != now.get(key)]
     if fixed:
-        listing = "; ".join(f"--{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}" for key in fixed)
+        listing = "; ".join(
+            f"{'--' * (key in flags)}{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}" for key in fixed
+        )
         raise UsageError(
             f"{checkpoint} was written with other settings that cannot change on resume ({listing}); resume with "
             "the checkpoint's values, or start a new run in a new --output_dir."

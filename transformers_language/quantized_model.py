@@ -186,8 +186,11 @@ def quant_config_from_args(args) -> QuantConfig | None:
         return None
     if args.est_num_batches <= 0:
         raise UsageError(f"--est_num_batches must be positive, got {args.est_num_batches}.")
-    return QuantConfig(
-        weight_quant=not args.no_weight_quant,
-        act_quant=not args.no_act_quant,
-        **{f: getattr(args, f) for f in fields},
-    )
+    try:
+        return QuantConfig(
+            weight_quant=not args.no_weight_quant,
+            act_quant=not args.no_act_quant,
+            **{f: getattr(args, f) for f in fields},
+        )
+    except ValueError as error:  # its message names the flag
+        raise UsageError(str(error)) from error

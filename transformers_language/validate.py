@@ -27,7 +27,7 @@ from quantization.calibration import activation_quantizers, calibration
 from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .block_layouts import resolve_block_layout
-from .checkpoints import write_json_atomic
+from .checkpoints import check_output_dir, write_json_atomic
 from .data import add_data_args, check_data_sources, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
@@ -142,6 +142,8 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     script, other = f"validate_{objective.name}.py", f"validate_{'clm' if objective.name == 'mlm' else 'mlm'}.py"
     args = build_parser(objective).parse_args(argv)
     _check_args(args)
+    check_output_dir(args.output_dir)
+    check_data_sources(args, ("validation",))
     quant_config = quant_config_from_args(args)
     accelerator = Accelerator()
     setup_logging(accelerator)
@@ -226,4 +228,5 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
             for path in write_plots(figures, model.stream_kind, output_dir):
                 logger.info("Wrote %s", path)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the process group down: a process left in it can hang at exit
     return results
