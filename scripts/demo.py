@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,9 @@ def main() -> None:
     total, stage, rows = 3 * len(args.methods), 0, {}
     for method in args.methods:
         run_dir = output_dir / method
+        if run_dir.exists():  # the demo's own earlier run: training refuses a folder that holds a run
+            print(f"Replacing the earlier demo run in {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
         training = [*common_train, *tokenizer, *train_data, *validation_data, *METHODS[method]]
         evaluation = ["--model_name_or_path", str(run_dir), "--block_size", "128", "--per_device_eval_batch_size", "16"]
         evaluation += validation_data

@@ -46,3 +46,8 @@ def test_demo_prints_the_comparison_table(tmp_path):
     assert (output_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "growth.png").read_bytes()[:4] == b"\x89PNG"
     assert "=== [9/9]" in result.stdout
+
+    # Run again into the same folder: the demo replaces its own earlier runs (training alone would refuse them).
+    again = subprocess.run([*command, "--methods", "vanilla"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Replacing the earlier demo run in {output_dir / 'vanilla'}" in again.stdout

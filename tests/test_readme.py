@@ -12,7 +12,7 @@ README = (REPO / "README.md").read_text()
 # the demo, the benchmarks and the flag-doc generator).
 OTHER_TOOLS = {
     "--config_file", "--multi_gpu", "--num_processes", "--nproc_per_node", "--index-url", "--gpus", "--build-arg",
-    "--accelerate_config", "--full", "--methods", "--rounds", "--json", "--steps", "--models", "--write",
+    "--accelerate_config", "--full", "--methods", "--rounds", "--json", "--steps", "--models", "--write", "--cpu",
 }  # fmt: skip
 
 
