@@ -91,18 +91,20 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 
 
 def resolve_resume(resume_from: str, output_dir: str | os.PathLike) -> Path:
-    """`latest` (the newest checkpoint in output_dir) or an explicit checkpoint directory."""
+    """`latest` (the newest checkpoint in output_dir) or an explicit checkpoint directory, which must be a
+    training checkpoint of this version."""
     if resume_from == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
             raise InputFileError(
                 f"--resume_from_checkpoint latest: no step_N checkpoint in {output_dir}; pass a checkpoint path."
             )
-        return found[-1]
-    path = Path(resume_from)
+        path = found[-1]
+    else:
+        path = Path(resume_from)
     if not (path / TRAINING_STATE).is_file():
         raise InputFileError(
-            f"--resume_from_checkpoint {resume_from} is not a training checkpoint of this version (a step_N "
+            f"--resume_from_checkpoint {resume_from}: {path} is not a training checkpoint of this version (a step_N "
             f"directory with {TRAINING_STATE}, written with --checkpointing_steps); pass one, or 'latest'."
         )
     return path

@@ -39,7 +39,7 @@ from .checkpoints import (
     write_json_atomic,
 )
 from .data import add_data_args, check_data_sources, prepare_splits
-from .errors import UsageError, UserError
+from .errors import InputFileError, UsageError, UserError
 from .evaluation import evaluate_perplexity
 from .model_loading import (
     add_model_args,
@@ -365,6 +365,8 @@ def _resume(
     this run's hyperparameters. Returns the run id to continue."""
     fix = "resume from a checkpoint written by this version"
     saved = read_json(checkpoint / RUN_SETTINGS, "the settings of the run that wrote it", fix)
+    if "run_id" not in saved:
+        raise InputFileError(f"{checkpoint / RUN_SETTINGS} names no run_id; {fix}.")
     now = json.loads(strict_json(settings))  # as the record holds them
     exempt = {*ADJUSTABLE_ON_RESUME, *FREE_ON_RESUME}
     fixed = [key for key in sorted(set(saved) | set(now)) if key not in exempt and saved.get(key) != now.get(key)]

@@ -12,7 +12,6 @@ those are synced once, when the step is logged. No activation outlives its micro
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention_stats import AttentionStatistics
-from .checkpoints import truncate_jsonl
+from .checkpoints import strict_json, truncate_jsonl
 from .gates import AttentionGate
 from .metrics import per_sequence_stats
 from .runtime import max_across_processes, sum_across_processes
@@ -200,7 +199,7 @@ class Telemetry:
         if any(gates):
             record["gate_mean"] = gates
         with open(self.growth_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
 
     def _log_histograms(self, step: int) -> None:
         histograms, self._histograms = self._histograms, {}

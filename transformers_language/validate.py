@@ -45,7 +45,7 @@ from .model_loading import (
 from .objectives import Masking, Objective, derive_seed, get_objective, mask_eval_dataset
 from .outlier_report import TOP_K, log_results, outlier_results
 from .quantized_model import add_quantization_args, quant_config_from_args, quantize_model
-from .runtime import print_dry_run, setup_logging
+from .runtime import check_launch, print_dry_run, setup_logging
 
 logger = logging.getLogger(__name__)
 CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
@@ -147,6 +147,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     quant_config = quant_config_from_args(args)
     accelerator = Accelerator()
     setup_logging(accelerator)
+    check_launch(accelerator)
     set_seed(args.seed)
 
     config = load_checkpoint_config(args, script, other)
