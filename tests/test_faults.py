@@ -270,23 +270,25 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_truncated_random_states_are_an_error(straight, tmp_path, data_cache):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("random_states_0.pkl", r"random_states_0.pkl is missing or corrupt.*earlier checkpoint"),
+        ("model.safetensors", r"step_18/model.safetensors is corrupt or truncated"),
+    ],
+)
+def test_a_truncated_checkpoint_file_is_one_clear_error(name, message, straight, tmp_path, data_cache):
     out = tmp_path / "run"
     shutil.copytree(straight["opt"], out)
-    _truncate(out / "step_18" / "random_states_0.pkl")
+    _truncate(out / "step_18" / name)
     argv = small_argv("opt", out, data_cache, "--checkpointing_steps", "6", "--resume_from_checkpoint", "latest")
-    with pytest.raises(InputFileError, match=r"random_states_0.pkl is missing or corrupt.*earlier checkpoint"):
+    with pytest.raises(InputFileError, match=message):
         run_main("opt", argv)
 
 
-def test_truncated_weights_are_one_clear_error(straight, tmp_path, data_cache):
+def test_truncated_final_weights_are_one_clear_error(straight, tmp_path, data_cache):
     out = tmp_path / "run"
     shutil.copytree(straight["opt"], out)
-    _truncate(out / "step_18" / "model.safetensors")
-    argv = small_argv("opt", out, data_cache, "--checkpointing_steps", "6", "--resume_from_checkpoint", "latest")
-    with pytest.raises(InputFileError, match=r"step_18/model.safetensors is corrupt or truncated"):
-        run_main("opt", argv)
-
     _truncate(out / "model.safetensors")  # the final model, for validation and fine-tuning
     import validate_clm
 
