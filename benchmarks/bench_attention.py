@@ -21,7 +21,7 @@ import torch
 from transformers import BertConfig
 
 from transformers_language import AttentionConfig, build_model
-from transformers_language.checkpoints import write_json_atomic
+from transformers_language.files import write_json_atomic
 
 VARIANTS = {
     "vanilla (fused)": {},

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench_validate import _process_run, prepared_checkpoints
 from common import DATA, SETUPS
 
-from transformers_language.checkpoints import write_json_atomic
+from transformers_language.files import write_json_atomic
 
 W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(DATA / "test.txt"))
 CALIBRATION = re.compile(r"Calibrated \d+ activation quantizers on \d+ \w+ blocks in ([0-9.]+) s")

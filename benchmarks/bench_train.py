@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import CHILD_ENV, REPO, SEQ_LENGTH, SETUPS, train_argv
 
-from transformers_language.checkpoints import write_json_atomic
+from transformers_language.files import write_json_atomic
 
 # The paper's code on this machine class (from the issue): s/step, tokens/s and peak RSS (GiB) ranges.
 PAPER = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import CHILD_ENV, DATA, REPO, SEQ_LENGTH, SETUPS, seq_flag, train_argv
 
-from transformers_language.checkpoints import write_json_atomic
+from transformers_language.files import write_json_atomic
 
 # The paper's code on this machine class (from the issue): FP validation process wall seconds, peak RSS GiB.
 PAPER = {"bert": {"seconds": (102, 123), "rss_gib": (2.8, 2.8)}, "opt": {"seconds": (49, 60), "rss_gib": (1.1, 1.2)}}

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
-from transformers_language.checkpoints import write_json_atomic, write_text_atomic  # noqa: E402
+from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.plots import write_growth, write_method_comparison  # noqa: E402
 from transformers_language.pretrain import pretrain  # noqa: E402
 from transformers_language.telemetry import GROWTH_FILE  # noqa: E402

@@ -1,8 +1,10 @@
-"""Step-named training checkpoints (accelerate state) and atomic writes of results and the final model.
+"""Step-named training checkpoints (accelerate state plus JSON records) and the set-atomic final model.
 
 A checkpoint is written to `step_N.tmp` and renamed to `step_N` only when every process has finished, so a
 run killed while saving never leaves a half-written `step_N` behind, and `latest` always means a complete
-one. Older checkpoints beyond the limit are removed after the new one is in place. Every `step_N` is also a
+one. Older checkpoints of the same run beyond the limit are removed after the new one is in place. The step
+and its loss are JSON (`training_state.json`) and the run's settings sit beside them; the only pickles are
+accelerate's optimizer and random states, read with weights_only=True. Every `step_N` is also a
 loadable model: accelerate's model-state hooks write the weights with `save_pretrained` (config.json,
 safetensors, tokenizer and the layout record beside the training state) and read them back on resume, so
 `validate_*.py --model_name_or_path RUN/step_N` evaluates the model as it was at step N.
@@ -11,11 +13,9 @@ safetensors, tokenizer and the layout record beside the training state) and read
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME  # save_pretrained file names
 
 from .errors import InputFileError, UsageError
+from .files import write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -59,35 +60,11 @@ def checkpoint_dirs(output_dir: str | os.PathLike, run_id: str | None = None) ->
     return paths if run_id is None else [path for path in paths if checkpoint_run_id(path) == run_id]
 
 
-def read_json(path: Path, what: str, fix: str) -> dict:
-    """A JSON object from one of the project's own files, or one clear error naming the file and `fix`."""
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise InputFileError(f"{path} is missing ({what}); {fix}.") from error
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputFileError(f"{path} is corrupt ({what}: {error}); {fix}.") from error
-    if not isinstance(values, dict):
-        raise InputFileError(f"{path} is corrupt ({what}: not a JSON object); {fix}.")
-    return values
-
-
 def checkpoint_run_id(checkpoint: Path) -> str | None:
     try:
         return json.loads((checkpoint / RUN_SETTINGS).read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """`--output_dir` as a folder path (it need not exist yet), checked before anything is loaded."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output_dir {path} is a file, not a folder; pass a folder path.")
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UsageError(f"--output_dir {path}: {parent} is a file, not a folder; pass a folder path.")
-    return path
 
 
 def resolve_resume(resume_from: str, output_dir: str | os.PathLike) -> Path:
@@ -154,71 +131,6 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _file_mode() -> int:
-    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename: readers never see a partial file. The file
-    gets the usual permissions (0666 less the umask), not the temporary file's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of a per-step JSON-lines log up to `step` (a resumed run rewrites what came after its
-    checkpoint), atomically. A torn last line (the run was killed while writing it) is dropped; a corrupt line
-    before it is an error."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
-            raise InputFileError(
-                f"{path} line {number} is corrupt ({error}); delete the line (or the file) to resume."
-            ) from error
-        if record["step"] <= step:
-            kept.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def strict_json(values: dict, **options) -> str:
-    """JSON without NaN or infinity (not JSON, and many readers reject it): a non-finite number is null."""
-
-    def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [finite(item) for item in value]
-        return value
-
-    return json.dumps(finite(values), allow_nan=False, default=str, **options)
-
-
-def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
-    """`values` as indented strict JSON, written atomically."""
-    write_text_atomic(path, strict_json(values, indent=2, sort_keys=True) + "\n")
 
 
 def save_model_files(model, tokenizer, directory: Path, state_dict: dict | None, records: dict[str, dict]) -> None:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write is None:
         sys.stdout.write(tables)
         return
-    from .checkpoints import write_text_atomic
+    from .files import write_text_atomic
 
     path = Path(args.write)
     readme = path.read_text()

@@ -8,10 +8,8 @@ script accepts only the flags it uses.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import pickle
 import uuid
 from pathlib import Path
 
@@ -24,23 +22,17 @@ from torch.utils.data import DataLoader
 from .block_layouts import layout_record
 from .checkpoints import (
     RUN_SETTINGS,
-    TRAINING_STATE,
     TrainingProgress,
     check_checkpoint_files,
-    check_output_dir,
-    checkpoint_dirs,
-    checkpoint_run_id,
     model_state_dict,
-    read_json,
     register_model_checkpointing,
     resolve_resume,
     save_pretrained_atomic,
-    strict_json,
-    write_json_atomic,
 )
 from .data import add_data_args, check_data_sources, prepare_splits
-from .errors import InputFileError, UsageError, UserError
+from .errors import UsageError
 from .evaluation import evaluate_perplexity
+from .files import check_output_dir, write_json_atomic
 from .model_loading import (
     add_model_args,
     build_config,
@@ -52,59 +44,12 @@ from .model_loading import (
 )
 from .objectives import Masking, Objective, get_objective, mask_eval_dataset
 from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .resume import check_new_run_folder, resume_run
 from .runtime import check_launch, print_dry_run, setup_logging
 from .telemetry import Telemetry, init_tracking
 from .training import EpochPermutationSampler, LoopSettings, train
 
 logger = logging.getLogger(__name__)
-
-# What a resumed run may set anew. Every other setting must equal the checkpoint's record (run_settings.json in
-# the checkpoint), since it shapes the model, the data or their order.
-# - These take effect from the resumed step on: the optimizer's hyperparameters and the schedule (e.g. a lower
-#   learning rate after a divergence). The optimizer's moments are restored, its hyperparameters are not.
-ADJUSTABLE_ON_RESUME = (
-    "learning_rate",
-    "lr_scheduler_type",
-    "num_warmup_steps",
-    "final_lr_fraction",
-    "max_grad_norm",
-    "grad_norm_type",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-)
-# - These never touch the trajectory: where and how often the run saves, logs and evaluates, and caches
-#   (num_train_epochs is represented by max_train_steps, the config flags by the model config, both compared).
-FREE_ON_RESUME = (
-    "run_id",
-    "config_name",  # these two are compared as the model config they resolve to (model_config)
-    "config_path",
-    "output_dir",
-    "resume_from_checkpoint",
-    "checkpointing_steps",
-    "checkpoints_total_limit",
-    "num_train_epochs",
-    "per_device_eval_batch_size",
-    "validation_file",
-    "validation_percentage",
-    "validation_blocks",
-    "with_tracking",
-    "report_to",
-    "extra_tb_stats",
-    "tb_scalar_log_interval",
-    "tb_hist_log_interval",
-    "preprocessing_num_workers",
-    "overwrite_cache",
-    "data_cache_dir",
-    "model_cache_dir",
-    "low_cpu_mem_usage",
-    "dry_run",
-    "transformers_version",
-    "torch_version",
-)
-# What in a folder marks a run: a new run there would adopt, rotate away or overwrite it.
-RUN_FILES = (RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
 
 
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
@@ -185,15 +130,8 @@ def _check_args(args: argparse.Namespace) -> None:
             "--fine_tuning to train from scratch."
         )
     output_dir = check_output_dir(args.output_dir)
-    if not args.resume_from_checkpoint and not args.dry_run and output_dir.is_dir():
-        found = sorted(
-            p.name for p in output_dir.iterdir() if p.name in RUN_FILES or p.name.startswith("step_")
-        )
-        if found:
-            raise UsageError(
-                f"--output_dir {output_dir} already holds a run ({', '.join(found[:4])}); pass a new --output_dir, "
-                "or --resume_from_checkpoint latest to continue that run."
-            )
+    if not args.resume_from_checkpoint and not args.dry_run:
+        check_new_run_folder(output_dir)
 
 
 def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
@@ -262,7 +200,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     }
     progress = TrainingProgress()
     if checkpoint is not None:
-        settings["run_id"] = _resume(accelerator, checkpoint, settings, set(vars(args)), optimizer, progress)
+        settings["run_id"] = resume_run(accelerator, checkpoint, settings, set(vars(args)), optimizer, progress)
         logger.info("Resumed at step %d of %d from %s", progress.step, max_train_steps, checkpoint)
     scheduler = build_scheduler(
         optimizer,
@@ -355,59 +293,3 @@ def _dry_run(accelerator: Accelerator, args: argparse.Namespace, config, seq_len
         **describe_model(config),
     }
     return print_dry_run(accelerator, summary)
-
-
-def _resume(
-    accelerator: Accelerator, checkpoint: Path, settings: dict, flags: set[str], optimizer, progress: TrainingProgress
-) -> str:
-    """Load a checkpoint of the run that `settings` continues: the settings it records must match (but for the
-    adjustable and free ones), the output folder must hold no other run's checkpoints, and the optimizer keeps
-    this run's hyperparameters. Returns the run id to continue."""
-    fix = "resume from a checkpoint written by this version"
-    saved = read_json(checkpoint / RUN_SETTINGS, "the settings of the run that wrote it", fix)
-    if "run_id" not in saved:
-        raise InputFileError(f"{checkpoint / RUN_SETTINGS} names no run_id; {fix}.")
-    now = json.loads(strict_json(settings))  # as the record holds them
-    exempt = {*ADJUSTABLE_ON_RESUME, *FREE_ON_RESUME}
-    fixed = [key for key in sorted(set(saved) | set(now)) if key not in exempt and saved.get(key) != now.get(key)]
-    if fixed:
-        listing = "; ".join(
-            f"{'--' * (key in flags)}{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}" for key in fixed
-        )
-        raise UsageError(
-            f"{checkpoint} was written with other settings that cannot change on resume ({listing}); resume with "
-            "the checkpoint's values, or start a new run in a new --output_dir."
-        )
-    changed = [key for key in ADJUSTABLE_ON_RESUME if saved.get(key) != now.get(key)]
-    if changed:
-        logger.info(
-            "Resuming with new %s (they take effect from step %s on)",
-            ", ".join(f"--{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in changed),
-            checkpoint.name.removeprefix("step_"),
-        )
-    others = [p.name for p in checkpoint_dirs(settings["output_dir"]) if checkpoint_run_id(p) != saved["run_id"]]
-    if others:
-        raise UsageError(
-            f"--output_dir {settings['output_dir']} holds checkpoints of another run ({', '.join(others)}); resume "
-            "into that run's own folder or into a new --output_dir."
-        )
-    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    try:
-        accelerator.load_state(str(checkpoint))
-    except UserError:
-        raise
-    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
-        raise UsageError(
-            f"{checkpoint} is corrupt or does not match this run's model or optimizer ({error}); resume from "
-            "another checkpoint, or with the settings that wrote it."
-        ) from error
-    for group, values in zip(optimizer.param_groups, hyperparameters, strict=True):
-        params = group["params"]
-        group.clear()
-        group.update(values, params=params)
-    progress.load_state_dict(read_json(checkpoint / TRAINING_STATE, "the step and loss", fix))
-    if progress.step > settings["max_train_steps"]:
-        raise UsageError(
-            f"{checkpoint} is at step {progress.step}, past --max_train_steps {settings['max_train_steps']}."
-        )
-    return saved["run_id"]

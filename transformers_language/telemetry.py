@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention_stats import AttentionStatistics
-from .checkpoints import strict_json, truncate_jsonl
+from .files import strict_json, truncate_jsonl
 from .gates import AttentionGate
 from .metrics import per_sequence_stats
 from .runtime import max_across_processes, sum_across_processes

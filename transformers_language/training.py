@@ -31,10 +31,9 @@ from .checkpoints import (
     TrainingProgress,
     checkpoint_dirs,
     save_checkpoint,
-    strict_json,
-    truncate_jsonl,
 )
 from .errors import UserError
+from .files import strict_json, truncate_jsonl
 from .objectives import Objective, derive_seed
 
 logger = logging.getLogger(__name__)

@@ -27,10 +27,10 @@ from quantization.calibration import activation_quantizers, calibration
 from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .block_layouts import resolve_block_layout
-from .checkpoints import check_output_dir, write_json_atomic
 from .data import add_data_args, check_data_sources, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
+from .files import check_output_dir, write_json_atomic
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
     add_model_args,
