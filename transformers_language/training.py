@@ -7,7 +7,8 @@ number of processes. Everything random is reproducible across an interruption: t
 permutation seeded by (seed, epoch), training masks come from a generator seeded by (seed, step, process),
 accelerate's checkpoint restores dropout's RNG and the optimizer's moments, and the step (JSON) fixes the
 epoch, the position in it and the learning rate. A step whose loss or gradient norm is not finite stops the
-run before it changes a weight, so every checkpoint holds finite weights.
+run before it changes a weight, so every checkpoint holds finite weights (under fp16 an infinite gradient is
+the loss scaler's overflow signal instead: the scaler skips that update).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def train(
                     raise NonFiniteLossError(_non_finite_message(f"Loss is {loss}", step, settings, run_id))
                 # The norm of the synchronised gradients: the same on every process, so all stop together.
                 grad_norm = accelerator.clip_grad_norm_(parameters, max_norm, norm_type=settings.grad_norm_type)
-                if not math.isfinite(float(grad_norm)):
+                # Under fp16 the loss scaler expects overflows: it skips that step's update and lowers its scale.
+                if not math.isfinite(float(grad_norm)) and accelerator.scaler is None:
                     message = f"The gradient norm is {float(grad_norm)} (loss {loss:.4f})"
                     raise NonFiniteLossError(_non_finite_message(message, step, settings, run_id))
                 learning_rate = scheduler.get_last_lr()[0]
