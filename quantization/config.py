@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .affine import check_bits
+from .calibration import CALIBRATION_INPUTS
+from .estimators import PERCENTILE_INTERPOLATIONS
 from .quantizer import Quantizer
 
 ACT_METHODS = ("asymmetric_uniform", "symmetric_uniform")
@@ -46,7 +48,11 @@ class QuantConfig:
     ranges_weights: str = "minmax"
     ranges_acts: str = "running_minmax"
     percentile: float | None = None
+    percentile_interpolation: str = "linear"
+    """How --percentile reads the sorted values: 'linear' (numpy.percentile, the paper's) or 'nearest' rank."""
     quant_setup: str = "fp32_head"
+    calibration_inputs: str = "quantized"
+    """What activation quantizers observe: 'quantized' upstream values (the paper's code) or 'float' ones."""
 
     def __post_init__(self):
         for flag in ("n_bits", "n_bits_act"):
@@ -56,6 +62,12 @@ class QuantConfig:
                 raise ValueError(f"--{flag} {getattr(self, flag)}: {error}") from error
         if self.qmethod_acts not in ACT_METHODS:
             raise ValueError(f"Unknown --qmethod_acts {self.qmethod_acts!r}; valid methods: {', '.join(ACT_METHODS)}.")
+        for flag, valid in (
+            ("percentile_interpolation", PERCENTILE_INTERPOLATIONS),
+            ("calibration_inputs", CALIBRATION_INPUTS),
+        ):
+            if getattr(self, flag) not in valid:
+                raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
         if self.quant_setup not in QUANT_PRESETS:
             raise ValueError(f"Unknown --quant_setup {self.quant_setup!r}; valid presets: {', '.join(QUANT_PRESETS)}.")
         if self.weight_estimator == "running_minmax":
@@ -87,7 +99,9 @@ class QuantConfig:
             raise ValueError(f"--ranges_weights: {error} (minmax is an alias of current_minmax)") from error
 
     def act_quantizer(self, n_bits: int | None = None) -> Quantizer:
-        options = {} if self.percentile is None else {"percentile": self.percentile}
+        options = {}
+        if self.percentile is not None:
+            options = {"percentile": self.percentile, "interpolation": self.percentile_interpolation}
         symmetric = self.qmethod_acts == "symmetric_uniform"
         # Every activation point's input is a fresh intermediate read by nothing else: quantize it in place.
         return Quantizer(

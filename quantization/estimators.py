@@ -5,9 +5,12 @@
                    initialises)
   MSE              the clipping range minimising ||x - Q(x)||^2, by grid search
   L<p>             the same search minimising sum |x - Q(x)|^p (e.g. L2.4)
-With `percentile=P` the min-max estimators use the nearest-rank (100 - P)th and Pth percentiles of the batch
-instead of its min and max, computed with torch on the tensor's device (kthvalue: no size limit, no host
-copy). The search estimators start from the batch's min / max and, per observed batch, look for the best of G
+With `percentile=P` the min-max estimators use the (100 - P)th and Pth percentiles of the batch instead of its
+min and max, by nearest rank or, with `interpolation="linear"`, between the two nearest ranks as
+`numpy.percentile` does (the paper's definition), computed with torch on the tensor's device (kthvalue: no
+size limit, no host copy).
+
+The search estimators start from the batch's min / max and, per observed batch, look for the best of G
 fractions of them (symmetric: G clipping values; asymmetric: a G x G grid of low and high ends). They search
 coarse to fine: every s-th fraction (s ~ sqrt(G)) first, then every fraction within s of the best coarse one,
 per channel. That scores ~3 sqrt(G) candidates instead of G (29 instead of 100; 74 instead of 400 for the
@@ -62,28 +65,56 @@ def _min_max(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.amin(dim=1), flat.amax(dim=1)
 
 
-def batch_extremes(x: torch.Tensor, axis: int | None, percentile: float | None = None):
-    """(low, high) of one batch: min / max, or the (100 - P)th / Pth nearest-rank percentiles."""
+def _nearest_rank(flat: torch.Tensor, fraction: float) -> torch.Tensor:
+    count = flat.shape[1]
+    return flat.kthvalue(min(count, max(1, math.ceil(fraction * count))), dim=1).values
+
+
+def _linear(flat: torch.Tensor, fraction: float) -> torch.Tensor:
+    """numpy.percentile's default: position (n - 1) * fraction in the sorted values, interpolated."""
+    position = (flat.shape[1] - 1) * fraction
+    below = math.floor(position)
+    lower = flat.kthvalue(below + 1, dim=1).values
+    if position == below:
+        return lower
+    upper = flat.kthvalue(below + 2, dim=1).values
+    return lower + (position - below) * (upper - lower)
+
+
+# How a percentile picks among the sorted values of a batch.
+PERCENTILE_INTERPOLATIONS = {"nearest": _nearest_rank, "linear": _linear}
+
+
+def batch_extremes(x: torch.Tensor, axis: int | None, percentile: float | None = None, interpolation: str = "nearest"):
+    """(low, high) of one batch: min / max, or the (100 - P)th / Pth percentiles."""
     flat = _by_channel(x, axis)
     if percentile is None:
         low, high = _min_max(flat)
         return _shaped(low, axis), _shaped(high, axis)
-    count = flat.shape[1]
-    k_high = min(count, max(1, math.ceil(percentile / 100 * count)))
-    k_low = min(count, max(1, math.ceil((100 - percentile) / 100 * count)))
-    low = flat.kthvalue(k_low, dim=1).values
-    high = flat.kthvalue(k_high, dim=1).values
-    return _shaped(low, axis), _shaped(high, axis)
+    pick = PERCENTILE_INTERPOLATIONS[interpolation]
+    return _shaped(pick(flat, (100 - percentile) / 100), axis), _shaped(pick(flat, percentile / 100), axis)
 
 
 class RangeEstimator(CalibratedState):
     """Observes tensors and proposes a (low, high) range, per tensor or per channel along `axis`."""
 
-    def __init__(self, n_bits: int, symmetric: bool, axis: int | None, percentile: float | None = None):
+    def __init__(
+        self,
+        n_bits: int,
+        symmetric: bool,
+        axis: int | None,
+        percentile: float | None = None,
+        interpolation: str = "nearest",
+    ):
         super().__init__()
         if percentile is not None and not 50 < percentile <= 100:
             raise ValueError(f"percentile must lie in (50, 100], got {percentile}.")
+        if interpolation not in PERCENTILE_INTERPOLATIONS:
+            raise ValueError(
+                f"Unknown percentile interpolation {interpolation!r}; valid: {', '.join(PERCENTILE_INTERPOLATIONS)}."
+            )
         self.n_bits, self.symmetric, self.axis, self.percentile = n_bits, symmetric, axis, percentile
+        self.interpolation = interpolation
         self.register_buffer("low", torch.empty(0))
         self.register_buffer("high", torch.empty(0))
 
@@ -99,7 +130,7 @@ class RangeEstimator(CalibratedState):
 @register_estimator("current_minmax")
 class CurrentMinMax(RangeEstimator):
     def observe(self, x: torch.Tensor) -> None:
-        self.low, self.high = batch_extremes(x, self.axis, self.percentile)
+        self.low, self.high = batch_extremes(x, self.axis, self.percentile, self.interpolation)
 
 
 @register_estimator("running_minmax")
@@ -111,7 +142,7 @@ class RunningMinMax(RangeEstimator):
         self.momentum = momentum
 
     def observe(self, x: torch.Tensor) -> None:
-        low, high = batch_extremes(x, self.axis, self.percentile)
+        low, high = batch_extremes(x, self.axis, self.percentile, self.interpolation)
         if self.low.numel() == 0:
             self.low, self.high = low, high
         else:

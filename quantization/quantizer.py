@@ -4,8 +4,10 @@ Asymmetric grids are [0, 2^b - 1] with the range widened to include 0 (so 0 is e
 an integer zero point. Symmetric grids are signed [-2^(b-1), 2^(b-1) - 1] with z = 0, or unsigned
 [0, 2^b - 1] for a tensor with no negative values. Per-tensor, or per-channel along one axis.
 
-A quantizer has three modes. `off` passes values through. `observe` passes them through and feeds its range
-estimator (calibration). `quantize` fake-quantizes with the frozen range. The frozen scale and zero point
+A quantizer has three modes. `off` passes values through. `observe` feeds its range estimator (calibration)
+and passes values through, or, with `quantize_while_observing`, fake-quantizes them with the range estimated
+so far (calibration as the paper's code ran it: each quantizer sees the quantized outputs of the ones
+upstream). `quantize` fake-quantizes with the frozen range. The frozen scale and zero point
 are buffers, so a calibrated model saves and reloads them with its state. The arithmetic is torch's fused
 fake-quantize kernel: round-to-nearest-even, and a straight-through gradient inside the range (zero
 outside).
@@ -75,6 +77,7 @@ class Quantizer(CalibratedState):
         )
         self.in_place = in_place
         self.mode = "off"
+        self.quantize_while_observing = False
         self.q_range: tuple[int, int] | None = None  # host copy of grid_bounds, read every forward
         self.shifted_bounds: tuple[float, float] | None = None  # per tensor: q_range minus the zero point
         self.register_buffer("scale", torch.empty(0))
@@ -119,7 +122,10 @@ class Quantizer(CalibratedState):
             return x
         if self.mode == "observe":
             self.estimator.observe(x.detach())
-            return x
+            if not self.quantize_while_observing:
+                return x
+            scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)
+            return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
         if self.axis is None and not (torch.is_grad_enabled() and x.requires_grad):
             return fake_quantize_no_grad(x, self.scale.reshape(()), *self.shifted_bounds, in_place=self.in_place)
         return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)

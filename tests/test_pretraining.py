@@ -221,3 +221,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, data_cac
     assert not (out / "all_results.json").exists() and not (out / "model.safetensors").exists()
     state = load_file(out / "step_2" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "flag", "replacement"),
+    [
+        ("opt", "--max_seq_length", "--block_size"),
+        ("bert", "--pad_to_max_length", "nothing is padded"),
+        ("opt", "--use_slow_tokenizer", "fast (Rust) tokenizer is always used"),
+        ("bert", "--tqdm_update_interval", "TQDM_MININTERVAL"),
+    ],
+)
+def test_a_dropped_flag_of_the_papers_scripts_names_its_replacement(model_type, flag, replacement, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_main(model_type, [*train_argv(model_type, tmp_path / "run", tmp_path), flag, "1"])
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {flag}" in err and f"{flag} of the paper's scripts" in err and replacement in err

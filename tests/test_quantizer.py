@@ -4,6 +4,7 @@ brute-force reference."""
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from quantization import estimators
 from quantization.affine import scale_and_zero_point
@@ -205,3 +206,34 @@ def test_only_activation_quantizers_overwrite_their_input():
     with torch.no_grad():
         quantizer(weight)
     assert torch.equal(weight, before)
+
+
+def test_linear_percentiles_match_numpy():
+    """The paper's --percentile: numpy.percentile's default (linear interpolation between the two ranks)."""
+    data = torch.randn(3, 65_536, generator=torch.Generator().manual_seed(4)) * torch.tensor([[1.0], [3.0], [0.1]])
+    estimator = build_estimator("current_minmax", 8, False, 0, percentile=99.999, interpolation="linear")
+    estimator.observe(data)
+    low, high = estimator.range()
+    for channel, values in enumerate(data.double().numpy()):
+        assert low[channel].item() == pytest.approx(np.percentile(values, 100 - 99.999), rel=1e-6)
+        assert high[channel].item() == pytest.approx(np.percentile(values, 99.999), rel=1e-6)
+        assert high[channel].item() < values.max()  # nearest rank would give exactly the maximum here
+    with pytest.raises(ValueError, match="Unknown percentile interpolation 'cubic'; valid: nearest, linear"):
+        build_estimator("current_minmax", 8, False, None, percentile=99.0, interpolation="cubic")
+
+
+def test_calibration_on_quantized_inputs_sees_the_quantized_upstream():
+    """inputs='quantized' (the paper's order): the second quantizer observes the first one's quantized output;
+    inputs='float': the float values."""
+    from quantization.calibration import calibration
+
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    for inputs in ("float", "quantized"):
+        chain = nn.Sequential(Quantizer(4, estimator="current_minmax"), Quantizer(8, estimator="current_minmax"))
+        with torch.no_grad(), calibration(chain, inputs):
+            chain(x)
+        first, second = chain
+        upstream = first(x) if inputs == "quantized" else x  # first is frozen now: its quantized output
+        assert second.estimator.range()[0].item() == upstream.min().item()
+        assert second.estimator.range()[1].item() == upstream.max().item()
+        assert (first(x) != x).any()  # 4 bits: the two cases really differ

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
+from .arguments import parse_args
 from .block_layouts import layout_record
 from .checkpoints import (
     RUN_SETTINGS,
@@ -138,7 +139,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     """Run the pre-training job of `objective_name` ('mlm' or 'clm') with command-line `argv`; returns the
     figures written to `all_results.json`."""
     objective = get_objective(objective_name)
-    args = build_parser(objective).parse_args(argv)
+    args = parse_args(build_parser(objective), argv)
     _check_args(args)
     check_data_sources(args, ("train", "validation"))
     output_dir = Path(args.output_dir)

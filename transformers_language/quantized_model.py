@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from quantization.calibration import CALIBRATION_INPUTS
 from quantization.config import HIGH_PRECISION_BITS, QUANT_PRESETS, QuantConfig
+from quantization.estimators import PERCENTILE_INTERPOLATIONS
 from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
 from .errors import UsageError
+from .families import get_family
 
 
 @dataclass(frozen=True)
@@ -142,19 +145,28 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 CALIBRATION_SPLITS = ("train", "validation")
 
 
-def add_quantization_args(parser) -> None:
-    """The W8A8 flags of the paper's validation commands; each one works for both model families."""
+def add_quantization_args(parser, ranges_weights: str) -> None:
+    """The W8A8 flags of the paper's validation commands; each one works for both model families.
+    `ranges_weights` is the family's weight estimator in the paper (BERT min-max, OPT MSE)."""
     defaults = QuantConfig()  # the one source of the defaults
     group = parser.add_argument_group("W8A8 simulation")
     group.add_argument("--quantize", action="store_true", help="Evaluate the W8A8 (or --n_bits/--n_bits_act) model.")
     group.add_argument("--est_num_batches", type=int, default=16, help="Calibration batches for activation ranges.")
+    group.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=8,
+        help="Sequences per calibration batch from the training split (the paper calibrated on training batches).",
+    )
     group.add_argument("--n_bits", type=int, default=defaults.n_bits, help="Weight bits.")
     group.add_argument("--n_bits_act", type=int, default=defaults.n_bits_act, help="Activation bits.")
     group.add_argument("--no_weight_quant", action="store_true", help="Keep the weights FP.")
     group.add_argument("--no_act_quant", action="store_true", help="Keep the activations FP.")
     group.add_argument("--qmethod_acts", default=defaults.qmethod_acts, help="asymmetric_uniform or symmetric_uniform.")
     group.add_argument(
-        "--ranges_weights", default=defaults.ranges_weights, help="Weight ranges: minmax, MSE or L<p> (e.g. L2.4)."
+        "--ranges_weights",
+        default=ranges_weights,
+        help="Weight ranges: minmax, MSE or L<p> (e.g. L2.4); the default is the paper's for this family.",
     )
     group.add_argument(
         "--ranges_acts",
@@ -164,6 +176,12 @@ def add_quantization_args(parser) -> None:
     group.add_argument(
         "--percentile", type=float, default=defaults.percentile, help="Min-max ranges from percentiles P / 100-P."
     )
+    group.add_argument(
+        "--percentile_interpolation",
+        default=defaults.percentile_interpolation,
+        choices=list(PERCENTILE_INTERPOLATIONS),
+        help="How --percentile reads the sorted values: linear (numpy.percentile, the paper's) or nearest rank.",
+    )
     group.add_argument("--quant_setup", default=defaults.quant_setup, help=f"Preset: {', '.join(QUANT_PRESETS)}.")
     group.add_argument(
         "--calibration_split",
@@ -171,26 +189,47 @@ def add_quantization_args(parser) -> None:
         choices=CALIBRATION_SPLITS,
         help="Where calibration batches come from (validation: only to reproduce the paper's BERT runs).",
     )
+    group.add_argument(
+        "--calibration_inputs",
+        default=defaults.calibration_inputs,
+        choices=list(CALIBRATION_INPUTS),
+        help="What activation quantizers observe while calibrating: quantized upstream values (the paper's "
+        "code) or float ones.",
+    )
+
+
+QUANT_FIELDS = (
+    "n_bits",
+    "n_bits_act",
+    "qmethod_acts",
+    "ranges_weights",
+    "ranges_acts",
+    "percentile",
+    "percentile_interpolation",
+    "quant_setup",
+    "calibration_inputs",
+)
 
 
 def quant_config_from_args(args) -> QuantConfig | None:
     """The QuantConfig of --quantize, or None; a W8A8 flag without --quantize is an error."""
-    fields = ("n_bits", "n_bits_act", "qmethod_acts", "ranges_weights", "ranges_acts", "percentile", "quant_setup")
     if not args.quantize:
-        defaults = QuantConfig()
-        changed = [f"--{f}" for f in fields if getattr(args, f) != getattr(defaults, f)]
+        defaults = QuantConfig(ranges_weights=get_family(args.model_type).weight_ranges)
+        changed = [f"--{f}" for f in QUANT_FIELDS if getattr(args, f) != getattr(defaults, f)]
         changed += [f"--{f}" for f in ("no_weight_quant", "no_act_quant") if getattr(args, f)]
         changed += ["--calibration_split"] if args.calibration_split != "train" else []
+        changed += ["--per_device_train_batch_size"] if args.per_device_train_batch_size != 8 else []
         if changed:
             raise UsageError(f"{', '.join(changed)} configure the W8A8 simulation: add --quantize, or drop them.")
         return None
-    if args.est_num_batches <= 0:
-        raise UsageError(f"--est_num_batches must be positive, got {args.est_num_batches}.")
+    for flag in ("est_num_batches", "per_device_train_batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
     try:
         return QuantConfig(
             weight_quant=not args.no_weight_quant,
             act_quant=not args.no_act_quant,
-            **{f: getattr(args, f) for f in fields},
+            **{f: getattr(args, f) for f in QUANT_FIELDS},
         )
     except ValueError as error:  # its message names the flag
         raise UsageError(str(error)) from error

@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 
 from quantization.calibration import activation_quantizers, calibration
 
+from .arguments import parse_args
 from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .block_layouts import resolve_block_layout
 from .data import add_data_args, check_data_sources, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
+from .families import get_family
 from .files import check_output_dir, write_json_atomic
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
@@ -79,7 +81,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         action="store_true",
         help="Check the flags against the checkpoint's config, print the resolved settings as JSON and exit.",
     )
-    add_quantization_args(parser)
+    add_quantization_args(parser, get_family(objective.model_type).weight_ranges)
     return parser
 
 
@@ -105,15 +107,15 @@ def _calibrate(
     head and the loss run only when the preset quantizes the head."""
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
-    count = min(len(blocks), args.est_num_batches * args.per_device_eval_batch_size)
+    count = min(len(blocks), args.est_num_batches * calibration_batch_size(args))
     ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
-    with torch.no_grad(), calibration(model):
+    with torch.no_grad(), calibration(model, args.calibration_inputs):
         for start in tqdm(
-            range(0, count, args.per_device_eval_batch_size),
+            range(0, count, calibration_batch_size(args)),
             desc="Calibrating",
             disable=not accelerator.is_local_main_process,
         ):
-            input_ids = ids[start : start + args.per_device_eval_batch_size]
+            input_ids = ids[start : start + calibration_batch_size(args)]
             labels = input_ids
             if masking is not None:
                 input_ids, labels = masking(input_ids, generator)
@@ -131,8 +133,24 @@ def _calibrate(
     )
 
 
-def _quantization_settings(quant_config) -> dict | None:
-    return None if quant_config is None else asdict(quant_config) | {"preset": asdict(quant_config.preset)}
+def calibration_batch_size(args: argparse.Namespace) -> int:
+    """A calibration batch is a batch of the loader it comes from, as in the paper's code: training batches
+    (--per_device_train_batch_size) from the training split, evaluation batches from the validation split."""
+    return args.per_device_train_batch_size if args.calibration_split == "train" else args.per_device_eval_batch_size
+
+
+def _quantization_settings(quant_config, args: argparse.Namespace) -> dict | None:
+    """Every choice of the W8A8 protocol, as all_results.json records it."""
+    if quant_config is None:
+        return None
+    batch = calibration_batch_size(args)
+    return asdict(quant_config) | {
+        "preset": asdict(quant_config.preset),
+        "calibration_split": args.calibration_split,
+        "calibration_batch_size": batch,
+        "calibration_sequences": args.est_num_batches * batch,
+        "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)
+    }
 
 
 def validate(objective_name: str, argv: list[str] | None = None) -> dict:
@@ -140,7 +158,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     `all_results.json`."""
     objective = get_objective(objective_name)
     script, other = f"validate_{objective.name}.py", f"validate_{'clm' if objective.name == 'mlm' else 'mlm'}.py"
-    args = build_parser(objective).parse_args(argv)
+    args = parse_args(build_parser(objective), argv)
     _check_args(args)
     check_output_dir(args.output_dir)
     check_data_sources(args, ("validation",))
@@ -166,7 +184,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
             "settings": vars(args),
             "seq_length": seq_length,
             "attention": attention.to_dict(),
-            "quantization": _quantization_settings(quant_config),
+            "quantization": _quantization_settings(quant_config, args),
             **describe_model(config),
         }
         return print_dry_run(accelerator, summary)
@@ -215,7 +233,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
         "kurtosis": "Pearson (non-excess), population std, no epsilon",
         "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
         "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
-        "quantization": _quantization_settings(quant_config),
+        "quantization": _quantization_settings(quant_config, args),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
