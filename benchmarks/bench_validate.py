@@ -96,7 +96,7 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     from transformers_language.evaluation import evaluate_perplexity
     from transformers_language.metrics import ActivationStatistics
     from transformers_language.model_loading import load_checkpoint, load_tokenizer
-    from transformers_language.objectives import Masking, get_objective, mask_eval_dataset
+    from transformers_language.objectives import get_objective
     from transformers_language.outlier_report import outlier_results
     from transformers_language.validate import build_parser
 
@@ -109,8 +109,7 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     net = load_checkpoint(args, AutoConfig.from_pretrained(checkpoint), accelerator.device)
     loss_module = objective.loss_class(net).eval()
     dataset = prepare_splits(args, ("validation",), tokenizer, SEQ_LENGTH, accelerator)["validation"]
-    if objective.name == "mlm":
-        dataset = mask_eval_dataset(dataset, Masking.from_tokenizer(tokenizer, 0.15), 42)
+    dataset = objective.evaluation_set(dataset, objective.targets(tokenizer, args), args.seed)
     batch, config = SETUPS[model]["batch"], net.config
     delimiters = delimiter_token_ids(tokenizer)
 

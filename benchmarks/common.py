@@ -6,19 +6,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers_language.families import FAMILIES
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data" / "wikitext-2"
 SETUPS = {
-    "bert": {"script": "mlm", "config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
-    "opt": {"script": "clm", "config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
+    "bert": {"config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},
+    "opt": {"config": "opt-small.yaml", "tokenizer": "opt-bpe-8k", "batch": 16},
 }
+for _model, _setup in SETUPS.items():  # the objective (mlm / clm) of the family's scripts
+    _setup["script"] = FAMILIES[_model].objective
 SEQ_LENGTH = 128
 CHILD_ENV = os.environ | {"OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def seq_flag(model: str) -> str:
-    return "--max_seq_length" if model == "bert" else "--block_size"
+    return f"--{FAMILIES[model].sequence.name}"
 
 
 def train_argv(model: str, steps: int, output_dir: str, cache: str) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from transformers import BertConfig, OPTConfig
 
 from transformers_language import AttentionConfig
+from transformers_language.families import FAMILIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the test log
 
@@ -91,7 +92,7 @@ def train_argv(model_type: str, output_dir: Path, data_cache: Path, *extra: str,
     """Arguments of a few-step run of a tiny model on the local WikiText-2 text."""
     config = output_dir.parent / f"{model_type}-tiny.yaml"
     config.write_text(TINY_YAML[model_type])
-    seq_flag = "--max_seq_length" if model_type == "bert" else "--block_size"
+    seq_flag = f"--{FAMILIES[model_type].sequence.name}"
     return [
         "--config_path", str(config),
         "--tokenizer_name", str(TOKENIZERS[model_type]),

@@ -36,6 +36,7 @@ from .block_layouts import (
     get_block_layout,
 )
 from .errors import InputFileError, UsageError
+from .families import SequenceFlag
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,10 @@ SPLITS = ("train", "validation")
 
 
 def add_data_args(
-    parser: argparse.ArgumentParser, seq_length_flag: str, layout_default: str | None = DEFAULT_BLOCK_LAYOUT
+    parser: argparse.ArgumentParser, sequence: SequenceFlag, layout_default: str | None = DEFAULT_BLOCK_LAYOUT
 ) -> argparse.ArgumentParser:
-    """The data flags. `layout_default=None` (validation): no default layout, the checkpoint's is used."""
+    """The data flags, with the family's sequence-length flag. `layout_default=None` (validation): no default
+    layout, the checkpoint's is used."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_setup",
@@ -89,12 +91,7 @@ def add_data_args(
     )
     group.add_argument("--train_file", default=None, help="Local text file for training (one text per line).")
     group.add_argument("--validation_file", default=None, help="Local text file for validation.")
-    if seq_length_flag == "max_seq_length":
-        group.add_argument("--max_seq_length", type=int, default=128, help="Tokens per MLM sequence.")
-    else:
-        group.add_argument(
-            "--block_size", type=int, default=None, help="Tokens per CLM block (default: positions, at most 1024)."
-        )
+    group.add_argument(f"--{sequence.name}", type=int, default=sequence.default, help=sequence.help)
     group.add_argument(
         "--block_layout",
         default=layout_default,

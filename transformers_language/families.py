@@ -1,28 +1,184 @@
 """The model families (BERT, OPT): every fact that makes one family differ from the other, in one table.
 
-A family names its model class, its pre-training objective, the flag and defaults of its sequence length,
-its Adam betas, its dropout config keys, its config defaults for from-scratch models, where the W8A8
-quantizers go, and the paper's quantization protocol for it. Code asks the family instead of branching on a
-name, so a new family is one entry here (plus its model class, objective and wiring).
+A family names its pre-training objective, its sequence-length flag, its Adam betas, its dropout config keys
+and from-scratch config defaults, where its layers and measured tensors are and which headline figures the
+paper reports for it, the module paths the losses use, where the W8A8 quantizers go, and the paper's weight
+range estimator. Code asks the family instead of branching on a name: a new family is one entry here plus a
+model class (models.py) that names it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import UsageError
 
 
 @dataclass(frozen=True)
+class Site:
+    """A named activation tensor of a model: a module's output, or the first input of a module (a residual sum
+    that has no module of its own). Statistics hook here."""
+
+    module_path: str
+    kind: str
+    """What the tensor is, the same for every layer (e.g. 'ffn_output'); headline figures select by kind."""
+    layer: int | None
+    tap: str = "output"
+
+    @property
+    def name(self) -> str:
+        return self.module_path + ("[input]" if self.tap == "input" else "")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A headline outlier figure: `reduce` ('max' or 'mean') of one statistic over the sites of some kinds."""
+
+    key: str
+    label: str
+    """The paper's name for it, used in the log line."""
+    statistic: str
+    """'inf_norm' or 'kurtosis' (each the mean over validation sequences)."""
+    kinds: tuple[str, ...] | None
+    """Site kinds it covers; None: every site."""
+    reduce: str = "max"
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where the W8A8 points of a family are (paths relative to the model or to a layer)."""
+
+    head: str
+    final_layernorm: str
+    """The LayerNorm feeding the head ('{last}' is the index of the last layer)."""
+    ffn_in: str
+    ffn_activation: str
+    residual_layernorms: tuple[str, ...] = ()
+    """LayerNorms whose input is a residual sum (post-LN BERT)."""
+    residual_sums_in_layer: int = 0
+    """Residual additions inside each layer's forward (pre-LN OPT)."""
+    embedding_sums: str | None = None
+    """A module whose forward adds the embeddings (BERT: 2 additions)."""
+    embedding_sum_consumer: str | None = None
+    """The module whose only input is the embedding sum (OPT: the first decoder layer, also behind a
+    `project_in`, whose own input is a lookup in the quantized table and so already on the weight grid)."""
+
+
+@dataclass(frozen=True)
+class SequenceFlag:
+    """The flag of a family's sequence length (the paper's name) with its default and help."""
+
+    name: str
+    default: int | None
+    help: str
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str
-    weight_ranges: str
+    objective: str
+    """The pre-training objective (objectives.py) of this family's scripts."""
+    sequence: SequenceFlag
+    adam_betas: tuple[float, float]
+    dropout_keys: tuple[str, str]
+    """(attention dropout, hidden dropout) config keys."""
+    scratch_defaults: dict = field(default_factory=dict)
+    """Config values of a from-scratch model unless the config or YAML sets them; 'hidden_size' means the
+    config's hidden size."""
+    layers_path: str = ""
+    """Where the transformer layers (whose outputs are the residual stream) live in the model."""
+    layer_sites: tuple[tuple[str, str, str], ...] = ()
+    """Per layer, the measured tensors: (kind, module path inside the layer, 'output' or 'input')."""
+    model_sites: tuple[tuple[str, str, str], ...] = ()
+    """Measured tensors outside the layers: (kind, module path, tap)."""
+    stream_kind: str = ""
+    """The kind of the residual stream after each layer (the rows of the outlier-dimension heatmap)."""
+    headlines: tuple[Headline, ...] = ()
+    """The paper's headline figures for this family (metrics.md)."""
+    body: str = ""
+    """The transformer body whose last hidden state the loss reads."""
+    head_transform: str | None = None
+    """The head's part before the vocabulary projection (BERT's transform), or None."""
+    head_projection: str = ""
+    """The vocabulary projection."""
+    wiring: Wiring | None = None
+    weight_ranges: str = "minmax"
     """The paper's weight range estimator for this family (BERT min-max, OPT MSE)."""
 
 
 FAMILIES: dict[str, Family] = {
-    "bert": Family("bert", weight_ranges="minmax"),
-    "opt": Family("opt", weight_ranges="MSE"),
+    "bert": Family(
+        model_type="bert",
+        objective="mlm",
+        sequence=SequenceFlag("max_seq_length", 128, "Tokens per MLM sequence."),
+        adam_betas=(0.9, 0.999),
+        dropout_keys=("attention_probs_dropout_prob", "hidden_dropout_prob"),
+        layers_path="bert.encoder.layer",
+        layer_sites=(
+            ("ffn_output", "output.dense", "output"),
+            ("ffn_residual_sum", "output.LayerNorm", "input"),  # FFN input + output
+            ("ffn_layernorm", "output.LayerNorm", "output"),  # LN(FFN input + output): the layer output
+        ),
+        stream_kind="ffn_layernorm",
+        headlines=(
+            Headline("max_ffn_output_inf_norm", "max FFN output inf norm", "inf_norm", ("ffn_output",)),
+            Headline(
+                "max_ffn_residual_sum_inf_norm", "max FFN input + output inf norm", "inf_norm", ("ffn_residual_sum",)
+            ),
+            Headline("max_ffn_layernorm_inf_norm", "max LN(FFN i + o) inf norm", "inf_norm", ("ffn_layernorm",)),
+            Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", ("ffn_output", "ffn_layernorm"), "mean"),
+            Headline("max_kurtosis", "Max Kurtosis", "kurtosis", ("ffn_output", "ffn_layernorm")),
+        ),
+        body="bert",
+        head_transform="cls.predictions.transform",
+        head_projection="cls.predictions.decoder",
+        wiring=Wiring(
+            head="cls",
+            final_layernorm="bert.encoder.layer.{last}.output.LayerNorm",
+            ffn_in="intermediate.dense",
+            ffn_activation="intermediate.intermediate_act_fn",
+            residual_layernorms=("attention.output.LayerNorm", "output.LayerNorm"),
+            embedding_sums="bert.embeddings",
+        ),
+        weight_ranges="minmax",
+    ),
+    "opt": Family(
+        model_type="opt",
+        objective="clm",
+        sequence=SequenceFlag("block_size", None, "Tokens per CLM block (default: positions, at most 1024)."),
+        adam_betas=(0.9, 0.95),  # OPT's, as in the paper
+        dropout_keys=("attention_dropout", "dropout"),
+        scratch_defaults={"word_embed_proj_dim": "hidden_size"},  # no project_in / project_out layers
+        layers_path="model.decoder.layers",
+        layer_sites=(
+            ("layer_output", "", "output"),  # the residual stream after the layer
+            ("attn_layernorm", "self_attn_layer_norm", "output"),
+            ("attn_out_proj", "self_attn.out_proj", "output"),
+            ("ffn_layernorm", "final_layer_norm", "output"),
+            ("ffn_output", "fc2", "output"),
+        ),
+        model_sites=(("final_layernorm", "model.decoder.final_layer_norm", "output"),),
+        stream_kind="layer_output",
+        headlines=(
+            Headline("max_inf_norm", "Max inf norm", "inf_norm", None),
+            Headline("max_ffn_inf_norm", "Max FFN inf norm", "inf_norm", ("ffn_output",)),
+            Headline("max_layer_inf_norm", "Max layer inf norm", "inf_norm", ("layer_output",)),
+            Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", None, "mean"),
+            Headline("max_kurtosis", "Max Kurtosis", "kurtosis", None),
+            Headline("max_kurtosis_layers", "Max Kurtosis layers", "kurtosis", ("layer_output",)),
+        ),
+        body="model",
+        head_projection="lm_head",
+        wiring=Wiring(
+            head="lm_head",
+            final_layernorm="model.decoder.final_layer_norm",
+            ffn_in="fc1",
+            ffn_activation="activation_fn",
+            residual_sums_in_layer=2,
+            embedding_sum_consumer="model.decoder.layers.0",
+        ),
+        weight_ranges="MSE",
+    ),
 }
 
 
@@ -30,3 +186,8 @@ def get_family(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise UsageError(f"Unknown model type {model_type!r}; valid model types: {', '.join(FAMILIES)}.")
     return FAMILIES[model_type]
+
+
+def family_of_objective(objective: str) -> Family:
+    """The family an objective's scripts train (run_mlm / validate_mlm: BERT; run_clm / validate_clm: OPT)."""
+    return next(family for family in FAMILIES.values() if family.objective == objective)

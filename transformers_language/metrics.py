@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import Site
+from .families import Site
 from .runtime import max_across_processes, sum_across_processes
 
 OUTLIER_SIGMAS = 6.0

@@ -20,15 +20,11 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from .attention_config import CONFIG_KEY, AttentionConfig, add_attention_args, attention_config_from_args
 from .errors import InputFileError, UsageError
+from .families import FAMILIES, get_family
 from .models import model_class
 
 logger = logging.getLogger(__name__)
 
-# (attention dropout, hidden dropout) config keys per model family.
-DROPOUT_KEYS = {
-    "bert": ("attention_probs_dropout_prob", "hidden_dropout_prob"),
-    "opt": ("attention_dropout", "dropout"),
-}
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_type: str, training: bool = True) -> argparse.ArgumentParser:
@@ -148,11 +144,14 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None and name in config.to_dict():
                 setattr(config, name, getattr(tokenizer, name))
-        if args.model_type == "opt" and "word_embed_proj_dim" not in overrides and not args.config_name:
-            config.word_embed_proj_dim = config.hidden_size  # no project_in / project_out layers
+        if not args.config_name:  # the family's from-scratch defaults, unless the YAML sets them
+            for key, value in get_family(args.model_type).scratch_defaults.items():
+                if key not in overrides:
+                    setattr(config, key, getattr(config, value) if value == "hidden_size" else value)
     else:
         check_tokenizer_fits(tokenizer, config, base)
-    for key, value in zip(DROPOUT_KEYS[args.model_type], (args.attn_dropout, args.hidden_dropout), strict=True):
+    dropout_keys = get_family(args.model_type).dropout_keys
+    for key, value in zip(dropout_keys, (args.attn_dropout, args.hidden_dropout), strict=True):
         if value is not None:
             setattr(config, key, value)
     return config
@@ -212,7 +211,7 @@ def describe_model(config: PretrainedConfig) -> dict:
     }
 
 
-def load_checkpoint_config(args: argparse.Namespace, script: str, other_script: str) -> PretrainedConfig:
+def load_checkpoint_config(args: argparse.Namespace, script: str) -> PretrainedConfig:
     """The config of the checkpoint to evaluate, with one clear error for a missing one or the wrong family."""
     name = args.model_name_or_path
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
@@ -229,9 +228,10 @@ def load_checkpoint_config(args: argparse.Namespace, script: str, other_script: 
             "training script (save_pretrained) or a hub model id."
         ) from error
     if config.model_type != args.model_type:
+        other = FAMILIES.get(config.model_type)
+        fix = f"use validate_{other.objective}.py for it" if other else f"valid model types: {', '.join(FAMILIES)}"
         raise UsageError(
-            f"{name} holds a {config.model_type!r} model, but {script} evaluates {args.model_type!r} models; "
-            f"use {other_script} for it."
+            f"{name} holds a {config.model_type!r} model, but {script} evaluates {args.model_type!r} models; {fix}."
         )
     return config
 

@@ -10,8 +10,6 @@ no missing or unexpected keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig
@@ -20,7 +18,7 @@ from transformers.models.opt.modeling_opt import OPTAttention
 
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
-from .errors import UsageError
+from .families import FAMILIES, Family, Headline, Site, get_family
 from .gates import AttentionGate
 
 # Implementations users may ask for that our function covers: its explicit path computes what HF's eager
@@ -28,50 +26,24 @@ from .gates import AttentionGate
 _COVERED_IMPLEMENTATIONS = (None, "eager", "sdpa", ATTENTION_FUNCTION_NAME)
 
 
-@dataclass(frozen=True)
-class Site:
-    """A named activation tensor of a model: a module's output, or the first input of a module (a residual sum
-    that has no module of its own). Statistics hook here."""
-
-    module_path: str
-    kind: str
-    """What the tensor is, the same for every layer (e.g. 'ffn_output'); headline figures select by kind."""
-    layer: int | None
-    tap: str = "output"
-
-    @property
-    def name(self) -> str:
-        return self.module_path + ("[input]" if self.tap == "input" else "")
-
-
-@dataclass(frozen=True)
-class Headline:
-    """A headline outlier figure: `reduce` ('max' or 'mean') of one statistic over the sites of some kinds."""
-
-    key: str
-    label: str
-    """The paper's name for it, used in the log line."""
-    statistic: str
-    """'inf_norm' or 'kurtosis' (each the mean over validation sequences)."""
-    kinds: tuple[str, ...] | None
-    """Site kinds it covers; None: every site."""
-    reduce: str = "max"
-
-
 class AttentionVariantMixin:
-    """Installs the attention variant of `config.attention_variant` on every `attention_class` module."""
+    """Installs the attention variant of `config.attention_variant` on every `attention_class` module. Where
+    the layers and the measured tensors are, and the headline figures, come from the class's `family`."""
 
     attention_class: type[nn.Module]
-    layers_path: str
-    """Where the transformer layers (whose outputs are the residual stream) live in the model."""
-    layer_sites: tuple[tuple[str, str, str], ...]
-    """Per layer, the measured tensors: (kind, module path inside the layer, 'output' or 'input')."""
-    model_sites: tuple[tuple[str, str, str], ...] = ()
-    """Measured tensors outside the layers: (kind, module path, tap)."""
-    stream_kind: str
-    """The kind of the residual stream after each layer (the rows of the outlier-dimension heatmap)."""
-    headlines: tuple[Headline, ...]
-    """The paper's headline figures for this family (metrics.md)."""
+    family: Family
+
+    @property
+    def layers_path(self) -> str:
+        return self.family.layers_path
+
+    @property
+    def stream_kind(self) -> str:
+        return self.family.stream_kind
+
+    @property
+    def headlines(self) -> tuple[Headline, ...]:
+        return self.family.headlines
 
     def __init__(self, config: PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -123,10 +95,10 @@ class AttentionVariantMixin:
         """The tensors whose inf-norm, kurtosis and outliers are reported, layer by layer, in forward order."""
         sites = []
         for index in range(len(self.transformer_layers())):
-            for kind, path, tap in self.layer_sites:
+            for kind, path, tap in self.family.layer_sites:
                 module_path = ".".join(p for p in (self.layers_path, str(index), path) if p)
                 sites.append(Site(module_path, kind, index, tap))
-        sites += [Site(path, kind, None, tap) for kind, path, tap in self.model_sites]
+        sites += [Site(path, kind, None, tap) for kind, path, tap in self.family.model_sites]
         return sites
 
 
@@ -134,54 +106,25 @@ class BertForMaskedLMWithVariants(AttentionVariantMixin, BertForMaskedLM):
     """BERT masked LM whose self-attention uses `config.attention_variant`."""
 
     attention_class = BertSelfAttention
-    layers_path = "bert.encoder.layer"
+    family = FAMILIES["bert"]
     _no_split_modules = ("BertLayer",)  # one shard unit per layer under FSDP (stock BERT names none)
-    layer_sites = (
-        ("ffn_output", "output.dense", "output"),
-        ("ffn_residual_sum", "output.LayerNorm", "input"),  # FFN input + output
-        ("ffn_layernorm", "output.LayerNorm", "output"),  # LN(FFN input + output): the layer output
-    )
-    stream_kind = "ffn_layernorm"
-    headlines = (
-        Headline("max_ffn_output_inf_norm", "max FFN output inf norm", "inf_norm", ("ffn_output",)),
-        Headline("max_ffn_residual_sum_inf_norm", "max FFN input + output inf norm", "inf_norm", ("ffn_residual_sum",)),
-        Headline("max_ffn_layernorm_inf_norm", "max LN(FFN i + o) inf norm", "inf_norm", ("ffn_layernorm",)),
-        Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", ("ffn_output", "ffn_layernorm"), "mean"),
-        Headline("max_kurtosis", "Max Kurtosis", "kurtosis", ("ffn_output", "ffn_layernorm")),
-    )
 
 
 class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
     """OPT causal LM whose self-attention uses `config.attention_variant`."""
 
     attention_class = OPTAttention
-    layers_path = "model.decoder.layers"
-    layer_sites = (
-        ("layer_output", "", "output"),  # the residual stream after the layer
-        ("attn_layernorm", "self_attn_layer_norm", "output"),
-        ("attn_out_proj", "self_attn.out_proj", "output"),
-        ("ffn_layernorm", "final_layer_norm", "output"),
-        ("ffn_output", "fc2", "output"),
-    )
-    model_sites = (("final_layernorm", "model.decoder.final_layer_norm", "output"),)
-    stream_kind = "layer_output"
-    headlines = (
-        Headline("max_inf_norm", "Max inf norm", "inf_norm", None),
-        Headline("max_ffn_inf_norm", "Max FFN inf norm", "inf_norm", ("ffn_output",)),
-        Headline("max_layer_inf_norm", "Max layer inf norm", "inf_norm", ("layer_output",)),
-        Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", None, "mean"),
-        Headline("max_kurtosis", "Max Kurtosis", "kurtosis", None),
-        Headline("max_kurtosis_layers", "Max Kurtosis layers", "kurtosis", ("layer_output",)),
-    )
+    family = FAMILIES["opt"]
 
 
-MODEL_CLASSES: dict[str, type] = {"bert": BertForMaskedLMWithVariants, "opt": OPTForCausalLMWithVariants}
+# Keyed by the family each class names (families.py holds the list of families).
+MODEL_CLASSES: dict[str, type] = {
+    cls.family.model_type: cls for cls in (BertForMaskedLMWithVariants, OPTForCausalLMWithVariants)
+}
 
 
 def model_class(model_type: str) -> type:
-    if model_type not in MODEL_CLASSES:
-        raise UsageError(f"Unknown model type {model_type!r}; valid model types: {', '.join(MODEL_CLASSES)}.")
-    return MODEL_CLASSES[model_type]
+    return MODEL_CLASSES[get_family(model_type).model_type]
 
 
 def build_model(config: PretrainedConfig, attention: AttentionConfig | None = None):

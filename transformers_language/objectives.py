@@ -16,6 +16,8 @@ or an interrupted-and-resumed run.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,12 +115,19 @@ class _LossModule(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
 
+def _module(model: nn.Module, path: str) -> nn.Module:
+    """`model`'s submodule at a dotted path, looked up by attribute (so it also works through FSDP wrappers,
+    and finds a module that W8A8 simulation swapped in)."""
+    return functools.reduce(getattr, path.split("."), model)
+
+
 class MaskedLMLoss(_LossModule):
-    """Summed masked-LM NLL of a BERT MLM model, scoring only the masked positions (the stock head's
-    transform and decoder, applied to those rows)."""
+    """Summed masked-LM NLL, scoring only the masked positions (the family's head transform and vocabulary
+    projection, applied to those rows)."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.bert(input_ids=input_ids).last_hidden_state.flatten(0, 1)
+        family = self.model.family
+        hidden = _module(self.model, family.body)(input_ids=input_ids).last_hidden_state.flatten(0, 1)
         labels = labels.flatten()
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         # The masked count changes every batch; padding it to a multiple of MASKED_ROWS_BUCKET (with ignored
@@ -127,30 +136,42 @@ class MaskedLMLoss(_LossModule):
         padding = -len(rows) % MASKED_ROWS_BUCKET
         targets = F.pad(labels[rows], (0, padding), value=IGNORE_INDEX)
         rows = F.pad(rows, (0, padding))
-        head = self.model.cls.predictions
-        return head_nll(head.decoder, head.transform(hidden[rows]), targets)
+        hidden = hidden[rows]
+        if family.head_transform is not None:
+            hidden = _module(self.model, family.head_transform)(hidden)
+        return head_nll(_module(self.model, family.head_projection), hidden, targets)
 
 
 class CausalLMLoss(_LossModule):
-    """Summed next-token NLL of an OPT causal-LM model (its decoder, then the lm_head weight)."""
+    """Summed next-token NLL (the family's body, then its vocabulary projection)."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        family = self.model.family
         # No KV cache: OPT builds one by default, concatenating keys and values every layer for nothing.
-        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = _module(self.model, family.body)(input_ids=input_ids, use_cache=False).last_hidden_state
         # Position t predicts token t + 1; the last position has no target.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return head_nll(self.model.lm_head, hidden.flatten(0, 1), targets.flatten())
+        hidden = hidden.flatten(0, 1)
+        if family.head_transform is not None:
+            hidden = _module(self.model, family.head_transform)(hidden)
+        return head_nll(_module(self.model, family.head_projection), hidden, targets.flatten())
+
+
+Targets = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _next_tokens(input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: the labels are the inputs (the loss shifts them)."""
+    return input_ids, input_ids
 
 
 @dataclass(frozen=True)
 class Objective:
-    """Settings that differ between masked-LM and causal-LM pre-training."""
+    """A pre-training objective: its loss, its targets, its flags and its evaluation set. The base class is the
+    causal LM; MaskedLM overrides what masking changes."""
 
     name: str
-    model_type: str
-    seq_length_flag: str
     loss_class: type[nn.Module]
-    adam_betas: tuple[float, float]
     label_shift: int
     """Position t predicts label t + label_shift: 0 for MLM, 1 (the next token) for CLM."""
 
@@ -158,11 +179,33 @@ class Objective:
         """Number of predicted tokens: masked positions (MLM) or next tokens (CLM)."""
         return (labels[:, self.label_shift :] != IGNORE_INDEX).sum()
 
+    def add_args(self, group) -> None:
+        """The objective's own flags (none for CLM)."""
+
+    def targets(self, tokenizer: PreTrainedTokenizerBase, args) -> Targets:
+        """(ids, generator) -> (inputs, labels) of a training or calibration batch."""
+        return _next_tokens
+
+    def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
+        """The validation blocks as evaluated (MLM: with fixed masks of `seed`)."""
+        return blocks
+
+
+@dataclass(frozen=True)
+class MaskedLM(Objective):
+    def add_args(self, group) -> None:
+        group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
+
+    def targets(self, tokenizer: PreTrainedTokenizerBase, args) -> Targets:
+        return Masking.from_tokenizer(tokenizer, args.mlm_probability)
+
+    def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
+        return mask_eval_dataset(blocks, targets, seed)
+
 
 OBJECTIVES = {
-    "mlm": Objective("mlm", "bert", "max_seq_length", MaskedLMLoss, (0.9, 0.999), label_shift=0),
-    # OPT's Adam betas, as in the paper.
-    "clm": Objective("clm", "opt", "block_size", CausalLMLoss, (0.9, 0.95), label_shift=1),
+    "mlm": MaskedLM("mlm", MaskedLMLoss, label_shift=0),
+    "clm": Objective("clm", CausalLMLoss, label_shift=1),
 }
 
 

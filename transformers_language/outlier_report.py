@@ -1,7 +1,7 @@
 """Outlier figures of an evaluation as results (for all_results.json) and log lines.
 
 From the synced per-site statistics (metrics.py) and attention diagnostics (attention_stats.py) this builds:
-the family's headline figures under the paper's names (models.py `headlines`), the true maximum and the
+the family's headline figures under the paper's names (families.py `headlines`), the true maximum and the
 >6 sigma count over all measured tensors, and per measured tensor its figures with the outlier analysis:
 the hidden dimensions that carry the most >6 sigma values (the same few channels across inputs) and the
 tokens where sequence maxima and outliers sit, as token strings.
@@ -15,8 +15,8 @@ import math
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .families import Headline
 from .metrics import OUTLIER_SIGMAS, SiteFigures
-from .models import Headline
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from .checkpoints import (
 from .data import add_data_args, check_data_sources, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
+from .families import family_of_objective
 from .files import check_output_dir, write_json_atomic
 from .model_loading import (
     add_model_args,
@@ -43,7 +44,7 @@ from .model_loading import (
     resolve_method,
     sequence_length,
 )
-from .objectives import Masking, Objective, get_objective, mask_eval_dataset
+from .objectives import Objective, get_objective
 from .optim import SCHEDULES, build_optimizer, build_scheduler
 from .resume import check_new_run_folder, resume_run
 from .runtime import check_launch, print_dry_run, setup_logging
@@ -54,17 +55,16 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
-    script = f"run_{objective.name}.py"
+    family = family_of_objective(objective.name)
     parser = argparse.ArgumentParser(
-        prog=script,
-        description=f"Pre-train {objective.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
+        prog=f"run_{objective.name}.py",
+        description=f"Pre-train {family.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
         allow_abbrev=False,
     )
-    add_model_args(parser, objective.model_type)
-    add_data_args(parser, objective.seq_length_flag)
+    add_model_args(parser, family.model_type)
+    add_data_args(parser, family.sequence)
     group = parser.add_argument_group("training")
-    if objective.name == "mlm":
-        group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
+    objective.add_args(group)
     group.add_argument("--seed", type=int, default=42, help="Seed of init, data order, masks and dropout.")
     group.add_argument(
         "--per_device_train_batch_size", type=int, default=8, help="Sequences per micro-batch and process."
@@ -88,8 +88,8 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     )
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: no clipping).")
     group.add_argument("--grad_norm_type", type=float, default=2.0, help="Norm type of the clipping (inf allowed).")
-    group.add_argument("--adam_beta1", type=float, default=objective.adam_betas[0], help="AdamW beta1.")
-    group.add_argument("--adam_beta2", type=float, default=objective.adam_betas[1], help="AdamW beta2 (OPT: 0.95).")
+    group.add_argument("--adam_beta1", type=float, default=family.adam_betas[0], help="AdamW beta1.")
+    group.add_argument("--adam_beta2", type=float, default=family.adam_betas[1], help="AdamW beta2 (OPT: 0.95).")
     group.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     group.add_argument("--output_dir", required=True, help="Where checkpoints, the model and results go.")
     group.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every N steps, or 'epoch'.")
@@ -155,17 +155,14 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
 
     tokenizer = load_tokenizer(args)
     config = build_config(args, tokenizer)
-    seq_length = sequence_length(args, config, objective.seq_length_flag)
+    seq_length = sequence_length(args, config, family_of_objective(objective.name).sequence.name)
     if args.dry_run:
         return _dry_run(accelerator, args, config, seq_length)
     model = load_model(args, config, seq_length, accelerator.device)
 
     splits = prepare_splits(args, ("train", "validation"), tokenizer, seq_length, accelerator)
-    if objective.name == "mlm":
-        masking = Masking.from_tokenizer(tokenizer, args.mlm_probability)
-        targets, eval_set = masking, mask_eval_dataset(splits["validation"], masking, args.seed)
-    else:
-        targets, eval_set = (lambda ids, generator: (ids, ids)), splits["validation"]
+    targets = objective.targets(tokenizer, args)
+    eval_set = objective.evaluation_set(splits["validation"], targets, args.seed)
     sampler = EpochPermutationSampler(len(splits["train"]), args.seed, args.sample_with_replacement)
     # Its own generator: iterating a DataLoader must not draw from the global RNG that dropout uses.
     train_loader = DataLoader(

@@ -15,8 +15,6 @@ The preset decides whether the LM head (`cls` / `lm_head`) is quantized and whic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from quantization.calibration import CALIBRATION_INPUTS
@@ -28,46 +26,6 @@ from quantization.sums import SumQuantizers
 
 from .errors import UsageError
 from .families import get_family
-
-
-@dataclass(frozen=True)
-class Wiring:
-    """Where the points of one model family are (paths relative to the model or to a layer)."""
-
-    head: str
-    final_layernorm: str
-    """The LayerNorm feeding the head ('{last}' is the index of the last layer)."""
-    ffn_in: str
-    ffn_activation: str
-    residual_layernorms: tuple[str, ...] = ()
-    """LayerNorms whose input is a residual sum (post-LN BERT)."""
-    residual_sums_in_layer: int = 0
-    """Residual additions inside each layer's forward (pre-LN OPT)."""
-    embedding_sums: str | None = None
-    """A module whose forward adds the embeddings (BERT: 2 additions)."""
-    embedding_sum_consumer: str | None = None
-    """The module whose only input is the embedding sum (OPT: the first decoder layer, also behind a
-    `project_in`, whose own input is a lookup in the quantized table and so already on the weight grid)."""
-
-
-WIRINGS = {
-    "bert": Wiring(
-        head="cls",
-        final_layernorm="bert.encoder.layer.{last}.output.LayerNorm",
-        ffn_in="intermediate.dense",
-        ffn_activation="intermediate.intermediate_act_fn",
-        residual_layernorms=("attention.output.LayerNorm", "output.LayerNorm"),
-        embedding_sums="bert.embeddings",
-    ),
-    "opt": Wiring(
-        head="lm_head",
-        final_layernorm="model.decoder.final_layer_norm",
-        ffn_in="fc1",
-        ffn_activation="activation_fn",
-        residual_sums_in_layer=2,
-        embedding_sum_consumer="model.decoder.layers.0",
-    ),
-}
 
 
 def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
@@ -85,7 +43,7 @@ def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Insert every quantizer of `config` into `model` (in place; all start off: calibrate, then quantize)."""
-    wiring = WIRINGS[model.config.model_type]
+    wiring = model.family.wiring
     preset = config.preset
     layers = model.transformer_layers()
     prefix = model.layers_path

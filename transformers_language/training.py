@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -35,12 +35,9 @@ from .checkpoints import (
 )
 from .errors import UserError
 from .files import strict_json, truncate_jsonl
-from .objectives import Objective, derive_seed
+from .objectives import Objective, Targets, derive_seed
 
 logger = logging.getLogger(__name__)
-
-Targets = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-
 
 class EpochPermutationSampler(Sampler[int]):
     """A fresh random order each epoch, a pure function of (seed, epoch): a resumed run sees the same order.

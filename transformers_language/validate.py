@@ -31,7 +31,7 @@ from .block_layouts import resolve_block_layout
 from .data import add_data_args, check_data_sources, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
-from .families import get_family
+from .families import family_of_objective
 from .files import check_output_dir, write_json_atomic
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
@@ -44,7 +44,7 @@ from .model_loading import (
     load_tokenizer,
     sequence_length,
 )
-from .objectives import Masking, Objective, derive_seed, get_objective, mask_eval_dataset
+from .objectives import Objective, Targets, derive_seed, get_objective
 from .outlier_report import TOP_K, log_results, outlier_results
 from .quantized_model import add_quantization_args, quant_config_from_args, quantize_model
 from .runtime import check_launch, print_dry_run, setup_logging
@@ -54,17 +54,17 @@ CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the eval
 
 
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
+    family = family_of_objective(objective.name)
     parser = argparse.ArgumentParser(
         prog=f"validate_{objective.name}.py",
-        description=f"Evaluate a {objective.model_type.upper()} checkpoint: perplexity and outlier statistics.",
+        description=f"Evaluate a {family.model_type.upper()} checkpoint: perplexity and outlier statistics.",
         allow_abbrev=False,
     )
-    add_model_args(parser, objective.model_type, training=False)
+    add_model_args(parser, family.model_type, training=False)
     # Training data only calibrates --quantize; the block layout defaults to the checkpoint's.
-    add_data_args(parser, objective.seq_length_flag, layout_default=None)
+    add_data_args(parser, family.sequence, layout_default=None)
     group = parser.add_argument_group("evaluation")
-    if objective.name == "mlm":
-        group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
+    objective.add_args(group)
     group.add_argument("--seed", type=int, default=42, help="Seed of the evaluation masks (MLM).")
     group.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Sequences per batch.")
     group.add_argument("--output_dir", required=True, help="Where all_results.json (and the plots) go.")
@@ -81,7 +81,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         action="store_true",
         help="Check the flags against the checkpoint's config, print the resolved settings as JSON and exit.",
     )
-    add_quantization_args(parser, get_family(objective.model_type).weight_ranges)
+    add_quantization_args(parser, family.weight_ranges)
     return parser
 
 
@@ -100,11 +100,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _calibrate(
-    accelerator, model, loss_module, quantize_head: bool, blocks, masking: Masking | None, args: argparse.Namespace
+    accelerator, model, loss_module, quantize_head: bool, blocks, targets: Targets, args: argparse.Namespace
 ) -> None:
-    """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (MLM: masked with a generator of the
-    seed), then freeze every range. Each process draws the same batches, so all hold the same ranges. The
-    head and the loss run only when the preset quantizes the head."""
+    """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (with the objective's targets drawn
+    from a generator of the seed: MLM masks), then freeze every range. Each process draws the same batches, so
+    all hold the same ranges. The head and the loss run only when the preset quantizes the head."""
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
     count = min(len(blocks), args.est_num_batches * calibration_batch_size(args))
@@ -115,10 +115,7 @@ def _calibrate(
             desc="Calibrating",
             disable=not accelerator.is_local_main_process,
         ):
-            input_ids = ids[start : start + calibration_batch_size(args)]
-            labels = input_ids
-            if masking is not None:
-                input_ids, labels = masking(input_ids, generator)
+            input_ids, labels = targets(ids[start : start + calibration_batch_size(args)], generator)
             with accelerator.autocast():
                 if quantize_head:
                     loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
@@ -157,7 +154,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
     `all_results.json`."""
     objective = get_objective(objective_name)
-    script, other = f"validate_{objective.name}.py", f"validate_{'clm' if objective.name == 'mlm' else 'mlm'}.py"
+    script = f"validate_{objective.name}.py"
     args = parse_args(build_parser(objective), argv)
     _check_args(args)
     check_output_dir(args.output_dir)
@@ -168,9 +165,9 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     check_launch(accelerator)
     set_seed(args.seed)
 
-    config = load_checkpoint_config(args, script, other)
+    config = load_checkpoint_config(args, script)
     layout_source = resolve_block_layout(args, args.model_name_or_path)
-    seq_length = sequence_length(args, config, objective.seq_length_flag)
+    seq_length = sequence_length(args, config, family_of_objective(objective.name).sequence.name)
     attention = AttentionConfig.from_model_config(config)
     check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
     tokenizer = load_tokenizer(args)
@@ -195,16 +192,15 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
 
     splits = prepare_splits(args, needed, tokenizer, seq_length, accelerator)
     dataset = splits["validation"]
-    masking = Masking.from_tokenizer(tokenizer, args.mlm_probability) if objective.name == "mlm" else None
-    if masking is not None:
-        dataset = mask_eval_dataset(dataset, masking, args.seed)
+    targets = objective.targets(tokenizer, args)
+    dataset = objective.evaluation_set(dataset, targets, args.seed)
     if quant_config is not None:
         if args.calibration_split == "validation":
             logger.warning(
                 "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
             )
         source = splits.get("train", splits["validation"])
-        _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, masking, args)
+        _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, targets, args)
     delimiters = delimiter_token_ids(tokenizer)
     activations = ActivationStatistics(
         model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches
