@@ -124,6 +124,3 @@ class QuantEmbedding(_QuantizedWeight, nn.Embedding):
             self.scale_grad_by_freq,
             self.sparse,
         )
-
-
-QUANTIZED_CLASSES = (QuantLinear, QuantLayerNorm, QuantEmbedding)

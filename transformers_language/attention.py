@@ -32,7 +32,6 @@ from .gates import AttentionGate
 from .softmax import build_softmax
 
 ATTENTION_FUNCTION_NAME = "attention_variant"
-POINT_NAMES = ("scores", "probs", "context")
 
 
 def is_attached(point: nn.Module) -> bool:

@@ -9,41 +9,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from dataclasses import asdict, dataclass, fields
 
 from transformers import PretrainedConfig
 
 from .errors import UsageError
+from .gates import GATE_NETWORKS, GATE_TYPES, logit  # noqa: F401 (logit: part of this module's API)
+from .softmax import SOFTMAX_FORMS, softmax_variant
 
 CONFIG_KEY = "attention_variant"
-
-GATE_TYPES = ("none", "unconditional_per_head", "conditional_per_head", "conditional_per_token")
-GATE_NETWORKS = ("linear", "mlp", "mlp2", "all_heads_linear")
-
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_CLIPPED = re.compile(rf"^clipped\(\s*({_NUMBER})\s*:\s*({_NUMBER})\s*\)$")
-SOFTMAX_FORMS = "'vanilla' or 'clipped(GAMMA:ZETA)' with GAMMA <= 0 <= 1 <= ZETA, e.g. 'clipped(-.025:1)'"
+DEFAULT_GATE_NETWORK = "linear"  # the network without a flag
 
 
 def parse_softmax(method: str) -> tuple[float, float]:
     """Return (gamma, zeta) for a softmax method string; vanilla is (0, 1)."""
-    text = method.strip()
-    if text == "vanilla":
-        return 0.0, 1.0
-    match = _CLIPPED.match(text)
-    if match is None:
-        raise UsageError(f"Unknown softmax method {method!r}; accepted forms: {SOFTMAX_FORMS}.")
-    gamma, zeta = float(match.group(1)), float(match.group(2))
-    if not gamma <= 0.0:
-        raise UsageError(f"Clipped softmax needs gamma <= 0, got gamma={gamma} in {method!r}.")
-    if not zeta >= 1.0:
-        raise UsageError(f"Clipped softmax needs zeta >= 1, got zeta={zeta} in {method!r}.")
-    return gamma, zeta
-
-
-def logit(prob: float) -> float:
-    return math.log(prob) - math.log1p(-prob)
+    return softmax_variant(method)[1]
 
 
 @dataclass(frozen=True)
@@ -57,7 +37,7 @@ class AttentionConfig:
     train_seq_length: int | None = None
     """T_train of the alpha form, fixed when the model is built (BERT max_seq_length, OPT block_size)."""
     gate_type: str = "none"
-    gate_network: str = "linear"
+    gate_network: str = DEFAULT_GATE_NETWORK
     init_prob: float = 0.5
     """Initial gate probability: the final gate bias starts at logit(init_prob)."""
     fine_tuning: bool = False
@@ -88,7 +68,7 @@ class AttentionConfig:
             )
         if not 0.0 < self.init_prob < 1.0:
             raise UsageError(f"init_prob must lie strictly between 0 and 1, got {self.init_prob}.")
-        if self.gate_network != "linear" and self.gate_type not in ("conditional_per_head", "conditional_per_token"):
+        if self.gate_network != DEFAULT_GATE_NETWORK and not (self.gated and GATE_TYPES[self.gate_type].conditional):
             raise UsageError(
                 f"gate_network={self.gate_network!r} needs a conditional gate type "
                 f"(conditional_per_head or conditional_per_token), got gate_type={self.gate_type!r}."
@@ -115,9 +95,14 @@ class AttentionConfig:
         return parse_softmax(self.softmax)[1]
 
     @property
+    def softmax_variant(self) -> str:
+        """The registered softmax variant (softmax.py) this method runs; the alpha form is clipped softmax."""
+        return "clipped" if self.alpha is not None else softmax_variant(self.softmax)[0]
+
+    @property
     def clipped(self) -> bool:
         """True when the softmax is clipped (even clipped(0:1), which computes the same as vanilla)."""
-        return self.softmax.strip() != "vanilla" or self.alpha is not None
+        return self.softmax_variant != "vanilla"
 
     @property
     def gated(self) -> bool:
@@ -166,7 +151,7 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Clipped softmax in the alpha form: gamma = -alpha / T_train, zeta = 1 (T_train: sequence length).",
     )
     group.add_argument(
-        "--attn_gate_type", default=None, choices=GATE_TYPES, help="Gated attention type (default none)."
+        "--attn_gate_type", default=None, choices=list(GATE_TYPES), help="Gated attention type (default none)."
     )
     group.add_argument(
         "--attn_gate_init",
@@ -174,13 +159,9 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=None,
         help="Initial gate probability init_prob (default 0.5): the gate bias starts at logit(init_prob).",
     )
-    group.add_argument("--attn_gate_mlp", action="store_true", help="Gate network d_head -> d_head/4 -> 1.")
-    group.add_argument("--attn_gate_mlp2", action="store_true", help="Gate network d_head -> d_head -> 1.")
-    group.add_argument(
-        "--attn_gate_linear_all_features",
-        action="store_true",
-        help="One Linear(d_model -> H) gate on the whole attention input ('all-heads linear').",
-    )
+    for network in GATE_NETWORKS.values():  # one switch per gate network that has one
+        if network.flag:
+            group.add_argument(network.flag, action="store_true", help=network.flag_help)
     group.add_argument(
         "--fine_tuning",
         action="store_true",
@@ -190,16 +171,21 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def gate_network_switches(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(flag, gate network, given) for each gate network's switch."""
+    return [
+        (network.flag, name, getattr(args, network.flag.removeprefix("--")))
+        for name, network in GATE_NETWORKS.items()
+        if network.flag
+    ]
+
+
 def attention_config_from_args(args: argparse.Namespace, train_seq_length: int | None) -> AttentionConfig:
     """Turn the parsed attention flags into an `AttentionConfig`, rejecting contradictions with one clear error.
 
     Only what the flags alone can contradict is checked here; value ranges and combinations of settings are
     checked once, by `AttentionConfig`."""
-    network_flags = {
-        "--attn_gate_mlp": ("mlp", args.attn_gate_mlp),
-        "--attn_gate_mlp2": ("mlp2", args.attn_gate_mlp2),
-        "--attn_gate_linear_all_features": ("all_heads_linear", args.attn_gate_linear_all_features),
-    }
+    network_flags = {flag: (name, on) for flag, name, on in gate_network_switches(args)}
     chosen = [flag for flag, (_, on) in network_flags.items() if on]
     if len(chosen) > 1:
         raise UsageError(f"Choose one gate network, got {' and '.join(chosen)}.")
@@ -224,7 +210,7 @@ def attention_config_from_args(args: argparse.Namespace, train_seq_length: int |
         alpha=args.alpha,
         train_seq_length=train_seq_length if args.alpha is not None else None,
         gate_type=gate_type,
-        gate_network=network_flags[chosen[0]][0] if chosen else "linear",
+        gate_network=network_flags[chosen[0]][0] if chosen else DEFAULT_GATE_NETWORK,
         init_prob=0.5 if args.attn_gate_init is None else args.attn_gate_init,
         fine_tuning=args.fine_tuning,
         skip_attn=args.skip_attn,

@@ -14,14 +14,39 @@ guarded init functions, so weights loaded from a checkpoint are never overwritte
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import initialization as init
 
-from .attention_config import AttentionConfig, logit
+if TYPE_CHECKING:
+    from .attention_config import AttentionConfig
 
 FINE_TUNING_WEIGHT_STD = 0.01
+
+
+def logit(prob: float) -> float:
+    return math.log(prob) - math.log1p(-prob)
+
+
+@dataclass(frozen=True)
+class GateType:
+    """What a gate computes from: one learned logit per head, or a network of the block input (`conditional`),
+    per token or averaged over the sequence (`pooled`)."""
+
+    conditional: bool
+    pooled: bool = False
+
+
+# The gate types users name with --attn_gate_type ('none': no gate).
+GATE_TYPES: dict[str, GateType | None] = {
+    "none": None,
+    "unconditional_per_head": GateType(conditional=False),
+    "conditional_per_head": GateType(conditional=True, pooled=True),
+    "conditional_per_token": GateType(conditional=True),
+}
 
 
 class HeadwiseLinear(nn.Module):
@@ -43,9 +68,13 @@ class HeadwiseLinear(nn.Module):
 GATE_NETWORKS: dict[str, type[nn.Module]] = {}
 
 
-def register_gate_network(name: str):
+def register_gate_network(name: str, flag: str | None = None, help: str = ""):
+    """Register a gate network under `name`; `flag` (with `help`) is the paper's switch that selects it (the
+    default network, 'linear', has none)."""
+
     def decorator(cls):
         GATE_NETWORKS[name] = cls
+        cls.flag, cls.flag_help = flag, help
         return cls
 
     return decorator
@@ -76,19 +105,23 @@ class LinearGate(_HeadwiseMLP):
         super().__init__(num_heads, head_dim, hidden=None)
 
 
-@register_gate_network("mlp")
+@register_gate_network("mlp", "--attn_gate_mlp", "Gate network d_head -> d_head/4 -> 1.")
 class MLPGate(_HeadwiseMLP):
     def __init__(self, num_heads: int, head_dim: int):
         super().__init__(num_heads, head_dim, hidden=max(head_dim // 4, 1))
 
 
-@register_gate_network("mlp2")
+@register_gate_network("mlp2", "--attn_gate_mlp2", "Gate network d_head -> d_head -> 1.")
 class MLP2Gate(_HeadwiseMLP):
     def __init__(self, num_heads: int, head_dim: int):
         super().__init__(num_heads, head_dim, hidden=head_dim)
 
 
-@register_gate_network("all_heads_linear")
+@register_gate_network(
+    "all_heads_linear",
+    "--attn_gate_linear_all_features",
+    "One Linear(d_model -> H) gate on the whole attention input ('all-heads linear').",
+)
 class AllHeadsLinearGate(nn.Module):
     """One Linear(d_model -> H) on the whole attention input."""
 
@@ -109,24 +142,25 @@ class AttentionGate(nn.Module):
     def __init__(self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool):
         super().__init__()
         self.gate_type = config.gate_type
+        self.kind = GATE_TYPES[config.gate_type]
         self.init_prob = config.init_prob
         self.fine_tuning = config.fine_tuning
         self.scale = config.gate_scale
         self.is_causal = is_causal
-        if self.gate_type == "unconditional_per_head":
-            self.logits = nn.Parameter(torch.empty(num_heads))
-        else:
+        if self.kind.conditional:
             self.network = GATE_NETWORKS[config.gate_network](num_heads, head_dim)
+        else:
+            self.logits = nn.Parameter(torch.empty(num_heads))
         self.reset_parameters()
 
     @property
     def needs_input(self) -> bool:
-        return self.gate_type != "unconditional_per_head"
+        return self.kind.conditional
 
     @torch.no_grad()
     def reset_parameters(self):
         bias = logit(self.init_prob)
-        if self.gate_type == "unconditional_per_head":
+        if not self.kind.conditional:
             init.constant_(self.logits, bias)
             return
         layers = self.network.layers()
@@ -147,10 +181,10 @@ class AttentionGate(nn.Module):
         x: the attention block's input (B, T, d_model); attention_mask: the boolean (B, 1, T, S) mask of the
         attention function (True = attend) or None; kv_length: S, the number of keys.
         """
-        if self.gate_type == "unconditional_per_head":
+        if not self.kind.conditional:
             return torch.sigmoid(self.logits).view(1, -1, 1, 1) * self.scale
         logits = self.network(x).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
-        if self.gate_type == "conditional_per_head":
+        if self.kind.pooled:
             if kv_length != logits.shape[2]:
                 raise ValueError(
                     "conditional_per_head gates average over the whole sequence and cannot run with a KV cache; "

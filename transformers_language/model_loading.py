@@ -18,7 +18,13 @@ import yaml
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from .attention_config import CONFIG_KEY, AttentionConfig, add_attention_args, attention_config_from_args
+from .attention_config import (
+    CONFIG_KEY,
+    AttentionConfig,
+    add_attention_args,
+    attention_config_from_args,
+    gate_network_switches,
+)
 from .errors import InputFileError, UsageError
 from .families import FAMILIES, get_family
 from .models import model_class
@@ -262,12 +268,10 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
         if not same:
             flag = f"--alpha {args.alpha:g}" if args.alpha is not None else f"--attn_softmax {args.attn_softmax!r}"
             conflicts.append(f"{flag} but {source} has softmax {_softmax_description(stored)}")
-    network_flags = [
-        f for f in ("attn_gate_mlp", "attn_gate_mlp2", "attn_gate_linear_all_features") if getattr(args, f)
-    ]
+    network_flags = [flag for flag, _, given_flag in gate_network_switches(args) if given_flag]
     stated = [
         ("--attn_gate_type", args.attn_gate_type is not None, "gate_type"),
-        (f"--{network_flags[0]}" if network_flags else "", bool(network_flags), "gate_network"),
+        (network_flags[0] if network_flags else "", bool(network_flags), "gate_network"),
         ("--attn_gate_init", args.attn_gate_init is not None, "init_prob"),
         ("--fine_tuning", args.fine_tuning, "fine_tuning"),
         ("--skip_attn", args.skip_attn, "skip_attn"),

@@ -7,18 +7,25 @@ no gradient. Softmax is computed in float32 and cast back, so half-precision tra
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .attention_config import AttentionConfig
+from .errors import UsageError
 
+if TYPE_CHECKING:
+    from .attention_config import AttentionConfig
+
+# Each variant reads its own spelling of --attn_softmax: `parse(text)` gives (gamma, zeta), or None when the
+# text is not this variant's; `form` is how users write it.
 SOFTMAX_VARIANTS: dict[str, type[nn.Module]] = {}
 
 
 def register_softmax(name: str):
     def decorator(cls):
         SOFTMAX_VARIANTS[name] = cls
-        cls.variant_name = name
         return cls
 
     return decorator
@@ -56,8 +63,18 @@ class _ClippedSoftmax(torch.autograd.Function):
         return grad_scores.to(ctx.input_dtype), None, None, None
 
 
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_CLIPPED = re.compile(rf"^clipped\(\s*({_NUMBER})\s*:\s*({_NUMBER})\s*\)$")
+
+
 @register_softmax("vanilla")
 class Softmax(nn.Module):
+    form = "'vanilla'"
+
+    @staticmethod
+    def parse(text: str) -> tuple[float, float] | None:
+        return (0.0, 1.0) if text == "vanilla" else None
+
     def __init__(self, config: AttentionConfig):
         super().__init__()
 
@@ -67,6 +84,20 @@ class Softmax(nn.Module):
 
 @register_softmax("clipped")
 class ClippedSoftmax(nn.Module):
+    form = "'clipped(GAMMA:ZETA)' with GAMMA <= 0 <= 1 <= ZETA, e.g. 'clipped(-.025:1)'"
+
+    @staticmethod
+    def parse(text: str) -> tuple[float, float] | None:
+        match = _CLIPPED.match(text)
+        if match is None:
+            return None
+        gamma, zeta = float(match.group(1)), float(match.group(2))
+        if not gamma <= 0.0:
+            raise UsageError(f"Clipped softmax needs gamma <= 0, got gamma={gamma} in {text!r}.")
+        if not zeta >= 1.0:
+            raise UsageError(f"Clipped softmax needs zeta >= 1, got zeta={zeta} in {text!r}.")
+        return gamma, zeta
+
     def __init__(self, config: AttentionConfig):
         super().__init__()
         self.gamma = config.gamma
@@ -79,5 +110,17 @@ class ClippedSoftmax(nn.Module):
         return f"gamma={self.gamma}, zeta={self.zeta}"
 
 
+SOFTMAX_FORMS = " or ".join(cls.form for cls in SOFTMAX_VARIANTS.values())
+
+
+def softmax_variant(method: str) -> tuple[str, tuple[float, float]]:
+    """The registered variant whose spelling `method` is, with its (gamma, zeta)."""
+    text = method.strip()
+    for name, cls in SOFTMAX_VARIANTS.items():
+        if (params := cls.parse(text)) is not None:
+            return name, params
+    raise UsageError(f"Unknown softmax method {method!r}; accepted forms: {SOFTMAX_FORMS}.")
+
+
 def build_softmax(config: AttentionConfig) -> nn.Module:
-    return SOFTMAX_VARIANTS["clipped" if config.clipped else "vanilla"](config)
+    return SOFTMAX_VARIANTS[config.softmax_variant](config)
