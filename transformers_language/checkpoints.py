@@ -20,17 +20,16 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME  # save_pretrained file names
+from transformers.utils import SAFE_WEIGHTS_NAME  # save_pretrained's weights file
 
 from .errors import InputFileError, UsageError
-from .files import write_json_atomic
+from .files import save_model_files, write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 TRAINING_STATE = "training_state.json"  # step and last loss: JSON, so resuming unpickles nothing of ours
 RUN_SETTINGS = "run_settings.json"  # the settings of the run, in its folder and in each of its checkpoints
-FINAL_TMP = ".final.tmp"  # where the final model is assembled before it is moved in
 # accelerate's per-process random states: the one pickle a checkpoint holds, loaded with weights_only=True.
 _RANDOM_STATES = re.compile(r"^random_states_\d+\.pkl$")
 
@@ -131,32 +130,6 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def save_model_files(model, tokenizer, directory: Path, state_dict: dict | None, records: dict[str, dict]) -> None:
-    """`save_pretrained` (safetensors) of model (with `state_dict` as its weights, when given) and tokenizer,
-    and each JSON record (file name -> values) beside them."""
-    model.save_pretrained(directory, state_dict=state_dict)
-    tokenizer.save_pretrained(directory)
-    for name, values in records.items():
-        write_json_atomic(Path(directory) / name, values)
-
-
-def save_pretrained_atomic(
-    model, tokenizer, output_dir: str | os.PathLike, state_dict: dict | None = None, records: dict | None = None
-) -> None:
-    """`save_model_files` into a temporary folder, then moved into `output_dir` as a set: config.json (what
-    makes a folder a model to `from_pretrained`) is removed first and moved in last, so at every instant the
-    folder holds the whole previous model, no model, or the whole new one, never a mix."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / FINAL_TMP
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-    save_model_files(model, tokenizer, tmp, state_dict, records or {})
-    (output_dir / CONFIG_NAME).unlink(missing_ok=True)
-    for item in sorted(tmp.iterdir(), key=lambda item: item.name == CONFIG_NAME):
-        os.replace(item, output_dir / item.name)
-    tmp.rmdir()
 
 
 def model_state_dict(accelerator, loss_module) -> dict:

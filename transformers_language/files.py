@@ -1,16 +1,23 @@
-"""The project's own files: atomic writes (temporary file, then rename, with the usual permissions), strict
-JSON (no NaN), per-step JSON-lines logs that survive a torn last line, and guarded reads that turn a missing
-or corrupt file into one clear error."""
+"""The project's own files: atomic writes of text, JSON, PNG and model folders (temporary file, then rename,
+with the usual permissions), strict JSON (no NaN), per-step JSON-lines logs that survive a torn last line,
+and guarded reads that turn a missing or corrupt file into one clear error."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+from transformers.utils import CONFIG_NAME
 
 from .errors import InputFileError, UsageError
+
+FINAL_TMP = ".final.tmp"  # where the final model is assembled before it is moved in
 
 
 def read_json(path: Path, what: str, fix: str) -> dict:
@@ -43,21 +50,31 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename: readers never see a partial file. The file
-    gets the usual permissions (0666 less the umask), not the temporary file's 0600."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write` on a temporary binary file beside `path`, then rename it to `path`: readers never see a
+    partial file. The file gets the usual permissions (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fchmod(handle.fileno(), _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) written atomically."""
+    write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def write_png_atomic(figure, path: str | os.PathLike) -> None:
+    """A matplotlib figure as PNG, written atomically (an interrupted run never leaves a broken image)."""
+    write_atomic(path, lambda handle: figure.savefig(handle, dpi=120, format="png"))
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
@@ -100,3 +117,29 @@ def strict_json(values: dict, **options) -> str:
 def write_json_atomic(path: str | os.PathLike, values: dict) -> None:
     """`values` as indented strict JSON, written atomically."""
     write_text_atomic(path, strict_json(values, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_files(model, tokenizer, directory: Path, state_dict: dict | None, records: dict[str, dict]) -> None:
+    """`save_pretrained` (safetensors) of model (with `state_dict` as its weights, when given) and tokenizer,
+    and each JSON record (file name -> values) beside them."""
+    model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    for name, values in records.items():
+        write_json_atomic(Path(directory) / name, values)
+
+
+def save_pretrained_atomic(
+    model, tokenizer, output_dir: str | os.PathLike, state_dict: dict | None = None, records: dict | None = None
+) -> None:
+    """`save_model_files` into a temporary folder, then moved into `output_dir` as a set: config.json (what
+    makes a folder a model to `from_pretrained`) is removed first and moved in last, so at every instant the
+    folder holds the whole previous model, no model, or the whole new one, never a mix."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / FINAL_TMP
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    save_model_files(model, tokenizer, tmp, state_dict, records or {})
+    (output_dir / CONFIG_NAME).unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir(), key=lambda item: item.name == CONFIG_NAME):
+        os.replace(item, output_dir / item.name)
+    tmp.rmdir()

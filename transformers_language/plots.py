@@ -4,21 +4,14 @@ side-by-side comparison of attention methods, at the end of training and over it
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend, files only
 
+from .files import write_png_atomic
 from .metrics import SiteFigures
 from .outlier_report import TOP_K, top_dims
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write next to `path` and rename, so an interrupted run never leaves a broken PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
 
 
 def _position(figures: SiteFigures, layers: int) -> int:
@@ -44,7 +37,7 @@ def _per_layer_bars(figures: dict[str, SiteFigures], statistic: str, title: str,
         ax.set_yscale("log")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    save_figure(fig, path)
+    write_png_atomic(fig, path)
 
 
 def _dims_heatmap(figures: dict[str, SiteFigures], stream_kind: str, path: Path) -> None:
@@ -61,7 +54,7 @@ def _dims_heatmap(figures: dict[str, SiteFigures], stream_kind: str, path: Path)
     ax.set_title(f"Share of the layer's >6σ values per hidden dim ({stream_kind})", fontsize="medium")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    save_figure(fig, path)
+    write_png_atomic(fig, path)
 
 
 def write_plots(figures: dict[str, SiteFigures], stream_kind: str, output_dir: Path) -> list[Path]:
@@ -91,7 +84,7 @@ def write_method_comparison(per_layer: dict[str, dict[str, list[float]]], titles
         ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
+    write_png_atomic(fig, path)
     return path
 
 
@@ -117,5 +110,5 @@ def write_growth(
     axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
+    write_png_atomic(fig, path)
     return path

@@ -28,13 +28,12 @@ from .checkpoints import (
     model_state_dict,
     register_model_checkpointing,
     resolve_resume,
-    save_pretrained_atomic,
 )
 from .data import add_data_args, check_data_sources, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
 from .families import family_of_objective
-from .files import check_output_dir, write_json_atomic
+from .files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from .model_loading import (
     add_model_args,
     build_config,
