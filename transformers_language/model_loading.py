@@ -173,9 +173,8 @@ def resolve_method(args: argparse.Namespace, config: PretrainedConfig, train_seq
     return attention
 
 
-def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int, device: torch.device):
-    """Build (or load) the model with the resolved attention method stored in `config`."""
-    attention = resolve_method(args, config, train_seq_length)
+def load_model(args: argparse.Namespace, config: PretrainedConfig, device: torch.device):
+    """Build (or load) the model of `config`, which holds the resolved attention method (`resolve_method`)."""
     cls = model_class(args.model_type)
     if args.model_name_or_path is not None:
         device_map = {"": device} if args.low_cpu_mem_usage else None
@@ -187,7 +186,9 @@ def load_model(args: argparse.Namespace, config: PretrainedConfig, train_seq_len
             model = cls(config)
     else:
         model = cls(config)
-    logger.info("Model: %s, %.1fM parameters, attention %s", cls.__name__, model.num_parameters() / 1e6, attention)
+    logger.info(
+        "Model: %s, %.1fM parameters, attention %s", cls.__name__, model.num_parameters() / 1e6, model.attention_config
+    )
     return model
 
 

@@ -29,22 +29,18 @@ from .checkpoints import (
     register_model_checkpointing,
     resolve_resume,
 )
-from .data import add_data_args, check_data_sources, prepare_splits
+from .data import add_data_args, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
 from .families import family_of_objective
 from .files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from .model_loading import (
     add_model_args,
-    build_config,
-    describe_model,
     load_model,
-    load_tokenizer,
-    resolve_method,
-    sequence_length,
 )
 from .objectives import Objective, get_objective
 from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .plan import resolve_training
 from .resume import check_new_run_folder, resume_run
 from .runtime import check_launch, print_dry_run, setup_logging
 from .telemetry import Telemetry, init_tracking
@@ -140,7 +136,6 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     objective = get_objective(objective_name)
     args = parse_args(build_parser(objective), argv)
     _check_args(args)
-    check_data_sources(args, ("train", "validation"))
     output_dir = Path(args.output_dir)
     checkpoint = None
     if args.resume_from_checkpoint and not args.dry_run:
@@ -152,12 +147,11 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         check_checkpoint_files(checkpoint, accelerator.process_index)
     set_seed(args.seed)
 
-    tokenizer = load_tokenizer(args)
-    config = build_config(args, tokenizer)
-    seq_length = sequence_length(args, config, family_of_objective(objective.name).sequence.name)
+    plan = resolve_training(args, family_of_objective(objective.name), accelerator.num_processes)
     if args.dry_run:
-        return _dry_run(accelerator, args, config, seq_length)
-    model = load_model(args, config, seq_length, accelerator.device)
+        return print_dry_run(accelerator, plan.to_dict())
+    tokenizer, config, seq_length = plan.tokenizer, plan.config, plan.seq_length
+    model = load_model(args, config, accelerator.device)
 
     splits = prepare_splits(args, ("train", "validation"), tokenizer, seq_length, accelerator)
     targets = objective.targets(tokenizer, args)
@@ -188,10 +182,11 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         "steps_per_epoch": steps_per_epoch,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "attention": config.attention_variant,
+        "attention": plan.attention.to_dict(),
         "model_config": {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"},
         "train_blocks": len(splits["train"]),
         "validation_blocks": len(eval_set),
+        "plan": plan.to_dict(),  # what --dry_run prints for these flags
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
@@ -273,20 +268,3 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-def _dry_run(accelerator: Accelerator, args: argparse.Namespace, config, seq_length: int) -> dict:
-    """The run as it would start: every flag, the sequence length, the batch per optimizer step, the method and
-    the model (built on the meta device). Printed as JSON and returned."""
-    check_data_sources(args, ("train", "validation"))
-    attention = resolve_method(args, config, seq_length)
-    summary = {
-        "settings": vars(args),
-        "seq_length": seq_length,
-        "sequences_per_step": args.per_device_train_batch_size
-        * args.gradient_accumulation_steps
-        * accelerator.num_processes,
-        "attention": attention.to_dict(),
-        **describe_model(config),
-    }
-    return print_dry_run(accelerator, summary)

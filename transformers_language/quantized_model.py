@@ -156,6 +156,12 @@ def add_quantization_args(parser, ranges_weights: str) -> None:
     )
 
 
+def calibration_batch_size(args) -> int:
+    """A calibration batch is a batch of the loader it comes from, as in the paper's code: training batches
+    (--per_device_train_batch_size) from the training split, evaluation batches from the validation split."""
+    return args.per_device_train_batch_size if args.calibration_split == "train" else args.per_device_eval_batch_size
+
+
 QUANT_FIELDS = (
     "n_bits",
     "n_bits_act",

@@ -39,6 +39,7 @@ ADJUSTABLE_ON_RESUME = (
 #   (num_train_epochs is represented by max_train_steps, the config flags by the model config, both compared).
 FREE_ON_RESUME = (
     "run_id",
+    "plan",  # compared through its parts (the flags, model_config, attention, seq_length)
     "config_name",  # these two are compared as the model config they resolve to (model_config)
     "config_path",
     "output_dir",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,10 +24,8 @@ from tqdm.auto import tqdm
 from quantization.calibration import activation_quantizers, calibration
 
 from .arguments import parse_args
-from .attention_config import AttentionConfig
 from .attention_stats import AttentionStatistics, delimiter_token_ids
-from .block_layouts import resolve_block_layout
-from .data import add_data_args, check_data_sources, prepare_splits
+from .data import add_data_args, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
 from .families import family_of_objective
@@ -36,17 +33,12 @@ from .files import check_output_dir, write_json_atomic
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
     add_model_args,
-    check_method_flags,
-    check_tokenizer_fits,
-    describe_model,
     load_checkpoint,
-    load_checkpoint_config,
-    load_tokenizer,
-    sequence_length,
 )
 from .objectives import Objective, Targets, derive_seed, get_objective
 from .outlier_report import TOP_K, log_results, outlier_results
-from .quantized_model import add_quantization_args, quant_config_from_args, quantize_model
+from .plan import resolve_validation
+from .quantized_model import add_quantization_args, calibration_batch_size, quantize_model
 from .runtime import check_launch, print_dry_run, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -130,26 +122,6 @@ def _calibrate(
     )
 
 
-def calibration_batch_size(args: argparse.Namespace) -> int:
-    """A calibration batch is a batch of the loader it comes from, as in the paper's code: training batches
-    (--per_device_train_batch_size) from the training split, evaluation batches from the validation split."""
-    return args.per_device_train_batch_size if args.calibration_split == "train" else args.per_device_eval_batch_size
-
-
-def _quantization_settings(quant_config, args: argparse.Namespace) -> dict | None:
-    """Every choice of the W8A8 protocol, as all_results.json records it."""
-    if quant_config is None:
-        return None
-    batch = calibration_batch_size(args)
-    return asdict(quant_config) | {
-        "preset": asdict(quant_config.preset),
-        "calibration_split": args.calibration_split,
-        "calibration_batch_size": batch,
-        "calibration_sequences": args.est_num_batches * batch,
-        "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)
-    }
-
-
 def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
     `all_results.json`."""
@@ -158,42 +130,23 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(objective), argv)
     _check_args(args)
     check_output_dir(args.output_dir)
-    check_data_sources(args, ("validation",))
-    quant_config = quant_config_from_args(args)
     accelerator = Accelerator()
     setup_logging(accelerator)
     check_launch(accelerator)
     set_seed(args.seed)
 
-    config = load_checkpoint_config(args, script)
-    layout_source = resolve_block_layout(args, args.model_name_or_path)
-    seq_length = sequence_length(args, config, family_of_objective(objective.name).sequence.name)
-    attention = AttentionConfig.from_model_config(config)
-    check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
-    tokenizer = load_tokenizer(args)
-    check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
-    needed = (
-        ("train", "validation") if quant_config is not None and args.calibration_split == "train" else ("validation",)
-    )
+    plan = resolve_validation(args, family_of_objective(objective.name), script)
     if args.dry_run:
-        check_data_sources(args, needed)
-        summary = {
-            "settings": vars(args),
-            "seq_length": seq_length,
-            "attention": attention.to_dict(),
-            "quantization": _quantization_settings(quant_config, args),
-            **describe_model(config),
-        }
-        return print_dry_run(accelerator, summary)
+        return print_dry_run(accelerator, plan.to_dict())
+    config, tokenizer, quant_config = plan.config, plan.tokenizer, plan.quantization
     model = load_checkpoint(args, config, accelerator.device)
     if quant_config is not None:
         quantize_model(model, quant_config)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
-    splits = prepare_splits(args, needed, tokenizer, seq_length, accelerator)
-    dataset = splits["validation"]
+    splits = prepare_splits(args, plan.splits, tokenizer, plan.seq_length, accelerator)
     targets = objective.targets(tokenizer, args)
-    dataset = objective.evaluation_set(dataset, targets, args.seed)
+    dataset = objective.evaluation_set(splits["validation"], targets, args.seed)
     if quant_config is not None:
         if args.calibration_split == "validation":
             logger.warning(
@@ -220,16 +173,17 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     )
     settings = vars(args) | {
         "script": script,
-        "seq_length": seq_length,
-        "block_layout_source": layout_source,
-        "attention": attention.to_dict(),
+        "seq_length": plan.seq_length,
+        "block_layout_source": plan.block_layout_source,
+        "attention": plan.attention.to_dict(),
         "validation_blocks": len(dataset),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "kurtosis": "Pearson (non-excess), population std, no epsilon",
         "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
         "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
-        "quantization": _quantization_settings(quant_config, args),
+        "quantization": plan.to_dict()["quantization"],
+        "plan": plan.to_dict(),  # what --dry_run prints for these flags
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }

@@ -1,0 +1,151 @@
+"""The resolved plan of a run: everything a training or validation job executes, decided once from the flags
+before any weights or data are loaded, and the very object `--dry_run` prints.
+
+`resolve_training` and `resolve_validation` check every rule (flags, files, checkpoint, method, sequence
+length, tokenizer, quantization) and return a frozen `Plan`: the model config with the attention method in
+it, the method itself, the sequence length, the tokenizer, the splits and their block layout, and the W8A8
+settings. The jobs build the model and the data from the plan and record `plan.to_dict()` in their
+results, so a dry run and a real run can be compared field for field.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from quantization.config import QuantConfig
+
+from .attention_config import AttentionConfig
+from .block_layouts import resolve_block_layout
+from .data import check_data_sources
+from .families import Family
+from .model_loading import (
+    build_config,
+    check_method_flags,
+    check_tokenizer_fits,
+    describe_model,
+    load_checkpoint_config,
+    load_tokenizer,
+    resolve_method,
+    sequence_length,
+)
+from .quantized_model import calibration_batch_size, quant_config_from_args
+
+NOT_PLANNED = ("dry_run",)  # flags that say how a plan is used, not what it is
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: str
+    """'train' or 'validate'."""
+    family: Family
+    settings: dict
+    """Every flag as parsed (but NOT_PLANNED)."""
+    config: PretrainedConfig = field(compare=False)
+    """The model config, the attention method stored in it."""
+    attention: AttentionConfig
+    seq_length: int
+    splits: tuple[str, ...]
+    block_layout: str
+    block_layout_source: str
+    tokenizer: PreTrainedTokenizerBase = field(compare=False, repr=False)
+    quantization: QuantConfig | None = None
+    sequences_per_step: int | None = None
+    """Training: sequences per optimizer step over all processes."""
+    calibration: dict | None = None
+    """Validation with --quantize: where the calibration batches come from and how many sequences."""
+
+    def to_dict(self) -> dict:
+        """The plan as JSON-ready values (what --dry_run prints and the results record)."""
+        values = {
+            "job": self.job,
+            "model_type": self.family.model_type,
+            "settings": self.settings,
+            "seq_length": self.seq_length,
+            "attention": self.attention.to_dict(),
+            "splits": list(self.splits),
+            "block_layout": self.block_layout,
+            "block_layout_source": self.block_layout_source,
+            "tokenizer": self.tokenizer.name_or_path,
+            **describe_model(self.config),
+        }
+        if self.job == "train":
+            values["sequences_per_step"] = self.sequences_per_step
+        else:
+            values["quantization"] = quantization_record(self.quantization, self.calibration)
+        return values
+
+
+def quantization_record(config: QuantConfig | None, calibration: dict | None) -> dict | None:
+    """Every choice of the W8A8 protocol, as all_results.json records it."""
+    if config is None:
+        return None
+    return asdict(config) | {"preset": asdict(config.preset)} | calibration
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items() if key not in NOT_PLANNED}
+
+
+def resolve_training(args: argparse.Namespace, family: Family, num_processes: int) -> Plan:
+    """The plan of a pre-training run (flags and files already checked by the job's parser checks)."""
+    check_data_sources(args, ("train", "validation"))
+    tokenizer = load_tokenizer(args)
+    config = build_config(args, tokenizer)
+    seq_length = sequence_length(args, config, family.sequence.name)
+    attention = resolve_method(args, config, seq_length)
+    return Plan(
+        job="train",
+        family=family,
+        settings=_settings(args),
+        config=config,
+        attention=attention,
+        seq_length=seq_length,
+        splits=("train", "validation"),
+        block_layout=args.block_layout,
+        block_layout_source="--block_layout",
+        tokenizer=tokenizer,
+        sequences_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes,
+    )
+
+
+def resolve_validation(args: argparse.Namespace, family: Family, script: str) -> Plan:
+    """The plan of an evaluation: the checkpoint's config and method (flags may repeat it, never contradict it),
+    its block layout unless --block_layout is given, and the W8A8 settings."""
+    check_data_sources(args, ("validation",))
+    quantization = quant_config_from_args(args)
+    config = load_checkpoint_config(args, script)
+    layout_source = resolve_block_layout(args, args.model_name_or_path)
+    seq_length = sequence_length(args, config, family.sequence.name)
+    attention = AttentionConfig.from_model_config(config)
+    check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
+    tokenizer = load_tokenizer(args)
+    check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
+    calibrate_on_train = quantization is not None and args.calibration_split == "train"
+    splits = ("train", "validation") if calibrate_on_train else ("validation",)
+    check_data_sources(args, splits)
+    calibration = None
+    if quantization is not None:
+        batch = calibration_batch_size(args)
+        calibration = {
+            "calibration_split": args.calibration_split,
+            "calibration_batch_size": batch,
+            "calibration_sequences": args.est_num_batches * batch,
+            "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)
+        }
+    return Plan(
+        job="validate",
+        family=family,
+        settings=_settings(args),
+        config=config,
+        attention=attention,
+        seq_length=seq_length,
+        splits=splits,
+        block_layout=args.block_layout,
+        block_layout_source=layout_source,
+        tokenizer=tokenizer,
+        quantization=quantization,
+        calibration=calibration,
+    )
