@@ -400,3 +400,16 @@ def test_a_mid_run_checkpoint_validates_like_the_final_model(model_type, tmp_pat
     assert last["perplexity"] == final["perplexity"]  # the same weights, saved as step_4 and as the final model
     assert mid["perplexity"] != last["perplexity"] and math.isfinite(mid["perplexity"])
     assert _settings(tmp_path / "mid")["block_layout"] == "bos_first"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_dry_run_prints_the_plan_a_validation_executes(model_type, quantized, checkpoints, tmp_path, data_cache):
+    extra = [*METHOD[model_type], *(["--quantize", "--est_num_batches", "1", *CALIBRATION_DATA] if quantized else [])]
+    argv = validate_argv(model_type, checkpoints[model_type], tmp_path / "val", data_cache, *extra)
+    dry = run_validate(model_type, [*argv, "--dry_run"])
+    run_validate(model_type, argv)
+    executed = json.loads((tmp_path / "val" / "all_results.json").read_text())["settings"]
+    assert executed["plan"] == json.loads(json.dumps(dry, default=str))
+    assert (dry["quantization"] is not None) == quantized and dry["splits"] == (
+        ["train", "validation"] if quantized else ["validation"]
+    )
