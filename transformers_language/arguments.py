@@ -1,9 +1,15 @@
-"""Parsing the entry scripts' command lines, with one clear line for a flag of the paper's scripts that this
-project dropped (naming what replaces it), instead of a bare "unrecognized arguments"."""
+"""The entry scripts' command lines: typed argument groups (dataclasses whose fields are the flags, with their
+help text), parsed once; and one clear line for a flag of the paper's scripts that this project dropped
+(naming what replaces it), instead of a bare "unrecognized arguments"."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import field, fields
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # Flag of the paper's scripts -> (scripts it belonged to, or None for all; what to do instead).
 DROPPED_FLAGS: dict[str, tuple[tuple[str, ...] | None, str]] = {
@@ -29,3 +35,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
                 hints.append(f"{flag} of the paper's scripts is not used here: {fix}")
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"; {hint}" for hint in hints))
     return args
+
+
+def arg(default=None, help: str = "", **options):
+    """A dataclass field that is also a flag: its default, help text and argparse options (type, choices,
+    action)."""
+    return field(default=default, metadata={"help": help, "options": options})
+
+
+def add_group(
+    parser: argparse.ArgumentParser,
+    group_class: type,
+    title: str,
+    changes: dict[str, dict] | None = None,
+    after: dict[str, Callable[[argparse._ArgumentGroup], None]] | None = None,
+) -> argparse._ArgumentGroup:
+    """The fields of the dataclass `group_class` as the flags `--<field>` of one argument group. `changes`
+    adjusts a field's argparse options for this script (another default or help text); `after[field]` adds
+    flags that are not the group's own (e.g. the family's sequence-length flag) right after that field."""
+    group = parser.add_argument_group(title)
+    for item in fields(group_class):
+        options = {"default": item.default, "help": item.metadata["help"], **item.metadata["options"]}
+        options |= (changes or {}).get(item.name, {})
+        if options.get("action") == "store_true":
+            options.pop("default")
+        group.add_argument(f"--{item.name}", **options)
+        if item.name in (after or {}):
+            after[item.name](group)
+    return group
+
+
+def parse_group(group_class: type[T], values) -> T:
+    """The typed group of parsed flags (`values`: the parsed namespace, or any object with those attributes)."""
+    if isinstance(values, group_class):
+        return values
+    return group_class(**{item.name: getattr(values, item.name, item.default) for item in fields(group_class)})

@@ -27,6 +27,7 @@ from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
+from .arguments import add_group, arg, parse_group
 from .block_layouts import (
     BLOCK_LAYOUTS,
     DEFAULT_BLOCK_LAYOUT,
@@ -78,77 +79,89 @@ DATASET_SETUPS: dict[str, dict[str, tuple[HubSource, ...]]] = {
 SPLITS = ("train", "validation")
 
 
+def _layout_help(default: str | None) -> str:
+    return (
+        "How texts become blocks: "
+        + "; ".join(f"{name}: {layout.description}" for name, layout in BLOCK_LAYOUTS.items())
+        + (f" (default: {default})." if default else " (default: the layout the checkpoint was trained with).")
+    )
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    """The data flags of every entry script: where the texts come from, how much of them, how they become
+    blocks, and where the tokenized blocks are cached."""
+
+    dataset_setup: str | None = arg(
+        help=f"Hub dataset setup, one of {', '.join(DATASET_SETUPS)} (alternative: --train_file/--validation_file)."
+    )
+    train_file: str | None = arg(help="Local text file for training (one text per line).")
+    validation_file: str | None = arg(help="Local text file for validation.")
+    block_layout: str | None = arg(
+        DEFAULT_BLOCK_LAYOUT, _layout_help(DEFAULT_BLOCK_LAYOUT), choices=list(BLOCK_LAYOUTS)
+    )
+    preprocessing_num_workers: int | None = arg(help="Processes for tokenizing.", type=int)
+    overwrite_cache: bool = arg(False, "Tokenize again even if a cache exists.", action="store_true")
+    data_cache_dir: str | None = arg(
+        help="Where tokenized splits are cached (default: <HF datasets cache>/outlier_free_transformers)."
+    )
+    train_percentage: float | None = arg(help="Use the first P%% of training texts.", type=float)
+    validation_percentage: float | None = arg(help="Use the first P%% of validation texts.", type=float)
+
+    def file(self, split: str) -> str | None:
+        return {"train": self.train_file, "validation": self.validation_file}[split]
+
+    def percentage(self, split: str) -> float | None:
+        return {"train": self.train_percentage, "validation": self.validation_percentage}[split]
+
+
 def add_data_args(
     parser: argparse.ArgumentParser, sequence: SequenceFlag, layout_default: str | None = DEFAULT_BLOCK_LAYOUT
 ) -> argparse.ArgumentParser:
     """The data flags, with the family's sequence-length flag. `layout_default=None` (validation): no default
     layout, the checkpoint's is used."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset_setup",
-        default=None,
-        help=f"Hub dataset setup, one of {', '.join(DATASET_SETUPS)} (alternative: --train_file/--validation_file).",
-    )
-    group.add_argument("--train_file", default=None, help="Local text file for training (one text per line).")
-    group.add_argument("--validation_file", default=None, help="Local text file for validation.")
-    group.add_argument(f"--{sequence.name}", type=int, default=sequence.default, help=sequence.help)
-    group.add_argument(
-        "--block_layout",
-        default=layout_default,
-        choices=list(BLOCK_LAYOUTS),
-        help="How texts become blocks: "
-        + "; ".join(f"{name}: {layout.description}" for name, layout in BLOCK_LAYOUTS.items())
-        + (
-            f" (default: {layout_default})."
-            if layout_default
-            else " (default: the layout the checkpoint was trained with)."
-        ),
-    )
-    group.add_argument("--preprocessing_num_workers", type=int, default=None, help="Processes for tokenizing.")
-    group.add_argument("--overwrite_cache", action="store_true", help="Tokenize again even if a cache exists.")
-    group.add_argument(
-        "--data_cache_dir",
-        default=None,
-        help="Where tokenized splits are cached (default: <HF datasets cache>/outlier_free_transformers).",
-    )
-    group.add_argument("--train_percentage", type=float, default=None, help="Use the first P%% of training texts.")
-    group.add_argument(
-        "--validation_percentage", type=float, default=None, help="Use the first P%% of validation texts."
-    )
+
+    def sequence_flag(group) -> None:
+        group.add_argument(f"--{sequence.name}", type=int, default=sequence.default, help=sequence.help)
+
+    layout = {"default": layout_default, "help": _layout_help(layout_default)}
+    add_group(parser, DataArgs, "data", {"block_layout": layout}, after={"validation_file": sequence_flag})
     return parser
 
 
-def check_data_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+def check_data_sources(args: DataArgs | argparse.Namespace, splits: tuple[str, ...]) -> None:
     """The data flags and files of `splits`, checked before anything is loaded (validation resolves a missing
     --block_layout from the checkpoint later)."""
-    if args.block_layout is not None:
-        get_block_layout(args.block_layout)
-    if args.dataset_setup is not None:
-        if args.dataset_setup not in DATASET_SETUPS:
+    data = parse_group(DataArgs, args)
+    if data.block_layout is not None:
+        get_block_layout(data.block_layout)
+    if data.dataset_setup is not None:
+        if data.dataset_setup not in DATASET_SETUPS:
             raise UsageError(
-                f"Unknown dataset setup {args.dataset_setup!r}; valid setups: {', '.join(DATASET_SETUPS)}."
+                f"Unknown dataset setup {data.dataset_setup!r}; valid setups: {', '.join(DATASET_SETUPS)}."
             )
-        local = [f"--{split}_file" for split in SPLITS if getattr(args, f"{split}_file", None)]
+        local = [f"--{split}_file" for split in SPLITS if data.file(split)]
         if local:
             raise UsageError(f"--dataset_setup and {', '.join(local)} both choose the data; use one of them.")
     for split in splits:
-        path = getattr(args, f"{split}_file", None)
-        if args.dataset_setup is None and path is None:
+        path = data.file(split)
+        if data.dataset_setup is None and path is None:
             raise UsageError(f"No {split} data: pass --dataset_setup or --{split}_file.")
         if path is not None and not Path(path).is_file():
             raise InputFileError(f"--{split}_file {path} does not exist; pass the path of a text file.")
         if path is not None and Path(path).stat().st_size == 0:
             raise InputFileError(f"--{split}_file {path} is empty; pass a text file with one text per line.")
-        percentage = getattr(args, f"{split}_percentage", None)
+        percentage = data.percentage(split)
         if percentage is not None and not 0 < percentage <= 100:
             raise UsageError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
 
 
-def _source_fingerprint(args: argparse.Namespace, split: str) -> dict:
-    if args.dataset_setup is not None:
-        return {"setup": args.dataset_setup, "sources": [vars(s) for s in DATASET_SETUPS[args.dataset_setup][split]]}
-    stat = Path(getattr(args, f"{split}_file")).resolve().stat()
-    return {"file": str(Path(getattr(args, f"{split}_file")).resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+def _source_fingerprint(data: DataArgs, split: str) -> dict:
+    if data.dataset_setup is not None:
+        return {"setup": data.dataset_setup, "sources": [vars(s) for s in DATASET_SETUPS[data.dataset_setup][split]]}
+    path = Path(data.file(split)).resolve()
+    stat = path.stat()
+    return {"file": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -159,12 +172,12 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_raw(args: argparse.Namespace, split: str) -> Dataset:
-    if args.dataset_setup is not None:
-        parts = [source.load() for source in DATASET_SETUPS[args.dataset_setup][split]]
+def _load_raw(data: DataArgs, split: str) -> Dataset:
+    if data.dataset_setup is not None:
+        parts = [source.load() for source in DATASET_SETUPS[data.dataset_setup][split]]
         dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     else:
-        path = getattr(args, f"{split}_file")
+        path = data.file(split)
         try:
             dataset = load_dataset("text", data_files={split: path}, split=split)
         except DatasetGenerationError as error:
@@ -175,7 +188,7 @@ def _load_raw(args: argparse.Namespace, split: str) -> Dataset:
                     "convert it to UTF-8 (e.g. iconv -t UTF-8)."
                 ) from error
             raise InputFileError(f"--{split}_file {path} cannot be read as text ({cause!r}).") from error
-    percentage = getattr(args, f"{split}_percentage", None)
+    percentage = data.percentage(split)
     if percentage is not None:
         dataset = dataset.select(range(math.ceil(len(dataset) * percentage / 100)))
     return dataset
@@ -199,41 +212,46 @@ def default_cache_dir() -> Path:
 
 
 def load_split(
-    args: argparse.Namespace, split: str, tokenizer: PreTrainedTokenizerBase, seq_length: int, is_main: bool = True
+    args: DataArgs | argparse.Namespace,
+    split: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_length: int,
+    is_main: bool = True,
 ) -> Dataset:
     """The tokenized blocks of one split (a torch-formatted `input_ids` column of shape (seq_length,)).
 
     Only the main process tokenizes; the others must call this after it has finished (see
     `prepare_splits`), and then load the cache it wrote."""
-    layout = get_block_layout(args.block_layout)
+    data = parse_group(DataArgs, args)
+    layout = get_block_layout(data.block_layout)
     key = {
         "version": CACHE_FORMAT_VERSION,
         "split": split,
-        "source": _source_fingerprint(args, split),
-        "percentage": getattr(args, f"{split}_percentage", None),
+        "source": _source_fingerprint(data, split),
+        "percentage": data.percentage(split),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seq_length": seq_length,
-        "block_layout": args.block_layout,
+        "block_layout": data.block_layout,
         "group_batch_size": GROUP_BATCH_SIZE,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    cache = Path(args.data_cache_dir or default_cache_dir()) / f"{split}-{digest}"
-    if cache.is_dir() and not (args.overwrite_cache and is_main):
+    cache = Path(data.data_cache_dir or default_cache_dir()) / f"{split}-{digest}"
+    if cache.is_dir() and not (data.overwrite_cache and is_main):
         logger.info("Loading tokenized %s split from %s", split, cache)
         return load_from_disk(str(cache)).with_format("torch")
     if not is_main:
         raise RuntimeError(f"The main process did not write the {split} cache {cache}.")
-    raw = _load_raw(args, split)
+    raw = _load_raw(data, split)
     tokenized = raw.map(
         partial(_tokenize, tokenizer=tokenizer, layout=layout),
         batched=True,
-        num_proc=args.preprocessing_num_workers,
+        num_proc=data.preprocessing_num_workers,
         remove_columns=raw.column_names,
         desc=f"Tokenizing {split}",
     )
     blocks = build_blocks(tokenized, tokenizer, layout, seq_length, split)
     if len(blocks) == 0:
-        source = getattr(args, f"{split}_file", None) or args.dataset_setup
+        source = data.file(split) or data.dataset_setup
         raise UsageError(
             f"The {split} data ({source}) has fewer than {seq_length} tokens: no block of that length fits; pass "
             "more text or a shorter sequence length."
@@ -249,12 +267,17 @@ def load_split(
 
 
 def prepare_splits(
-    args: argparse.Namespace, splits: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, seq_length: int, accelerator
+    args: DataArgs | argparse.Namespace,
+    splits: tuple[str, ...],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_length: int,
+    accelerator,
 ) -> dict[str, Dataset]:
     """Tokenized blocks for each requested split; the main process builds missing caches first."""
-    check_data_sources(args, splits)
+    data = parse_group(DataArgs, args)
+    check_data_sources(data, splits)
     result = {}
     with accelerator.main_process_first():
         for split in splits:
-            result[split] = load_split(args, split, tokenizer, seq_length, is_main=accelerator.is_main_process)
+            result[split] = load_split(data, split, tokenizer, seq_length, is_main=accelerator.is_main_process)
     return result

@@ -17,9 +17,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from quantization.config import QuantConfig
 
+from .arguments import parse_group
 from .attention_config import AttentionConfig
 from .block_layouts import resolve_block_layout
-from .data import check_data_sources
+from .data import DataArgs, check_data_sources
 from .families import Family
 from .model_loading import (
     build_config,
@@ -47,8 +48,9 @@ class Plan:
     """The model config, the attention method stored in it."""
     attention: AttentionConfig
     seq_length: int
+    data: DataArgs
+    """Where the texts come from and how they become blocks (block_layout resolved)."""
     splits: tuple[str, ...]
-    block_layout: str
     block_layout_source: str
     tokenizer: PreTrainedTokenizerBase = field(compare=False, repr=False)
     quantization: QuantConfig | None = None
@@ -65,8 +67,9 @@ class Plan:
             "settings": self.settings,
             "seq_length": self.seq_length,
             "attention": self.attention.to_dict(),
+            "data": asdict(self.data),
             "splits": list(self.splits),
-            "block_layout": self.block_layout,
+            "block_layout": self.data.block_layout,
             "block_layout_source": self.block_layout_source,
             "tokenizer": self.tokenizer.name_or_path,
             **describe_model(self.config),
@@ -103,8 +106,8 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
         config=config,
         attention=attention,
         seq_length=seq_length,
+        data=parse_group(DataArgs, args),
         splits=("train", "validation"),
-        block_layout=args.block_layout,
         block_layout_source="--block_layout",
         tokenizer=tokenizer,
         sequences_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes,
@@ -142,8 +145,8 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
         config=config,
         attention=attention,
         seq_length=seq_length,
+        data=parse_group(DataArgs, args),
         splits=splits,
-        block_layout=args.block_layout,
         block_layout_source=layout_source,
         tokenizer=tokenizer,
         quantization=quantization,

@@ -153,7 +153,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     tokenizer, config, seq_length = plan.tokenizer, plan.config, plan.seq_length
     model = load_model(args, config, accelerator.device)
 
-    splits = prepare_splits(args, ("train", "validation"), tokenizer, seq_length, accelerator)
+    splits = prepare_splits(plan.data, plan.splits, tokenizer, seq_length, accelerator)
     targets = objective.targets(tokenizer, args)
     eval_set = objective.evaluation_set(splits["validation"], targets, args.seed)
     sampler = EpochPermutationSampler(len(splits["train"]), args.seed, args.sample_with_replacement)

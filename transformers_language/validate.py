@@ -144,7 +144,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
         quantize_model(model, quant_config)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
-    splits = prepare_splits(args, plan.splits, tokenizer, plan.seq_length, accelerator)
+    splits = prepare_splits(plan.data, plan.splits, tokenizer, plan.seq_length, accelerator)
     targets = objective.targets(tokenizer, args)
     dataset = objective.evaluation_set(splits["validation"], targets, args.seed)
     if quant_config is not None:
