@@ -15,6 +15,8 @@ The preset decides whether the LM head (`cls` / `lm_head`) is quantized and whic
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from torch import nn
 
 from quantization.calibration import CALIBRATION_INPUTS
@@ -24,6 +26,7 @@ from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
+from .arguments import add_group, arg, parse_group
 from .errors import UsageError
 from .families import get_family
 
@@ -103,57 +106,51 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 CALIBRATION_SPLITS = ("train", "validation")
 
 
-def add_quantization_args(parser, ranges_weights: str) -> None:
-    """The W8A8 flags of the paper's validation commands; each one works for both model families.
-    `ranges_weights` is the family's weight estimator in the paper (BERT min-max, OPT MSE)."""
-    defaults = QuantConfig()  # the one source of the defaults
-    group = parser.add_argument_group("W8A8 simulation")
-    group.add_argument("--quantize", action="store_true", help="Evaluate the W8A8 (or --n_bits/--n_bits_act) model.")
-    group.add_argument("--est_num_batches", type=int, default=16, help="Calibration batches for activation ranges.")
-    group.add_argument(
-        "--per_device_train_batch_size",
+@dataclass(frozen=True)
+class QuantizationArgs:
+    """The W8A8 flags of the paper's validation commands (each works for both model families); the defaults
+    of the simulation itself are QuantConfig's."""
+
+    quantize: bool = arg(False, "Evaluate the W8A8 (or --n_bits/--n_bits_act) model.", action="store_true")
+    est_num_batches: int = arg(16, "Calibration batches for activation ranges.", type=int)
+    per_device_train_batch_size: int = arg(
+        8,
+        "Sequences per calibration batch from the training split (the paper calibrated on training batches).",
         type=int,
-        default=8,
-        help="Sequences per calibration batch from the training split (the paper calibrated on training batches).",
     )
-    group.add_argument("--n_bits", type=int, default=defaults.n_bits, help="Weight bits.")
-    group.add_argument("--n_bits_act", type=int, default=defaults.n_bits_act, help="Activation bits.")
-    group.add_argument("--no_weight_quant", action="store_true", help="Keep the weights FP.")
-    group.add_argument("--no_act_quant", action="store_true", help="Keep the activations FP.")
-    group.add_argument("--qmethod_acts", default=defaults.qmethod_acts, help="asymmetric_uniform or symmetric_uniform.")
-    group.add_argument(
-        "--ranges_weights",
-        default=ranges_weights,
-        help="Weight ranges: minmax, MSE or L<p> (e.g. L2.4); the default is the paper's for this family.",
+    n_bits: int = arg(QuantConfig.n_bits, "Weight bits.", type=int)
+    n_bits_act: int = arg(QuantConfig.n_bits_act, "Activation bits.", type=int)
+    no_weight_quant: bool = arg(False, "Keep the weights FP.", action="store_true")
+    no_act_quant: bool = arg(False, "Keep the activations FP.", action="store_true")
+    qmethod_acts: str = arg(QuantConfig.qmethod_acts, "asymmetric_uniform or symmetric_uniform.")
+    ranges_weights: str = arg(
+        QuantConfig.ranges_weights,
+        "Weight ranges: minmax, MSE or L<p> (e.g. L2.4); the default is the paper's for this family.",
     )
-    group.add_argument(
-        "--ranges_acts",
-        default=defaults.ranges_acts,
-        help="Activation ranges: running_minmax, current_minmax, MSE, L<p>.",
-    )
-    group.add_argument(
-        "--percentile", type=float, default=defaults.percentile, help="Min-max ranges from percentiles P / 100-P."
-    )
-    group.add_argument(
-        "--percentile_interpolation",
-        default=defaults.percentile_interpolation,
+    ranges_acts: str = arg(QuantConfig.ranges_acts, "Activation ranges: running_minmax, current_minmax, MSE, L<p>.")
+    percentile: float | None = arg(QuantConfig.percentile, "Min-max ranges from percentiles P / 100-P.", type=float)
+    percentile_interpolation: str = arg(
+        QuantConfig.percentile_interpolation,
+        "How --percentile reads the sorted values: linear (numpy.percentile, the paper's) or nearest rank.",
         choices=list(PERCENTILE_INTERPOLATIONS),
-        help="How --percentile reads the sorted values: linear (numpy.percentile, the paper's) or nearest rank.",
     )
-    group.add_argument("--quant_setup", default=defaults.quant_setup, help=f"Preset: {', '.join(QUANT_PRESETS)}.")
-    group.add_argument(
-        "--calibration_split",
-        default="train",
+    quant_setup: str = arg(QuantConfig.quant_setup, f"Preset: {', '.join(QUANT_PRESETS)}.")
+    calibration_split: str = arg(
+        "train",
+        "Where calibration batches come from (validation: only to reproduce the paper's BERT runs).",
         choices=CALIBRATION_SPLITS,
-        help="Where calibration batches come from (validation: only to reproduce the paper's BERT runs).",
     )
-    group.add_argument(
-        "--calibration_inputs",
-        default=defaults.calibration_inputs,
+    calibration_inputs: str = arg(
+        QuantConfig.calibration_inputs,
+        "What activation quantizers observe while calibrating: quantized upstream values (the paper's code) or "
+        "float ones.",
         choices=list(CALIBRATION_INPUTS),
-        help="What activation quantizers observe while calibrating: quantized upstream values (the paper's "
-        "code) or float ones.",
     )
+
+
+def add_quantization_args(parser, ranges_weights: str) -> None:
+    """The W8A8 group; `ranges_weights` is the family's weight estimator in the paper (BERT min-max, OPT MSE)."""
+    add_group(parser, QuantizationArgs, "W8A8 simulation", {"ranges_weights": {"default": ranges_weights}})
 
 
 def calibration_batch_size(args) -> int:
@@ -162,38 +159,26 @@ def calibration_batch_size(args) -> int:
     return args.per_device_train_batch_size if args.calibration_split == "train" else args.per_device_eval_batch_size
 
 
-QUANT_FIELDS = (
-    "n_bits",
-    "n_bits_act",
-    "qmethod_acts",
-    "ranges_weights",
-    "ranges_acts",
-    "percentile",
-    "percentile_interpolation",
-    "quant_setup",
-    "calibration_inputs",
-)
+QUANT_FIELDS = tuple(f.name for f in fields(QuantConfig) if f.name not in ("weight_quant", "act_quant"))
 
 
 def quant_config_from_args(args) -> QuantConfig | None:
     """The QuantConfig of --quantize, or None; a W8A8 flag without --quantize is an error."""
-    if not args.quantize:
-        defaults = QuantConfig(ranges_weights=get_family(args.model_type).weight_ranges)
-        changed = [f"--{f}" for f in QUANT_FIELDS if getattr(args, f) != getattr(defaults, f)]
-        changed += [f"--{f}" for f in ("no_weight_quant", "no_act_quant") if getattr(args, f)]
-        changed += ["--calibration_split"] if args.calibration_split != "train" else []
-        changed += ["--per_device_train_batch_size"] if args.per_device_train_batch_size != 8 else []
+    flags = parse_group(QuantizationArgs, args)
+    if not flags.quantize:
+        defaults = QuantizationArgs(ranges_weights=get_family(args.model_type).weight_ranges)
+        changed = [f"--{f.name}" for f in fields(flags) if getattr(flags, f.name) != getattr(defaults, f.name)]
         if changed:
             raise UsageError(f"{', '.join(changed)} configure the W8A8 simulation: add --quantize, or drop them.")
         return None
     for flag in ("est_num_batches", "per_device_train_batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+        if getattr(flags, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive, got {getattr(flags, flag)}.")
     try:
         return QuantConfig(
-            weight_quant=not args.no_weight_quant,
-            act_quant=not args.no_act_quant,
-            **{f: getattr(args, f) for f in QUANT_FIELDS},
+            weight_quant=not flags.no_weight_quant,
+            act_quant=not flags.no_act_quant,
+            **{f: getattr(flags, f) for f in QUANT_FIELDS},
         )
     except ValueError as error:  # its message names the flag
         raise UsageError(str(error)) from error
