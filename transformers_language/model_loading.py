@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import yaml
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from .arguments import add_group, arg, parse_group
 from .attention_config import (
     CONFIG_KEY,
     AttentionConfig,
@@ -33,44 +35,52 @@ logger = logging.getLogger(__name__)
 
 
 
-def add_model_args(parser: argparse.ArgumentParser, model_type: str, training: bool = True) -> argparse.ArgumentParser:
-    """Model flags of the training scripts, or (training=False) of the validation scripts, which evaluate a
-    checkpoint as it is."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model_type", default=model_type, choices=[model_type], help="Model family.")
-    if training:
-        group.add_argument("--config_name", default=None, help="HF config name or path to start from.")
-        group.add_argument(
-            "--config_path", default=None, help="YAML file of config overrides (e.g. model_configs/opt-small.yaml)."
-        )
-    group.add_argument(
-        "--model_name_or_path",
-        default=None,
-        required=not training,
-        help="Checkpoint (hub name or directory) to "
-        + ("continue from or fine-tune." if training else "evaluate; its config.json gives the attention method."),
-    )
-    group.add_argument("--tokenizer_name", default=None, help="Tokenizer name or path (default: the checkpoint's).")
-    group.add_argument("--model_cache_dir", default=None, help="Cache directory of hub models and tokenizers.")
-    if training:
-        group.add_argument("--attn_dropout", type=float, default=None, help="Attention-probability dropout.")
-        group.add_argument("--hidden_dropout", type=float, default=None, help="Hidden-state dropout.")
-    group.add_argument(
-        "--low_cpu_mem_usage",
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model flags: which family, where the config, the weights and the tokenizer come from, dropout, and
+    how the model is placed in memory. (The attention method has its own group, attention_config.py.)"""
+
+    model_type: str = arg(None, "Model family.")
+    config_name: str | None = arg(help="HF config name or path to start from.")
+    config_path: str | None = arg(help="YAML file of config overrides (e.g. model_configs/opt-small.yaml).")
+    model_name_or_path: str | None = arg(help="Checkpoint (hub name or directory) to continue from or fine-tune.")
+    tokenizer_name: str | None = arg(help="Tokenizer name or path (default: the checkpoint's).")
+    model_cache_dir: str | None = arg(help="Cache directory of hub models and tokenizers.")
+    attn_dropout: float | None = arg(help="Attention-probability dropout.", type=float)
+    hidden_dropout: float | None = arg(help="Hidden-state dropout.", type=float)
+    low_cpu_mem_usage: bool = arg(
+        False,
+        "Build or load the model directly on the accelerator, never holding a full copy in CPU memory.",
         action="store_true",
-        help="Build or load the model directly on the accelerator, never holding a full copy in CPU memory.",
     )
+
+
+# Validation evaluates a checkpoint as it is: it takes no config or dropout flags, and needs the checkpoint.
+_VALIDATION_OMITS = ("config_name", "config_path", "attn_dropout", "hidden_dropout")
+_VALIDATION_CHECKPOINT = {
+    "required": True,
+    "help": "Checkpoint (hub name or directory) to evaluate; its config.json gives the attention method.",
+}
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_type: str, training: bool = True) -> argparse.ArgumentParser:
+    """Model flags of the training scripts, or (training=False) of the validation scripts."""
+    changes = {"model_type": {"default": model_type, "choices": [model_type]}}
+    if not training:
+        changes["model_name_or_path"] = _VALIDATION_CHECKPOINT
+    add_group(parser, ModelArgs, "model", changes, omit=() if training else _VALIDATION_OMITS)
     add_attention_args(parser)
     return parser
 
 
 def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
-    name = args.tokenizer_name or args.model_name_or_path
+    model_args = parse_group(ModelArgs, args)
+    name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is None:
         raise UsageError("No tokenizer: pass --tokenizer_name (or --model_name_or_path with a tokenizer).")
-    flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=args.model_cache_dir)
+        return AutoTokenizer.from_pretrained(name, cache_dir=model_args.model_cache_dir)
     except (OSError, ValueError) as error:
         raise InputFileError(
             f"{flag} {name}: no tokenizer found there ({str(error).splitlines()[0]}); pass a tokenizer folder or "
@@ -130,19 +140,24 @@ def check_sequence_length(config: PretrainedConfig, seq_length: int, flag: str) 
 
 def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The model config: checkpoint's, --config_name's or the family default, then YAML overrides."""
-    overrides = read_yaml_overrides(args.config_path) if args.config_path else {}
-    from_checkpoint = args.model_name_or_path is not None
-    base = args.model_name_or_path or args.config_name
+    model_args = parse_group(ModelArgs, args)
+    overrides = read_yaml_overrides(model_args.config_path) if model_args.config_path else {}
+    from_checkpoint = model_args.model_name_or_path is not None
+    base = model_args.model_name_or_path or model_args.config_name
     config = (
-        AutoConfig.from_pretrained(base, cache_dir=args.model_cache_dir)
+        AutoConfig.from_pretrained(base, cache_dir=model_args.model_cache_dir)
         if base
-        else AutoConfig.for_model(args.model_type)
+        else AutoConfig.for_model(model_args.model_type)
     )
-    if config.model_type != args.model_type:
-        raise UsageError(f"{base} is a {config.model_type!r} model; this script trains {args.model_type!r} models.")
+    if config.model_type != model_args.model_type:
+        raise UsageError(
+            f"{base} is a {config.model_type!r} model; this script trains {model_args.model_type!r} models."
+        )
     unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY})
     if unknown:
-        raise UsageError(f"--config_path {args.config_path}: {unknown} are not {args.model_type} config keys.")
+        raise UsageError(
+            f"--config_path {model_args.config_path}: {unknown} are not {model_args.model_type} config keys."
+        )
     for key, value in overrides.items():
         setattr(config, key, value)
     if not from_checkpoint:
@@ -150,14 +165,14 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None and name in config.to_dict():
                 setattr(config, name, getattr(tokenizer, name))
-        if not args.config_name:  # the family's from-scratch defaults, unless the YAML sets them
-            for key, value in get_family(args.model_type).scratch_defaults.items():
+        if not model_args.config_name:  # the family's from-scratch defaults, unless the YAML sets them
+            for key, value in get_family(model_args.model_type).scratch_defaults.items():
                 if key not in overrides:
                     setattr(config, key, getattr(config, value) if value == "hidden_size" else value)
     else:
         check_tokenizer_fits(tokenizer, config, base)
-    dropout_keys = get_family(args.model_type).dropout_keys
-    for key, value in zip(dropout_keys, (args.attn_dropout, args.hidden_dropout), strict=True):
+    dropout_keys = get_family(model_args.model_type).dropout_keys
+    for key, value in zip(dropout_keys, (model_args.attn_dropout, model_args.hidden_dropout), strict=True):
         if value is not None:
             setattr(config, key, value)
     return config
@@ -165,7 +180,8 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
 
 def resolve_method(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int) -> AttentionConfig:
     """The run's attention method (flags, else the config's), stored in `config`."""
-    source = f"the checkpoint {args.model_name_or_path}" if args.model_name_or_path else "the model config"
+    model_args = parse_group(ModelArgs, args)
+    source = f"the checkpoint {model_args.model_name_or_path}" if model_args.model_name_or_path else "the model config"
     attention = resolve_attention(
         attention_config_from_args(args, train_seq_length), AttentionConfig.from_model_config(config), source
     )
@@ -175,13 +191,18 @@ def resolve_method(args: argparse.Namespace, config: PretrainedConfig, train_seq
 
 def load_model(args: argparse.Namespace, config: PretrainedConfig, device: torch.device):
     """Build (or load) the model of `config`, which holds the resolved attention method (`resolve_method`)."""
-    cls = model_class(args.model_type)
-    if args.model_name_or_path is not None:
-        device_map = {"": device} if args.low_cpu_mem_usage else None
+    model_args = parse_group(ModelArgs, args)
+    cls = model_class(model_args.model_type)
+    if model_args.model_name_or_path is not None:
+        device_map = {"": device} if model_args.low_cpu_mem_usage else None
         model = _from_pretrained(
-            cls, args.model_name_or_path, config=config, device_map=device_map, cache_dir=args.model_cache_dir
+            cls,
+            model_args.model_name_or_path,
+            config=config,
+            device_map=device_map,
+            cache_dir=model_args.model_cache_dir,
         )
-    elif args.low_cpu_mem_usage:
+    elif model_args.low_cpu_mem_usage:
         with torch.device(device):
             model = cls(config)
     else:
@@ -220,7 +241,8 @@ def describe_model(config: PretrainedConfig) -> dict:
 
 def load_checkpoint_config(args: argparse.Namespace, script: str) -> PretrainedConfig:
     """The config of the checkpoint to evaluate, with one clear error for a missing one or the wrong family."""
-    name = args.model_name_or_path
+    model_args = parse_group(ModelArgs, args)
+    name = model_args.model_name_or_path
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if looks_local and not Path(name).expanduser().exists():
         raise InputFileError(
@@ -228,17 +250,18 @@ def load_checkpoint_config(args: argparse.Namespace, script: str) -> PretrainedC
             "(save_pretrained) or a hub model id."
         )
     try:
-        config = AutoConfig.from_pretrained(name, cache_dir=args.model_cache_dir)
+        config = AutoConfig.from_pretrained(name, cache_dir=model_args.model_cache_dir)
     except (OSError, ValueError) as error:
         raise InputFileError(
             f"--model_name_or_path {name}: no checkpoint config found ({error}); pass a directory written by the "
             "training script (save_pretrained) or a hub model id."
         ) from error
-    if config.model_type != args.model_type:
+    if config.model_type != model_args.model_type:
         other = FAMILIES.get(config.model_type)
         fix = f"use validate_{other.objective}.py for it" if other else f"valid model types: {', '.join(FAMILIES)}"
         raise UsageError(
-            f"{name} holds a {config.model_type!r} model, but {script} evaluates {args.model_type!r} models; {fix}."
+            f"{name} holds a {config.model_type!r} model, but {script} evaluates {model_args.model_type!r} models; "
+            f"{fix}."
         )
     return config
 
@@ -293,13 +316,14 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
 def load_checkpoint(args: argparse.Namespace, config: PretrainedConfig, device: torch.device):
     """The checkpoint's model exactly as saved: every weight must come from the checkpoint (a gate that its
     config.json names but its weights lack would otherwise be freshly initialised without a word)."""
-    device_map = {"": device} if args.low_cpu_mem_usage else None
+    model_args = parse_group(ModelArgs, args)
+    device_map = {"": device} if model_args.low_cpu_mem_usage else None
     model, info = _from_pretrained(
         model_class(config.model_type),
-        args.model_name_or_path,
+        model_args.model_name_or_path,
         config=config,
         device_map=device_map,
-        cache_dir=args.model_cache_dir,
+        cache_dir=model_args.model_cache_dir,
         output_loading_info=True,
     )
     problems = [f"missing weights {info['missing_keys']}"] if info["missing_keys"] else []
@@ -310,8 +334,8 @@ def load_checkpoint(args: argparse.Namespace, config: PretrainedConfig, device: 
         problems.append(f"attention-variant weights its config does not use {stray}")
     if problems:
         raise UsageError(
-            f"{args.model_name_or_path} does not match its config.json ({'; '.join(problems)}); evaluate the "
+            f"{model_args.model_name_or_path} does not match its config.json ({'; '.join(problems)}); evaluate the "
             "directory the training script wrote, with the config.json saved beside its weights."
         )
-    logger.info("Loaded %s: %.1fM parameters", args.model_name_or_path, model.num_parameters() / 1e6)
+    logger.info("Loaded %s: %.1fM parameters", model_args.model_name_or_path, model.num_parameters() / 1e6)
     return model.eval()

@@ -23,6 +23,7 @@ from .block_layouts import resolve_block_layout
 from .data import DataArgs, check_data_sources
 from .families import Family
 from .model_loading import (
+    ModelArgs,
     build_config,
     check_method_flags,
     check_tokenizer_fits,
@@ -44,6 +45,8 @@ class Plan:
     family: Family
     settings: dict
     """Every flag as parsed (but NOT_PLANNED)."""
+    model: ModelArgs
+    """Where the config, weights and tokenizer come from."""
     config: PretrainedConfig = field(compare=False)
     """The model config, the attention method stored in it."""
     attention: AttentionConfig
@@ -65,6 +68,7 @@ class Plan:
             "job": self.job,
             "model_type": self.family.model_type,
             "settings": self.settings,
+            "model": asdict(self.model),
             "seq_length": self.seq_length,
             "attention": self.attention.to_dict(),
             "data": asdict(self.data),
@@ -103,6 +107,7 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
         job="train",
         family=family,
         settings=_settings(args),
+        model=parse_group(ModelArgs, args),
         config=config,
         attention=attention,
         seq_length=seq_length,
@@ -142,6 +147,7 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
         job="validate",
         family=family,
         settings=_settings(args),
+        model=parse_group(ModelArgs, args),
         config=config,
         attention=attention,
         seq_length=seq_length,

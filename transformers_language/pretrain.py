@@ -151,7 +151,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     if args.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
     tokenizer, config, seq_length = plan.tokenizer, plan.config, plan.seq_length
-    model = load_model(args, config, accelerator.device)
+    model = load_model(plan.model, config, accelerator.device)
 
     splits = prepare_splits(plan.data, plan.splits, tokenizer, seq_length, accelerator)
     targets = objective.targets(tokenizer, args)

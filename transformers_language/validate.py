@@ -139,7 +139,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     if args.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
     config, tokenizer, quant_config = plan.config, plan.tokenizer, plan.quantization
-    model = load_checkpoint(args, config, accelerator.device)
+    model = load_checkpoint(plan.model, config, accelerator.device)
     if quant_config is not None:
         quantize_model(model, quant_config)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
