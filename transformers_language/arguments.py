@@ -50,12 +50,16 @@ def add_group(
     changes: dict[str, dict] | None = None,
     after: dict[str, Callable[[argparse._ArgumentGroup], None]] | None = None,
     omit: tuple[str, ...] = (),
+    before: Callable[[argparse._ArgumentGroup], None] | None = None,
 ) -> argparse._ArgumentGroup:
     """The fields of the dataclass `group_class` as the flags `--<field>` of one argument group. `changes`
     adjusts a field's argparse options for this script (another default or help text); `after[field]` adds
     flags that are not the group's own (e.g. the family's sequence-length flag) right after that field; `omit`
-    names fields this script does not take (they keep their defaults in the typed group)."""
+    names fields this script does not take (they keep their defaults in the typed group); `before` adds flags
+    ahead of the group's own (e.g. the objective's)."""
     group = parser.add_argument_group(title)
+    if before is not None:
+        before(group)
     for item in fields(group_class):
         if item.name in omit:
             continue

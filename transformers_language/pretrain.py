@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from .arguments import parse_args
+from .arguments import add_group, parse_args
 from .block_layouts import layout_record
 from .checkpoints import (
     RUN_SETTINGS,
@@ -34,12 +34,13 @@ from .errors import UsageError
 from .evaluation import evaluate_perplexity
 from .families import family_of_objective
 from .files import check_output_dir, save_pretrained_atomic, write_json_atomic
+from .job_args import TrackingArgs, TrainingArgs
 from .model_loading import (
     add_model_args,
     load_model,
 )
 from .objectives import Objective, get_objective
-from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler
 from .plan import resolve_training
 from .resume import check_new_run_folder, resume_run
 from .runtime import check_launch, print_dry_run, setup_logging
@@ -58,53 +59,9 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     )
     add_model_args(parser, family.model_type)
     add_data_args(parser, family.sequence)
-    group = parser.add_argument_group("training")
-    objective.add_args(group)
-    group.add_argument("--seed", type=int, default=42, help="Seed of init, data order, masks and dropout.")
-    group.add_argument(
-        "--per_device_train_batch_size", type=int, default=8, help="Sequences per micro-batch and process."
-    )
-    group.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Sequences per evaluation batch.")
-    group.add_argument(
-        "--sample_with_replacement",
-        action="store_true",
-        help="Draw training blocks uniformly at random with replacement (default: a fresh permutation each epoch).",
-    )
-    group.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate.")
-    group.add_argument("--lr_scheduler_type", default="linear", choices=SCHEDULES, help="Schedule after warmup.")
-    group.add_argument("--num_train_epochs", type=int, default=3, help="Epochs (when --max_train_steps is not set).")
-    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
-    group.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warmup steps.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    group.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (never on biases, gates).")
-    group.add_argument("--wd_LN_gamma", action="store_true", help="Also decay LayerNorm weights (gamma).")
-    group.add_argument(
-        "--final_lr_fraction", type=float, default=0.0, help="LR at max_train_steps as a fraction of the peak."
-    )
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: no clipping).")
-    group.add_argument("--grad_norm_type", type=float, default=2.0, help="Norm type of the clipping (inf allowed).")
-    group.add_argument("--adam_beta1", type=float, default=family.adam_betas[0], help="AdamW beta1.")
-    group.add_argument("--adam_beta2", type=float, default=family.adam_betas[1], help="AdamW beta2 (OPT: 0.95).")
-    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    group.add_argument("--output_dir", required=True, help="Where checkpoints, the model and results go.")
-    group.add_argument("--checkpointing_steps", default=None, help="Save a checkpoint every N steps, or 'epoch'.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=3, help="Checkpoints kept (newest).")
-    group.add_argument("--resume_from_checkpoint", default=None, help="A step_N checkpoint directory or 'latest'.")
-    group.add_argument(
-        "--dry_run",
-        action="store_true",
-        help="Resolve the flags, model config and method, print them as JSON and exit (no data, no weights).",
-    )
-    group = parser.add_argument_group("tracking")
-    group.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
-    group.add_argument("--report_to", default="tensorboard", help="accelerate tracker name(s), or 'all'.")
-    group.add_argument(
-        "--extra_tb_stats",
-        action="store_true",
-        help="Log weight / activation inf-norms, kurtosis, first-token attention and gates (also to growth.jsonl).",
-    )
-    group.add_argument("--tb_scalar_log_interval", type=int, default=100, help="Steps between extra statistics.")
-    group.add_argument("--tb_hist_log_interval", type=int, default=1000, help="Steps between histograms.")
+    betas = {"adam_beta1": {"default": family.adam_betas[0]}, "adam_beta2": {"default": family.adam_betas[1]}}
+    add_group(parser, TrainingArgs, "training", betas, before=objective.add_args)
+    add_group(parser, TrackingArgs, "tracking")
     return parser
 
 

@@ -23,20 +23,21 @@ from tqdm.auto import tqdm
 
 from quantization.calibration import activation_quantizers, calibration
 
-from .arguments import parse_args
+from .arguments import add_group, parse_args
 from .attention_stats import AttentionStatistics, delimiter_token_ids
 from .data import add_data_args, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate_perplexity
 from .families import family_of_objective
 from .files import check_output_dir, write_json_atomic
+from .job_args import EvaluationArgs
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
 from .model_loading import (
     add_model_args,
     load_checkpoint,
 )
 from .objectives import Objective, Targets, derive_seed, get_objective
-from .outlier_report import TOP_K, log_results, outlier_results
+from .outlier_report import log_results, outlier_results
 from .plan import resolve_validation
 from .quantized_model import add_quantization_args, calibration_batch_size, quantize_model
 from .runtime import check_launch, print_dry_run, setup_logging
@@ -55,24 +56,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     add_model_args(parser, family.model_type, training=False)
     # Training data only calibrates --quantize; the block layout defaults to the checkpoint's.
     add_data_args(parser, family.sequence, layout_default=None)
-    group = parser.add_argument_group("evaluation")
-    objective.add_args(group)
-    group.add_argument("--seed", type=int, default=42, help="Seed of the evaluation masks (MLM).")
-    group.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Sequences per batch.")
-    group.add_argument("--output_dir", required=True, help="Where all_results.json (and the plots) go.")
-    group.add_argument(
-        "--kurtosis_max_batches",
-        type=int,
-        default=None,
-        help="Kurtosis over the first N batches of each process only (default: all batches).",
-    )
-    group.add_argument("--outlier_top_k", type=int, default=TOP_K, help="Dimensions and tokens listed per tensor.")
-    group.add_argument("--plot", action="store_true", help="Also write PNG plots of the figures to --output_dir.")
-    group.add_argument(
-        "--dry_run",
-        action="store_true",
-        help="Check the flags against the checkpoint's config, print the resolved settings as JSON and exit.",
-    )
+    add_group(parser, EvaluationArgs, "evaluation", before=objective.add_args)
     add_quantization_args(parser, family.weight_ranges)
     return parser
 
