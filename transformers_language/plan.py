@@ -92,8 +92,16 @@ def quantization_record(config: QuantConfig | None, calibration: dict | None) ->
     return asdict(config) | {"preset": asdict(config.preset)} | calibration
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in vars(args).items() if key not in NOT_PLANNED}
+def _plan(job: str, family: Family, args: argparse.Namespace, **resolved) -> Plan:
+    """A Plan of the flags `args` (their typed groups read once, here) and what was resolved from them."""
+    return Plan(
+        job=job,
+        family=family,
+        settings={key: value for key, value in vars(args).items() if key not in NOT_PLANNED},
+        model=parse_group(ModelArgs, args),
+        data=parse_group(DataArgs, args),
+        **resolved,
+    )
 
 
 def resolve_training(args: argparse.Namespace, family: Family, num_processes: int) -> Plan:
@@ -103,15 +111,13 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
     config = build_config(args, tokenizer)
     seq_length = sequence_length(args, config, family.sequence.name)
     attention = resolve_method(args, config, seq_length)
-    return Plan(
-        job="train",
-        family=family,
-        settings=_settings(args),
-        model=parse_group(ModelArgs, args),
+    return _plan(
+        "train",
+        family,
+        args,
         config=config,
         attention=attention,
         seq_length=seq_length,
-        data=parse_group(DataArgs, args),
         splits=("train", "validation"),
         block_layout_source="--block_layout",
         tokenizer=tokenizer,
@@ -143,15 +149,13 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
             "calibration_sequences": args.est_num_batches * batch,
             "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)
         }
-    return Plan(
-        job="validate",
-        family=family,
-        settings=_settings(args),
-        model=parse_group(ModelArgs, args),
+    return _plan(
+        "validate",
+        family,
+        args,
         config=config,
         attention=attention,
         seq_length=seq_length,
-        data=parse_group(DataArgs, args),
         splits=splits,
         block_layout_source=layout_source,
         tokenizer=tokenizer,
