@@ -6,7 +6,7 @@ documented override mechanism: flags after the preset's own win)."""
 
 import os
 import subprocess
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -200,3 +200,47 @@ def test_accelerate_config_loads(name):
 
 def test_no_other_accelerate_configs():
     assert {p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")} == set(ACCELERATE_CONFIGS)
+
+
+@dataclass(frozen=True)
+class _LocalText:
+    """Stands in for a hub source of `bookcorpus_and_wiki` (the hub is unreachable here): a local text file."""
+
+    path: str
+
+    def load(self):
+        from datasets import load_dataset
+
+        return load_dataset("text", data_files={"train": self.path}, split="train")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TRAINING_PRESETS))
+def test_training_preset_runs_the_plan_its_dry_run_prints(name, tmp_path, monkeypatch, data_cache):
+    """Each preset, shrunk to a tiny model and one step (flags after the preset's win), executes exactly the
+    plan its --dry_run prints."""
+    import json
+
+    import transformers_language.data as data
+    from tests.conftest import TINY_YAML, TRAIN_TEXT, VALID_TEXT
+
+    monkeypatch.setitem(
+        data.DATASET_SETUPS,
+        "bookcorpus_and_wiki",
+        {"train": (_LocalText(str(TRAIN_TEXT)),), "validation": (_LocalText(str(VALID_TEXT)),)},
+    )
+    objective = TRAINING_PRESETS[name][0]
+    model_type = "bert" if objective == "mlm" else "opt"
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY_YAML[model_type])
+    seq_flag = "--max_seq_length" if model_type == "bert" else "--block_size"
+    shrink = ["--tokenizer_name", str(TOKENIZERS[model_type]), "--config_path", str(tiny), seq_flag, "32"]
+    shrink += ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "16", "--max_train_steps", "1"]
+    shrink += ["--train_percentage", "2", "--validation_percentage", "2", "--data_cache_dir", str(data_cache)]
+    shrink += ["--output_dir", str(tmp_path / "out")]
+    _, _, flags = launch_preset(tmp_path, name, *shrink)
+    dry = pretrain(objective, [*flags, "--dry_run"])
+    pretrain(objective, flags)
+    executed = json.loads((tmp_path / "out" / "run_settings.json").read_text())["plan"]
+    assert executed == json.loads(json.dumps(dry, default=str))
+    assert executed["settings"]["dataset_setup"] == "bookcorpus_and_wiki"
