@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, make_dataclass
 
 from transformers import PretrainedConfig
 
+from .arguments import add_group, arg, parse_group
 from .errors import UsageError
 from .gates import GATE_NETWORKS, GATE_TYPES, logit  # noqa: F401 (logit: part of this module's API)
 from .softmax import SOFTMAX_FORMS, softmax_variant
@@ -139,79 +140,101 @@ class AttentionConfig:
         return config
 
 
+def _attention_fields() -> list[tuple]:
+    """The attention flags in order; one switch per gate network that has one, read from the registry.
+    Defaults None (meaning vanilla / no gate), so a flag given explicitly can be told from one left out."""
+    switches = [
+        (network.flag.removeprefix("--"), bool, arg(False, network.flag_help, action="store_true"))
+        for network in GATE_NETWORKS.values()
+        if network.flag
+    ]
+    return [
+        ("attn_softmax", str | None, arg(None, f"Softmax (default vanilla): {SOFTMAX_FORMS}.")),
+        (
+            "alpha",
+            float | None,
+            arg(
+                None,
+                "Clipped softmax in the alpha form: gamma = -alpha / T_train, zeta = 1 (T_train: sequence length).",
+                type=float,
+            ),
+        ),
+        ("attn_gate_type", str | None, arg(None, "Gated attention type (default none).", choices=list(GATE_TYPES))),
+        (
+            "attn_gate_init",
+            float | None,
+            arg(
+                None,
+                "Initial gate probability init_prob (default 0.5): the gate bias starts at logit(init_prob).",
+                type=float,
+            ),
+        ),
+        *switches,
+        (
+            "fine_tuning",
+            bool,
+            arg(
+                False,
+                "Add gates to a pretrained model: gate weights N(0, 0.01), gate output scaled by 1 / init_prob.",
+                action="store_true",
+            ),
+        ),
+        ("skip_attn", bool, arg(False, "Ablation: attention returns a zero context.", action="store_true")),
+    ]
+
+
+# The paper's attention flags as a typed group (its gate-network switches come from the registry).
+AttentionArgs = make_dataclass("AttentionArgs", _attention_fields(), frozen=True)
+
+
 def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The paper's attention flags, shared by the training and validation scripts."""
-    group = parser.add_argument_group("attention variant")
-    # Defaults None (meaning vanilla / no gate), so a flag given explicitly can be told from one left out.
-    group.add_argument("--attn_softmax", default=None, help=f"Softmax (default vanilla): {SOFTMAX_FORMS}.")
-    group.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="Clipped softmax in the alpha form: gamma = -alpha / T_train, zeta = 1 (T_train: sequence length).",
-    )
-    group.add_argument(
-        "--attn_gate_type", default=None, choices=list(GATE_TYPES), help="Gated attention type (default none)."
-    )
-    group.add_argument(
-        "--attn_gate_init",
-        type=float,
-        default=None,
-        help="Initial gate probability init_prob (default 0.5): the gate bias starts at logit(init_prob).",
-    )
-    for network in GATE_NETWORKS.values():  # one switch per gate network that has one
-        if network.flag:
-            group.add_argument(network.flag, action="store_true", help=network.flag_help)
-    group.add_argument(
-        "--fine_tuning",
-        action="store_true",
-        help="Add gates to a pretrained model: gate weights N(0, 0.01), gate output scaled by 1 / init_prob.",
-    )
-    group.add_argument("--skip_attn", action="store_true", help="Ablation: attention returns a zero context.")
+    add_group(parser, AttentionArgs, "attention variant")
     return parser
 
 
-def gate_network_switches(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+def gate_network_switches(args) -> list[tuple[str, str, bool]]:
     """(flag, gate network, given) for each gate network's switch."""
+    flags = parse_group(AttentionArgs, args)
     return [
-        (network.flag, name, getattr(args, network.flag.removeprefix("--")))
+        (network.flag, name, getattr(flags, network.flag.removeprefix("--")))
         for name, network in GATE_NETWORKS.items()
         if network.flag
     ]
 
 
-def attention_config_from_args(args: argparse.Namespace, train_seq_length: int | None) -> AttentionConfig:
-    """Turn the parsed attention flags into an `AttentionConfig`, rejecting contradictions with one clear error.
+def attention_config_from_args(args, train_seq_length: int | None) -> AttentionConfig:
+    """Turn the parsed attention flags (the typed group, or the namespace holding it) into an
+    `AttentionConfig`, rejecting contradictions with one clear error that names the flags.
 
     Only what the flags alone can contradict is checked here; value ranges and combinations of settings are
     checked once, by `AttentionConfig`."""
-    network_flags = {flag: (name, on) for flag, name, on in gate_network_switches(args)}
+    flags = parse_group(AttentionArgs, args)
+    network_flags = {flag: (name, on) for flag, name, on in gate_network_switches(flags)}
     chosen = [flag for flag, (_, on) in network_flags.items() if on]
     if len(chosen) > 1:
         raise UsageError(f"Choose one gate network, got {' and '.join(chosen)}.")
-    gated_flags = chosen + [
-        f
-        for f, on in (("--attn_gate_init", args.attn_gate_init is not None), ("--fine_tuning", args.fine_tuning))
-        if on
-    ]
-    gate_type = args.attn_gate_type or "none"
+    given = (("--attn_gate_init", flags.attn_gate_init is not None), ("--fine_tuning", flags.fine_tuning))
+    gated_flags = chosen + [flag for flag, on in given if on]
+    gate_type = flags.attn_gate_type or "none"
     if gate_type == "none" and gated_flags:
         raise UsageError(
             f"{', '.join(gated_flags)} configure the attention gate, but --attn_gate_type is 'none'; "
             "add --attn_gate_type conditional_per_token (the paper's choice) or drop them."
         )
-    if chosen and gate_type == "unconditional_per_head":
+    kind = GATE_TYPES.get(gate_type)
+    if chosen and kind is not None and not kind.conditional:
         raise UsageError(
-            f"{chosen[0]} sets a gate network, but --attn_gate_type unconditional_per_head has none "
+            f"{chosen[0]} sets a gate network, but --attn_gate_type {gate_type} has none "
             "(it learns one logit per head); use a conditional gate type or drop the flag."
         )
     return AttentionConfig(
-        softmax=args.attn_softmax or "vanilla",
-        alpha=args.alpha,
-        train_seq_length=train_seq_length if args.alpha is not None else None,
+        softmax=flags.attn_softmax or "vanilla",
+        alpha=flags.alpha,
+        train_seq_length=train_seq_length if flags.alpha is not None else None,
         gate_type=gate_type,
         gate_network=network_flags[chosen[0]][0] if chosen else DEFAULT_GATE_NETWORK,
-        init_prob=0.5 if args.attn_gate_init is None else args.attn_gate_init,
-        fine_tuning=args.fine_tuning,
-        skip_attn=args.skip_attn,
+        init_prob=0.5 if flags.attn_gate_init is None else flags.attn_gate_init,
+        fine_tuning=flags.fine_tuning,
+        skip_attn=flags.skip_attn,
     )
