@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import initialization as init
-
-if TYPE_CHECKING:
-    from .attention_config import AttentionConfig
 
 FINE_TUNING_WEIGHT_STD = 0.01
 
@@ -137,9 +133,11 @@ class AllHeadsLinearGate(nn.Module):
 
 
 class AttentionGate(nn.Module):
-    """Computes the gate (probabilities times `scale`) that multiplies the context (B, H, T, d_head)."""
+    """Computes the gate (probabilities times `scale`) that multiplies the context (B, H, T, d_head). Built from
+    an `AttentionConfig` (attention_config.py validates its names against this module's registries, so this
+    module does not import it)."""
 
-    def __init__(self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool):
+    def __init__(self, config, num_heads: int, head_dim: int, is_causal: bool):
         super().__init__()
         self.gate_type = config.gate_type
         self.kind = GATE_TYPES[config.gate_type]

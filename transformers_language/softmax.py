@@ -8,15 +8,11 @@ no gradient. Softmax is computed in float32 and cast back, so half-precision tra
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .attention_config import AttentionConfig
 
 # Each variant reads its own spelling of --attn_softmax: `parse(text)` gives (gamma, zeta), or None when the
 # text is not this variant's; `form` is how users write it.
@@ -75,7 +71,7 @@ class Softmax(nn.Module):
     def parse(text: str) -> tuple[float, float] | None:
         return (0.0, 1.0) if text == "vanilla" else None
 
-    def __init__(self, config: AttentionConfig):
+    def __init__(self, config):
         super().__init__()
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
@@ -98,7 +94,7 @@ class ClippedSoftmax(nn.Module):
             raise UsageError(f"Clipped softmax needs zeta >= 1, got zeta={zeta} in {text!r}.")
         return gamma, zeta
 
-    def __init__(self, config: AttentionConfig):
+    def __init__(self, config):
         super().__init__()
         self.gamma = config.gamma
         self.zeta = config.zeta
@@ -122,5 +118,7 @@ def softmax_variant(method: str) -> tuple[str, tuple[float, float]]:
     raise UsageError(f"Unknown softmax method {method!r}; accepted forms: {SOFTMAX_FORMS}.")
 
 
-def build_softmax(config: AttentionConfig) -> nn.Module:
+def build_softmax(config) -> nn.Module:
+    """The softmax module of an `AttentionConfig` (not imported here: attention_config.py imports this
+    registry)."""
     return SOFTMAX_VARIANTS[config.softmax_variant](config)
