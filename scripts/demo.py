@@ -168,8 +168,10 @@ def main() -> None:
         "--tb_scalar_log_interval", str(size["log_interval"]),
         "--tb_hist_log_interval", str(size["max_train_steps"]),
     ]  # fmt: skip
-    # Calibration on the training split (16 batches, running min-max), MSE weight ranges as the paper's OPT runs.
+    # The paper's OPT protocol: MSE weight ranges; running min-max activation ranges from 16 training batches of
+    # the training batch size, each quantizer observing the quantized values upstream (validate's defaults).
     quantize = ["--quantize", "--ranges_weights", "MSE", "--est_num_batches", str(args.est_num_batches)]
+    quantize += ["--per_device_train_batch_size", str(args.per_device_train_batch_size)]
 
     start = time.perf_counter()
     total, stage, rows = 3 * len(args.methods), 0, {}
