@@ -150,9 +150,7 @@ def _load_model_weights(model, path: Path) -> None:
     """Load `save_pretrained` weights into `model` in place; a weight may be missing only where it is tied to
     one that was loaded (save_pretrained writes a tied head once)."""
     if not path.is_file():
-        raise InputFileError(
-            f"{path.parent} has no {SAFE_WEIGHTS_NAME}; resume from a step_N written by this version."
-        )
+        raise InputFileError(f"{path.parent} has no {SAFE_WEIGHTS_NAME}; resume from a step_N written by this version.")
     state = load_weights(path, "resume from an earlier checkpoint")
     result = model.load_state_dict(state, strict=False)
     current = model.state_dict()

@@ -34,7 +34,6 @@ from .models import model_class
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ModelArgs:
     """The model flags: which family, where the config, the weights and the tokenizer come from, dropout, and

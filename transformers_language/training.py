@@ -39,6 +39,7 @@ from .objectives import Objective, Targets, derive_seed
 
 logger = logging.getLogger(__name__)
 
+
 class EpochPermutationSampler(Sampler[int]):
     """A fresh random order each epoch, a pure function of (seed, epoch): a resumed run sees the same order.
     With `replacement`, each epoch is as many blocks drawn uniformly at random with replacement."""
