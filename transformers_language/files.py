@@ -4,6 +4,7 @@ and guarded reads that turn a missing or corrupt file into one clear error."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,8 +45,10 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     return path
 
 
+@functools.cache
 def _file_mode() -> int:
-    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    """0666 less the process's umask, read once (reading the umask means setting it)."""
+    umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
 

@@ -121,6 +121,14 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     return functools.reduce(getattr, path.split("."), model)
 
 
+def _vocabulary_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of `targets` under the family's head: its transform (if any), then its vocabulary projection."""
+    family = model.family
+    if family.head_transform is not None:
+        hidden = _module(model, family.head_transform)(hidden)
+    return head_nll(_module(model, family.head_projection), hidden, targets)
+
+
 class MaskedLMLoss(_LossModule):
     """Summed masked-LM NLL, scoring only the masked positions (the family's head transform and vocabulary
     projection, applied to those rows)."""
@@ -136,10 +144,7 @@ class MaskedLMLoss(_LossModule):
         padding = -len(rows) % MASKED_ROWS_BUCKET
         targets = F.pad(labels[rows], (0, padding), value=IGNORE_INDEX)
         rows = F.pad(rows, (0, padding))
-        hidden = hidden[rows]
-        if family.head_transform is not None:
-            hidden = _module(self.model, family.head_transform)(hidden)
-        return head_nll(_module(self.model, family.head_projection), hidden, targets)
+        return _vocabulary_nll(self.model, hidden[rows], targets)
 
 
 class CausalLMLoss(_LossModule):
@@ -151,10 +156,7 @@ class CausalLMLoss(_LossModule):
         hidden = _module(self.model, family.body)(input_ids=input_ids, use_cache=False).last_hidden_state
         # Position t predicts token t + 1; the last position has no target.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        hidden = hidden.flatten(0, 1)
-        if family.head_transform is not None:
-            hidden = _module(self.model, family.head_transform)(hidden)
-        return head_nll(_module(self.model, family.head_projection), hidden, targets.flatten())
+        return _vocabulary_nll(self.model, hidden.flatten(0, 1), targets.flatten())
 
 
 Targets = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]

@@ -7,6 +7,7 @@ no gradient. Softmax is computed in float32 and cast back, so half-precision tra
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -109,6 +110,7 @@ class ClippedSoftmax(nn.Module):
 SOFTMAX_FORMS = " or ".join(cls.form for cls in SOFTMAX_VARIANTS.values())
 
 
+@functools.lru_cache(maxsize=64)  # AttentionConfig.clipped asks on every attention forward
 def softmax_variant(method: str) -> tuple[str, tuple[float, float]]:
     """The registered variant whose spelling `method` is, with its (gamma, zeta)."""
     text = method.strip()

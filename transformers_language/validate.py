@@ -38,8 +38,8 @@ from .model_loading import (
 )
 from .objectives import Objective, Targets, derive_seed, get_objective
 from .outlier_report import log_results, outlier_results
-from .plan import resolve_validation
-from .quantized_model import add_quantization_args, calibration_batch_size, quantize_model
+from .plan import Plan, resolve_validation
+from .quantized_model import add_quantization_args, quantize_model
 from .runtime import check_launch, print_dry_run, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -76,22 +76,24 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _calibrate(
-    accelerator, model, loss_module, quantize_head: bool, blocks, targets: Targets, args: argparse.Namespace
+    accelerator, model, loss_module, quantize_head: bool, blocks, targets: Targets, plan: Plan, args
 ) -> None:
-    """Observe `--est_num_batches` batches of `blocks` sampled by `--seed` (with the objective's targets drawn
-    from a generator of the seed: MLM masks), then freeze every range. Each process draws the same batches, so
-    all hold the same ranges. The head and the loss run only when the preset quantizes the head."""
+    """Observe the plan's calibration sequences of `blocks` (sampled by `--seed`, with the objective's targets
+    drawn from a generator of the seed: MLM masks) in batches of the plan's size, then freeze every range. Each
+    process draws the same batches, so all hold the same ranges. The head and the loss run only when the
+    preset quantizes the head."""
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
-    count = min(len(blocks), args.est_num_batches * calibration_batch_size(args))
+    batch = plan.calibration["calibration_batch_size"]
+    count = min(len(blocks), plan.calibration["calibration_sequences"])
     ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
-    with torch.no_grad(), calibration(model, args.calibration_inputs):
+    with torch.no_grad(), calibration(model, plan.quantization.calibration_inputs):
         for start in tqdm(
-            range(0, count, calibration_batch_size(args)),
+            range(0, count, batch),
             desc="Calibrating",
             disable=not accelerator.is_local_main_process,
         ):
-            input_ids, labels = targets(ids[start : start + calibration_batch_size(args)], generator)
+            input_ids, labels = targets(ids[start : start + batch], generator)
             with accelerator.autocast():
                 if quantize_head:
                     loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
@@ -137,7 +139,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
                 "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
             )
         source = splits.get("train", splits["validation"])
-        _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, targets, args)
+        _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, targets, plan, args)
     delimiters = delimiter_token_ids(tokenizer)
     activations = ActivationStatistics(
         model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches
@@ -155,19 +157,20 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     results |= outlier_results(
         figures, attention_stats.synced(accelerator), model.headlines, tokenizer, args.outlier_top_k
     )
+    planned = plan.to_dict()
     settings = vars(args) | {
         "script": script,
-        "seq_length": plan.seq_length,
-        "block_layout_source": plan.block_layout_source,
-        "attention": plan.attention.to_dict(),
+        "seq_length": planned["seq_length"],
+        "block_layout_source": planned["block_layout_source"],
+        "attention": planned["attention"],
         "validation_blocks": len(dataset),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "kurtosis": "Pearson (non-excess), population std, no epsilon",
         "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
         "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
-        "quantization": plan.to_dict()["quantization"],
-        "plan": plan.to_dict(),  # what --dry_run prints for these flags
+        "quantization": planned["quantization"],
+        "plan": planned,  # what --dry_run prints for these flags
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
