@@ -5,6 +5,11 @@ observe while the scope is open and freeze when it closes. What they observe is 
 `float` passes values through unquantized, so every quantizer sees the float model's activations; `quantized`
 (the paper's code) quantizes each value with the range estimated so far, so a quantizer sees what the
 quantized model upstream of it produces. Frozen ranges are buffers, saved with the model state.
+
+Two kinds of activation quantizer change that: dynamic (per-token) ones need no data, and per-embedding-group
+ones with range-based permutation need their channel order first, from a pass of the float model
+(`channel_order_pass`). `calibration_passes` lists the passes a model needs, each a scope to run the
+calibration batches in; none when no activation range needs data.
 """
 
 from __future__ import annotations
@@ -67,6 +72,47 @@ def calibration(model: nn.Module, inputs: str = "float"):
             quantizer.quantize_while_observing = False
     for quantizer in activations:
         quantizer.freeze()
+
+
+def needs_data(model: nn.Module) -> bool:
+    """Whether any activation quantizer takes its range from calibration data."""
+    return any(q.needs_calibration for q in activation_quantizers(model))
+
+
+def _needing_order(model: nn.Module) -> list[Quantizer]:
+    return [q for q in activation_quantizers(model) if getattr(q, "needs_channel_order", False)]
+
+
+@contextmanager
+def channel_order_pass(model: nn.Module):
+    """Calibration pass 1 of range-based permutation: every quantizer passes values through (the float model)
+    while the grouped quantizers observe per-channel ranges; on exit each sorts its channels."""
+    ordering = _needing_order(model)
+    for quantizer in weight_quantizers(model) + activation_quantizers(model):
+        quantizer.set_mode("off")
+    for quantizer in ordering:
+        quantizer.set_mode("order")
+    try:
+        yield model
+    finally:
+        for quantizer in ordering:
+            quantizer.set_mode("off")
+    for quantizer in ordering:
+        quantizer.freeze_channel_order()
+
+
+def calibration_passes(model: nn.Module, inputs: str = "float") -> list:
+    """The scopes to run the calibration batches in, in order (weights are calibrated by the last, or at once
+    when there is no pass)."""
+    if not needs_data(model):
+        calibrate_weights(model)
+        for quantizer in activation_quantizers(model):
+            quantizer.freeze()
+        return []
+    passes = [calibration(model, inputs)]
+    if _needing_order(model):
+        passes.insert(0, channel_order_pass(model))
+    return passes
 
 
 def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> None:

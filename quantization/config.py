@@ -1,25 +1,40 @@
 """What a W8A8 simulation quantizes, and how: typed settings from the paper's flags, and the presets.
 
 `QuantConfig` holds the flag values (`--n_bits`, `--n_bits_act`, `--no_weight_quant`, `--no_act_quant`,
-`--qmethod_acts`, `--ranges_weights`, `--ranges_acts`, `--percentile`, `--quant_setup`) and builds the
-quantizers: weights symmetric (per tensor), activations asymmetric unless `--qmethod_acts
-symmetric_uniform`. Presets say which parts of a model stay in floating point or run at 16 bits; the model
-wiring decides which modules those parts are.
+`--qmethod_acts`, `--ranges_weights`, `--ranges_acts`, `--percentile`, `--quant_setup`, and the
+post-training methods' granularity, per-point bit and LLM.int8() flags) and builds the quantizer of each
+named point: weights symmetric, per tensor or per output channel; activations asymmetric unless
+`--qmethod_acts symmetric_uniform`, per tensor, per embedding group (PEG, on the points matching
+`peg_points`) or per token. `point_bits` puts the points matching a pattern (fnmatch, last rule wins) at
+their own bit width. Presets say which parts of a model stay in floating point or run at 16 bits; the model
+wiring decides which modules those parts are and names the points.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from .affine import check_bits
 from .calibration import CALIBRATION_INPUTS
+from .decomposition import OutlierDecomposition
+from .dynamic import TokenQuantizer
 from .estimators import PERCENTILE_INTERPOLATIONS
+from .groups import GroupQuantizer
 from .quantizer import Quantizer
 
 ACT_METHODS = ("asymmetric_uniform", "symmetric_uniform")
 # Flag spellings of the paper's scripts -> estimator registry names.
 WEIGHT_RANGE_ALIASES = {"minmax": "current_minmax"}
 HIGH_PRECISION_BITS = 16
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
+"""per_channel: one range per output row of a Linear or an embedding table (a LayerNorm's gamma stays per
+tensor: one range per entry would leave nothing quantized)."""
+PER_EMBEDDING_GROUP = "per_embedding_group"
+ACT_GRANULARITIES = ("per_tensor", PER_EMBEDDING_GROUP, "per_token")
+"""per_embedding_group applies to the points matching `peg_points` (the rest stay per tensor); per_token to
+every activation point."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,19 @@ class QuantConfig:
     quant_setup: str = "fp32_head"
     calibration_inputs: str = "quantized"
     """What activation quantizers observe: 'quantized' upstream values (the paper's code) or 'float' ones."""
+    weight_granularity: str = "per_tensor"
+    act_granularity: str = "per_tensor"
+    peg_groups: int = 6
+    """K, the embedding groups of a PEG point."""
+    peg_permute: bool = False
+    """Range-based permutation: group channels of similar calibrated range."""
+    peg_points: tuple[str, ...] = ()
+    """Name patterns of the points quantized per embedding group."""
+    point_bits: tuple[tuple[str, int], ...] = ()
+    """(name pattern, bits) rules; the last rule matching a point sets its bits."""
+    llm_int8_threshold: float | None = None
+    """LLM.int8() decomposition in every quantized Linear at this |x| threshold (None: off). The Linear's input
+    is then quantized per token inside it, its weight per output channel; no other activation is quantized."""
 
     def __post_init__(self):
         for flag in ("n_bits", "n_bits_act"):
@@ -70,6 +98,33 @@ class QuantConfig:
                 raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
         if self.quant_setup not in QUANT_PRESETS:
             raise ValueError(f"Unknown --quant_setup {self.quant_setup!r}; valid presets: {', '.join(QUANT_PRESETS)}.")
+        for flag, valid in (("weight_granularity", WEIGHT_GRANULARITIES), ("act_granularity", ACT_GRANULARITIES)):
+            if getattr(self, flag) not in valid:
+                raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
+        if self.peg_groups < 1:
+            raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
+        for pattern, bits in self.point_bits:
+            try:
+                check_bits(bits)
+            except ValueError as error:
+                raise ValueError(f"--point_bits {pattern}={bits}: {error}") from error
+        if self.llm_int8_threshold is not None:
+            if math.isnan(self.llm_int8_threshold) or self.llm_int8_threshold < 0:
+                raise ValueError(
+                    f"--llm_int8_threshold must be >= 0 (inf: no decomposition), got {self.llm_int8_threshold}."
+                )
+            if self.act_granularity != "per_tensor" or not self.act_quant:
+                raise ValueError(
+                    "--llm_int8 quantizes each Linear's input per token itself (no other activation): drop "
+                    "--act_granularity / --no_act_quant."
+                )
+        if self.act_granularity == "per_token" and (
+            self.percentile is not None or self.ranges_acts != "running_minmax"
+        ):
+            raise ValueError(
+                "--act_granularity per_token takes each row's range at run time: --ranges_acts / --percentile do not "
+                "apply; drop them."
+            )
         if self.weight_estimator == "running_minmax":
             raise ValueError(
                 f"Unknown --ranges_weights {self.ranges_weights!r}; valid weight ranges: minmax, MSE, L<p> (e.g. L2.4)."
@@ -92,18 +147,50 @@ class QuantConfig:
     def preset(self) -> QuantPreset:
         return QUANT_PRESETS[self.quant_setup]
 
-    def weight_quantizer(self, n_bits: int | None = None) -> Quantizer:
+    def bits(self, name: str, default: int) -> int:
+        """The bit width of the point `name`: the last `point_bits` rule matching it, else `default`."""
+        matching = [bits for pattern, bits in self.point_bits if fnmatchcase(name, pattern)]
+        return matching[-1] if matching else default
+
+    def is_peg_point(self, name: str) -> bool:
+        return self.act_granularity == PER_EMBEDDING_GROUP and any(fnmatchcase(name, p) for p in self.peg_points)
+
+    def weight_quantizer(self, name: str = "", n_bits: int | None = None, rows: bool = False) -> Quantizer:
+        """The quantizer of the weight point `name`; `rows`: a weight with output rows (Linear, embedding), per
+        channel under `weight_granularity` per_channel or LLM.int8()."""
+        per_channel = rows and (self.weight_granularity == "per_channel" or self.llm_int8_threshold is not None)
         try:
-            return Quantizer(n_bits or self.n_bits, symmetric=True, estimator=self.weight_estimator)
+            return Quantizer(
+                self.bits(name, n_bits or self.n_bits),
+                symmetric=True,
+                estimator=self.weight_estimator,
+                axis=0 if per_channel else None,
+            )
         except ValueError as error:
             raise ValueError(f"--ranges_weights: {error} (minmax is an alias of current_minmax)") from error
 
-    def act_quantizer(self, n_bits: int | None = None) -> Quantizer:
+    @property
+    def symmetric_acts(self) -> bool:
+        return self.qmethod_acts == "symmetric_uniform"
+
+    def act_quantizer(self, name: str = "", n_bits: int | None = None) -> Quantizer:
+        """The quantizer of the activation point `name` (its granularity and bits from the rules)."""
+        bits = self.bits(name, n_bits or self.n_bits_act)
+        # Every activation point's input is a fresh intermediate read by nothing else: quantize it in place.
+        if self.act_granularity == "per_token":
+            return TokenQuantizer(bits, symmetric=self.symmetric_acts, in_place=True)
         options = {}
         if self.percentile is not None:
             options = {"percentile": self.percentile, "interpolation": self.percentile_interpolation}
-        symmetric = self.qmethod_acts == "symmetric_uniform"
-        # Every activation point's input is a fresh intermediate read by nothing else: quantize it in place.
-        return Quantizer(
-            n_bits or self.n_bits_act, symmetric=symmetric, estimator=self.ranges_acts, in_place=True, **options
-        )
+        if self.is_peg_point(name):
+            return GroupQuantizer(
+                bits, self.symmetric_acts, self.ranges_acts, self.peg_groups, self.peg_permute, True, **options
+            )
+        return Quantizer(bits, symmetric=self.symmetric_acts, estimator=self.ranges_acts, in_place=True, **options)
+
+    def decomposition(self, name: str = "") -> OutlierDecomposition | None:
+        """LLM.int8()'s decomposition for the Linear `name` (its input point is `name` + '.input'), or None."""
+        if self.llm_int8_threshold is None:
+            return None
+        input_bits = self.bits(f"{name}.input", self.n_bits_act)
+        return OutlierDecomposition(TokenQuantizer(input_bits, self.symmetric_acts), self.llm_int8_threshold)

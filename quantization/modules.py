@@ -4,8 +4,9 @@ Each is a subclass of the float module whose parameters are the float module's o
 a swap changes no weight, the state dict keeps the float keys (plus the quantizers' buffers), and an
 optimizer over the float model still reaches them. The weight quantizer fake-quantizes the weight (a
 LayerNorm's gamma; beta and biases stay FP). The output quantizer fake-quantizes the module's output, for
-a Linear after an optional fused activation, so the pre-activation stays FP. With frozen ranges the
-quantized weight is computed once and reused until the weight changes.
+a Linear after an optional fused activation, so the pre-activation stays FP. A Linear may instead
+decompose its matmul LLM.int8()-style (decomposition.py): its input is then quantized inside it. With frozen
+ranges the quantized weight is computed once and reused until the weight changes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .decomposition import OutlierDecomposition
 from .quantizer import Quantizer
 
 
@@ -70,15 +72,20 @@ class QuantLinear(_QuantizedWeight, nn.Linear):
         weight_quantizer: Quantizer | None,
         output_quantizer: Quantizer | None,
         activation: nn.Module | None = None,
+        decomposition: OutlierDecomposition | None = None,
     ) -> QuantLinear:
         module = _adopt(cls, linear)
         module.weight_quantizer = weight_quantizer
         module.output_quantizer = output_quantizer
         module.activation = activation  # fused: applied before the output quantizer
+        module.decomposition = decomposition
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.quantized_weight(), self.bias)
+        if self.decomposition is None:
+            y = F.linear(x, self.quantized_weight(), self.bias)
+        else:
+            y = self.decomposition(x, self.weight, self.quantized_weight(), self.bias)
         if self.activation is not None:
             y = self.activation(y)
         return y if self.output_quantizer is None else self.output_quantizer(y)

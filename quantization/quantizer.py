@@ -10,7 +10,10 @@ so far (calibration as the paper's code ran it: each quantizer sees the quantize
 upstream). `quantize` fake-quantizes with the frozen range. The frozen scale and zero point
 are buffers, so a calibrated model saves and reloads them with its state. The arithmetic is torch's fused
 fake-quantize kernel: round-to-nearest-even, and a straight-through gradient inside the range (zero
-outside).
+outside); without a gradient, the same arithmetic as plain tensor ops (bit-identical, faster on CPU).
+
+This is the static quantizer, per tensor or per channel along `axis` (weights: one range per output row).
+Per-embedding-group ranges (groups.py) and per-token dynamic ranges (dynamic.py) are its subclasses.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from .affine import check_bits, scale_and_zero_point
 from .buffers import CalibratedState
 from .estimators import RangeEstimator, build_estimator
+from .sums import hidden_from_sums
 
 MODES = ("off", "observe", "quantize")
 
@@ -52,6 +56,20 @@ def fake_quantize_no_grad(
     return values.round_().clamp_(low, high).mul_(scale).to(x.dtype)
 
 
+def fake_quantize_broadcast_no_grad(
+    x: torch.Tensor, inverse_scale: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+) -> torch.Tensor:
+    """Quantize-dequantize without a gradient with scales broadcast against `x` (per channel or per row),
+    bit-identical to torch's per-channel kernel: round(x * (1 / s)), clamped to the grid shifted by the zero
+    point (`low` / `high`: q_min - z, q_max - z, as in `fake_quantize_no_grad`), times s."""
+    return x.float().mul(inverse_scale).round_().clamp_(low, high).mul_(scale).to(x.dtype)
+
+
+def _along(values: torch.Tensor, axis: int, dim: int) -> torch.Tensor:
+    """(C,) per-channel values shaped to broadcast along `axis` of a `dim`-dimensional tensor."""
+    return values.reshape(-1, *[1] * (dim - 1 - axis % dim))
+
+
 class Quantizer(CalibratedState):
     """Fake quantizer of one tensor (weights or activations) with its range estimator."""
 
@@ -80,6 +98,7 @@ class Quantizer(CalibratedState):
         self.quantize_while_observing = False
         self.q_range: tuple[int, int] | None = None  # host copy of grid_bounds, read every forward
         self.shifted_bounds: tuple[float, float] | None = None  # per tensor: q_range minus the zero point
+        self.channel_grid: tuple[torch.Tensor, ...] | None = None  # per channel: 1 / s, s, shifted bounds
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.register_buffer("grid_bounds", torch.empty(0, dtype=torch.int64))
@@ -100,6 +119,11 @@ class Quantizer(CalibratedState):
     def is_frozen(self) -> bool:
         return self.scale.numel() > 0
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether its range comes from calibration data (a dynamic quantizer's does not)."""
+        return True
+
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix the range from what the estimator has seen; quantize from now on."""
@@ -116,19 +140,25 @@ class Quantizer(CalibratedState):
         if self.axis is None:
             zero = float(self.zero_point.reshape(()))
             self.shifted_bounds = (self.q_range[0] - zero, self.q_range[1] - zero)
+        else:  # per channel: 1 / s and the shifted grid bounds as (C,) tensors
+            zero = self.zero_point.float()
+            self.channel_grid = (1.0 / self.scale, self.scale, self.q_range[0] - zero, self.q_range[1] - zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
             return x
         if self.mode == "observe":
-            self.estimator.observe(x.detach())
+            with hidden_from_sums():
+                self.estimator.observe(x.detach())
             if not self.quantize_while_observing:
                 return x
             scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)
             return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
-        if self.axis is None and not (torch.is_grad_enabled() and x.requires_grad):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)
+        if self.axis is None:
             return fake_quantize_no_grad(x, self.scale.reshape(()), *self.shifted_bounds, in_place=self.in_place)
-        return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)
+        return fake_quantize_broadcast_no_grad(x, *(_along(t, self.axis, x.dim()) for t in self.channel_grid))
 
     def _after_load(self) -> None:
         if self.is_frozen:

@@ -6,18 +6,32 @@ the next residual branch at once, so a hook on either consumer would quantize on
 additions of width `hidden` (both operands and the result end in that dimension), in order. The i-th
 addition's result is replaced by its quantized value, so every later use reads the quantized sum, and no
 other op changes. Each forward must make exactly the declared number of such additions. An upstream
-change that adds or removes one fails loudly instead of shifting the quantizers onto other tensors.
+change that adds or removes one fails loudly instead of shifting the quantizers onto other tensors. The
+quantizers' own arithmetic (per-channel range estimates, LLM.int8()'s two partial products) runs inside
+`hidden_from_sums()` and is not counted.
 """
 
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 _ADDITIONS = {torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add, torch.add}
+_hidden = [0]  # depth of hidden_from_sums scopes
+
+
+@contextmanager
+def hidden_from_sums():
+    """Additions made inside this scope are a quantizer's own, never a model's residual sum."""
+    _hidden[0] += 1
+    try:
+        yield
+    finally:
+        _hidden[0] -= 1
 
 
 class _QuantizeAdditions(TorchFunctionMode):
@@ -28,8 +42,12 @@ class _QuantizeAdditions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if func not in _ADDITIONS or not all(
-            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] == self.hidden for t in (*args[:2], result)
+        if (
+            func not in _ADDITIONS
+            or _hidden[0]
+            or not all(
+                isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] == self.hidden for t in (*args[:2], result)
+            )
         ):
             return result
         index, self.seen = self.seen, self.seen + 1

@@ -311,7 +311,7 @@ PAPER_COMMANDS = {
 @pytest.mark.parametrize("model_type, kind", sorted(PAPER_COMMANDS))
 def test_the_paper_readme_commands_parse(model_type, kind):
     from transformers_language.objectives import get_objective
-    from transformers_language.quantized_model import quant_config_from_args
+    from transformers_language.quant_args import quant_config_from_args
     from transformers_language.validate import build_parser
 
     objective = get_objective("mlm" if model_type == "bert" else "clm")

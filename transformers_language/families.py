@@ -55,13 +55,18 @@ class Wiring:
     ffn_activation: str
     residual_layernorms: tuple[str, ...] = ()
     """LayerNorms whose input is a residual sum (post-LN BERT)."""
-    residual_sums_in_layer: int = 0
-    """Residual additions inside each layer's forward (pre-LN OPT)."""
+    residual_sums: tuple[str, ...] = ()
+    """The point names of the residual additions inside each layer's forward, in order (pre-LN OPT)."""
     embedding_sums: str | None = None
     """A module whose forward adds the embeddings (BERT: 2 additions)."""
+    embedding_sum_names: tuple[str, ...] = ()
+    """The point names of those additions, in order."""
     embedding_sum_consumer: str | None = None
     """The module whose only input is the embedding sum (OPT: the first decoder layer, also behind a
     `project_in`, whose own input is a lookup in the quantized table and so already on the weight grid)."""
+    outlier_points: tuple[str, ...] = ()
+    """The seed's three outlier tensors of each layer, as point names relative to the layer: the FFN input,
+    the FFN output and the residual sum after the FFN (where PEG and MP-PTQ apply by default)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ FAMILIES: dict[str, Family] = {
             ffn_activation="intermediate.intermediate_act_fn",
             residual_layernorms=("attention.output.LayerNorm", "output.LayerNorm"),
             embedding_sums="bert.embeddings",
+            embedding_sum_names=("word_type_sum", "embedding_sum"),  # word + token type, then + position
+            outlier_points=("attention.output.LayerNorm.output", "output.dense.output", "output.LayerNorm.input"),
         ),
         weight_ranges="minmax",
     ),
@@ -174,8 +181,9 @@ FAMILIES: dict[str, Family] = {
             final_layernorm="model.decoder.final_layer_norm",
             ffn_in="fc1",
             ffn_activation="activation_fn",
-            residual_sums_in_layer=2,
+            residual_sums=("attn_residual_sum", "ffn_residual_sum"),
             embedding_sum_consumer="model.decoder.layers.0",
+            outlier_points=("final_layer_norm.output", "fc2.output", "ffn_residual_sum"),
         ),
         weight_ranges="MSE",
     ),

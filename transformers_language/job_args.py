@@ -1,6 +1,6 @@
 """The job flags as typed argument groups: training and tracking (run_*.py), evaluation (validate_*.py). The
 model, attention, data and W8A8 groups live with what they configure (model_loading.py, attention_config.py,
-data.py, quantized_model.py)."""
+data.py, quant_args.py)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ results, so a dry run and a real run can be compared field for field.
 from __future__ import annotations
 
 import argparse
+import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -33,9 +35,9 @@ from .model_loading import (
     resolve_method,
     sequence_length,
 )
-from .quantized_model import calibration_batch_size, quant_config_from_args
+from .quant_args import calibration_batch_size, planned_points, quant_config_from_args
 
-NOT_PLANNED = ("dry_run",)  # flags that say how a plan is used, not what it is
+NOT_PLANNED = ("dry_run", "list_quant_points")  # flags that say how a plan is used, not what it is
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Plan:
     """Training: sequences per optimizer step over all processes."""
     calibration: dict | None = None
     """Validation with --quantize: where the calibration batches come from and how many sequences."""
+    quant_points: tuple[dict, ...] = field(default=(), compare=False, repr=False)
+    """Validation with --quantize: every quantization point with its bits and granularity."""
 
     def to_dict(self) -> dict:
         """The plan as JSON-ready values (what --dry_run prints and the results record)."""
@@ -81,15 +85,18 @@ class Plan:
         if self.job == "train":
             values["sequences_per_step"] = self.sequences_per_step
         else:
-            values["quantization"] = quantization_record(self.quantization, self.calibration)
+            values["quantization"] = quantization_record(self.quantization, self.calibration, self.quant_points)
         return values
 
 
-def quantization_record(config: QuantConfig | None, calibration: dict | None) -> dict | None:
-    """Every choice of the W8A8 protocol, as all_results.json records it."""
+def quantization_record(config: QuantConfig | None, calibration: dict | None, points=()) -> dict | None:
+    """Every choice of the W8A8 protocol, as all_results.json records it, with the count of points per kind,
+    bit width and granularity (e.g. 'activation 16 bits per_tensor': 6)."""
     if config is None:
         return None
-    return asdict(config) | {"preset": asdict(config.preset)} | calibration
+    counts = Counter(f"{p['kind']} {p['bits']} bits {p['granularity']}" for p in points)
+    record = asdict(config) | {"preset": asdict(config.preset), "points": dict(sorted(counts.items()))} | calibration
+    return json.loads(json.dumps(record))  # tuples as the lists they are read back as
 
 
 def _plan(job: str, family: Family, args: argparse.Namespace, **resolved) -> Plan:
@@ -137,11 +144,12 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
     check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
     tokenizer = load_tokenizer(args)
     check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
-    calibrate_on_train = quantization is not None and args.calibration_split == "train"
+    calibrate_on_train = args.quantize and args.calibration_split == "train"
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
     check_data_sources(args, splits)
-    calibration = None
+    calibration, points = None, ()
     if quantization is not None:
+        points = tuple(planned_points(config, quantization))
         batch = calibration_batch_size(args)
         calibration = {
             "calibration_split": args.calibration_split,
@@ -161,4 +169,5 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
         tokenizer=tokenizer,
         quantization=quantization,
         calibration=calibration,
+        quant_points=points,
     )

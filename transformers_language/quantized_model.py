@@ -11,24 +11,30 @@ No HF forward is copied. The wiring uses four mechanisms:
   and BERT's embedding sums (word + token type, then + position).
 Gate networks stay FP, as do softmax arithmetic, mask addition, LayerNorm statistics, biases and the loss.
 The preset decides whether the LM head (`cls` / `lm_head`) is quantized and which LayerNorms run at 16 bits.
+
+Every quantizer has a public point name, which the per-point flags match and the results use:
+  <module>.weight          a Linear's, LayerNorm's (gamma) or Embedding's weight
+  <module>.output          a Linear's output (after a fused FFN activation) or a LayerNorm's output
+  <module>.input           a residual or embedding sum that is the module's only input; under LLM.int8(),
+                           a Linear's input, quantized inside it
+  <attention>.scores / .probs / .context   the attention points (<attention> ends in `attention_variant`)
+  <layer>.attn_residual_sum / .ffn_residual_sum   OPT's residual sums
+  bert.embeddings.word_type_sum / .embedding_sum  BERT's embedding sums
+`validate_*.py --list_quant_points` prints them for a checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 from torch import nn
 
-from quantization.calibration import CALIBRATION_INPUTS
-from quantization.config import HIGH_PRECISION_BITS, QUANT_PRESETS, QuantConfig
-from quantization.estimators import PERCENTILE_INTERPOLATIONS
+from quantization.config import HIGH_PRECISION_BITS, QuantConfig
+from quantization.dynamic import TokenQuantizer
+from quantization.groups import GroupQuantizer
 from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
-from .arguments import add_group, arg, parse_group
-from .errors import UsageError
-from .families import get_family
+ATTENTION_POINTS = ("scores", "probs", "context")
 
 
 def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
@@ -45,17 +51,28 @@ def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Insert every quantizer of `config` into `model` (in place; all start off: calibrate, then quantize)."""
+    """Insert every quantizer of `config` into `model` (in place; all start off: calibrate, then quantize).
+    Each gets its public point name (POINT_NAMES), recorded in `model.quantization_points`."""
     wiring = model.family.wiring
     preset = config.preset
     layers = model.transformer_layers()
     prefix = model.layers_path
+    points: dict[str, Quantizer] = {}
+    decomposed = config.llm_int8_threshold is not None  # LLM.int8(): only the Linears, inputs quantized inside
 
-    def weight_q(bits=None):
-        return config.weight_quantizer(bits) if config.weight_quant else None
+    def named(name: str, quantizer: Quantizer) -> Quantizer:
+        points[name] = quantizer
+        return quantizer
 
-    def act_q(bits=None):
-        return config.act_quantizer(bits) if config.act_quant else None
+    def weight_q(module_name, bits=None, rows=True):
+        if not config.weight_quant:
+            return None
+        return named(f"{module_name}.weight", config.weight_quantizer(f"{module_name}.weight", bits, rows=rows))
+
+    def act_q(name, bits=None):
+        if not config.act_quant or decomposed:
+            return None
+        return named(name, config.act_quantizer(name, bits))
 
     final_layernorm = wiring.final_layernorm.format(last=len(layers) - 1)
     layernorms = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
@@ -73,112 +90,70 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             continue
         bits = HIGH_PRECISION_BITS if name in high_precision else None
         if isinstance(module, nn.Linear):
-            swapped = QuantLinear.from_float(module, weight_q(), act_q(), activation=fused.get(name))
+            decomposition = config.decomposition(name) if config.act_quant else None
+            if decomposition is not None:
+                named(f"{name}.input", decomposition.input_quantizer)
+            swapped = QuantLinear.from_float(
+                module, weight_q(name), act_q(f"{name}.output"), fused.get(name), decomposition
+            )
+        elif decomposed:  # LLM.int8() quantizes the Linears alone, as bitsandbytes does
+            continue
         elif isinstance(module, nn.LayerNorm):
-            swapped = QuantLayerNorm.from_float(module, weight_q(bits), act_q(bits))
+            swapped = QuantLayerNorm.from_float(module, weight_q(name, bits, rows=False), act_q(f"{name}.output", bits))
         elif isinstance(module, nn.Embedding):
-            swapped = QuantEmbedding.from_float(module, weight_q())
+            swapped = QuantEmbedding.from_float(module, weight_q(name))
         else:
             continue
         model.set_submodule(name, swapped)
 
-    if config.act_quant:
-        for variant in model.attention_variants().values():
-            for point in ("scores", "probs", "context"):
-                setattr(variant, point, config.act_quantizer())
+    if config.act_quant and not decomposed:
+        for path, variant in model.attention_variants().items():
+            for point in ATTENTION_POINTS:
+                setattr(variant, point, act_q(f"{path}.{point}"))
         hidden = model.config.hidden_size
-        for layer in layers:
+        for index, layer in enumerate(layers):
             for path in wiring.residual_layernorms:
-                _quantize_input(layer.get_submodule(path), config.act_quantizer())
-            if wiring.residual_sums_in_layer:
-                SumQuantizers([config.act_quantizer() for _ in range(wiring.residual_sums_in_layer)], hidden).attach(
-                    layer
-                )
+                _quantize_input(layer.get_submodule(path), act_q(f"{prefix}.{index}.{path}.input"))
+            if wiring.residual_sums:
+                sums = [act_q(f"{prefix}.{index}.{sum_name}") for sum_name in wiring.residual_sums]
+                SumQuantizers(sums, hidden).attach(layer)
         if wiring.embedding_sums is not None:
-            SumQuantizers([config.act_quantizer(), config.act_quantizer()], hidden).attach(
-                model.get_submodule(wiring.embedding_sums)
-            )
+            sums = [act_q(f"{wiring.embedding_sums}.{sum_name}") for sum_name in wiring.embedding_sum_names]
+            SumQuantizers(sums, hidden).attach(model.get_submodule(wiring.embedding_sums))
         if wiring.embedding_sum_consumer is not None:
-            _quantize_input(model.get_submodule(wiring.embedding_sum_consumer), config.act_quantizer())
+            consumer = wiring.embedding_sum_consumer
+            _quantize_input(model.get_submodule(consumer), act_q(f"{consumer}.input"))
+    model.quantization_points = points
     return model
 
 
-CALIBRATION_SPLITS = ("train", "validation")
+def outlier_point_patterns(family) -> tuple[str, ...]:
+    """The name patterns of the seed's three outlier tensors in every layer of `family` (PEG's and MP-PTQ's)."""
+    return tuple(f"{family.layers_path}.*.{point}" for point in family.wiring.outlier_points)
 
 
-@dataclass(frozen=True)
-class QuantizationArgs:
-    """The W8A8 flags of the paper's validation commands (each works for both model families); the defaults
-    of the simulation itself are QuantConfig's."""
-
-    quantize: bool = arg(False, "Evaluate the W8A8 (or --n_bits/--n_bits_act) model.", action="store_true")
-    est_num_batches: int = arg(16, "Calibration batches for activation ranges.", type=int)
-    per_device_train_batch_size: int = arg(
-        8,
-        "Sequences per calibration batch from the training split (the paper calibrated on training batches).",
-        type=int,
-    )
-    n_bits: int = arg(QuantConfig.n_bits, "Weight bits.", type=int)
-    n_bits_act: int = arg(QuantConfig.n_bits_act, "Activation bits.", type=int)
-    no_weight_quant: bool = arg(False, "Keep the weights FP.", action="store_true")
-    no_act_quant: bool = arg(False, "Keep the activations FP.", action="store_true")
-    qmethod_acts: str = arg(QuantConfig.qmethod_acts, "asymmetric_uniform or symmetric_uniform.")
-    ranges_weights: str = arg(
-        QuantConfig.ranges_weights,
-        "Weight ranges: minmax, MSE or L<p> (e.g. L2.4); the default is the paper's for this family.",
-    )
-    ranges_acts: str = arg(QuantConfig.ranges_acts, "Activation ranges: running_minmax, current_minmax, MSE, L<p>.")
-    percentile: float | None = arg(QuantConfig.percentile, "Min-max ranges from percentiles P / 100-P.", type=float)
-    percentile_interpolation: str = arg(
-        QuantConfig.percentile_interpolation,
-        "How --percentile reads the sorted values: linear (numpy.percentile, the paper's) or nearest rank.",
-        choices=list(PERCENTILE_INTERPOLATIONS),
-    )
-    quant_setup: str = arg(QuantConfig.quant_setup, f"Preset: {', '.join(QUANT_PRESETS)}.")
-    calibration_split: str = arg(
-        "train",
-        "Where calibration batches come from (validation: only to reproduce the paper's BERT runs).",
-        choices=CALIBRATION_SPLITS,
-    )
-    calibration_inputs: str = arg(
-        QuantConfig.calibration_inputs,
-        "What activation quantizers observe while calibrating: quantized upstream values (the paper's code) or "
-        "float ones.",
-        choices=list(CALIBRATION_INPUTS),
-    )
+def describe_points(model: nn.Module) -> list[dict]:
+    """Each quantization point of a quantized model: name, what it quantizes, bits and granularity."""
+    rows = []
+    for name, quantizer in model.quantization_points.items():
+        if isinstance(quantizer, TokenQuantizer):
+            granularity = "per_token"
+        elif isinstance(quantizer, GroupQuantizer):
+            granularity = f"per_embedding_group(K={quantizer.groups}{', permuted' if quantizer.permute else ''})"
+        else:
+            granularity = "per_tensor" if quantizer.axis is None else "per_channel"
+        kind = "weight" if name.endswith(".weight") else "activation"
+        rows.append({"name": name, "kind": kind, "bits": quantizer.n_bits, "granularity": granularity})
+    return rows
 
 
-def add_quantization_args(parser, ranges_weights: str) -> None:
-    """The W8A8 group; `ranges_weights` is the family's weight estimator in the paper (BERT min-max, OPT MSE)."""
-    add_group(parser, QuantizationArgs, "W8A8 simulation", {"ranges_weights": {"default": ranges_weights}})
-
-
-def calibration_batch_size(args) -> int:
-    """A calibration batch is a batch of the loader it comes from, as in the paper's code: training batches
-    (--per_device_train_batch_size) from the training split, evaluation batches from the validation split."""
-    return args.per_device_train_batch_size if args.calibration_split == "train" else args.per_device_eval_batch_size
-
-
-QUANT_FIELDS = tuple(f.name for f in fields(QuantConfig) if f.name not in ("weight_quant", "act_quant"))
-
-
-def quant_config_from_args(args) -> QuantConfig | None:
-    """The QuantConfig of --quantize, or None; a W8A8 flag without --quantize is an error."""
-    flags = parse_group(QuantizationArgs, args)
-    if not flags.quantize:
-        defaults = QuantizationArgs(ranges_weights=get_family(args.model_type).weight_ranges)
-        changed = [f"--{f.name}" for f in fields(flags) if getattr(flags, f.name) != getattr(defaults, f.name)]
-        if changed:
-            raise UsageError(f"{', '.join(changed)} configure the W8A8 simulation: add --quantize, or drop them.")
-        return None
-    for flag in ("est_num_batches", "per_device_train_batch_size"):
-        if getattr(flags, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive, got {getattr(flags, flag)}.")
-    try:
-        return QuantConfig(
-            weight_quant=not flags.no_weight_quant,
-            act_quant=not flags.no_act_quant,
-            **{f: getattr(flags, f) for f in QUANT_FIELDS},
-        )
-    except ValueError as error:  # its message names the flag
-        raise UsageError(str(error)) from error
+def llm_int8_shares(model: nn.Module) -> dict[str, float]:
+    """The share of input channels each decomposed Linear kept in floating point, by Linear name."""
+    shares = {}
+    for name, module in model.named_modules():
+        decomposition = getattr(module, "decomposition", None)
+        if decomposition is not None:
+            share = decomposition.float_channel_share(module.in_features)
+            if share is not None:
+                shares[name] = share
+    return shares

@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from quantization.calibration import activation_quantizers, calibration
+from quantization.calibration import activation_quantizers, calibration_passes
+from quantization.decomposition import OutlierDecomposition
 
 from .arguments import add_group, parse_args
 from .attention_stats import AttentionStatistics, delimiter_token_ids
@@ -39,7 +40,8 @@ from .model_loading import (
 from .objectives import Objective, Targets, derive_seed, get_objective
 from .outlier_report import log_results, outlier_results
 from .plan import Plan, resolve_validation
-from .quantized_model import add_quantization_args, quantize_model
+from .quant_args import add_quantization_args
+from .quantized_model import llm_int8_shares, quantize_model
 from .runtime import check_launch, print_dry_run, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -79,33 +81,47 @@ def _calibrate(
     accelerator, model, loss_module, quantize_head: bool, blocks, targets: Targets, plan: Plan, args
 ) -> None:
     """Observe the plan's calibration sequences of `blocks` (sampled by `--seed`, with the objective's targets
-    drawn from a generator of the seed: MLM masks) in batches of the plan's size, then freeze every range. Each
+    drawn from a generator of the seed: MLM masks) in batches of the plan's size, in each calibration pass the
+    model needs (none for dynamic ranges, two for PEG's range-based permutation), then freeze every range. Each
     process draws the same batches, so all hold the same ranges. The head and the loss run only when the
     preset quantizes the head."""
     start_time = time.perf_counter()
-    generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
     batch = plan.calibration["calibration_batch_size"]
     count = min(len(blocks), plan.calibration["calibration_sequences"])
-    ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
-    with torch.no_grad(), calibration(model, plan.quantization.calibration_inputs):
-        for start in tqdm(
-            range(0, count, batch),
-            desc="Calibrating",
-            disable=not accelerator.is_local_main_process,
-        ):
-            input_ids, labels = targets(ids[start : start + batch], generator)
-            with accelerator.autocast():
-                if quantize_head:
-                    loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
-                else:  # an FP head has nothing to observe: the transformer body alone sees every quantizer
-                    model.base_model(input_ids=input_ids.to(accelerator.device))
+    passes = calibration_passes(model, plan.quantization.calibration_inputs)
+    for index, scope in enumerate(passes):
+        generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
+        ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
+        with torch.no_grad(), scope:
+            for start in tqdm(
+                range(0, count, batch),
+                desc="Calibrating" if index == len(passes) - 1 else "Ordering channels",
+                disable=not accelerator.is_local_main_process,
+            ):
+                input_ids, labels = targets(ids[start : start + batch], generator)
+                with accelerator.autocast():
+                    if quantize_head:
+                        loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
+                    else:  # an FP head has nothing to observe: the transformer body alone sees every quantizer
+                        model.base_model(input_ids=input_ids.to(accelerator.device))
+    static = [q for q in activation_quantizers(model) if q.needs_calibration]
     logger.info(
-        "Calibrated %d activation quantizers on %d %s blocks in %.1f s",
-        len(activation_quantizers(model)),
-        count,
+        "Calibrated %d activation quantizers on %d %s blocks in %.1f s (%d passes)",
+        len(static),
+        count if passes else 0,
         args.calibration_split,
         time.perf_counter() - start_time,
+        len(passes),
     )
+
+
+def print_points(accelerator, points) -> dict:
+    """`--list_quant_points`: one line per quantization point (name, kind, bits, granularity)."""
+    if accelerator.is_main_process:
+        width = max(len(p["name"]) for p in points)
+        for point in points:
+            print(f"{point['name']:<{width}}  {point['kind']:<10}  {point['bits']:>2} bits  {point['granularity']}")
+    return {"points": list(points)}
 
 
 def validate(objective_name: str, argv: list[str] | None = None) -> dict:
@@ -124,6 +140,8 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     plan = resolve_validation(args, family_of_objective(objective.name), script)
     if args.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
+    if args.list_quant_points:
+        return print_points(accelerator, plan.quant_points)
     config, tokenizer, quant_config = plan.config, plan.tokenizer, plan.quantization
     model = load_checkpoint(plan.model, config, accelerator.device)
     if quant_config is not None:
@@ -140,6 +158,9 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
             )
         source = splits.get("train", splits["validation"])
         _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, targets, plan, args)
+    for module in model.modules():  # LLM.int8() reports the evaluation's share of FP channels, not calibration's
+        if isinstance(module, OutlierDecomposition):
+            module.reset_statistics()
     delimiters = delimiter_token_ids(tokenizer)
     activations = ActivationStatistics(
         model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches
@@ -157,6 +178,10 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     results |= outlier_results(
         figures, attention_stats.synced(accelerator), model.headlines, tokenizer, args.outlier_top_k
     )
+    shares = llm_int8_shares(model)
+    if shares:
+        results["llm_int8_float_channel_share"] = shares
+        results["llm_int8_mean_float_channel_share"] = sum(shares.values()) / len(shares)
     planned = plan.to_dict()
     settings = vars(args) | {
         "script": script,

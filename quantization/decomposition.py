@@ -1,0 +1,63 @@
+"""LLM.int8()-style mixed-precision decomposition of a Linear's matmul (Dettmers et al., 2022).
+
+The input channels whose |x| reaches the threshold anywhere in the current batch go through the matmul in
+floating point (with the float weight columns); the rest of the input is quantized per token (a dynamic
+quantizer) and multiplied with the quantized weight (per output channel, set up by the caller). With no
+outlier channel this is exactly the plain quantized Linear, and with every channel an outlier exactly the
+float one. The share of channels kept in floating point is accumulated on the device (one count per batch,
+read once) for the report.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .dynamic import TokenQuantizer
+from .sums import hidden_from_sums
+
+DEFAULT_THRESHOLD = 6.0
+
+
+class OutlierDecomposition(nn.Module):
+    def __init__(self, input_quantizer: TokenQuantizer, threshold: float = DEFAULT_THRESHOLD):
+        super().__init__()
+        if not threshold >= 0 or math.isnan(threshold):
+            raise ValueError(f"The outlier threshold must be >= 0 (inf: no decomposition), got {threshold}.")
+        self.input_quantizer = input_quantizer
+        self.threshold = threshold
+        self.register_buffer("float_channels", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.batches = 0
+
+    def reset_statistics(self) -> None:
+        self.float_channels.zero_()
+        self.batches = 0
+
+    def float_channel_share(self, in_features: int) -> float | None:
+        """The mean share of input channels kept in floating point per batch (None before any batch)."""
+        if self.batches == 0:
+            return None
+        return float(self.float_channels) / (self.batches * in_features)
+
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor, quantized_weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.input_quantizer.mode == "off":
+            return F.linear(x, quantized_weight, bias)
+        outliers = (x.detach().abs() >= self.threshold).flatten(0, -2).any(dim=0)  # (in,)
+        count = outliers.sum()
+        self.float_channels += count
+        self.batches += 1
+        if not bool(count):
+            return F.linear(self.input_quantizer(x), quantized_weight, bias)
+        if bool(outliers.all()):
+            return F.linear(x, weight, bias)
+        regular = self.input_quantizer(x.masked_fill(outliers, 0.0))  # an exact 0 stays 0 on the grid
+        with hidden_from_sums():
+            return F.linear(regular, quantized_weight, bias) + F.linear(x[..., outliers], weight[:, outliers])
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:g}"
