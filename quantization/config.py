@@ -5,16 +5,20 @@
 post-training methods' granularity, per-point bit and LLM.int8() flags) and builds the quantizer of each
 named point: weights symmetric, per tensor or per output channel; activations asymmetric unless
 `--qmethod_acts symmetric_uniform`, per tensor, per embedding group (PEG, on the points matching
-`peg_points`) or per token. `point_bits` puts the points matching a pattern (fnmatch, last rule wins) at
-their own bit width. Presets say which parts of a model stay in floating point or run at 16 bits; the model
+`peg_points`) or per token. `point_bits` puts the points matching a pattern (last rule wins) at their own
+bit width. Patterns are dotted names where `*` stands for one name segment, `**` for any number of them and
+`?` for one character of a segment: `model.decoder.layers.*.fc2.output` is every layer's fc2 output, and so
+is `**.fc2.output`, while `**.output.dense.output` in BERT also matches `attention.output.dense.output`.
+Presets say which parts of a model stay in floating point or run at 16 bits; the model
 wiring decides which modules those parts are and names the points.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from .affine import check_bits
 from .calibration import CALIBRATION_INPUTS
@@ -35,6 +39,18 @@ PER_EMBEDDING_GROUP = "per_embedding_group"
 ACT_GRANULARITIES = ("per_tensor", PER_EMBEDDING_GROUP, "per_token")
 """per_embedding_group applies to the points matching `peg_points` (the rest stay per tensor); per_token to
 every activation point."""
+
+
+@lru_cache(maxsize=256)
+def _pattern(pattern: str) -> re.Pattern:
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wildcards = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
+    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts))
+
+
+def point_matches(name: str, pattern: str) -> bool:
+    """Whether the point `name` matches `pattern` (`*`: one name segment, `**`: any, `?`: one character)."""
+    return _pattern(pattern).fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -149,11 +165,11 @@ class QuantConfig:
 
     def bits(self, name: str, default: int) -> int:
         """The bit width of the point `name`: the last `point_bits` rule matching it, else `default`."""
-        matching = [bits for pattern, bits in self.point_bits if fnmatchcase(name, pattern)]
+        matching = [bits for pattern, bits in self.point_bits if point_matches(name, pattern)]
         return matching[-1] if matching else default
 
     def is_peg_point(self, name: str) -> bool:
-        return self.act_granularity == PER_EMBEDDING_GROUP and any(fnmatchcase(name, p) for p in self.peg_points)
+        return self.act_granularity == PER_EMBEDDING_GROUP and any(point_matches(name, p) for p in self.peg_points)
 
     def weight_quantizer(self, name: str = "", n_bits: int | None = None, rows: bool = False) -> Quantizer:
         """The quantizer of the weight point `name`; `rows`: a weight with output rows (Linear, embedding), per

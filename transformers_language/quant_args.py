@@ -1,9 +1,9 @@
 """The W8A8 flags of `validate_*.py` (the paper's, and the post-training methods': granularity, PEG, per-point
 bits, LLM.int8()), resolved once into a `QuantConfig` with every combination that makes no sense refused.
 
-The per-point flags take point names or fnmatch patterns of them (quantized_model.py names the points;
-`--list_quant_points` prints them). `--point_bits MP-PTQ` is the preset of Bondarenko et al. (2021): the
-family's three outlier tensors of every layer at 16 bits.
+The per-point flags take point names or patterns of them (`*`: one name segment, `**`: any number;
+quantized_model.py names the points; `--list_quant_points` prints them). `--point_bits MP-PTQ` is the
+preset of Bondarenko et al. (2021): the family's three outlier tensors of every layer at 16 bits.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
-from fnmatch import fnmatchcase
 
 from quantization.calibration import CALIBRATION_INPUTS
 from quantization.config import (
@@ -21,6 +20,7 @@ from quantization.config import (
     QUANT_PRESETS,
     WEIGHT_GRANULARITIES,
     QuantConfig,
+    point_matches,
 )
 from quantization.decomposition import DEFAULT_THRESHOLD
 from quantization.estimators import PERCENTILE_INTERPOLATIONS
@@ -101,8 +101,8 @@ class QuantizationArgs:
     )
     point_bits: tuple[str, ...] | None = arg(
         None,
-        "Per-point bit widths: POINT=BITS rules (names or patterns, the last match wins) or MP-PTQ (the FFN "
-        "input, FFN output and FFN residual sum of every layer at 16 bits).",
+        "Per-point bit widths: POINT=BITS rules (names or patterns: * one name segment, ** any; the last match "
+        "wins) or MP-PTQ (the FFN input, FFN output and FFN residual sum of every layer at 16 bits).",
         nargs="+",
         metavar="RULE",
     )
@@ -151,7 +151,7 @@ def parse_point_bits(rules: tuple[str, ...] | None, family: Family) -> tuple[tup
         match = _RULE.match(rule)
         if match is None:
             raise UsageError(
-                f"--point_bits {rule!r}: write POINT=BITS (e.g. '*.fc2.output=16') or a preset: "
+                f"--point_bits {rule!r}: write POINT=BITS (e.g. '**.fc2.output=16') or a preset: "
                 f"{', '.join(POINT_BIT_PRESETS)}."
             )
         parsed.append((match["pattern"], int(match["bits"])))
@@ -240,7 +240,7 @@ def planned_points(config, quantization: QuantConfig) -> list[dict]:
     patterns = [("--point_bits", pattern) for pattern, _ in quantization.point_bits]
     patterns += [("--peg_points", pattern) for pattern in quantization.peg_points]
     for flag, pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in names):
+        if not any(point_matches(name, pattern) for name in names):
             raise UsageError(
                 f"{flag} {pattern!r} matches no quantization point of this model; --list_quant_points prints them."
             )
