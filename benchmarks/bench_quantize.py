@@ -1,11 +1,15 @@
-"""W8A8 validation against FP validation of the same checkpoints, in alternating fresh processes.
+"""W8A8 validation with each post-training method against FP validation of the same checkpoints, in
+alternating fresh processes.
 
 Builds BERT-small and OPT-small checkpoints as bench_validate.py does and runs `validate_*.py` on all of
-WikiText-2 valid.txt (seq 128, batch 32 / 16, fp32, 2 threads), FP and `--quantize` (W8A8, fp32_head,
-MSE weight ranges, running min-max activation ranges over 16 calibration batches of test.txt) in turn. It
-prints the wall-time ratio, the extra peak RSS and the calibration time (from the run's log).
+WikiText-2 valid.txt (seq 128, batch 32 / 16, fp32, 2 threads): FP, and `--quantize` (W8A8, fp32_head, MSE
+weight ranges, running min-max activation ranges over 16 calibration batches of test.txt) with each method:
+per-tensor (the paper's), per-channel weights, PEG (K = 6, permuted), MP-PTQ, per-token activations (with
+per-channel weights) and LLM.int8(). It prints each method's wall-time ratio to FP (targets: per-channel
+and PEG within 1.3x, per-token and LLM.int8() within 2x), the extra peak RSS and the calibration time (from
+the run's log).
 
-    python benchmarks/bench_quantize.py [--rounds 2] [--models bert opt] [--json out.json]
+    python benchmarks/bench_quantize.py [--rounds 2] [--models bert opt] [--methods per_tensor peg] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,45 +24,49 @@ from bench_validate import _process_run, prepared_checkpoints
 from common import DATA, SETUPS
 
 from transformers_language.files import write_json_atomic
+from transformers_language.quant_args import PTQ_METHODS as METHODS
 
 W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(DATA / "test.txt"))
+TARGETS = {"per_tensor": None, "per_channel": 1.3, "peg": 1.3, "mp_ptq": None, "per_token": 2.0, "llm_int8": 2.0}
 CALIBRATION = re.compile(r"Calibrated \d+ activation quantizers on \d+ \w+ blocks in ([0-9.]+) s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2, help="FP / W8A8 pairs per model.")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds of FP and every method per model.")
     parser.add_argument("--models", nargs="+", default=["bert", "opt"], choices=list(SETUPS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = parser.parse_args()
     figures = {}
     for model, checkpoint, cache in prepared_checkpoints(args.models, W8A8):  # tokenizes both splits
-        runs = {"fp": [], "w8a8": []}
+        runs = {kind: [] for kind in ("fp", *args.methods)}
         for _ in range(args.rounds):
-            for kind, extra in (("fp", ()), ("w8a8", W8A8)):
+            for kind in runs:
+                extra = () if kind == "fp" else (*W8A8, *METHODS[kind])
                 runs[kind].append(_process_run(model, checkpoint, cache, extra))
                 print(f"  {model} {kind}: {runs[kind][-1]['seconds']:.1f} s", file=sys.stderr)
         fp_s = statistics.median(r["seconds"] for r in runs["fp"])
-        q_s = statistics.median(r["seconds"] for r in runs["w8a8"])
-        calibration = [float(CALIBRATION.search(r["log"]).group(1)) for r in runs["w8a8"]]
-        figures[model] = {
-            "fp_seconds": fp_s,
-            "w8a8_seconds": q_s,
-            "wall_ratio": q_s / fp_s,
-            "fp_peak_rss_gib": max(r["peak_rss_gib"] for r in runs["fp"]),
-            "w8a8_peak_rss_gib": max(r["peak_rss_gib"] for r in runs["w8a8"]),
-            "calibration_seconds": statistics.median(calibration),
-            "fp_perplexity": runs["fp"][0]["perplexity"],
-            "w8a8_perplexity": runs["w8a8"][0]["perplexity"],
-        }
-        f = figures[model]
-        print(
-            f"{model}: FP {fp_s:.1f} s, W8A8 {q_s:.1f} s ({f['wall_ratio']:.2f}x); peak RSS "
-            f"{f['fp_peak_rss_gib']:.2f} -> {f['w8a8_peak_rss_gib']:.2f} GiB "
-            f"(+{f['w8a8_peak_rss_gib'] - f['fp_peak_rss_gib']:.2f}); "
-            f"calibration {f['calibration_seconds']:.1f} s; "
-            f"perplexity {f['fp_perplexity']:.2f} -> {f['w8a8_perplexity']:.2f}"
-        )
+        fp_rss = max(r["peak_rss_gib"] for r in runs["fp"])
+        figures[model] = {"fp_seconds": fp_s, "fp_peak_rss_gib": fp_rss, "fp_perplexity": runs["fp"][0]["perplexity"]}
+        print(f"{model}: FP {fp_s:.1f} s, peak RSS {fp_rss:.2f} GiB, perplexity {runs['fp'][0]['perplexity']:.2f}")
+        for kind in args.methods:
+            seconds = statistics.median(r["seconds"] for r in runs[kind])
+            calibration = [float(match.group(1)) for r in runs[kind] if (match := CALIBRATION.search(r["log"]))]
+            f = figures[model][kind] = {
+                "seconds": seconds,
+                "wall_ratio": seconds / fp_s,
+                "target_ratio": TARGETS[kind],
+                "peak_rss_gib": max(r["peak_rss_gib"] for r in runs[kind]),
+                "calibration_seconds": statistics.median(calibration) if calibration else 0.0,
+                "perplexity": runs[kind][0]["perplexity"],
+            }
+            target = "" if TARGETS[kind] is None else f" (target {TARGETS[kind]}x)"
+            print(
+                f"  {kind}: {seconds:.1f} s, {f['wall_ratio']:.2f}x FP{target}; peak RSS +"
+                f"{f['peak_rss_gib'] - fp_rss:.2f} GiB; calibration {f['calibration_seconds']:.1f} s; "
+                f"perplexity {f['perplexity']:.2f}"
+            )
     if args.json:
         write_json_atomic(Path(args.json), figures)
 

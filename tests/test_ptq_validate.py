@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.test_validate import CALIBRATION_DATA, checkpoints, run_validate, validate_argv  # noqa: F401
+from tests.test_validate import CALIBRATION_DATA, REPO, checkpoints, run_validate, validate_argv  # noqa: F401
 
 METHODS = {
     "per_tensor": [],
@@ -124,3 +124,33 @@ def test_each_senseless_combination_is_one_clear_error(flags, message, checkpoin
     argv = validate_argv("opt", checkpoints["opt"], tmp_path / "val", data_cache, "--quantize", *CALIBRATION_DATA)
     with pytest.raises(ValueError, match=message):
         run_validate("opt", [*argv, *flags])
+
+
+def test_the_ptq_table_script_writes_one_row_per_method_and_bit_setting(checkpoints, tmp_path, data_cache):  # noqa: F811
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ptq_table", REPO / "scripts" / "ptq_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "table"
+    # The script passes the checkpoint and each run's output folder itself.
+    passed = [*validate_argv("bert", checkpoints["bert"], tmp_path / "unused", data_cache)[2:-2], *CALIBRATION_DATA]
+    argv = ["--model_name_or_path", str(checkpoints["bert"]), "--output_dir", str(out), "--bits", "W8A8", "W4A8"]
+    rows = module.main([*argv, "--methods", "per_tensor", "llm_int8", "--", *passed, "--est_num_batches", "2"])
+    assert [(r["bits"], r["method"]) for r in rows] == [
+        ("FP", "fp"),
+        ("W8A8", "per_tensor"),
+        ("W8A8", "llm_int8"),
+        ("W4A8", "per_tensor"),
+        ("W4A8", "llm_int8"),
+    ]
+    written = json.loads((out / "ptq_table.json").read_text())["rows"]
+    assert written == json.loads(json.dumps(rows)) and rows[0]["gap"] == 0
+    for row in rows[1:]:
+        results = json.loads((out / row["bits"] / row["method"] / "all_results.json").read_text())
+        assert results["perplexity"] == row["perplexity"]
+        assert row["gap"] == pytest.approx(row["perplexity"] - rows[0]["perplexity"])
+        assert results["settings"]["quantization"]["n_bits"] == int(row["bits"][1])
+    assert "llm_int8_mean_float_channel_share" in rows[2]
+    markdown = (out / "ptq_table.md").read_text().splitlines()
+    assert len(markdown) == 2 + len(rows) and markdown[3].startswith("| W8A8 | per_tensor |")

@@ -257,3 +257,16 @@ def planned_points(config, quantization: QuantConfig) -> list[dict]:
                     f"--peg_groups {quantization.peg_groups} exceeds the {channels} channels of {row['name']}."
                 )
     return rows
+
+
+# The post-training methods side by side (scripts/ptq_table.py, benchmarks/bench_quantize.py): name -> flags.
+PTQ_METHODS = {
+    "per_tensor": (),
+    "per_channel": ("--weight_granularity", "per_channel"),
+    "peg": ("--act_granularity", PER_EMBEDDING_GROUP, "--peg_groups", "6", "--peg_permute"),
+    "mp_ptq": ("--point_bits", "MP-PTQ"),
+    "per_token": ("--act_granularity", "per_token", "--weight_granularity", "per_channel"),
+    "llm_int8": ("--llm_int8",),
+}
+# Bit settings by their usual names -> (--n_bits, --n_bits_act).
+BIT_SETTINGS = {"W8A8": (8, 8), "W6A8": (6, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
