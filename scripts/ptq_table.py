@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.families import get_family  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
-from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS  # noqa: E402
+from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS, QuantizationArgs  # noqa: E402
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -44,6 +45,27 @@ def model_type_of(checkpoint: str) -> str:
             f"--model_name_or_path {checkpoint}: no config.json; pass a folder written by run_mlm / run_clm."
         )
     return json.loads(config.read_text())["model_type"]
+
+
+def float_argv(passed: list[str]) -> list[str]:
+    """`passed` without what only configures --quantize (the calibration data and the W8A8 flags), which the
+    FP run refuses."""
+    arity = {"--train_file": 1, "--train_percentage": 1}
+    for item in fields(QuantizationArgs):
+        options = item.metadata["options"]
+        arity[f"--{item.name}"] = 0 if options.get("action") == "store_true" else options.get("nargs", 1)
+    kept, index = [], 0
+    while index < len(passed):
+        flag = passed[index]
+        count = arity.get(flag.split("=")[0]) if flag.startswith("--") else None
+        index += 1
+        if count is None:
+            kept.append(flag)
+        elif "=" not in flag:
+            while count and index < len(passed) and not passed[index].startswith("--"):
+                index += 1
+                count = count if count == "+" else count - 1
+    return kept
 
 
 def table(rows: list[dict]) -> str:
@@ -77,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for bits, method, flags in runs:
         start = time.perf_counter()
         run_argv = ["--model_name_or_path", args.model_name_or_path, "--output_dir", str(output / bits / method)]
-        results = validate(objective, [*run_argv, *passed, *flags])
+        results = validate(objective, [*run_argv, *(passed if flags else float_argv(passed)), *flags])
         row = {"bits": bits, "method": method, "perplexity": results["perplexity"]}
         row["seconds"] = time.perf_counter() - start
         if "llm_int8_mean_float_channel_share" in results:

@@ -103,6 +103,7 @@ def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_pat
         (["--llm_int8_threshold", "4"], r"--llm_int8_threshold sets the LLM.int8\(\) threshold: add --llm_int8"),
         (["--llm_int8", "--act_granularity", "per_token"], r"--act_granularity do not apply with --llm_int8"),
         (["--llm_int8", "--llm_int8_threshold", "-1"], r"--llm_int8_threshold must be >= 0"),
+        (["--llm_int8", "--quant_setup", "fp32_head+int16_all_LN"], r"--llm_int8 quantizes only the Linears"),
         (["--act_granularity", "per_token", "--ranges_acts", "MSE"], r"--ranges_acts do not apply with --act_gr"),
         (["--no_act_quant", "--act_granularity", "per_token"], r"which --no_act_quant turns off"),
         (["--no_weight_quant", "--weight_granularity", "per_channel"], r"which --no_weight_quant turns off"),
