@@ -173,7 +173,8 @@ def _check_combinations(flags: QuantizationArgs, defaults: QuantizationArgs) -> 
         if weight:
             raise UsageError(f"{', '.join(weight)} configure weight quantization, which --no_weight_quant turns off.")
     if flags.llm_int8:
-        if QUANT_PRESETS[flags.quant_setup].int16_layernorms != "none":
+        preset = QUANT_PRESETS.get(flags.quant_setup)  # an unknown name is QuantConfig's error
+        if preset is not None and preset.int16_layernorms != "none":
             raise UsageError(
                 f"--quant_setup {flags.quant_setup} sets LayerNorm bits, but --llm_int8 quantizes only the Linears: "
                 "use fp32_head or all."
