@@ -79,22 +79,13 @@ class GroupQuantizer(Quantizer):
         elif self.permutation.numel() != channels:
             raise ValueError(f"This quantizer grouped {self.permutation.numel()} channels, got {channels}.")
 
-    def _channel_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def calibrated_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each channel's (low, high): the range of its group."""
         group_of = torch.empty_like(self.permutation)
         for index, members in enumerate(self.members()):
             group_of[members] = index
         lows, highs = zip(*(estimator.range() for estimator in self.group_estimators), strict=True)
         return torch.stack(lows)[group_of], torch.stack(highs)[group_of]
-
-    @torch.no_grad()
-    def freeze(self) -> None:
-        low, high = self._channel_ranges()
-        scale, zero_point, q_min, q_max = scale_and_zero_point(low, high, self.n_bits, self.symmetric)
-        self.scale, self.zero_point = scale, zero_point
-        self.grid_bounds = torch.tensor([q_min, q_max], device=scale.device)
-        self._cache_host_grid()
-        self.mode = "quantize"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "order":
@@ -110,7 +101,7 @@ class GroupQuantizer(Quantizer):
                 estimator.observe(values.index_select(-1, members))
         if not self.quantize_while_observing:
             return x
-        scale, zero_point, q_min, q_max = scale_and_zero_point(*self._channel_ranges(), self.n_bits, self.symmetric)
+        scale, zero_point, q_min, q_max = scale_and_zero_point(*self.calibrated_range(), self.n_bits, self.symmetric)
         return fake_quantize(x, scale, zero_point, q_min, q_max, -1)
 
     def _after_load(self) -> None:

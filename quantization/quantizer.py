@@ -124,10 +124,14 @@ class Quantizer(CalibratedState):
         """Whether its range comes from calibration data (a dynamic quantizer's does not)."""
         return True
 
+    def calibrated_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (low, high) that `freeze` fixes: the estimator's, per tensor or per channel."""
+        return self.estimator.range()
+
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix the range from what the estimator has seen; quantize from now on."""
-        low, high = self.estimator.range()
+        low, high = self.calibrated_range()
         scale, zero_point, q_min, q_max = scale_and_zero_point(low, high, self.n_bits, self.symmetric)
         self.scale, self.zero_point = scale, zero_point
         self.grid_bounds = torch.tensor([q_min, q_max], device=scale.device)

@@ -52,7 +52,7 @@ def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Insert every quantizer of `config` into `model` (in place; all start off: calibrate, then quantize).
-    Each gets its public point name (POINT_NAMES), recorded in `model.quantization_points`."""
+    Each gets its public point name (the module docstring), recorded in `model.quantization_points`."""
     wiring = model.family.wiring
     preset = config.preset
     layers = model.transformer_layers()
