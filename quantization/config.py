@@ -109,14 +109,13 @@ class QuantConfig:
         for flag, valid in (
             ("percentile_interpolation", PERCENTILE_INTERPOLATIONS),
             ("calibration_inputs", CALIBRATION_INPUTS),
+            ("weight_granularity", WEIGHT_GRANULARITIES),
+            ("act_granularity", ACT_GRANULARITIES),
         ):
             if getattr(self, flag) not in valid:
                 raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
         if self.quant_setup not in QUANT_PRESETS:
             raise ValueError(f"Unknown --quant_setup {self.quant_setup!r}; valid presets: {', '.join(QUANT_PRESETS)}.")
-        for flag, valid in (("weight_granularity", WEIGHT_GRANULARITIES), ("act_granularity", ACT_GRANULARITIES)):
-            if getattr(self, flag) not in valid:
-                raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
         if self.peg_groups < 1:
             raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
         for pattern, bits in self.point_bits:

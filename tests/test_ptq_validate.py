@@ -77,6 +77,7 @@ def test_fewer_bits_lose_more(checkpoints, tmp_path, data_cache):  # noqa: F811
 
 def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_path, data_cache, capsys):  # noqa: F811
     argv = validate_argv("opt", checkpoints["opt"], tmp_path / "val", data_cache, "--list_quant_points")
+    argv[argv.index("--validation_file") + 1] = str(tmp_path / "missing.txt")  # listing reads no data
     listed = run_validate("opt", [*argv, "--point_bits", "**.fc2.output=16", "--weight_granularity", "per_channel"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(listed["points"]) > 0

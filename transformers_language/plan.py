@@ -35,7 +35,8 @@ from .model_loading import (
     resolve_method,
     sequence_length,
 )
-from .quant_args import calibration_batch_size, planned_points, quant_config_from_args
+from .quant_args import calibration_batch_size, quant_config_from_args
+from .quantized_model import planned_points
 
 NOT_PLANNED = ("dry_run", "list_quant_points")  # flags that say how a plan is used, not what it is
 
@@ -135,7 +136,9 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
 def resolve_validation(args: argparse.Namespace, family: Family, script: str) -> Plan:
     """The plan of an evaluation: the checkpoint's config and method (flags may repeat it, never contradict it),
     its block layout unless --block_layout is given, and the W8A8 settings."""
-    check_data_sources(args, ("validation",))
+    listing = args.list_quant_points  # reads the checkpoint's config alone
+    if not listing:
+        check_data_sources(args, ("validation",))
     quantization = quant_config_from_args(args)
     config = load_checkpoint_config(args, script)
     layout_source = resolve_block_layout(args, args.model_name_or_path)
@@ -146,7 +149,8 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
     check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
     calibrate_on_train = args.quantize and args.calibration_split == "train"
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
-    check_data_sources(args, splits)
+    if not listing:
+        check_data_sources(args, splits)
     calibration, points = None, ()
     if quantization is not None:
         points = tuple(planned_points(config, quantization))

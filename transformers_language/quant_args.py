@@ -20,7 +20,6 @@ from quantization.config import (
     QUANT_PRESETS,
     WEIGHT_GRANULARITIES,
     QuantConfig,
-    point_matches,
 )
 from quantization.decomposition import DEFAULT_THRESHOLD
 from quantization.estimators import PERCENTILE_INTERPOLATIONS
@@ -28,9 +27,7 @@ from quantization.estimators import PERCENTILE_INTERPOLATIONS
 from .arguments import add_group, arg, parse_group
 from .errors import UsageError
 from .families import Family, get_family
-from .quantized_model import describe_points, outlier_point_patterns, quantize_model
-
-ATTENTION_CHANNELLESS = (".scores", ".probs")  # their last dimension is the key positions, not channels
+from .quantized_model import outlier_point_patterns
 
 CALIBRATION_SPLITS = ("train", "validation")
 # Named --point_bits presets -> (the family's point patterns, bits).
@@ -221,48 +218,6 @@ def quant_config_from_args(args) -> QuantConfig | None:
         )
     except ValueError as error:  # its message names the flag
         raise UsageError(str(error)) from error
-
-
-def _channels(model, point: str) -> int:
-    """The last dimension of the activation at `point`: a Linear's or LayerNorm's width, else the hidden size."""
-    if point.endswith(".output"):
-        module = model.get_submodule(point.removesuffix(".output"))
-        return getattr(module, "out_features", None) or module.normalized_shape[-1]
-    return model.config.hidden_size
-
-
-def planned_points(config, quantization: QuantConfig) -> list[dict]:
-    """The quantization points (describe_points) of the model of `config` under `quantization`, from a build on
-    the meta device; a --point_bits or --peg_points pattern that matches no point, or PEG on a tensor that has
-    no channels to group, is an error here, before any weights load."""
-    import torch
-
-    from .model_loading import model_class
-
-    with torch.device("meta"):
-        model = model_class(config.model_type)(config)
-    rows = describe_points(quantize_model(model, quantization))
-    names = [row["name"] for row in rows]
-    patterns = [("--point_bits", pattern) for pattern, _ in quantization.point_bits]
-    patterns += [("--peg_points", pattern) for pattern in quantization.peg_points]
-    for flag, pattern in patterns:
-        if not any(point_matches(name, pattern) for name in names):
-            raise UsageError(
-                f"{flag} {pattern!r} matches no quantization point of this model; --list_quant_points prints them."
-            )
-    for row in rows:
-        if row["granularity"].startswith(PER_EMBEDDING_GROUP):
-            if row["kind"] == "weight" or row["name"].endswith(ATTENTION_CHANNELLESS):
-                raise UsageError(
-                    f"--peg_points: {row['name']} has no embedding channels to group (PEG groups the hidden "
-                    "channels of an activation); narrow the pattern."
-                )
-            channels = _channels(model, row["name"])
-            if quantization.peg_groups > channels:
-                raise UsageError(
-                    f"--peg_groups {quantization.peg_groups} exceeds the {channels} channels of {row['name']}."
-                )
-    return rows
 
 
 # The post-training methods side by side (scripts/ptq_table.py, benchmarks/bench_quantize.py): name -> flags.

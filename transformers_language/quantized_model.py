@@ -25,16 +25,21 @@ Every quantizer has a public point name, which the per-point flags match and the
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from quantization.config import HIGH_PRECISION_BITS, QuantConfig
+from quantization.config import HIGH_PRECISION_BITS, PER_EMBEDDING_GROUP, QuantConfig, point_matches
 from quantization.dynamic import TokenQuantizer
 from quantization.groups import GroupQuantizer
 from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
+from .errors import UsageError
+from .models import model_class
+
 ATTENTION_POINTS = ("scores", "probs", "context")
+ATTENTION_CHANNELLESS = (".scores", ".probs")  # their last dimension is the key positions, not channels
 
 
 def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
@@ -157,3 +162,41 @@ def llm_int8_shares(model: nn.Module) -> dict[str, float]:
             if share is not None:
                 shares[name] = share
     return shares
+
+
+def _channels(model, point: str) -> int:
+    """The last dimension of the activation at `point`: a Linear's or LayerNorm's width, else the hidden size."""
+    if point.endswith(".output"):
+        module = model.get_submodule(point.removesuffix(".output"))
+        return getattr(module, "out_features", None) or module.normalized_shape[-1]
+    return model.config.hidden_size
+
+
+def planned_points(config, quantization: QuantConfig) -> list[dict]:
+    """The quantization points (describe_points) of the model of `config` under `quantization`, from a build on
+    the meta device; a --point_bits or --peg_points pattern that matches no point, or PEG on a tensor that has
+    no channels to group, is an error here, before any weights load."""
+    with torch.device("meta"):
+        model = model_class(config.model_type)(config)
+    rows = describe_points(quantize_model(model, quantization))
+    names = [row["name"] for row in rows]
+    patterns = [("--point_bits", pattern) for pattern, _ in quantization.point_bits]
+    patterns += [("--peg_points", pattern) for pattern in quantization.peg_points]
+    for flag, pattern in patterns:
+        if not any(point_matches(name, pattern) for name in names):
+            raise UsageError(
+                f"{flag} {pattern!r} matches no quantization point of this model; --list_quant_points prints them."
+            )
+    for row in rows:
+        if row["granularity"].startswith(PER_EMBEDDING_GROUP):
+            if row["kind"] == "weight" or row["name"].endswith(ATTENTION_CHANNELLESS):
+                raise UsageError(
+                    f"--peg_points: {row['name']} has no embedding channels to group (PEG groups the hidden "
+                    "channels of an activation); narrow the pattern."
+                )
+            channels = _channels(model, row["name"])
+            if quantization.peg_groups > channels:
+                raise UsageError(
+                    f"--peg_groups {quantization.peg_groups} exceeds the {channels} channels of {row['name']}."
+                )
+    return rows
