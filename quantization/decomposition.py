@@ -4,8 +4,8 @@ The input channels whose |x| reaches the threshold anywhere in the current batch
 floating point (with the float weight columns); the rest of the input is quantized per token (a dynamic
 quantizer) and multiplied with the quantized weight (per output channel, set up by the caller). With no
 outlier channel this is exactly the plain quantized Linear, and with every channel an outlier exactly the
-float one. The share of channels kept in floating point is accumulated on the device (one count per batch,
-read once) for the report.
+float one. The share of channels kept in floating point is accumulated on the device (read once, after the
+evaluation) for the report.
 """
 
 from __future__ import annotations
@@ -29,18 +29,17 @@ class OutlierDecomposition(nn.Module):
             raise ValueError(f"The outlier threshold must be >= 0 (inf: no decomposition), got {threshold}.")
         self.input_quantizer = input_quantizer
         self.threshold = threshold
-        self.register_buffer("float_channels", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.batches = 0
+        # Counts on the device: (input channels kept in floating point, batches), summed over batches.
+        self.register_buffer("counts", torch.zeros(2, dtype=torch.float64), persistent=False)
 
     def reset_statistics(self) -> None:
-        self.float_channels.zero_()
-        self.batches = 0
+        self.counts.zero_()
 
-    def float_channel_share(self, in_features: int) -> float | None:
-        """The mean share of input channels kept in floating point per batch (None before any batch)."""
-        if self.batches == 0:
-            return None
-        return float(self.float_channels) / (self.batches * in_features)
+    def float_channel_share(self, in_features: int, counts: torch.Tensor | None = None) -> float | None:
+        """The mean share of input channels kept in floating point per batch (None before any batch), from this
+        module's counts or from `counts` (e.g. summed over processes)."""
+        float_channels, batches = (self.counts if counts is None else counts).tolist()
+        return None if batches == 0 else float_channels / (batches * in_features)
 
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor, quantized_weight: torch.Tensor, bias: torch.Tensor | None
@@ -49,8 +48,7 @@ class OutlierDecomposition(nn.Module):
             return F.linear(x, quantized_weight, bias)
         outliers = (x.detach().abs() >= self.threshold).flatten(0, -2).any(dim=0)  # (in,)
         count = outliers.sum()
-        self.float_channels += count
-        self.batches += 1
+        self.counts += torch.stack([count.to(self.counts.dtype), self.counts.new_ones(())])
         if not bool(count):
             return F.linear(self.input_quantizer(x), quantized_weight, bias)
         if bool(outliers.all()):

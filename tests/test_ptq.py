@@ -344,3 +344,16 @@ def test_each_method_recovers_most_of_what_per_tensor_w8a8_loses_on_a_planted_ou
     for name, config in _methods(model_type).items():
         gap = _quantized_perplexity(model, model_type, config) - fp
         assert gap < 0.5 * per_tensor_gap, (name, gap, per_tensor_gap)
+
+
+def test_a_calibrated_peg_model_reloads_with_its_groups(model_type):
+    points = outlier_point_patterns(FAMILIES[model_type])
+    config = QuantConfig(act_granularity="per_embedding_group", peg_groups=3, peg_permute=True, peg_points=points)
+    model = quantize_model(_tiny(model_type), config)
+    _calibrate(model, config)
+    fresh = quantize_model(_tiny(model_type), config)
+    fresh.load_state_dict(model.state_dict())
+    grouped = [q for q in fresh.quantization_points.values() if isinstance(q, GroupQuantizer)]
+    assert len(grouped) == 3 * 2 and all(q.mode == "quantize" and not q.needs_channel_order for q in grouped)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=_ids(7)).logits, model(input_ids=_ids(7)).logits)

@@ -152,15 +152,19 @@ def describe_points(model: nn.Module) -> list[dict]:
     return rows
 
 
-def llm_int8_shares(model: nn.Module) -> dict[str, float]:
-    """The share of input channels each decomposed Linear kept in floating point, by Linear name."""
+def llm_int8_shares(model: nn.Module, reduce=None) -> dict[str, float]:
+    """The share of input channels each decomposed Linear kept in floating point, by Linear name; `reduce`
+    (e.g. a sum over processes) maps the stacked (Linears, 2) counts before the division."""
+    linears = [(name, m) for name, m in model.named_modules() if getattr(m, "decomposition", None) is not None]
+    if not linears:
+        return {}
+    counts = torch.stack([module.decomposition.counts for _, module in linears])
+    counts = counts if reduce is None else reduce(counts)
     shares = {}
-    for name, module in model.named_modules():
-        decomposition = getattr(module, "decomposition", None)
-        if decomposition is not None:
-            share = decomposition.float_channel_share(module.in_features)
-            if share is not None:
-                shares[name] = share
+    for (name, module), linear_counts in zip(linears, counts, strict=True):
+        share = module.decomposition.float_channel_share(module.in_features, linear_counts)
+        if share is not None:
+            shares[name] = share
     return shares
 
 

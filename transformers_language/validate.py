@@ -42,7 +42,7 @@ from .outlier_report import log_results, outlier_results
 from .plan import Plan, resolve_validation
 from .quant_args import add_quantization_args
 from .quantized_model import llm_int8_shares, quantize_model
-from .runtime import check_launch, print_dry_run, setup_logging
+from .runtime import check_launch, print_dry_run, setup_logging, sum_across_processes
 
 logger = logging.getLogger(__name__)
 CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
@@ -178,7 +178,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     results |= outlier_results(
         figures, attention_stats.synced(accelerator), model.headlines, tokenizer, args.outlier_top_k
     )
-    shares = llm_int8_shares(model)
+    shares = llm_int8_shares(model, lambda counts: sum_across_processes(accelerator, [counts])[0])
     if shares:
         results["llm_int8_float_channel_share"] = shares
         results["llm_int8_mean_float_channel_share"] = sum(shares.values()) / len(shares)
