@@ -7,16 +7,10 @@ import math
 import pytest
 
 from tests.test_validate import CALIBRATION_DATA, REPO, checkpoints, run_validate, validate_argv  # noqa: F401
+from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS
 
-METHODS = {
-    "per_tensor": [],
-    "per_channel": ["--weight_granularity", "per_channel"],
-    "peg": ["--act_granularity", "per_embedding_group", "--peg_groups", "6", "--peg_permute"],
-    "mp_ptq": ["--point_bits", "MP-PTQ"],
-    "per_token": ["--act_granularity", "per_token", "--weight_granularity", "per_channel"],
-    "llm_int8": ["--llm_int8"],
-}
-BITS = {"W8A8": ("8", "8"), "W6A6": ("6", "6"), "W4A8": ("4", "8"), "W6A8": ("6", "8")}
+METHODS = {name: list(flags) for name, flags in PTQ_METHODS.items()}
+BITS = {name: (str(n_bits), str(n_bits_act)) for name, (n_bits, n_bits_act) in BIT_SETTINGS.items()}
 
 
 def _quantized(model_type, checkpoints, tmp_path, data_cache, *flags):  # noqa: F811
@@ -26,9 +20,16 @@ def _quantized(model_type, checkpoints, tmp_path, data_cache, *flags):  # noqa: 
     return returned, json.loads((out / "all_results.json").read_text())
 
 
+@pytest.mark.parametrize("bits", sorted(BITS))
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_end_to_end_and_records_its_settings(model_type, method, checkpoints, tmp_path, data_cache):  # noqa: F811
-    bits = {"bert": "W6A6", "opt": "W4A8"}[model_type]
+def test_every_method_runs_end_to_end_and_records_its_settings(
+    model_type,
+    method,
+    bits,
+    checkpoints,  # noqa: F811
+    tmp_path,
+    data_cache,
+):
     n_bits, n_bits_act = BITS[bits]
     returned, results = _quantized(
         model_type, checkpoints, tmp_path, data_cache, "--n_bits", n_bits, "--n_bits_act", n_bits_act, *METHODS[method]
