@@ -23,7 +23,13 @@ from transformers_language import AttentionConfig, build_model
 from transformers_language.families import FAMILIES
 from transformers_language.quantized_model import outlier_point_patterns, quantize_model
 
-ESTIMATORS = [("current_minmax", {}), ("running_minmax", {}), ("MSE", {}), ("current_minmax", {"percentile": 99.0})]
+ESTIMATORS = [
+    ("current_minmax", {}),
+    ("running_minmax", {}),
+    ("MSE", {}),
+    ("L2.4", {}),
+    ("current_minmax", {"percentile": 99.0}),
+]
 
 
 def _activations(seed: int, channels: int = 24) -> torch.Tensor:
