@@ -39,3 +39,30 @@ def scale_and_zero_point(
     scale = ((high - low) / q_max).clamp_min(tiny)
     zero_point = torch.round(-low / scale).clamp(q_min, q_max).to(torch.int32)
     return scale, zero_point, q_min, q_max
+
+
+def round_straight_through(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, the identity's gradient backward."""
+    return x + (x.round() - x).detach()
+
+
+def learnable_fake_quantize(
+    x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, n_bits: int, symmetric: bool
+) -> torch.Tensor:
+    """Quantize-dequantize `x` on the grid `scale_and_zero_point(low, high)` gives (per tensor), differentiable
+    in `low` and `high`: rounding passes the gradient straight through, clamping stops it outside the grid. Its
+    values are those of the frozen quantizer of that range (round(x / s) + z, then clamp, minus z, times s)."""
+    values = x.float()
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        signed = bool(low.detach() < 0)
+        q_min, q_max = grid(n_bits, True, signed)
+        absmax = torch.maximum(high.abs(), low.abs()) if signed else high.clamp_min(0)
+        scale = (absmax / q_max).clamp_min(tiny)
+        return (round_straight_through(values / scale).clamp(q_min, q_max) * scale).to(x.dtype)
+    q_min, q_max = grid(n_bits, False, False)
+    low, high = low.clamp_max(0), high.clamp_min(0)
+    scale = ((high - low) / q_max).clamp_min(tiny)
+    zero = round_straight_through(-low / scale).clamp(q_min, q_max)
+    quantized = (round_straight_through(values / scale) + zero).clamp(q_min, q_max) - zero
+    return (quantized * scale).to(x.dtype)

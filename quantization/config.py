@@ -5,7 +5,8 @@
 post-training methods' granularity, per-point bit and LLM.int8() flags) and builds the quantizer of each
 named point: weights symmetric, per tensor or per output channel; activations asymmetric unless
 `--qmethod_acts symmetric_uniform`, per tensor, per embedding group (PEG, on the points matching
-`peg_points`) or per token. `point_bits` puts the points matching a pattern (last rule wins) at their own
+`peg_points`) or per token, with token-wise clipping ranges on the points matching `token_clipping_points`
+(the PEG points excepted). `point_bits` puts the points matching a pattern (last rule wins) at their own
 bit width. Patterns are dotted names where `*` stands for one name segment, `**` for any number of them and
 `?` for one character of a segment: `model.decoder.layers.*.fc2.output` is every layer's fc2 output, and so
 is `**.fc2.output`, while `**.output.dense.output` in BERT also matches `attention.output.dense.output`.
@@ -27,6 +28,8 @@ from .dynamic import TokenQuantizer
 from .estimators import PERCENTILE_INTERPOLATIONS
 from .groups import GroupQuantizer
 from .quantizer import Quantizer
+from .token_clipping import DEFAULT_QUANTILES, TokenQuantileEstimator
+from .transforms import TRANSFORMS
 
 ACT_METHODS = ("asymmetric_uniform", "symmetric_uniform")
 # Flag spellings of the paper's scripts -> estimator registry names.
@@ -97,6 +100,20 @@ class QuantConfig:
     llm_int8_threshold: float | None = None
     """LLM.int8() decomposition in every quantized Linear at this |x| threshold (None: off). The Linear's input
     is then quantized per token inside it, its weight per output channel; no other activation is quantized."""
+    transforms: tuple[str, ...] = ()
+    """Equivalent transforms (transforms.TRANSFORMS) applied to the float model before quantizing, in that
+    registry's order."""
+    smoothquant_alpha: float = 0.5
+    """SmoothQuant's migration strength (0: all onto the activations' side, 1: all onto the weights')."""
+    os_plus_grid: int = 20
+    """OS+: candidate thresholds t searched per LayerNorm."""
+    token_clipping_points: tuple[str, ...] = ()
+    """Name patterns of the activation points whose ranges come from token-wise clipping (token_quantile)."""
+    token_clipping_quantiles: tuple[float, ...] = DEFAULT_QUANTILES
+    """Token-wise clipping's grid of quantiles q, searched on the final output's loss (one value: no search)."""
+    token_clipping_fine_steps: int = 0
+    """Token-wise clipping's fine stage: steps of learning the clipping ranges (0: coarse stage only)."""
+    token_clipping_learning_rate: float = 1e-2
 
     def __post_init__(self):
         for flag in ("n_bits", "n_bits_act"):
@@ -116,6 +133,30 @@ class QuantConfig:
                 raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
         if self.quant_setup not in QUANT_PRESETS:
             raise ValueError(f"Unknown --quant_setup {self.quant_setup!r}; valid presets: {', '.join(QUANT_PRESETS)}.")
+        unknown = [name for name in self.transforms if name not in TRANSFORMS]
+        if unknown:
+            raise ValueError(f"Unknown equivalent transform {unknown[0]!r}; valid: {', '.join(TRANSFORMS)}.")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"--smoothquant_alpha lies in [0, 1], got {self.smoothquant_alpha}.")
+        if self.os_plus_grid < 1:
+            raise ValueError(f"--os_plus_grid must be positive, got {self.os_plus_grid}.")
+        for quantile in self.token_clipping_quantiles:
+            if not 0.5 < quantile <= 1.0:
+                raise ValueError(f"--token_clipping_quantiles: each lies in (0.5, 1], got {quantile}.")
+        if not self.token_clipping_quantiles:
+            raise ValueError("--token_clipping_quantiles needs at least one quantile.")
+        if self.token_clipping_fine_steps < 0 or not self.token_clipping_learning_rate > 0:
+            raise ValueError("--token_clipping_fine_steps must be >= 0 and --token_clipping_learning_rate > 0.")
+        if self.token_clipping_points and (self.act_granularity == "per_token" or self.llm_int8_threshold is not None):
+            raise ValueError(
+                "Token-wise clipping sets static activation ranges: it does not combine with per-token (dynamic) "
+                "activations or --llm_int8."
+            )
+        if TokenQuantileEstimator.name in (self.ranges_acts, self.ranges_weights):
+            raise ValueError(
+                f"{TokenQuantileEstimator.name} is token-wise clipping's estimator: use --token_clipping "
+                "(--token_clipping_points chooses the points)."
+            )
         if self.peg_groups < 1:
             raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
         for pattern, bits in self.point_bits:
@@ -170,6 +211,9 @@ class QuantConfig:
     def is_peg_point(self, name: str) -> bool:
         return self.act_granularity == PER_EMBEDDING_GROUP and any(point_matches(name, p) for p in self.peg_points)
 
+    def is_token_clipping_point(self, name: str) -> bool:
+        return any(point_matches(name, p) for p in self.token_clipping_points)
+
     def weight_quantizer(self, name: str = "", n_bits: int | None = None, rows: bool = False) -> Quantizer:
         """The quantizer of the weight point `name`; `rows`: a weight with output rows (Linear, embedding), per
         channel under `weight_granularity` per_channel or LLM.int8()."""
@@ -201,6 +245,8 @@ class QuantConfig:
             return GroupQuantizer(
                 bits, self.symmetric_acts, self.ranges_acts, self.peg_groups, self.peg_permute, True, **options
             )
+        if self.is_token_clipping_point(name):  # starts at q = 1; the search sets the quantile
+            return Quantizer(bits, symmetric=self.symmetric_acts, estimator=TokenQuantileEstimator.name, in_place=True)
         return Quantizer(bits, symmetric=self.symmetric_acts, estimator=self.ranges_acts, in_place=True, **options)
 
     def decomposition(self, name: str = "") -> OutlierDecomposition | None:

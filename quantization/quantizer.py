@@ -7,7 +7,8 @@ an integer zero point. Symmetric grids are signed [-2^(b-1), 2^(b-1) - 1] with z
 A quantizer has three modes. `off` passes values through. `observe` feeds its range estimator (calibration)
 and passes values through, or, with `quantize_while_observing`, fake-quantizes them with the range estimated
 so far (calibration as the paper's code ran it: each quantizer sees the quantized outputs of the ones
-upstream). `quantize` fake-quantizes with the frozen range. The frozen scale and zero point
+upstream). `quantize` fake-quantizes with the frozen range. `learn` fake-quantizes with a range being learnt
+(`learnable_range`, set by token_clipping.learn_ranges), differentiable in its ends. The frozen scale and zero point
 are buffers, so a calibrated model saves and reloads them with its state. The arithmetic is torch's fused
 fake-quantize kernel: round-to-nearest-even, and a straight-through gradient inside the range (zero
 outside); without a gradient, the same arithmetic as plain tensor ops (bit-identical, faster on CPU).
@@ -25,7 +26,7 @@ from .buffers import CalibratedState
 from .estimators import RangeEstimator, build_estimator
 from .sums import hidden_from_sums
 
-MODES = ("off", "observe", "quantize")
+MODES = ("off", "observe", "quantize", "learn")
 
 
 def fake_quantize(
@@ -99,6 +100,7 @@ class Quantizer(CalibratedState):
         self.q_range: tuple[int, int] | None = None  # host copy of grid_bounds, read every forward
         self.shifted_bounds: tuple[float, float] | None = None  # per tensor: q_range minus the zero point
         self.channel_grid: tuple[torch.Tensor, ...] | None = None  # per channel: 1 / s, s, shifted bounds
+        self.learnable_range = None  # mode `learn`: a callable x -> fake-quantized x with learnt ends
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.register_buffer("grid_bounds", torch.empty(0, dtype=torch.int64))
@@ -108,6 +110,8 @@ class Quantizer(CalibratedState):
             raise ValueError(f"Unknown quantizer mode {mode!r}; valid modes: {', '.join(MODES)}.")
         if mode == "quantize" and not self.is_frozen:
             raise RuntimeError("This quantizer has no range yet: calibrate (observe, then freeze) first.")
+        if mode == "learn" and self.learnable_range is None:
+            raise RuntimeError("Set `learnable_range` before learning a range (token_clipping.learn_ranges does).")
         self.mode = mode
 
     @property
@@ -129,9 +133,10 @@ class Quantizer(CalibratedState):
         return self.estimator.range()
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Fix the range from what the estimator has seen; quantize from now on."""
-        low, high = self.calibrated_range()
+    def freeze(self, low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> None:
+        """Fix the range from what the estimator has seen (or to `low`, `high`); quantize from now on."""
+        if low is None or high is None:
+            low, high = self.calibrated_range()
         scale, zero_point, q_min, q_max = scale_and_zero_point(low, high, self.n_bits, self.symmetric)
         self.scale, self.zero_point = scale, zero_point
         self.grid_bounds = torch.tensor([q_min, q_max], device=scale.device)
@@ -151,6 +156,9 @@ class Quantizer(CalibratedState):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
             return x
+        if self.mode == "learn":
+            with hidden_from_sums():
+                return self.learnable_range(x)
         if self.mode == "observe":
             with hidden_from_sums():
                 self.estimator.observe(x.detach())

@@ -44,6 +44,24 @@ class Headline:
     reduce: str = "max"
 
 
+LAYER_INPUT = "<layer input>"
+"""A `NormReaders.norm` that is not inside the layer: the LayerNorm whose output is the layer's input (post-LN:
+the previous layer's `Wiring.layer_output_norm`, or `Wiring.input_norm` for the first layer)."""
+
+
+@dataclass(frozen=True)
+class NormReaders:
+    """A LayerNorm and everything that reads its output (paths relative to a layer): the equivalent transforms
+    (gamma migration, SmoothQuant, OS+) fold a per-channel scale and shift into all of them."""
+
+    norm: str
+    linears: tuple[str, ...]
+    gated_attention: str | None = None
+    """The attention module whose gate network reads the output too (the attention input)."""
+    shortcut: str | None = None
+    """The module whose second input, the residual it adds, is this output (post-LN)."""
+
+
 @dataclass(frozen=True)
 class Wiring:
     """Where the W8A8 points of a family are (paths relative to the model or to a layer)."""
@@ -67,6 +85,16 @@ class Wiring:
     outlier_points: tuple[str, ...] = ()
     """The seed's three outlier tensors of each layer, as point names relative to the layer: the FFN input,
     the FFN output and the residual sum after the FFN (where PEG and MP-PTQ apply by default)."""
+    norm_readers: tuple[NormReaders, ...] = ()
+    """Each layer's LayerNorms with their readers (the equivalent transforms' sites)."""
+    input_norm: str | None = None
+    """Post-LN: the LayerNorm (model path) whose output is the first layer's input."""
+    layer_output_norm: str | None = None
+    """Post-LN: the LayerNorm (layer path) whose output is the layer's output, read by the next layer."""
+    head_readers: tuple[str, ...] = ()
+    """Post-LN: the Linears (model paths) that read the last layer's output."""
+    transform_requires: tuple[str, bool] | None = None
+    """(config key, value) without which the sites above are not the model's (e.g. OPT's pre-LN switch)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +174,18 @@ FAMILIES: dict[str, Family] = {
             embedding_sums="bert.embeddings",
             embedding_sum_names=("word_type_sum", "embedding_sum"),  # word + token type, then + position
             outlier_points=("attention.output.LayerNorm.output", "output.dense.output", "output.LayerNorm.input"),
+            norm_readers=(
+                NormReaders(
+                    LAYER_INPUT,
+                    ("attention.self.query", "attention.self.key", "attention.self.value"),
+                    gated_attention="attention.self",
+                    shortcut="attention.output",
+                ),
+                NormReaders("attention.output.LayerNorm", ("intermediate.dense",), shortcut="output"),
+            ),
+            input_norm="bert.embeddings.LayerNorm",
+            layer_output_norm="output.LayerNorm",
+            head_readers=("cls.predictions.transform.dense",),
         ),
         weight_ranges="minmax",
     ),
@@ -184,6 +224,17 @@ FAMILIES: dict[str, Family] = {
             residual_sums=("attn_residual_sum", "ffn_residual_sum"),
             embedding_sum_consumer="model.decoder.layers.0",
             outlier_points=("final_layer_norm.output", "fc2.output", "ffn_residual_sum"),
+            # The final decoder LayerNorm is left alone: its reader, the LM head, is tied to the embeddings.
+            norm_readers=(
+                NormReaders(
+                    "self_attn_layer_norm",
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    gated_attention="self_attn",
+                ),
+                NormReaders("final_layer_norm", ("fc1",)),
+            ),
+            # Post-LN OPT (350m) adds the LayerNorm outputs as residuals inside the layer's own forward.
+            transform_requires=("do_layer_norm_before", True),
         ),
         weight_ranges="MSE",
     ),

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from quantization.transforms import fold_into_weights
+
 FINE_TUNING_WEIGHT_STD = 0.01
 
 
@@ -190,6 +192,23 @@ class AttentionGate(nn.Module):
                 )
             logits = self._pool(logits, attention_mask)
         return torch.sigmoid(logits) * self.scale
+
+    @torch.no_grad()
+    def fold_input_affine(self, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+        """Read x~ = (x - shift) / scale instead of the block input x (an equivalent transform of it, which
+        quantization/transforms.py describes): the network's first layer absorbs scale and shift per channel."""
+        if not self.kind.conditional:
+            return
+        first = self.network.layers()[0]
+        if not isinstance(first, HeadwiseLinear):
+            fold_into_weights(first.weight, first.bias, scale, shift)
+            return
+        heads = first.weight.shape[0]  # head h reads channels h * d_head ... (h + 1) * d_head - 1
+        scales = scale.reshape(heads, -1)
+        shifts = None if shift is None else shift.reshape(heads, -1)
+        for head in range(heads):
+            head_shift = None if shifts is None else shifts[head]
+            fold_into_weights(first.weight[head].T, first.bias[head], scales[head], head_shift)
 
     def _pool(self, logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Mean of the token logits over the tokens each query may attend to (one value per sequence and

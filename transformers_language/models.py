@@ -3,7 +3,8 @@
 The classes subclass the stock HF ones and change three things: every self-attention module gets an
 `AttentionVariant` child built from `config.attention_variant`, the attention implementation is always
 this project's function (which itself uses torch SDPA whenever the variant allows), and weight init
-initialises the gates deliberately (see gates.py), never with HF's generic Linear init. Stock checkpoints
+initialises the gates deliberately (see gates.py), never with HF's generic Linear init. A model saved after
+an equivalent transform (equivalent_transforms.py) rebuilds the shortcut affines its config names. Stock checkpoints
 load unchanged as vanilla models, and `save_pretrained` / `from_pretrained` round-trip every variant with
 no missing or unexpected keys.
 """
@@ -18,6 +19,8 @@ from transformers.models.opt.modeling_opt import OPTAttention
 
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
+from .equivalent_transforms import CONFIG_KEY as TRANSFORMS_KEY
+from .equivalent_transforms import install_shortcut_affines
 from .families import FAMILIES, Family, Headline, Site, get_family
 from .gates import AttentionGate
 
@@ -56,6 +59,8 @@ class AttentionVariantMixin:
                 install_attention_variant(
                     module, self.attention_config, num_heads, head_dim, is_causal=bool(module.is_causal)
                 )
+        if getattr(config, TRANSFORMS_KEY, None):  # a transformed model: its shortcut affines load with it
+            install_shortcut_affines(self)
         # HF skips modules it already initialised, so this initialises only the new ones (a no-op on the meta
         # device, where from_pretrained loads them or initialises them later through initialize_weights).
         self.init_weights()

@@ -23,6 +23,7 @@ from .arguments import parse_group
 from .attention_config import AttentionConfig
 from .block_layouts import resolve_block_layout
 from .data import DataArgs, check_data_sources
+from .equivalent_transforms import check_transformable
 from .families import Family
 from .model_loading import (
     ModelArgs,
@@ -153,6 +154,8 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
         check_data_sources(args, splits)
     calibration, points = None, ()
     if quantization is not None:
+        if quantization.transforms:
+            check_transformable(family, config)
         points = tuple(planned_points(config, quantization))
         batch = calibration_batch_size(args)
         calibration = {

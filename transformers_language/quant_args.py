@@ -110,6 +110,53 @@ class QuantizationArgs:
         action="store_true",
     )
     llm_int8_threshold: float = arg(DEFAULT_THRESHOLD, "LLM.int8(): the outlier threshold on |x|.", type=float)
+    gamma_migration: bool = arg(
+        False,
+        "Gamma migration (Outlier Suppression): quantize each LayerNorm's non-scaling output; gamma moves into "
+        "the Linears (and the post-LN shortcut) that read it.",
+        action="store_true",
+    )
+    smoothquant: bool = arg(
+        False,
+        "SmoothQuant: per-channel scales max|X|^alpha / max|W|^(1-alpha) from calibration, folded into each "
+        "LayerNorm and its readers.",
+        action="store_true",
+    )
+    smoothquant_alpha: float = arg(QuantConfig.smoothquant_alpha, "SmoothQuant's alpha in [0, 1].", type=float)
+    os_plus: bool = arg(
+        False,
+        "OS+: per-channel shift (range middle) and scale max(1, range / t) of each LayerNorm output, t searched "
+        "on the quantized output error of its readers; folded into the LayerNorm and its readers.",
+        action="store_true",
+    )
+    os_plus_grid: int = arg(QuantConfig.os_plus_grid, "OS+: candidate thresholds t per LayerNorm.", type=int)
+    token_clipping: bool = arg(
+        False,
+        "Token-wise clipping (Outlier Suppression): activation ranges from quantiles of the per-token maxima / "
+        "minima, the quantile chosen by the final output's loss against FP.",
+        action="store_true",
+    )
+    token_clipping_points: tuple[str, ...] | None = arg(
+        None,
+        "Token-wise clipping: point names or patterns (default: every activation point but PEG's).",
+        nargs="+",
+        metavar="POINT",
+    )
+    token_clipping_quantiles: tuple[float, ...] = arg(
+        QuantConfig.token_clipping_quantiles,
+        "Token-wise clipping: the quantiles q searched (one value: that q, no search).",
+        nargs="+",
+        type=float,
+        metavar="Q",
+    )
+    token_clipping_fine_steps: int = arg(
+        QuantConfig.token_clipping_fine_steps,
+        "Token-wise clipping's fine stage: steps learning the clipping ranges on the same loss (0: off).",
+        type=int,
+    )
+    token_clipping_learning_rate: float = arg(
+        QuantConfig.token_clipping_learning_rate, "Token-wise clipping's fine stage: Adam learning rate.", type=float
+    )
     list_quant_points: bool = arg(
         False, "Print the quantization points of the checkpoint with these flags, then exit.", action="store_true"
     )
@@ -129,8 +176,29 @@ def calibration_batch_size(args) -> int:
 QUANT_FIELDS = tuple(
     f.name
     for f in fields(QuantConfig)
-    if f.name not in ("weight_quant", "act_quant", "peg_points", "point_bits", "llm_int8_threshold")
+    if f.name
+    not in (
+        "weight_quant",
+        "act_quant",
+        "peg_points",
+        "point_bits",
+        "llm_int8_threshold",
+        "transforms",
+        "token_clipping_points",
+        "token_clipping_quantiles",
+    )
 )
+# The flags of the equivalent transforms -> their names in quantization.transforms.TRANSFORMS.
+TRANSFORM_FLAGS = {"gamma_migration": "gamma_migration", "smoothquant": "smoothquant", "os_plus": "os_plus"}
+# Flags that configure one method -> the flag that turns it on.
+SUB_FLAGS = {
+    "smoothquant_alpha": "smoothquant",
+    "os_plus_grid": "os_plus",
+    "token_clipping_points": "token_clipping",
+    "token_clipping_quantiles": "token_clipping",
+    "token_clipping_fine_steps": "token_clipping",
+    "token_clipping_learning_rate": "token_clipping",
+}
 
 
 def _changed(flags: QuantizationArgs, defaults: QuantizationArgs, names) -> list[str]:
@@ -159,6 +227,11 @@ def _check_combinations(flags: QuantizationArgs, defaults: QuantizationArgs) -> 
     peg = _changed(flags, defaults, ("peg_groups", "peg_permute", "peg_points"))
     if peg and flags.act_granularity != PER_EMBEDDING_GROUP:
         raise UsageError(f"{', '.join(peg)} configure PEG: add --act_granularity {PER_EMBEDDING_GROUP}, or drop them.")
+    for flag, switch in SUB_FLAGS.items():
+        if getattr(flags, flag) != getattr(defaults, flag) and not getattr(flags, switch):
+            raise UsageError(f"--{flag} configures --{switch}: add --{switch}, or drop it.")
+    if flags.no_act_quant and flags.token_clipping:
+        raise UsageError("--token_clipping sets activation ranges, which --no_act_quant turns off.")
     if flags.llm_int8_threshold != defaults.llm_int8_threshold and not flags.llm_int8:
         raise UsageError("--llm_int8_threshold sets the LLM.int8() threshold: add --llm_int8, or drop it.")
     if flags.no_act_quant:
@@ -207,8 +280,14 @@ def quant_config_from_args(args) -> QuantConfig | None:
     peg_points = ()
     if flags.act_granularity == PER_EMBEDDING_GROUP:
         peg_points = tuple(flags.peg_points or outlier_point_patterns(family))
+    token_clipping_points = ()
+    if flags.token_clipping:
+        token_clipping_points = tuple(flags.token_clipping_points or ("**",))
     try:
         return QuantConfig(
+            transforms=tuple(name for flag, name in TRANSFORM_FLAGS.items() if getattr(flags, flag)),
+            token_clipping_points=token_clipping_points,
+            token_clipping_quantiles=tuple(flags.token_clipping_quantiles),
             weight_quant=not flags.no_weight_quant,
             act_quant=not flags.no_act_quant,
             peg_points=peg_points,
@@ -228,6 +307,10 @@ PTQ_METHODS = {
     "mp_ptq": ("--point_bits", "MP-PTQ"),
     "per_token": ("--act_granularity", "per_token", "--weight_granularity", "per_channel"),
     "llm_int8": ("--llm_int8",),
+    # Outlier Suppression's recipe: gamma migration, token-wise clipping, per-channel weights.
+    "os": ("--gamma_migration", "--token_clipping", "--weight_granularity", "per_channel"),
+    "smoothquant": ("--smoothquant", "--weight_granularity", "per_channel"),
+    "os_plus": ("--os_plus", "--weight_granularity", "per_channel"),
 }
 # Bit settings by their usual names -> (--n_bits, --n_bits_act).
 BIT_SETTINGS = {"W8A8": (8, 8), "W6A8": (6, 8), "W6A6": (6, 6), "W4A8": (4, 8)}

@@ -55,6 +55,15 @@ def _quantize_input(module: nn.Module, quantizer: Quantizer) -> None:
     module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def high_precision_layernorms(model: nn.Module, preset) -> set[str]:
+    """The LayerNorms (model paths) that `preset` runs at 16 bits."""
+    if preset.int16_layernorms == "final":
+        return {model.family.wiring.final_layernorm.format(last=len(model.transformer_layers()) - 1)}
+    if preset.int16_layernorms == "all":
+        return {name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
+    return set()
+
+
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Insert every quantizer of `config` into `model` (in place; all start off: calibrate, then quantize).
     Each gets its public point name (the module docstring), recorded in `model.quantization_points`."""
@@ -79,9 +88,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             return None
         return named(name, config.act_quantizer(name, bits))
 
-    final_layernorm = wiring.final_layernorm.format(last=len(layers) - 1)
-    layernorms = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
-    high_precision = {"none": set(), "final": {final_layernorm}, "all": set(layernorms)}[preset.int16_layernorms]
+    high_precision = high_precision_layernorms(model, preset)
 
     fused = {}  # FFN-in Linear -> its activation, which moves into the quantized Linear
     for index, layer in enumerate(layers):

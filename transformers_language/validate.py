@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from quantization.calibration import activation_quantizers, calibration_passes
 from quantization.decomposition import OutlierDecomposition
 
 from .arguments import add_group, parse_args
@@ -37,15 +34,15 @@ from .model_loading import (
     add_model_args,
     load_checkpoint,
 )
-from .objectives import Objective, Targets, derive_seed, get_objective
+from .objectives import Objective, get_objective
 from .outlier_report import log_results, outlier_results
-from .plan import Plan, resolve_validation
+from .plan import resolve_validation
+from .ptq import calibration_batches, quantize_for_validation
 from .quant_args import add_quantization_args
-from .quantized_model import llm_int8_shares, quantize_model
+from .quantized_model import llm_int8_shares
 from .runtime import check_launch, print_dry_run, setup_logging, sum_across_processes
 
 logger = logging.getLogger(__name__)
-CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
 
 
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
@@ -77,44 +74,6 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def _calibrate(
-    accelerator, model, loss_module, quantize_head: bool, blocks, targets: Targets, plan: Plan, args
-) -> None:
-    """Observe the plan's calibration sequences of `blocks` (sampled by `--seed`, with the objective's targets
-    drawn from a generator of the seed: MLM masks) in batches of the plan's size, in each calibration pass the
-    model needs (none for dynamic ranges, two for PEG's range-based permutation), then freeze every range. Each
-    process draws the same batches, so all hold the same ranges. The head and the loss run only when the
-    preset quantizes the head."""
-    start_time = time.perf_counter()
-    batch = plan.calibration["calibration_batch_size"]
-    count = min(len(blocks), plan.calibration["calibration_sequences"])
-    passes = calibration_passes(model, plan.quantization.calibration_inputs)
-    for index, scope in enumerate(passes):
-        generator = torch.Generator().manual_seed(derive_seed(args.seed, CALIBRATION_STREAM))
-        ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
-        with torch.no_grad(), scope:
-            for start in tqdm(
-                range(0, count, batch),
-                desc="Calibrating" if index == len(passes) - 1 else "Ordering channels",
-                disable=not accelerator.is_local_main_process,
-            ):
-                input_ids, labels = targets(ids[start : start + batch], generator)
-                with accelerator.autocast():
-                    if quantize_head:
-                        loss_module(input_ids.to(accelerator.device), labels.to(accelerator.device))
-                    else:  # an FP head has nothing to observe: the transformer body alone sees every quantizer
-                        model.base_model(input_ids=input_ids.to(accelerator.device))
-    static = [q for q in activation_quantizers(model) if q.needs_calibration]
-    logger.info(
-        "Calibrated %d activation quantizers on %d %s blocks in %.1f s (%d passes)",
-        len(static),
-        count if passes else 0,
-        args.calibration_split,
-        time.perf_counter() - start_time,
-        len(passes),
-    )
-
-
 def print_points(accelerator, points) -> dict:
     """`--list_quant_points`: one line per quantization point (name, kind, bits, granularity)."""
     if accelerator.is_main_process:
@@ -124,9 +83,10 @@ def print_points(accelerator, points) -> dict:
     return {"points": list(points)}
 
 
-def validate(objective_name: str, argv: list[str] | None = None) -> dict:
+def validate(objective_name: str, argv: list[str] | None = None, statistics_cache: dict | None = None) -> dict:
     """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
-    `all_results.json`."""
+    `all_results.json`. `statistics_cache` (a dict kept by the caller) shares the float calibration statistics
+    of the equivalent transforms between runs on the same checkpoint and calibration flags."""
     objective = get_objective(objective_name)
     script = f"validate_{objective.name}.py"
     args = parse_args(build_parser(objective), argv)
@@ -144,20 +104,22 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
         return print_points(accelerator, plan.quant_points)
     config, tokenizer, quant_config = plan.config, plan.tokenizer, plan.quantization
     model = load_checkpoint(plan.model, config, accelerator.device)
-    if quant_config is not None:
-        quantize_model(model, quant_config)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
     splits = prepare_splits(plan.data, plan.splits, tokenizer, plan.seq_length, accelerator)
     targets = objective.targets(tokenizer, args)
     dataset = objective.evaluation_set(splits["validation"], targets, args.seed)
+    post_training = {}
     if quant_config is not None:
         if args.calibration_split == "validation":
             logger.warning(
                 "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
             )
         source = splits.get("train", splits["validation"])
-        _calibrate(accelerator, model, loss_module, quant_config.preset.quantize_head, source, targets, plan, args)
+        batches = calibration_batches(source, targets, plan.calibration, args.seed)
+        post_training = quantize_for_validation(
+            accelerator, model, loss_module, quant_config, batches, statistics_cache
+        )
     for module in model.modules():  # LLM.int8() reports the evaluation's share of FP channels, not calibration's
         if isinstance(module, OutlierDecomposition):
             module.reset_statistics()
@@ -182,6 +144,7 @@ def validate(objective_name: str, argv: list[str] | None = None) -> dict:
     if shares:
         results["llm_int8_float_channel_share"] = shares
         results["llm_int8_mean_float_channel_share"] = sum(shares.values()) / len(shares)
+    results |= post_training
     planned = plan.to_dict()
     settings = vars(args) | {
         "script": script,

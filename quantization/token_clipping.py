@@ -1,0 +1,144 @@
+"""Token-wise clipping (Outlier Suppression, Wei et al. 2022): activation ranges from per-token statistics.
+
+Coarse stage. `TokenQuantileEstimator` (registry name `token_quantile`) keeps each calibration token's max and
+min of the activation (a token is a row of the last dimension; for attention scores or probabilities, one
+query's values over the keys) and proposes [the (1 - q)-quantile of the token minima, the q-quantile of the
+token maxima] (numpy's linear interpolation). A few tokens carry the largest outliers, so clipping them costs
+little while the range of every other token gets finer. `search_quantile` picks q on a grid: for each
+candidate it re-freezes every such quantizer from the statistics already kept (no recalibration) and scores
+the model's final output against the float model's; the q with the least loss wins.
+
+Fine stage. `learn_ranges` starts from the coarse ranges and learns each quantizer's two ends with
+straight-through gradients of the same loss (LSQ+-style), then freezes them. The ends are learnt as
+log-factors of the coarse ones, so one learning rate suits ranges of any size and an end at 0 stays there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .affine import learnable_fake_quantize
+from .estimators import RangeEstimator, _linear, register_estimator
+from .quantizer import Quantizer
+
+DEFAULT_QUANTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99)
+
+
+@register_estimator("token_quantile")
+class TokenQuantileEstimator(RangeEstimator):
+    """Quantiles of the per-token maxima / minima (per tensor only: a token's extremes span its channels)."""
+
+    name = "token_quantile"
+
+    def __init__(self, *args, quantile: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.axis is not None or self.percentile is not None:
+            raise ValueError("token_quantile ranges are per tensor and take no percentile.")
+        self.quantile = quantile
+        self.token_maxima: list[torch.Tensor] = []
+        self.token_minima: list[torch.Tensor] = []
+
+    @property
+    def quantile(self) -> float:
+        return self._quantile
+
+    @quantile.setter
+    def quantile(self, value: float) -> None:
+        if not 0.5 < value <= 1.0:
+            raise ValueError(f"A token-wise clipping quantile lies in (0.5, 1], got {value}.")
+        self._quantile = value
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        self.token_maxima.append(rows.amax(dim=1))
+        self.token_minima.append(rows.amin(dim=1))
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.token_maxima:  # else: a loaded state, whose range is in the buffers
+            maxima = torch.cat(self.token_maxima).reshape(1, -1)
+            minima = torch.cat(self.token_minima).reshape(1, -1)
+            self.low = _linear(minima, 1.0 - self.quantile).reshape(())
+            self.high = _linear(maxima, self.quantile).reshape(())
+        return super().range()
+
+    def extra_repr(self) -> str:
+        return f"quantile={self.quantile}"
+
+
+def token_clipping_quantizers(quantizers: Sequence[nn.Module]) -> list[Quantizer]:
+    return [q for q in quantizers if isinstance(getattr(q, "estimator", None), TokenQuantileEstimator)]
+
+
+@torch.no_grad()
+def search_quantile(
+    quantizers: Sequence[Quantizer], quantiles: Sequence[float], loss: Callable[[], float]
+) -> tuple[float, dict[float, float]]:
+    """Freeze `quantizers` (token_quantile ones, calibrated) at each of `quantiles`, score `loss()` (the quantized
+    model's final output against the float one), and leave them frozen at the best. Returns (q, losses by q)."""
+    if not quantizers:
+        raise ValueError("No token-wise clipping quantizer to search: calibrate with the token_quantile estimator.")
+    losses = {}
+    for quantile in quantiles:
+        for quantizer in quantizers:
+            quantizer.estimator.quantile = quantile
+            quantizer.freeze()
+        losses[quantile] = loss()
+    best = min(losses, key=lambda q: (losses[q], -q))  # ties: the least clipping
+    for quantizer in quantizers:
+        quantizer.estimator.quantile = best
+        quantizer.freeze()
+    return best, losses
+
+
+class LearnableRange(nn.Module):
+    """The two ends of a quantizer's range as coarse_end * exp(log_factor), with its learnable fake quantizer."""
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor, n_bits: int, symmetric: bool):
+        super().__init__()
+        self.register_buffer("coarse_low", low.detach().float().clone())
+        self.register_buffer("coarse_high", high.detach().float().clone())
+        self.log_factors = nn.Parameter(torch.zeros(2, device=low.device))
+        self.n_bits, self.symmetric = n_bits, symmetric
+
+    def ends(self) -> tuple[torch.Tensor, torch.Tensor]:
+        factors = self.log_factors.exp()
+        return self.coarse_low * factors[0], self.coarse_high * factors[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return learnable_fake_quantize(x, *self.ends(), self.n_bits, self.symmetric)
+
+
+def learn_ranges(
+    quantizers: Sequence[Quantizer], loss: Callable[[int], torch.Tensor], steps: int, learning_rate: float = 1e-2
+) -> list[float]:
+    """Learn the ranges of frozen `quantizers` for `steps` Adam steps on `loss(step)` (differentiable in the
+    ranges; the caller keeps everything else out of the graph), then freeze them at the learnt ends. Returns the
+    loss of every step."""
+    ranges = []
+    for quantizer in quantizers:
+        if quantizer.axis is not None:
+            raise ValueError("Learnt clipping ranges are per tensor.")
+        low, high = quantizer.calibrated_range()
+        quantizer.learnable_range = LearnableRange(low, high, quantizer.n_bits, quantizer.symmetric)
+        quantizer.set_mode("learn")
+        ranges.append(quantizer.learnable_range)
+    optimizer = torch.optim.Adam([r.log_factors for r in ranges], lr=learning_rate)
+    history = []
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                value = loss(step)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                history.append(float(value.detach()))
+    finally:
+        for quantizer, learnt in zip(quantizers, ranges, strict=True):
+            with torch.no_grad():
+                quantizer.freeze(*learnt.ends())
+            quantizer.learnable_range = None
+    return history
