@@ -122,12 +122,12 @@ def os_plus_search(
     quantize_activation: Callable[[torch.Tensor], torch.Tensor],
     grid: int = 20,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """OS+ shift and scale of one activation. `sample` is (tokens, d) of the float activation, `low` / `high`
+    """OS+ scale and shift of one activation. `sample` is (tokens, d) of the float activation, `low` / `high`
     its per-channel calibration extremes; `weights` the (out, in) weight of each Linear reading it with the
     function that fake-quantizes such a weight; `quantize_activation` calibrates on and fake-quantizes a
     transformed sample. The threshold t is the candidate among max_j(half range) * k / grid (k = 1..grid; the
     last scales nothing) with the least sum over the Linears of ||Q(X~) Q(W')^T - X~ W'^T||^2: the error
-    quantization adds to the output of the Linears the transform feeds. Returns (shift, scale, record)."""
+    quantization adds to the output of the Linears the transform feeds. Returns (scale, shift, record)."""
     shift = os_plus_shift(low, high)
     half_range = (high - low) / 2
     widest = float(half_range.max())
@@ -148,7 +148,7 @@ def os_plus_search(
             best = (error, threshold, scale)
     _, threshold, scale = best
     record = {"threshold": threshold, "scaled_channels": int((scale > 1).sum()), "errors": errors}
-    return shift, scale, record
+    return scale, shift, record
 
 
 @dataclass
