@@ -6,10 +6,17 @@ import math
 
 import pytest
 
-from tests.test_validate import CALIBRATION_DATA, REPO, checkpoints, run_validate, validate_argv  # noqa: F401
+from tests.test_validate import (  # noqa: F401
+    CALIBRATION_DATA,
+    REPO,
+    checkpoints,
+    copy_files,
+    run_validate,
+    validate_argv,
+)
 from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS
 
-METHODS = {name: list(flags) for name, flags in PTQ_METHODS.items()}
+METHODS = {name: list(method.flags) for name, method in PTQ_METHODS.items()}
 BITS = {name: (str(n_bits), str(n_bits_act)) for name, (n_bits, n_bits_act) in BIT_SETTINGS.items()}
 
 
@@ -129,31 +136,74 @@ def test_each_senseless_combination_is_one_clear_error(flags, message, checkpoin
         run_validate("opt", [*argv, *flags])
 
 
-def test_the_ptq_table_script_writes_one_row_per_method_and_bit_setting(checkpoints, tmp_path, data_cache):  # noqa: F811
+def _compare_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ptq_table", REPO / "scripts" / "ptq_table.py")
+    spec = importlib.util.spec_from_file_location("compare_quantization", REPO / "scripts" / "compare_quantization.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = tmp_path / "table"
-    # The script passes the checkpoint and each run's output folder itself.
-    passed = [*validate_argv("bert", checkpoints["bert"], tmp_path / "unused", data_cache)[2:-2], *CALIBRATION_DATA]
-    argv = ["--model_name_or_path", str(checkpoints["bert"]), "--output_dir", str(out), "--bits", "W8A8", "W4A8"]
-    rows = module.main([*argv, "--methods", "per_tensor", "llm_int8", "--", *passed, "--est_num_batches", "2"])
-    assert [(r["bits"], r["method"]) for r in rows] == [
-        ("FP", "fp"),
-        ("W8A8", "per_tensor"),
-        ("W8A8", "llm_int8"),
-        ("W4A8", "per_tensor"),
-        ("W4A8", "llm_int8"),
+    return module
+
+
+def _compare(checkpoint_list, out, tmp_path, data_cache, *flags):
+    # The script passes each checkpoint and each run's output folder itself.
+    passed = [*validate_argv("opt", checkpoint_list[0], tmp_path / "unused", data_cache)[2:-2], *CALIBRATION_DATA]
+    paths = [str(c) for c in checkpoint_list]
+    return _compare_module().main([*paths, "--output_dir", str(out), "--reduced", *flags, "--", *passed])
+
+
+def test_compare_quantization_writes_every_recipe_and_bit_width(checkpoints, tmp_path, data_cache):  # noqa: F811
+    out = tmp_path / "compare"
+    rows = _compare([checkpoints["opt"]], out, tmp_path, data_cache)
+    name, bit_widths = checkpoints["opt"].name, _compare_module().DEFAULT_BITS
+    expected = [(name, "FP", "fp")] + [(name, bits, recipe) for bits in bit_widths for recipe in PTQ_METHODS]
+    assert [(r["checkpoint"], r["bits"], r["recipe"]) for r in rows] == expected
+    written = json.loads((out / "comparison.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(rows)) and written["reduced"] is True
+    fp = rows[0]["perplexity"]
+    for row in rows:
+        results = json.loads((out / name / row["bits"] / row["recipe"] / "all_results.json").read_text())
+        assert results["perplexity"] == row["perplexity"] and math.isfinite(row["perplexity"])
+        assert row["gap"] == pytest.approx(row["perplexity"] - fp)
+        if row["bits"] != "FP":
+            setup = results["settings"]["quantization"]
+            assert (setup["n_bits"], setup["n_bits_act"]) == BIT_SETTINGS[row["bits"]]
+            assert setup["calibration_sequences"] == 16  # --reduced: 2 batches of 8
+    by_run = {(r["bits"], r["recipe"]): r for r in rows}
+    assert by_run[("W8A8", "os")]["token_clipping_quantile"] in (1.0, 0.999, 0.99)
+    assert "os_plus_scaled_channels" in by_run[("W8A8", "os_plus")]
+    assert "llm_int8_float_channel_share" in by_run[("W8A8", "llm_int8")]
+    markdown = (out / "comparison.md").read_text().splitlines()
+    assert markdown[0] == f"| bits | recipe | {name} |"
+    assert len(markdown) == 2 + 1 + len(bit_widths) * len(PTQ_METHODS)
+    assert {line.split(" | ")[1] for line in markdown[3:]} == {method.label for method in PTQ_METHODS.values()}
+    assert (out / "comparison.png").stat().st_size > 10_000
+
+
+def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints, tmp_path, data_cache):  # noqa: F811
+    twin = copy_files(checkpoints["opt"], tmp_path / "twin")  # the same model must give the same numbers
+    out = tmp_path / "compare"
+    flags = ("--bits", "W6A6", "--recipes", "os_plus", "per_tensor")
+    rows = _compare([checkpoints["opt"], twin], out, tmp_path, data_cache, *flags)
+    first = checkpoints["opt"].name
+    assert [(r["checkpoint"], r["recipe"]) for r in rows] == [
+        (first, "fp"),
+        ("twin", "fp"),
+        (first, "os_plus"),
+        (first, "per_tensor"),
+        ("twin", "os_plus"),
+        ("twin", "per_tensor"),
     ]
-    written = json.loads((out / "ptq_table.json").read_text())["rows"]
-    assert written == json.loads(json.dumps(rows)) and rows[0]["gap"] == 0
-    for row in rows[1:]:
-        results = json.loads((out / row["bits"] / row["method"] / "all_results.json").read_text())
-        assert results["perplexity"] == row["perplexity"]
-        assert row["gap"] == pytest.approx(row["perplexity"] - rows[0]["perplexity"])
-        assert results["settings"]["quantization"]["n_bits"] == int(row["bits"][1])
-    assert "llm_int8_mean_float_channel_share" in rows[2]
-    markdown = (out / "ptq_table.md").read_text().splitlines()
-    assert len(markdown) == 2 + len(rows) and markdown[3].startswith("| W8A8 | per_tensor |")
+    assert [r["perplexity"] for r in rows if r["checkpoint"] == first] == [
+        r["perplexity"] for r in rows if r["checkpoint"] == "twin"
+    ]
+    markdown = (out / "comparison.md").read_text().splitlines()
+    assert markdown[0] == f"| bits | recipe | {first} | twin |"
+    cells = markdown[3].split(" | ")  # W6A6 OS+: one cell per checkpoint, equal
+    assert cells[1] == "OS+" and cells[2] == cells[3].rstrip(" |")
+
+
+def test_compare_quantization_refuses_checkpoints_of_two_families(checkpoints, tmp_path):  # noqa: F811
+    module = _compare_module()
+    with pytest.raises(ValueError, match="one model family"):
+        module.main([str(checkpoints["opt"]), str(checkpoints["bert"]), "--output_dir", str(tmp_path / "out")])

@@ -112,3 +112,28 @@ def write_growth(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png_atomic(fig, path)
     return path
+
+
+def write_quantization_comparison(gaps: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
+    """One panel per bit width, the perplexity gap to FP (%) of every recipe, one bar per checkpoint:
+    `gaps[bits][recipe][checkpoint]`. A symmetric-log axis keeps a fraction of a percent and a collapse readable."""
+    panels = list(gaps)
+    recipes = list(dict.fromkeys(recipe for bits in panels for recipe in gaps[bits]))
+    checkpoints = list(dict.fromkeys(c for bits in panels for recipe in gaps[bits] for c in gaps[bits][recipe]))
+    width = 0.8 / len(checkpoints)
+    fig = Figure(figsize=(max(6.0, 0.7 * len(recipes) * len(panels)), 4.2))
+    for ax, bits in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+        for offset, checkpoint in enumerate(checkpoints):
+            values = [gaps[bits].get(recipe, {}).get(checkpoint, np.nan) for recipe in recipes]
+            x = np.arange(len(recipes)) + (offset - (len(checkpoints) - 1) / 2) * width
+            ax.bar(x, values, width=width, label=checkpoint)
+        ax.set_xticks(range(len(recipes)), recipes, rotation=45, ha="right", fontsize="small")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(bits, fontsize="medium")
+        ax.set_ylabel("perplexity gap to FP (%)")
+    fig.axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png_atomic(fig, path)
+    return path

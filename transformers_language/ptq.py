@@ -129,11 +129,11 @@ def quantize_for_validation(
     static = [q for q in activation_quantizers(model) if q.needs_calibration]
     record["calibration_seconds"] = time.perf_counter() - start
     logger.info(
-        "Prepared %d activation quantizers on %d calibration batches in %.1f s (%d calibration passes%s)",
+        "Calibrated %d activation quantizers on %d calibration blocks in %.1f s (%d passes%s)",
         len(static),
-        len(batches) if passes else 0,
+        sum(len(ids) for ids, _ in batches) if passes else 0,
         record["calibration_seconds"],
         passes,
-        ", " + ", ".join(quant.transforms) if quant.transforms else "",
+        "; " + ", ".join(quant.transforms) if quant.transforms else "",
     )
     return record
