@@ -18,7 +18,8 @@ widths: 2 calibration batches, the first 10% of the validation text, 5 OS+ thres
 Writes to --output_dir: `comparison.md` (rows: bit width and recipe; columns: checkpoints, perplexity and gap to
 FP), `comparison.json` (every run: perplexity, gap, seconds, LLM.int8()'s FP-channel share, what OS+ and
 token-wise clipping chose), `comparison.png` (the gap per recipe and bit width) and each run's all_results.json
-under `<checkpoint>/<bits>/<recipe>/`.
+under `<checkpoint>/<bits>/<recipe>/`. With `--resume`, a run whose folder holds a finished run of the same flags
+is read back instead of repeated, so a comparison can grow by a checkpoint or continue after an interruption.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from transformers_language.files import write_json_atomic, write_text_atomic  # 
 from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS, QuantizationArgs  # noqa: E402
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A8")
+RUN_RECORD = "compare_run.json"  # a finished run's flags and time, next to its all_results.json
 REDUCED = ("--est_num_batches", "2", "--validation_percentage", "10")
 # In --reduced mode, what a recipe's own search gets (only where the recipe has that search).
 REDUCED_BY_FLAG = {
@@ -56,6 +58,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--bits", nargs="+", default=list(DEFAULT_BITS), choices=list(BIT_SETTINGS))
     parser.add_argument("--recipes", nargs="+", default=list(PTQ_METHODS), choices=list(PTQ_METHODS))
     parser.add_argument("--reduced", action="store_true", help="A quick look (see above).")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse each run already in --output_dir with exactly these flags (e.g. after adding a checkpoint).",
+    )
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     names = [Path(c).name for c in args.checkpoints]
@@ -69,6 +76,12 @@ def model_type_of(checkpoint: str) -> str:
     if not config.is_file():
         raise UsageError(f"{checkpoint}: no config.json; pass folders written by run_mlm / run_clm.")
     return json.loads(config.read_text())["model_type"]
+
+
+def fingerprint(checkpoint: str) -> dict[str, list[int]]:
+    """(size, modification time) of each file of a checkpoint folder: a retrained checkpoint is not resumed."""
+    files = sorted(item for item in Path(checkpoint).iterdir() if item.is_file())
+    return {item.name: [item.stat().st_size, item.stat().st_mtime_ns] for item in files}
 
 
 def float_argv(passed: list[str]) -> list[str]:
@@ -149,6 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = [(checkpoint, "FP", "fp") for checkpoint in args.checkpoints]
     runs += [(c, bits, recipe) for c in args.checkpoints for bits in args.bits for recipe in args.recipes]
     rows, caches, fp = [], {c: {} for c in args.checkpoints}, {}
+    fingerprints = {c: fingerprint(c) for c in args.checkpoints}
     start_all = time.perf_counter()
     for checkpoint, bits, recipe in tqdm(runs, desc="Runs", unit="run"):
         name = Path(checkpoint).name
@@ -158,7 +172,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             argv_run += float_argv(shared)
         else:
             argv_run += [*shared, *recipe_flags(recipe, bits, args.reduced)]
-        results = validate(objectives[checkpoint], argv_run, statistics_cache=caches[checkpoint])
+        run_dir = output / name / bits / recipe
+        done = run_dir / RUN_RECORD
+        identity = {"argv": argv_run, "checkpoint_files": fingerprints[checkpoint]}
+        previous = json.loads(done.read_text()) if args.resume and done.is_file() else {}
+        if {key: previous.get(key) for key in identity} == json.loads(json.dumps(identity)):
+            results = json.loads((run_dir / "all_results.json").read_text())
+            elapsed = previous["seconds"]
+        else:
+            results = validate(objectives[checkpoint], argv_run, statistics_cache=caches[checkpoint])
+            elapsed = time.perf_counter() - start
+            write_json_atomic(done, identity | {"seconds": elapsed})
         perplexity = results["perplexity"]
         fp.setdefault(checkpoint, perplexity)
         gap = perplexity - fp[checkpoint]
@@ -171,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "perplexity": perplexity,
                 "gap": gap,
                 "gap_percent": 100 * gap / fp[checkpoint],
-                "seconds": time.perf_counter() - start,
+                "seconds": elapsed,
                 **_choices(results),
             }
         )

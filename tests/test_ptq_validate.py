@@ -180,7 +180,7 @@ def test_compare_quantization_writes_every_recipe_and_bit_width(checkpoints, tmp
     assert (out / "comparison.png").stat().st_size > 10_000
 
 
-def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints, tmp_path, data_cache):  # noqa: F811
+def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints, tmp_path, data_cache, monkeypatch):  # noqa: F811
     twin = copy_files(checkpoints["opt"], tmp_path / "twin")  # the same model must give the same numbers
     out = tmp_path / "compare"
     flags = ("--bits", "W6A6", "--recipes", "os_plus", "per_tensor")
@@ -201,6 +201,17 @@ def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints,
     assert markdown[0] == f"| bits | recipe | {first} | twin |"
     cells = markdown[3].split(" | ")  # W6A6 OS+: one cell per checkpoint, equal
     assert cells[1] == "OS+" and cells[2] == cells[3].rstrip(" |")
+
+    # --resume reads every finished run back instead of repeating it; a changed checkpoint is run again.
+    import transformers_language.validate
+
+    calls = []
+    monkeypatch.setattr(transformers_language.validate, "validate", lambda *a, **k: calls.append(a) or rows[0])
+    resumed = _compare([checkpoints["opt"], twin], out, tmp_path, data_cache, *flags, "--resume")
+    assert resumed == rows and not calls
+    (twin / "config.json").write_text((twin / "config.json").read_text() + "\n")
+    _compare([checkpoints["opt"], twin], out, tmp_path, data_cache, *flags, "--resume")
+    assert [call[1][1] for call in calls] == [str(twin)] * 3
 
 
 def test_compare_quantization_refuses_checkpoints_of_two_families(checkpoints, tmp_path):  # noqa: F811
