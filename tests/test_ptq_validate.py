@@ -128,6 +128,17 @@ def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_pat
             r"--peg_groups 33 exceeds the 32 channels of model\.decoder\.layers\.0\.fc2\.output",
         ),
         (["--act_granularity", "per_embedding_group", "--peg_groups", "0"], r"--peg_groups must be positive"),
+        (["--smoothquant_alpha", "0.7"], r"--smoothquant_alpha configures --smoothquant: add --smoothquant"),
+        (["--smoothquant", "--smoothquant_alpha", "1.5"], r"--smoothquant_alpha lies in \[0, 1\]"),
+        (["--os_plus_grid", "5"], r"--os_plus_grid configures --os_plus"),
+        (["--os_plus", "--os_plus_grid", "0"], r"--os_plus_grid must be positive"),
+        (["--token_clipping_fine_steps", "5"], r"--token_clipping_fine_steps configures --token_clipping"),
+        (["--token_clipping", "--token_clipping_quantiles", "0.3"], r"each lies in \(0.5, 1\]"),
+        (["--token_clipping", "--act_granularity", "per_token"], r"does not combine with per-token"),
+        (["--token_clipping", "--llm_int8"], r"does not combine with per-token \(dynamic\) activations or --llm_int8"),
+        (["--token_clipping", "--token_clipping_points", "**.fc2.weight"], r"'\*\*\.fc2\.weight' matches no activ"),
+        (["--ranges_acts", "token_quantile"], r"token_quantile is token-wise clipping's estimator: use --token_clip"),
+        (["--no_act_quant", "--token_clipping"], r"--token_clipping sets activation ranges"),
     ],
 )
 def test_each_senseless_combination_is_one_clear_error(flags, message, checkpoints, tmp_path, data_cache):  # noqa: F811
@@ -218,3 +229,25 @@ def test_compare_quantization_refuses_checkpoints_of_two_families(checkpoints, t
     module = _compare_module()
     with pytest.raises(ValueError, match="one model family"):
         module.main([str(checkpoints["opt"]), str(checkpoints["bert"]), "--output_dir", str(tmp_path / "out")])
+
+
+def test_transforms_and_token_clipping_record_what_they_chose(checkpoints, tmp_path, data_cache):  # noqa: F811
+    """Every transform with token-wise clipping's two stages on one point pattern, through validate_clm.py."""
+    flags = ["--gamma_migration", "--smoothquant", "--smoothquant_alpha", "0.6", "--os_plus", "--os_plus_grid", "4"]
+    flags += ["--token_clipping", "--token_clipping_points", "**.fc2.output", "**.scores"]
+    flags += ["--token_clipping_quantiles", "1.0", "0.99", "--token_clipping_fine_steps", "3"]
+    returned, results = _quantized("opt", checkpoints, tmp_path, data_cache, "--n_bits_act", "6", *flags)
+    assert math.isfinite(returned["perplexity"])
+    setup = results["settings"]["quantization"]
+    assert setup["transforms"] == ["gamma_migration", "smoothquant", "os_plus"] and setup["smoothquant_alpha"] == 0.6
+    assert setup["token_clipping_points"] == ["**.fc2.output", "**.scores"] and setup["token_clipping_fine_steps"] == 3
+    transforms = results["equivalent_transforms"]
+    sites = [
+        f"model.decoder.layers.{i}.{norm}" for i in range(2) for norm in ("self_attn_layer_norm", "final_layer_norm")
+    ]
+    assert sorted(transforms) == ["gamma_migration", "os_plus", "smoothquant"]
+    assert all(sorted(transforms[name]) == sorted(sites) for name in transforms)
+    assert all(len(site["errors"]) == 4 for site in transforms["os_plus"].values())
+    clipping = results["token_clipping"]
+    assert clipping["quantizers"] == 2 * 2 and set(clipping["loss_by_quantile"]) == {"1.0", "0.99"}
+    assert clipping["fine_steps"] == 3 and math.isfinite(clipping["fine_loss"])

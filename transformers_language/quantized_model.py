@@ -191,12 +191,16 @@ def planned_points(config, quantization: QuantConfig) -> list[dict]:
         model = model_class(config.model_type)(config)
     rows = describe_points(quantize_model(model, quantization))
     names = [row["name"] for row in rows]
-    patterns = [("--point_bits", pattern) for pattern, _ in quantization.point_bits]
-    patterns += [("--peg_points", pattern) for pattern in quantization.peg_points]
-    for flag, pattern in patterns:
-        if not any(point_matches(name, pattern) for name in names):
+    activations = [row["name"] for row in rows if row["kind"] == "activation"]
+    patterns = [("--point_bits", pattern, names) for pattern, _ in quantization.point_bits]
+    patterns += [("--peg_points", pattern, names) for pattern in quantization.peg_points]
+    patterns += [("--token_clipping_points", pattern, activations) for pattern in quantization.token_clipping_points]
+    for flag, pattern, candidates in patterns:
+        if not any(point_matches(name, pattern) for name in candidates):
+            kind = "activation " if candidates is activations else ""
             raise UsageError(
-                f"{flag} {pattern!r} matches no quantization point of this model; --list_quant_points prints them."
+                f"{flag} {pattern!r} matches no {kind}quantization point of this model; --list_quant_points prints "
+                "them."
             )
     for row in rows:
         if row["granularity"].startswith(PER_EMBEDDING_GROUP):
