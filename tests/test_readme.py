@@ -14,7 +14,7 @@ README = (REPO / "README.md").read_text()
 OTHER_TOOLS = {
     "--config_file", "--multi_gpu", "--num_processes", "--nproc_per_node", "--index-url", "--gpus", "--build-arg",
     "--accelerate_config", "--full", "--methods", "--rounds", "--json", "--steps", "--models", "--write", "--cpu",
-    "--bits",
+    "--bits", "--recipes", "--reduced", "--resume",
 }  # fmt: skip
 
 
