@@ -43,6 +43,11 @@ def arg(default=None, help: str = "", **options):
     return field(default=default, metadata={"help": help, "options": options})
 
 
+def switch(help: str):
+    """A dataclass field that is an on/off flag (store_true), off by default."""
+    return arg(False, help, action="store_true")
+
+
 def add_group(
     parser: argparse.ArgumentParser,
     group_class: type,

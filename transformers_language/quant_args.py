@@ -24,7 +24,7 @@ from quantization.config import (
 from quantization.decomposition import DEFAULT_THRESHOLD
 from quantization.estimators import PERCENTILE_INTERPOLATIONS
 
-from .arguments import add_group, arg, parse_group
+from .arguments import add_group, arg, parse_group, switch
 from .errors import UsageError
 from .families import Family, get_family
 from .quantized_model import outlier_point_patterns
@@ -40,7 +40,7 @@ class QuantizationArgs:
     """The W8A8 flags of the paper's validation commands (each works for both model families); the defaults
     of the simulation itself are QuantConfig's."""
 
-    quantize: bool = arg(False, "Evaluate the W8A8 (or --n_bits/--n_bits_act) model.", action="store_true")
+    quantize: bool = switch("Evaluate the W8A8 (or --n_bits/--n_bits_act) model.")
     est_num_batches: int = arg(16, "Calibration batches for activation ranges.", type=int)
     per_device_train_batch_size: int = arg(
         8,
@@ -49,8 +49,8 @@ class QuantizationArgs:
     )
     n_bits: int = arg(QuantConfig.n_bits, "Weight bits.", type=int)
     n_bits_act: int = arg(QuantConfig.n_bits_act, "Activation bits.", type=int)
-    no_weight_quant: bool = arg(False, "Keep the weights FP.", action="store_true")
-    no_act_quant: bool = arg(False, "Keep the activations FP.", action="store_true")
+    no_weight_quant: bool = switch("Keep the weights FP.")
+    no_act_quant: bool = switch("Keep the activations FP.")
     qmethod_acts: str = arg(QuantConfig.qmethod_acts, "asymmetric_uniform or symmetric_uniform.")
     ranges_weights: str = arg(
         QuantConfig.ranges_weights,
@@ -87,9 +87,7 @@ class QuantizationArgs:
         choices=list(ACT_GRANULARITIES),
     )
     peg_groups: int = arg(QuantConfig.peg_groups, "PEG: embedding groups K per point.", type=int)
-    peg_permute: bool = arg(
-        False, "PEG: range-based permutation (group channels by calibrated range).", action="store_true"
-    )
+    peg_permute: bool = switch("PEG: range-based permutation (group channels by calibrated range).")
     peg_points: tuple[str, ...] | None = arg(
         None,
         "PEG: point names or patterns (default: the family's FFN input, FFN output and FFN residual sum).",
@@ -103,38 +101,28 @@ class QuantizationArgs:
         nargs="+",
         metavar="RULE",
     )
-    llm_int8: bool = arg(
-        False,
+    llm_int8: bool = switch(
         "LLM.int8() decomposition: input channels reaching --llm_int8_threshold stay FP in each quantized "
-        "Linear; the rest per-token times per-channel weights; no other activation is quantized.",
-        action="store_true",
+        "Linear; the rest per-token times per-channel weights; no other activation is quantized."
     )
     llm_int8_threshold: float = arg(DEFAULT_THRESHOLD, "LLM.int8(): the outlier threshold on |x|.", type=float)
-    gamma_migration: bool = arg(
-        False,
+    gamma_migration: bool = switch(
         "Gamma migration (Outlier Suppression): quantize each LayerNorm's non-scaling output; gamma moves into "
-        "the Linears (and the post-LN shortcut) that read it.",
-        action="store_true",
+        "the Linears (and the post-LN shortcut) that read it."
     )
-    smoothquant: bool = arg(
-        False,
+    smoothquant: bool = switch(
         "SmoothQuant: per-channel scales max|X|^alpha / max|W|^(1-alpha) from calibration, folded into each "
-        "LayerNorm and its readers.",
-        action="store_true",
+        "LayerNorm and its readers."
     )
     smoothquant_alpha: float = arg(QuantConfig.smoothquant_alpha, "SmoothQuant's alpha in [0, 1].", type=float)
-    os_plus: bool = arg(
-        False,
+    os_plus: bool = switch(
         "OS+: per-channel shift (range middle) and scale max(1, range / t) of each LayerNorm output, t searched "
-        "on the quantized output error of its readers; folded into the LayerNorm and its readers.",
-        action="store_true",
+        "on the quantized output error of its readers; folded into the LayerNorm and its readers."
     )
     os_plus_grid: int = arg(QuantConfig.os_plus_grid, "OS+: candidate thresholds t per LayerNorm.", type=int)
-    token_clipping: bool = arg(
-        False,
+    token_clipping: bool = switch(
         "Token-wise clipping (Outlier Suppression): activation ranges from quantiles of the per-token maxima / "
-        "minima, the quantile chosen by the final output's loss against FP.",
-        action="store_true",
+        "minima, the quantile chosen by the final output's loss against FP."
     )
     token_clipping_points: tuple[str, ...] | None = arg(
         None,
@@ -157,9 +145,7 @@ class QuantizationArgs:
     token_clipping_learning_rate: float = arg(
         QuantConfig.token_clipping_learning_rate, "Token-wise clipping's fine stage: Adam learning rate.", type=float
     )
-    list_quant_points: bool = arg(
-        False, "Print the quantization points of the checkpoint with these flags, then exit.", action="store_true"
-    )
+    list_quant_points: bool = switch("Print the quantization points of the checkpoint with these flags, then exit.")
 
 
 def add_quantization_args(parser, ranges_weights: str) -> None:
@@ -227,9 +213,9 @@ def _check_combinations(flags: QuantizationArgs, defaults: QuantizationArgs) -> 
     peg = _changed(flags, defaults, ("peg_groups", "peg_permute", "peg_points"))
     if peg and flags.act_granularity != PER_EMBEDDING_GROUP:
         raise UsageError(f"{', '.join(peg)} configure PEG: add --act_granularity {PER_EMBEDDING_GROUP}, or drop them.")
-    for flag, switch in SUB_FLAGS.items():
-        if getattr(flags, flag) != getattr(defaults, flag) and not getattr(flags, switch):
-            raise UsageError(f"--{flag} configures --{switch}: add --{switch}, or drop it.")
+    for flag, method in SUB_FLAGS.items():
+        if getattr(flags, flag) != getattr(defaults, flag) and not getattr(flags, method):
+            raise UsageError(f"--{flag} configures --{method}: add --{method}, or drop it.")
     if flags.no_act_quant and flags.token_clipping:
         raise UsageError("--token_clipping sets activation ranges, which --no_act_quant turns off.")
     if flags.llm_int8_threshold != defaults.llm_int8_threshold and not flags.llm_int8:
