@@ -108,7 +108,7 @@ class QuantConfig:
     os_plus_grid: int = 20
     """OS+: candidate thresholds t searched per LayerNorm."""
     token_clipping_points: tuple[str, ...] = ()
-    """Name patterns of the activation points whose ranges come from token-wise clipping (token_quantile)."""
+    """Name patterns of the activation points whose ranges come from token-wise clipping."""
     token_clipping_quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     """Token-wise clipping's grid of quantiles q, searched on the final output's loss (one value: no search)."""
     token_clipping_fine_steps: int = 0
@@ -151,11 +151,6 @@ class QuantConfig:
             raise ValueError(
                 "Token-wise clipping sets static activation ranges: it does not combine with per-token (dynamic) "
                 "activations or --llm_int8."
-            )
-        if TokenQuantileEstimator.name in (self.ranges_acts, self.ranges_weights):
-            raise ValueError(
-                f"{TokenQuantileEstimator.name} is token-wise clipping's estimator: use --token_clipping "
-                "(--token_clipping_points chooses the points)."
             )
         if self.peg_groups < 1:
             raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
@@ -246,7 +241,8 @@ class QuantConfig:
                 bits, self.symmetric_acts, self.ranges_acts, self.peg_groups, self.peg_permute, True, **options
             )
         if self.is_token_clipping_point(name):  # starts at q = 1; the search sets the quantile
-            return Quantizer(bits, symmetric=self.symmetric_acts, estimator=TokenQuantileEstimator.name, in_place=True)
+            estimator = TokenQuantileEstimator(bits, self.symmetric_acts, None)
+            return Quantizer(bits, symmetric=self.symmetric_acts, estimator=estimator, in_place=True)
         return Quantizer(bits, symmetric=self.symmetric_acts, estimator=self.ranges_acts, in_place=True, **options)
 
     def decomposition(self, name: str = "") -> OutlierDecomposition | None:

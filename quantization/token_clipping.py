@@ -1,12 +1,13 @@
 """Token-wise clipping (Outlier Suppression, Wei et al. 2022): activation ranges from per-token statistics.
 
-Coarse stage. `TokenQuantileEstimator` (registry name `token_quantile`) keeps each calibration token's max and
-min of the activation (a token is a row of the last dimension; for attention scores or probabilities, one
-query's values over the keys) and proposes [the (1 - q)-quantile of the token minima, the q-quantile of the
-token maxima] (numpy's linear interpolation). A few tokens carry the largest outliers, so clipping them costs
-little while the range of every other token gets finer. `search_quantile` picks q on a grid: for each
-candidate it re-freezes every such quantizer from the statistics already kept (no recalibration) and scores
-the model's final output against the float model's; the q with the least loss wins.
+Coarse stage. `TokenQuantileEstimator` keeps each calibration token's max and min of the activation (a token is
+a row of the last dimension; for attention scores or probabilities, one query's values over the keys) and
+proposes [the (1 - q)-quantile of the token minima, the q-quantile of the token maxima] (numpy's linear
+interpolation). A few tokens carry the largest outliers, so clipping them costs little while the range of every
+other token gets finer. It is not in the estimator registry: the points that use it are chosen with
+`QuantConfig.token_clipping_points`, and its quantile is searched, not set. `search_quantile` picks q on a grid:
+for each candidate it re-freezes every such quantizer from the statistics already kept (no recalibration) and
+scores the model's final output against the float model's; the q with the least loss wins.
 
 Fine stage. `learn_ranges` starts from the coarse ranges and learns each quantizer's two ends with
 straight-through gradients of the same loss (LSQ+-style), then freezes them. The ends are learnt as
@@ -21,22 +22,19 @@ import torch
 from torch import nn
 
 from .affine import learnable_fake_quantize
-from .estimators import RangeEstimator, _linear, register_estimator
+from .estimators import RangeEstimator, _linear
 from .quantizer import Quantizer
 
 DEFAULT_QUANTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99)
 
 
-@register_estimator("token_quantile")
 class TokenQuantileEstimator(RangeEstimator):
     """Quantiles of the per-token maxima / minima (per tensor only: a token's extremes span its channels)."""
-
-    name = "token_quantile"
 
     def __init__(self, *args, quantile: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         if self.axis is not None or self.percentile is not None:
-            raise ValueError("token_quantile ranges are per tensor and take no percentile.")
+            raise ValueError("Token-wise clipping ranges are per tensor and take no percentile.")
         self.quantile = quantile
         self.token_maxima: list[torch.Tensor] = []
         self.token_minima: list[torch.Tensor] = []
@@ -77,10 +75,11 @@ def token_clipping_quantizers(quantizers: Sequence[nn.Module]) -> list[Quantizer
 def search_quantile(
     quantizers: Sequence[Quantizer], quantiles: Sequence[float], loss: Callable[[], float]
 ) -> tuple[float, dict[float, float]]:
-    """Freeze `quantizers` (token_quantile ones, calibrated) at each of `quantiles`, score `loss()` (the quantized
-    model's final output against the float one), and leave them frozen at the best. Returns (q, losses by q)."""
+    """Freeze `quantizers` (calibrated, with TokenQuantileEstimator) at each of `quantiles`, score `loss()` (the
+    quantized model's final output against the float one), and leave them frozen at the best. Returns (q, losses
+    by q)."""
     if not quantizers:
-        raise ValueError("No token-wise clipping quantizer to search: calibrate with the token_quantile estimator.")
+        raise ValueError("No token-wise clipping quantizer to search (QuantConfig.token_clipping_points).")
     losses = {}
     for quantile in quantiles:
         for quantizer in quantizers:

@@ -137,7 +137,6 @@ def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_pat
         (["--token_clipping", "--act_granularity", "per_token"], r"does not combine with per-token"),
         (["--token_clipping", "--llm_int8"], r"does not combine with per-token \(dynamic\) activations or --llm_int8"),
         (["--token_clipping", "--token_clipping_points", "**.fc2.weight"], r"'\*\*\.fc2\.weight' matches no activ"),
-        (["--ranges_acts", "token_quantile"], r"token_quantile is token-wise clipping's estimator: use --token_clip"),
         (["--no_act_quant", "--token_clipping"], r"--token_clipping sets activation ranges"),
     ],
 )

@@ -21,9 +21,7 @@ def _hook_counts(model) -> int:
 def test_streamed_statistics_equal_stored_activations(model_type, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_config(model_type), AttentionConfig(gate_type="conditional_per_token")).eval()
-    telemetry = Telemetry(
-        Accelerator(cpu=True), model, True, scalar_interval=2, hist_interval=100, output_dir=tmp_path
-    )
+    telemetry = Telemetry(Accelerator(cpu=True), model, True, scalar_interval=2, hist_interval=100, output_dir=tmp_path)
     stored, gates = [[] for _ in model.transformer_layers()], [[] for _ in model.transformer_layers()]
     handles = [
         layer.register_forward_hook(lambda m, a, o, i=i: stored[i].append(o.detach()))
