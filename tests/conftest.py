@@ -120,3 +120,11 @@ def run_main(model_type: str, argv: list[str]) -> dict:
 
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def planted() -> dict:
+    """The planted-outlier tiny models of tests/planted.py, trained once per session (treat them as read-only)."""
+    from tests.planted import planted_models
+
+    return planted_models()

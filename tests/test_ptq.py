@@ -19,6 +19,8 @@ from quantization.groups import GroupQuantizer
 from quantization.modules import QuantLinear
 from quantization.quantizer import Quantizer, fake_quantize
 from tests.conftest import tiny_config
+from tests.planted import markov_ids as _markov_ids
+from tests.planted import perplexity as _perplexity
 from transformers_language import AttentionConfig, build_model
 from transformers_language.families import FAMILIES
 from transformers_language.quantized_model import outlier_point_patterns, quantize_model
@@ -253,68 +255,7 @@ def test_llm_int8_quantizes_only_the_linears(model_type):
     assert calibration_passes(model) == []  # nothing to calibrate: dynamic inputs, weights at once
 
 
-# --- Planted outliers --------------------------------------------------------------------------------------------
-
-VOCAB, HIDDEN, CHANNEL = 97, 48, 5
-# The planted factor per family: BERT's post-LN residual carries the outlier into the next LayerNorm (the model
-# itself changes; its FP perplexity is the reference); OPT's is function-preserving (the next Linear's column is
-# divided by it), so only the quantizer sees it and it takes a larger factor to hurt 8 bits.
-FACTORS = {"bert": 50.0, "opt": 300.0}
-
-
-def _markov_ids(count: int, length: int, seed: int) -> torch.Tensor:
-    """Sequences of a fixed random Markov chain with three successors per token (ideal perplexity 3)."""
-    successors = torch.randint(3, VOCAB, (VOCAB, 3), generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.empty(count, length, dtype=torch.long)
-    ids[:, 0] = torch.randint(3, VOCAB, (count,), generator=generator)
-    for t in range(1, length):
-        ids[:, t] = successors[ids[:, t - 1], torch.randint(0, 3, (count,), generator=generator)]
-    return ids
-
-
-def _loss(model, model_type: str, ids: torch.Tensor, seed: int) -> torch.Tensor:
-    if model_type == "opt":
-        return model(input_ids=ids, labels=ids).loss
-    masked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.15
-    return model(input_ids=torch.where(masked, 2, ids), labels=torch.where(masked, ids, -100)).loss
-
-
-@pytest.fixture(scope="module")
-def planted():
-    """Per family, a tiny model trained for 300 steps on the Markov chain, then one LayerNorm channel of every
-    layer scaled up (gamma and beta): the FFN input (BERT attention.output.LayerNorm, OPT final_layer_norm)."""
-    models = {}
-    for model_type in ("bert", "opt"):
-        torch.manual_seed(0)
-        config = tiny_config(
-            model_type, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, ffn_dim=2 * HIDDEN, word_embed_proj_dim=HIDDEN
-        )
-        model = build_model(config, AttentionConfig())
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(300):
-            loss = _loss(model, model_type, _markov_ids(32, 32, 1000 + step), step)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        factor = FACTORS[model_type]
-        with torch.no_grad():
-            for layer in model.transformer_layers():
-                norm, consumer = (
-                    (layer.final_layer_norm, layer.fc1)
-                    if model_type == "opt"
-                    else (layer.attention.output.LayerNorm, layer.intermediate.dense)
-                )
-                norm.weight[CHANNEL] *= factor
-                norm.bias[CHANNEL] *= factor
-                consumer.weight[:, CHANNEL] /= factor
-        models[model_type] = model.eval()
-    return models
-
-
-@torch.no_grad()
-def _perplexity(model, model_type: str) -> float:
-    return math.exp(_loss(model, model_type, _markov_ids(64, 32, 7), 1).item())
+# --- Planted outliers (tests/planted.py builds the models) ----------------------------------------------------
 
 
 def _quantized_perplexity(model, model_type: str, config: QuantConfig) -> float:

@@ -18,7 +18,8 @@ from quantization.quantizer import Quantizer
 from quantization.token_clipping import TokenQuantileEstimator, token_clipping_quantizers
 from quantization.transforms import TRANSFORMS, fold_into_linear, fold_into_norm, os_plus_search
 from tests.conftest import VARIANTS, VOCAB, batch, tiny_config
-from tests.test_ptq import _markov_ids, _perplexity, planted  # noqa: F401
+from tests.planted import markov_ids as _markov_ids
+from tests.planted import perplexity as _perplexity
 from transformers_language import AttentionConfig, build_model
 from transformers_language.equivalent_transforms import CONFIG_KEY, apply_transforms, norm_sites
 from transformers_language.families import FAMILIES
@@ -274,10 +275,7 @@ RECIPES = {
 }
 
 
-def test_each_transform_recipe_recovers_most_of_what_per_tensor_w8a8_loses_on_a_planted_outlier(
-    model_type,
-    planted,  # noqa: F811
-):
+def test_each_transform_recipe_recovers_most_of_what_per_tensor_w8a8_loses_on_a_planted_outlier(model_type, planted):
     model = planted[model_type]
     fp = _perplexity(model, model_type)
     weights = {"ranges_weights": FAMILIES[model_type].weight_ranges}
