@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.families import get_family  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
-from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS, QuantizationArgs  # noqa: E402
+from transformers_language.ptq_recipes import BIT_SETTINGS, PTQ_METHODS  # noqa: E402
+from transformers_language.quant_args import QuantizationArgs  # noqa: E402
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A8")
 RUN_RECORD = "compare_run.json"  # a finished run's flags and time, next to its all_results.json

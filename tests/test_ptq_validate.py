@@ -14,7 +14,7 @@ from tests.test_validate import (  # noqa: F401
     run_validate,
     validate_argv,
 )
-from transformers_language.quant_args import BIT_SETTINGS, PTQ_METHODS
+from transformers_language.ptq_recipes import BIT_SETTINGS, PTQ_METHODS
 
 METHODS = {name: list(method.flags) for name, method in PTQ_METHODS.items()}
 BITS = {name: (str(n_bits), str(n_bits_act)) for name, (n_bits, n_bits_act) in BIT_SETTINGS.items()}
