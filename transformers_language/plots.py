@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend, files only
+from matplotlib.ticker import ScalarFormatter
 
 from .files import write_png_atomic
 from .metrics import SiteFigures
@@ -122,17 +123,19 @@ def write_quantization_comparison(gaps: dict[str, dict[str, dict[str, float]]], 
     checkpoints = list(dict.fromkeys(c for bits in panels for recipe in gaps[bits] for c in gaps[bits][recipe]))
     width = 0.8 / len(checkpoints)
     fig = Figure(figsize=(max(6.0, 0.7 * len(recipes) * len(panels)), 4.2))
-    for ax, bits in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, bits in zip(axes, panels, strict=True):
         for offset, checkpoint in enumerate(checkpoints):
             values = [gaps[bits].get(recipe, {}).get(checkpoint, np.nan) for recipe in recipes]
             x = np.arange(len(recipes)) + (offset - (len(checkpoints) - 1) / 2) * width
             ax.bar(x, values, width=width, label=checkpoint)
         ax.set_xticks(range(len(recipes)), recipes, rotation=45, ha="right", fontsize="small")
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(bits, fontsize="medium")
-        ax.set_ylabel("perplexity gap to FP (%)")
-    fig.axes[0].legend(fontsize="small")
+    axes[0].set_ylabel("perplexity gap to FP (%)")
+    axes[0].legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png_atomic(fig, path)
