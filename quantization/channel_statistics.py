@@ -41,8 +41,3 @@ class ChannelStatistics:
     def _check(self) -> None:
         if self.low is None or (self.sample_per_batch and not self.samples):
             raise RuntimeError("These channel statistics have observed nothing: run calibration batches first.")
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """The statistics as tensors (to share between runs on the same model and data)."""
-        state = {"low": self.low, "high": self.high}
-        return state | ({"sample": self.sample} if self.sample_per_batch else {})
