@@ -104,7 +104,7 @@ def collect_statistics(model: nn.Module, norms: list[str], batches: Iterable[tor
     ]
     try:
         for input_ids in batches:
-            model.base_model(input_ids=input_ids)
+            model.body_output(input_ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -134,11 +134,9 @@ def _simulated(make_quantizer: Callable[[], object | None]) -> Callable[[torch.T
 def _site(model: nn.Module, site: NormSite, quant: QuantConfig, statistics: dict | None, int16: set) -> TransformSite:
     """The transform's view of `site`: gamma, the readers' weights, the statistics, and its points' quantizers
     (fresh ones for every call, so OS+ scores each candidate as the quantized model would quantize it)."""
-    head = model.family.wiring.head
 
     def weight_quantizer(path: str):
-        in_head = path == head or path.startswith(head + ".")
-        if not quant.weight_quant or (in_head and not quant.preset.quantize_head):
+        if not quant.weight_quant or (model.family.wiring.in_head(path) and not quant.preset.quantize_head):
             return None
         return quant.weight_quantizer(f"{path}.weight", rows=True)
 

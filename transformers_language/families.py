@@ -96,6 +96,10 @@ class Wiring:
     transform_requires: tuple[str, bool] | None = None
     """(config key, value) without which the sites above are not the model's (e.g. OPT's pre-LN switch)."""
 
+    def in_head(self, path: str) -> bool:
+        """Whether the module at `path` belongs to the head (which the preset may leave in floating point)."""
+        return path == self.head or path.startswith(self.head + ".")
+
 
 @dataclass(frozen=True)
 class SequenceFlag:

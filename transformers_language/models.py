@@ -87,6 +87,10 @@ class AttentionVariantMixin:
                 module.reset_parameters()
                 module._gate_initialized = True
 
+    def body_output(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The transformer body's last hidden state (what the head reads), without a KV cache."""
+        return self.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
     def transformer_layers(self) -> nn.ModuleList:
         """The encoder (BERT) or decoder (OPT) layers, in order."""
         return self.get_submodule(self.layers_path)

@@ -15,7 +15,6 @@ import logging
 import time
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -42,11 +41,6 @@ def calibration_batches(blocks, targets: Targets, calibration: dict, seed: int) 
     return [targets(ids[start : start + size], generator) for start in range(0, count, size)]
 
 
-def _body_output(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The transformer body's last hidden state: what the head reads."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-
-
 def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: list[Batch]) -> int:
     """Run `batches` in each calibration pass the model needs (none for dynamic ranges, two for PEG's range-based
     permutation), which freezes every range. The head and the loss run only when the preset quantizes the head
@@ -64,7 +58,7 @@ def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: lis
                     if quant.preset.quantize_head:
                         loss_module(input_ids.to(device), labels.to(device))
                     else:
-                        _body_output(model, input_ids.to(device))
+                        model.body_output(input_ids.to(device))
     return len(passes)
 
 
@@ -74,13 +68,13 @@ def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -
     inputs = [input_ids.to(accelerator.device) for input_ids, _ in batches]
     with torch.no_grad():
         set_quantization(model, weights=False, activations=False)
-        references = [_body_output(model, ids) for ids in inputs]
+        references = [model.body_output(ids) for ids in inputs]
         set_quantization(model, weights=quant.weight_quant, activations=quant.act_quant)
 
     def mean_loss() -> float:
         with torch.no_grad(), accelerator.autocast():
             losses = [
-                F.mse_loss(_body_output(model, ids).float(), ref.float())
+                F.mse_loss(model.body_output(ids).float(), ref.float())
                 for ids, ref in zip(inputs, references, strict=True)
             ]
         return float(torch.stack(losses).mean())
@@ -95,7 +89,7 @@ def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -
         def step_loss(step: int) -> torch.Tensor:
             index = step % len(inputs)
             with accelerator.autocast():
-                return F.mse_loss(_body_output(model, inputs[index]).float(), references[index].float())
+                return F.mse_loss(model.body_output(inputs[index]).float(), references[index].float())
 
         try:
             history = learn_ranges(

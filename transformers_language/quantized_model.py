@@ -97,8 +97,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         setattr(layer.get_submodule(parent) if parent else layer, attribute, nn.Identity())
 
     for name, module in list(model.named_modules()):
-        in_head = name == wiring.head or name.startswith(wiring.head + ".")
-        if (in_head and not preset.quantize_head) or ".attention_variant." in name:  # gates stay FP
+        if (wiring.in_head(name) and not preset.quantize_head) or ".attention_variant." in name:  # gates stay FP
             continue
         bits = HIGH_PRECISION_BITS if name in high_precision else None
         if isinstance(module, nn.Linear):
