@@ -43,7 +43,7 @@ def batch(model_type: str, seq_len: int = 12, batch_size: int = 3, seed: int = 0
     return ids, mask
 
 
-# Every softmax / gate combination the issue names, as AttentionConfig keyword sets.
+# Every normaliser / gate / learned key combination the issues name, as AttentionConfig keyword sets.
 VARIANTS = {
     "vanilla": {},
     "clipped": {"softmax": "clipped(-0.1:1.05)"},
@@ -57,6 +57,15 @@ VARIANTS = {
     "fine_tuning": {"gate_type": "conditional_per_token", "init_prob": 0.25, "fine_tuning": True},
     "clipped+gate": {"softmax": "clipped(-0.03:1.03)", "gate_type": "conditional_per_token"},
     "skip_attn": {"skip_attn": True},
+    "softmax1": {"softmax": "softmax1"},
+    "clipped_softmax1": {"softmax": "clipped_softmax1(-0.1:1.05)"},
+    "sink": {"softmax": "sink"},
+    "softpick": {"softmax": "softpick"},
+    "sigmoid": {"softmax": "sigmoid", "train_seq_length": 16},
+    "bias_kv": {"bias_kv": True},
+    "headwise": {"gate_type": "headwise"},
+    "elementwise": {"gate_type": "elementwise"},
+    "sink+bias_kv+elementwise": {"softmax": "clipped_sink(-0.05:1)", "bias_kv": True, "gate_type": "elementwise"},
 }
 
 

@@ -19,16 +19,52 @@ from .conftest import tiny_config
         ("clipped(-0.03:1.03)", (-0.03, 1.03)),
         ("clipped( -1e-2 : 1.5 )", (-0.01, 1.5)),
         ("clipped(-0.0234375:1)", (-0.0234375, 1.0)),
+        ("softmax1", (0.0, 1.0)),
+        ("clipped_softmax1(-.1:1.2)", (-0.1, 1.2)),
+        ("clipped_sink(-0.05:1)", (-0.05, 1.0)),
     ],
 )
 def test_parse_softmax_accepts_any_decimals(method, expected):
     assert parse_softmax(method) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("method", ["softmax", "clipped(-0.1)", "clipped(a:b)", "clip(-0.1:1)", "clipped[-0.1:1]", ""])
+@pytest.mark.parametrize(
+    "method", ["softmax", "clipped(-0.1)", "clipped(a:b)", "clip(-0.1:1)", "clipped[-0.1:1]", "", "softmax1(-0.1:1)"]
+)
 def test_unknown_softmax_method_lists_accepted_forms(method):
-    with pytest.raises(ValueError, match=r"accepted forms: 'vanilla' or 'clipped\(GAMMA:ZETA\)'"):
+    with pytest.raises(ValueError, match=r"accepted forms: 'vanilla' or 'softmax1' .* 'clipped\(GAMMA:ZETA\)'"):
         parse_softmax(method)
+
+
+@pytest.mark.parametrize("method", ["clipped_softpick(-0.1:1)", "clipped_sigmoid(-0.1:1)", "clipped_vanilla(-0.1:1)"])
+def test_only_clippable_normalisers_clip(method):
+    with pytest.raises(ValueError, match="not clippable; clippable: vanilla, softmax1, sink"):
+        parse_softmax(method)
+
+
+def test_sigmoid_needs_the_training_length_and_the_flags_give_it():
+    with pytest.raises(ValueError, match="sigmoid needs the training sequence length"):
+        AttentionConfig(softmax="sigmoid")
+    parser = add_attention_args(argparse.ArgumentParser())
+    config = attention_config_from_args(parser.parse_args(["--attn_softmax", "sigmoid"]), train_seq_length=64)
+    assert config.train_seq_length == 64 and config.normaliser == "sigmoid" and config.explicit
+    vanilla = attention_config_from_args(parser.parse_args([]), train_seq_length=64)
+    assert vanilla.train_seq_length is None  # only what reads it stores it
+
+
+def test_output_gates_keep_their_own_network_and_init():
+    for gate_type in ("headwise", "elementwise"):
+        with pytest.raises(ValueError, match="does not use"):
+            AttentionConfig(gate_type=gate_type, init_prob=0.25)
+        with pytest.raises(ValueError, match="does not use"):
+            AttentionConfig(gate_type=gate_type, fine_tuning=True)
+        with pytest.raises(ValueError, match="needs a conditional gate type that takes a network"):
+            AttentionConfig(gate_type=gate_type, gate_network="mlp")
+    parser = add_attention_args(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="has its own network"):
+        attention_config_from_args(parser.parse_args(["--attn_gate_type", "headwise", "--attn_gate_mlp"]), None)
+    config = attention_config_from_args(parser.parse_args(["--attn_gate_type", "elementwise", "--attn_bias_kv"]), None)
+    assert config.gate_type == "elementwise" and config.bias_kv and not config.explicit
 
 
 @pytest.mark.parametrize(("method", "word"), [("clipped(0.1:1)", "gamma <= 0"), ("clipped(-0.1:0.9)", "zeta >= 1")])
@@ -42,10 +78,14 @@ def test_alpha_form_fixes_gamma_from_train_length():
     assert config.gamma == pytest.approx(-0.025) and config.zeta == 1.0 and config.clipped
     with pytest.raises(ValueError, match="training sequence length"):
         AttentionConfig(alpha=3.2)
-    with pytest.raises(ValueError, match="use one of them"):
+    with pytest.raises(ValueError, match="must be an unclipped clippable one"):
         AttentionConfig(alpha=3.2, train_seq_length=128, softmax="clipped(-0.1:1)")
-    with pytest.raises(ValueError, match="use one of them"):
+    with pytest.raises(ValueError, match="must be an unclipped clippable one"):
         AttentionConfig(alpha=3.2, train_seq_length=128, softmax="clipped(0:1)")
+    with pytest.raises(ValueError, match="must be an unclipped clippable one"):
+        AttentionConfig(alpha=3.2, train_seq_length=128, softmax="softpick")
+    softmax1 = AttentionConfig(alpha=3.2, train_seq_length=128, softmax="softmax1")  # clipped softmax1
+    assert softmax1.clipped and softmax1.normaliser == "softmax1" and softmax1.gamma == pytest.approx(-0.025)
     with pytest.raises(ValueError, match=">= 0"):
         AttentionConfig(alpha=-1.0, train_seq_length=128)
 
@@ -109,10 +149,10 @@ def test_flags_to_config():
             ["--attn_gate_type", "conditional_per_token", "--attn_gate_mlp", "--attn_gate_mlp2"],
             "Choose one gate network",
         ),
-        (["--attn_gate_type", "unconditional_per_head", "--attn_gate_mlp"], "unconditional_per_head has none"),
-        (["--alpha", "4", "--attn_softmax", "clipped(-0.1:1)"], "use one"),
+        (["--attn_gate_type", "unconditional_per_head", "--attn_gate_mlp"], "unconditional_per_head has no network"),
+        (["--alpha", "4", "--attn_softmax", "clipped(-0.1:1)"], "unclipped clippable"),
         (["--skip_attn", "--alpha", "4"], "cannot be combined"),
-        (["--alpha", "4", "--attn_softmax", "clipped(0:1)"], "use one"),
+        (["--alpha", "4", "--attn_softmax", "clipped(0:1)"], "unclipped clippable"),
         (["--attn_softmax", "clipped(0.1:1)"], "gamma <= 0"),
     ],
 )

@@ -194,6 +194,11 @@ def test_headlines_follow_the_metrics_definitions():
         ("bert", {"softmax": "clipped(-0.065:1)"}),
         ("opt", {"gate_type": "conditional_per_head"}),
         ("bert", {}),
+        ("opt", {"softmax": "softpick"}),
+        ("bert", {"softmax": "sink"}),
+        ("opt", {"softmax": "sigmoid", "train_seq_length": 16, "gate_type": "headwise"}),
+        ("opt", {"bias_kv": True, "gate_type": "elementwise"}),
+        ("bert", {"softmax": "clipped_softmax1(-0.06:1)", "bias_kv": True}),
     ],
 )
 def test_attention_diagnostics_equal_stored_probabilities(model_type, attention):
@@ -224,18 +229,31 @@ def test_attention_diagnostics_equal_stored_probabilities(model_type, attention)
         handle.remove()
     is_delimiter = torch.isin(dataset[:]["input_ids"], torch.tensor(delimiters)).double()  # (N, S)
     allowed = torch.ones(SEQ, SEQ).tril().bool() if model_type == "opt" else torch.ones(SEQ, SEQ).bool()
-    clipped = "softmax" in attention
+    config = variants[0].settings
+    with_zeros = config.clipped or config.normaliser == "softpick"
     for layer in range(2):
-        p = torch.cat(probs[layer]).double()  # (N, H, T, S)
+        weights = torch.cat(probs[layer]).double()  # (N, H, T, S), or S + 1 with the learned key first
+        p = weights[..., 1:] if config.bias_kv else weights
         figures = result[f"layer_{layer}"]
+        if config.explicit or config.bias_kv:  # what the sequence's keys get, and the rest
+            np.testing.assert_allclose(figures["row_sum"], p.sum(-1).mean((0, 2)), rtol=1e-5)
+            if not config.clipped and (config.bias_kv or config.normaliser in ("softmax1", "sink")):
+                np.testing.assert_allclose(figures["sink_mass"], 1 - p.sum(-1).mean((0, 2)), rtol=1e-5)
+                assert min(figures["sink_mass"]) > 0
+            else:
+                assert "sink_mass" not in figures
+        else:
+            assert "row_sum" not in figures and "sink_mass" not in figures
         np.testing.assert_allclose(figures["first_token_mass"], p[..., 0].mean((0, 2)), rtol=1e-5)
         # Uniform attention over the keys each query may see: 1 / (i + 1) causal, 1 / S bidirectional.
         uniform = (allowed.double() / allowed.sum(-1, keepdim=True))[:, 0].mean()
         np.testing.assert_allclose(figures["sink_ratio"], p[..., 0].mean((0, 2)) / uniform, rtol=1e-5)
         delimiter_mass = (p * is_delimiter[:, None, None, :]).sum(-1).mean((0, 2))
         np.testing.assert_allclose(figures["delimiter_mass"], delimiter_mass, rtol=1e-5)
-        if clipped:  # clipped softmax gives some exact zeros; masked pairs do not count
-            zeros = ((p == 0) & allowed).sum((0, 2, 3)).double() / (p.shape[0] * allowed.sum().item())
+        if with_zeros:  # clipped softmax and softpick give some exact zeros; masked pairs do not count
+            # Every query may attend to the learned key.
+            pairs = torch.nn.functional.pad(allowed, (1, 0), value=True) if config.bias_kv else allowed
+            zeros = ((weights == 0) & pairs).sum((0, 2, 3)).double() / (p.shape[0] * pairs.sum().item())
             np.testing.assert_allclose(figures["exact_zero_fraction"], zeros, rtol=1e-9)
             assert 0 < float(zeros.mean()) < 1
         else:

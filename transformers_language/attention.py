@@ -5,17 +5,20 @@ HF's BERT and OPT attention modules compute Q, K, V and then call
 `attention_variant_forward` under ATTENTION_FUNCTION_NAME in `AttentionInterface` and the boolean SDPA
 mask builder under the same name in `AttentionMaskInterface` (a name missing there gets no mask at all).
 
-Each HF attention module carries an `AttentionVariant` child (softmax, gate and three named points), so
-gate parameters live in the state dict and `from_pretrained` rebuilds them before loading. The points are
+Each HF attention module carries an `AttentionVariant` child (normaliser, gate, optional learned key/value and
+the named points), so their parameters live in the state dict and `from_pretrained` rebuilds them before
+loading. A learned key/value (`bias_kv`) is prepended to the keys, so in `scores` and `probs` it is key 0 and
+the sequence's keys follow. The points are
 `nn.Identity` modules where metrics and quantizers attach (hooks or module swaps):
   scores   attention scores after scaling, before the mask      (B, H, T, S)
   probs    probabilities after the softmax, before dropout       (B, H, T, S)
   context  gated context before the output projection           (B, T, H * d_head)
   key_mass attention mass on marked keys, before the gate       (B, T, H, K)
-`key_mass` runs only while `marked_keys` (B, S, K) holds K indicator columns over the keys (set by the
-attention diagnostics): they ride along as K extra value channels, so the fused kernel computes
-probabilities @ indicators together with the context and the fast path stays fast.
-When nothing needs the probabilities (unclipped softmax, nothing attached to `scores` or `probs`, no
+`key_mass` runs only while `marked_keys` (B, S, K) holds K indicator columns over the sequence's keys (set
+by the attention diagnostics): they ride along as K extra value channels, so the fused kernel computes
+probabilities @ indicators together with the context and the fast path stays fast (the learned key of
+`bias_kv` gets a zero row).
+When nothing needs the weights (plain softmax, nothing attached to `scores` or `probs`, no
 `output_attentions`), attention runs through torch's fused `scaled_dot_product_attention` instead.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers import initialization as init
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -42,15 +46,51 @@ def is_attached(point: nn.Module) -> bool:
     return swapped or bool(point._forward_hooks) or bool(point._forward_pre_hooks)
 
 
+class BiasKeyValue(nn.Module):
+    """A learned key and value per head (Sun et al. 2024, "explicit attention bias"), prepended to the keys
+    and values of every sequence: a head can park its attention there instead of on a real token."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.key = nn.Parameter(torch.empty(num_heads, 1, head_dim))
+        self.value = nn.Parameter(torch.empty(num_heads, 1, head_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        init.normal_(self.key, 0.0, BIAS_KV_INIT_STD)  # HF's guarded init: a loaded value is kept
+        init.normal_(self.value, 0.0, BIAS_KV_INIT_STD)
+
+    def forward(self, key, value, attention_mask):
+        """(B, H, S, d) keys and values, mask (B|1, 1|H, T, S) or None -> S + 1 keys, the learned one first."""
+        batch = key.shape[0]
+        key = torch.cat([self.key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([self.value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        if attention_mask is not None:  # every query may attend to the learned key
+            fill = True if attention_mask.dtype == torch.bool else 0.0
+            attention_mask = nn.functional.pad(attention_mask, (1, 0), value=fill)
+        return key, value, attention_mask
+
+
+BIAS_KV_INIT_STD = 0.02  # BERT's initializer_range
+
+
+def _causal_mask(queries: int, keys: int, device) -> torch.Tensor:
+    """Boolean (T, S) mask, bottom-right aligned (query i of the last T positions sees S - T + i + 1 keys)."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
+
+
 class AttentionVariant(nn.Module):
-    """Softmax variant, optional gate and the named points of one self-attention layer."""
+    """Normaliser, optional gate, optional learned key/value and the named points of one self-attention
+    layer."""
 
     def __init__(self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool):
         super().__init__()
         self.settings = config
         self.is_causal = is_causal
-        self.softmax = build_softmax(config)
+        self.softmax = build_softmax(config, num_heads)
         self.gate = AttentionGate(config, num_heads, head_dim, is_causal) if config.gated else None
+        self.bias_kv = BiasKeyValue(num_heads, head_dim) if config.bias_kv else None
         self.scores = nn.Identity()
         self.probs = nn.Identity()
         self.context = nn.Identity()
@@ -58,7 +98,7 @@ class AttentionVariant(nn.Module):
         self.marked_keys: torch.Tensor | None = None
 
     def uses_fused_path(self, output_attentions: bool = False) -> bool:
-        return not (self.settings.clipped or output_attentions or is_attached(self.scores) or is_attached(self.probs))
+        return not (self.settings.explicit or output_attentions or is_attached(self.scores) or is_attached(self.probs))
 
     def forward(
         self,
@@ -88,7 +128,18 @@ class AttentionVariant(nn.Module):
                 )
             gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
 
+        # Same convention as HF's SDPA path (upper-left causal; a static-cache prefill keeps T keys). The fused
+        # kernel takes is_causal itself unless extra keys are prepended.
+        implicit_causal = attention_mask is None and is_causal and q_length > 1
+        if implicit_causal and (self.bias_kv is not None or not self.uses_fused_path(output_attentions)):
+            key, value = key[:, :, :q_length], value[:, :, :q_length]
+            attention_mask, is_causal = _causal_mask(q_length, q_length, query.device), False
+
         marked = self.marked_keys
+        if self.bias_kv is not None:
+            key, value, attention_mask = self.bias_kv(key, value, attention_mask)
+            if marked is not None:  # the learned key is none of the sequence's keys: a zero row
+                marked = nn.functional.pad(marked, (0, 0, 1, 0))
         if marked is not None:  # (B, S, K) indicators become K extra value channels of every head
             extra = marked.to(value.dtype).unsqueeze(1).expand(batch, num_heads, -1, -1)
             value = torch.cat([value, extra], dim=-1)
@@ -109,20 +160,19 @@ class AttentionVariant(nn.Module):
             if gate is not None:
                 context = context * gate.transpose(1, 2)
         else:
-            if attention_mask is None and is_causal and q_length > 1:
-                # Same convention as HF's SDPA path (upper-left causal; a static-cache prefill keeps T keys).
-                key, value = key[:, :, :q_length], value[:, :, :q_length]
-                attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
             # Scale the (B, H, T, d) query, not the (B, H, T, S) scores: fewer values, and none at all for OPT,
             # which scales its query projection itself and passes 1.0.
             scaled_query = query if scaling == 1.0 else query * scaling
             scores = self.scores(torch.matmul(scaled_query, key.transpose(-1, -2)))
+            allowed = None
             if attention_mask is not None:
                 if attention_mask.dtype == torch.bool:
+                    allowed = attention_mask
                     scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
                 else:
+                    allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
                     scores = scores + attention_mask
-            probs = self.probs(self.softmax(scores))
+            probs = self.probs(self.softmax(scores, allowed))
             weights = nn.functional.dropout(probs, p=dropout, training=dropout > 0)
             context = torch.matmul(weights, value)  # (B, H, T, d)
             if marked is not None:

@@ -16,15 +16,15 @@ from transformers import PretrainedConfig
 from .arguments import add_group, arg, parse_group
 from .errors import UsageError
 from .gates import GATE_NETWORKS, GATE_TYPES, logit  # noqa: F401 (logit: part of this module's API)
-from .softmax import SOFTMAX_FORMS, softmax_variant
+from .softmax import SOFTMAX_FORMS, SOFTMAX_VARIANTS, softmax_variant
 
 CONFIG_KEY = "attention_variant"
 DEFAULT_GATE_NETWORK = "linear"  # the network without a flag
 
 
 def parse_softmax(method: str) -> tuple[float, float]:
-    """Return (gamma, zeta) for a softmax method string; vanilla is (0, 1)."""
-    return softmax_variant(method)[1]
+    """Return (gamma, zeta) for a softmax method string; unclipped is (0, 1)."""
+    return softmax_variant(method).clip or (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,17 @@ class AttentionConfig:
     """The attention variant of every self-attention layer of a model (defaults = vanilla attention)."""
 
     softmax: str = "vanilla"
-    """'vanilla' or 'clipped(GAMMA:ZETA)'."""
+    """The normaliser (softmax.py): 'vanilla', 'softmax1', 'sink', 'softpick', 'sigmoid', 'clipped(GAMMA:ZETA)',
+    'clipped_softmax1(GAMMA:ZETA)', 'clipped_sink(GAMMA:ZETA)'."""
     alpha: float | None = None
-    """Alpha form of clipped softmax: gamma = -alpha / train_seq_length, zeta = 1."""
+    """Alpha form of clipped softmax: gamma = -alpha / train_seq_length, zeta = 1 (clips the unclipped
+    normaliser `softmax` names)."""
     train_seq_length: int | None = None
-    """T_train of the alpha form, fixed when the model is built (BERT max_seq_length, OPT block_size)."""
+    """T_train of the alpha form and of sigmoid attention, fixed when the model is built (BERT max_seq_length,
+    OPT block_size)."""
+    bias_kv: bool = False
+    """Explicit attention bias (Sun et al. 2024): a learned key and value per head, prepended to every
+    sequence's keys and values."""
     gate_type: str = "none"
     gate_network: str = DEFAULT_GATE_NETWORK
     init_prob: float = 0.5
@@ -47,20 +53,20 @@ class AttentionConfig:
     """Ablation: the attention function returns a zero context (no token mixing)."""
 
     def __post_init__(self):
-        parse_softmax(self.softmax)  # validates the method string
+        spec = softmax_variant(self.softmax)  # validates the method string
         if self.alpha is not None:
-            if self.softmax.strip() != "vanilla":
+            if spec.clip is not None or not SOFTMAX_VARIANTS[spec.normaliser].clippable:
                 raise UsageError(
-                    f"alpha={self.alpha} (--alpha) and softmax={self.softmax!r} (--attn_softmax) both set the "
-                    "clipped softmax; use one of them (the alpha form needs softmax='vanilla')."
+                    f"alpha={self.alpha} (--alpha) clips the normaliser softmax={self.softmax!r} (--attn_softmax) "
+                    "names, which must be an unclipped clippable one (vanilla, softmax1, sink)."
                 )
             if not (math.isfinite(self.alpha) and self.alpha >= 0):
                 raise UsageError(f"alpha must be a finite number >= 0 (gamma = -alpha / T), got {self.alpha}.")
-            if self.train_seq_length is None or self.train_seq_length <= 0:
-                raise UsageError(
-                    "The alpha form of clipped softmax needs the training sequence length "
-                    "(train_seq_length = --max_seq_length for BERT, --block_size for OPT)."
-                )
+        if self.needs_seq_length and (self.train_seq_length is None or self.train_seq_length <= 0):
+            raise UsageError(
+                f"{'The alpha form of clipped softmax' if self.alpha is not None else self.softmax} needs the "
+                "training sequence length (train_seq_length = --max_seq_length for BERT, --block_size for OPT)."
+            )
         if self.gate_type not in GATE_TYPES:
             raise UsageError(f"Unknown gate type {self.gate_type!r}; valid gate types: {', '.join(GATE_TYPES)}.")
         if self.gate_network not in GATE_NETWORKS:
@@ -69,20 +75,21 @@ class AttentionConfig:
             )
         if not 0.0 < self.init_prob < 1.0:
             raise UsageError(f"init_prob must lie strictly between 0 and 1, got {self.init_prob}.")
-        if self.gate_network != DEFAULT_GATE_NETWORK and not (self.gated and GATE_TYPES[self.gate_type].conditional):
+        kind = GATE_TYPES[self.gate_type]
+        if self.gate_network != DEFAULT_GATE_NETWORK and not (kind is not None and kind.chooses_network):
             raise UsageError(
-                f"gate_network={self.gate_network!r} needs a conditional gate type "
+                f"gate_network={self.gate_network!r} needs a conditional gate type that takes a network "
                 f"(conditional_per_head or conditional_per_token), got gate_type={self.gate_type!r}."
             )
-        if self.gate_type == "none" and (self.fine_tuning or self.init_prob != 0.5):
+        if (kind is None or not kind.init_from_prob) and (self.fine_tuning or self.init_prob != 0.5):
             raise UsageError(
-                "fine_tuning and init_prob configure the attention gate, but gate_type='none'; "
-                "choose a gate type or drop them."
+                f"fine_tuning and init_prob set the paper's gate initialisation, which gate_type={self.gate_type!r} "
+                "does not use; choose conditional_per_token (or another paper gate type) or drop them."
             )
-        if self.skip_attn and (self.gated or self.clipped):
+        if self.skip_attn and (self.gated or self.normaliser != "vanilla" or self.clipped or self.bias_kv):
             raise UsageError(
-                "skip_attn (--skip_attn) removes the attention output: it cannot be combined with a gate or "
-                "clipped softmax."
+                "skip_attn (--skip_attn) removes the attention output: it cannot be combined with a gate, "
+                "an attention bias or a softmax variant."
             )
 
     @property
@@ -96,14 +103,23 @@ class AttentionConfig:
         return parse_softmax(self.softmax)[1]
 
     @property
-    def softmax_variant(self) -> str:
-        """The registered softmax variant (softmax.py) this method runs; the alpha form is clipped softmax."""
-        return "clipped" if self.alpha is not None else softmax_variant(self.softmax)[0]
+    def normaliser(self) -> str:
+        """The registered normaliser (softmax.py) this method runs, clipped or not."""
+        return softmax_variant(self.softmax).normaliser
 
     @property
     def clipped(self) -> bool:
-        """True when the softmax is clipped (even clipped(0:1), which computes the same as vanilla)."""
-        return self.softmax_variant != "vanilla"
+        """True when the normaliser is clipped (even clipped(0:1), which computes the same as vanilla)."""
+        return self.alpha is not None or softmax_variant(self.softmax).clip is not None
+
+    @property
+    def needs_seq_length(self) -> bool:
+        return self.alpha is not None or SOFTMAX_VARIANTS[self.normaliser].needs_seq_length
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the attention weights must be computed explicitly (torch's fused kernel computes softmax)."""
+        return self.normaliser != "vanilla" or self.clipped
 
     @property
     def gated(self) -> bool:
@@ -179,6 +195,11 @@ def _attention_fields() -> list[tuple]:
                 action="store_true",
             ),
         ),
+        (
+            "attn_bias_kv",
+            bool,
+            arg(False, "Explicit attention bias: a learned key and value per head (Sun et al.).", action="store_true"),
+        ),
         ("skip_attn", bool, arg(False, "Ablation: attention returns a zero context.", action="store_true")),
     ]
 
@@ -223,15 +244,18 @@ def attention_config_from_args(args, train_seq_length: int | None) -> AttentionC
             "add --attn_gate_type conditional_per_token (the paper's choice) or drop them."
         )
     kind = GATE_TYPES.get(gate_type)
-    if chosen and kind is not None and not kind.conditional:
+    if chosen and kind is not None and not kind.chooses_network:
         raise UsageError(
-            f"{chosen[0]} sets a gate network, but --attn_gate_type {gate_type} has none "
-            "(it learns one logit per head); use a conditional gate type or drop the flag."
+            f"{chosen[0]} sets a gate network, but --attn_gate_type {gate_type} has {kind.describe()}; "
+            "use conditional_per_token or conditional_per_head, or drop the flag."
         )
+    softmax = flags.attn_softmax or "vanilla"
+    reads_length = flags.alpha is not None or SOFTMAX_VARIANTS[softmax_variant(softmax).normaliser].needs_seq_length
     return AttentionConfig(
-        softmax=flags.attn_softmax or "vanilla",
+        softmax=softmax,
         alpha=flags.alpha,
-        train_seq_length=train_seq_length if flags.alpha is not None else None,
+        train_seq_length=train_seq_length if reads_length else None,
+        bias_kv=flags.attn_bias_kv,
         gate_type=gate_type,
         gate_network=network_flags[chosen[0]][0] if chosen else DEFAULT_GATE_NETWORK,
         init_prob=0.5 if flags.attn_gate_init is None else flags.attn_gate_init,

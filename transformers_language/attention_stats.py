@@ -8,12 +8,17 @@ A head that wants no update puts its attention on tokens that carry little infor
                         the first query can see nothing else), so a value of 3 means a head parks on the first
                         token three times more than chance, whatever the sequence length
   delimiter_mass        mean total attention probability on delimiter tokens (see `delimiter_token_ids`)
-  exact_zero_fraction   clipped softmax only: share of attended (not masked) query-key pairs whose
-                        probability is exactly 0
-  gate_mean             mean gate probability sigmoid(G(x)) (gated models; without the fine-tuning scale)
-The two masses come from the variants' `key_mass` point: the first-token and delimiter indicators ride
+  row_sum               variants other than plain softmax: mean total weight a query gives the sequence's
+                        keys (1 for softmax; below 1 where a head abstains, any value for sigmoid attention)
+  sink_mass             softmax1, learned sinks and the learned key/value: mean weight on the null / learned
+                        key, 1 - row_sum
+  exact_zero_fraction   clipped variants and softpick: share of attended (not masked) query-key pairs whose
+                        weight is exactly 0
+  gate_mean             mean gate probability sigmoid(G(x)) (gated models; without the fine-tuning scale;
+                        elementwise gates: also over channels)
+The masses come from the variants' `key_mass` point: first-token, delimiter and all-keys indicators ride
 along as extra value channels, so vanilla and gated attention keep the fused kernel. Exact zeros need the
-probabilities, which clipped softmax computes anyway.
+weights, which those variants compute anyway.
 """
 
 from __future__ import annotations
@@ -52,6 +57,19 @@ def delimiter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+MARKS = 3  # indicator columns over the keys: first token, delimiters, every key of the sequence
+
+
+def counts_zeros(variant) -> bool:
+    """Whether a layer's weights can be exactly 0 by design (clipped variants, softpick)."""
+    return variant.settings.clipped or variant.softmax.exact_zeros
+
+
+def has_sink(variant) -> bool:
+    """Whether a layer sends what its sequence's keys do not get to a null or learned key (unclipped)."""
+    return (variant.softmax.sink or variant.bias_kv is not None) and not variant.settings.clipped
+
+
 class AttentionStatistics:
     """Streams the attention diagnostics of every attention layer of `model` (see the module docstring).
 
@@ -63,21 +81,22 @@ class AttentionStatistics:
         self.delimiter_ids = torch.tensor(delimiter_ids, dtype=torch.long, device=device)
         heads = model.config.num_attention_heads
         # Per layer, allocated up front (so every process joins the sync with the same shapes):
-        # mass [first token (H), delimiters (H), queries, uniform first-token mass];
+        # mass [first token (H), delimiters (H), all keys (H), queries, uniform first-token mass];
         # zeros [exact zeros (H), attended pairs]; gate [sequence-weighted gate sum (H), sequences].
         self._sums: dict[str, torch.Tensor] = {}
         for layer, variant in enumerate(self.variants):
-            self._sums[f"mass_{layer}"] = torch.zeros(2 * heads + 2, dtype=torch.float64, device=device)
-            if variant.settings.clipped:
+            self._sums[f"mass_{layer}"] = torch.zeros(MARKS * heads + 2, dtype=torch.float64, device=device)
+            if counts_zeros(variant):
                 self._sums[f"zeros_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
             if variant.gate is not None:
                 self._sums[f"gate_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
         self._batch = 0
 
     def start_batch(self, input_ids: torch.Tensor, index: int) -> None:
-        marked = torch.zeros(*input_ids.shape, 2, device=input_ids.device)  # (B, S, [first token, delimiter])
+        marked = torch.zeros(*input_ids.shape, MARKS, device=input_ids.device)  # (B, S, [first, delimiter, all])
         marked[:, 0, 0] = 1.0
         marked[..., 1] = torch.isin(input_ids, self.delimiter_ids.to(input_ids.device)).float()
+        marked[..., 2] = 1.0
         self._batch = input_ids.shape[0]
         for variant in self.variants:
             variant.marked_keys = marked
@@ -89,7 +108,7 @@ class AttentionStatistics:
         variant = self.variants[layer]
 
         def hook(module, args, output):
-            mass = output.detach().float().sum(dim=(0, 1))  # (H, 2): summed over sequences and queries
+            mass = output.detach().float().sum(dim=(0, 1))  # (H, MARKS): summed over sequences and queries
             batch, queries, keys = output.shape[0], output.shape[1], variant.marked_keys.shape[1]
             uniform = batch * uniform_first_key_mass(queries, keys, variant.is_causal)
             counts = mass.new_tensor([batch * queries, uniform])
@@ -126,7 +145,7 @@ class AttentionStatistics:
         handles = []
         for layer, variant in enumerate(self.variants):
             handles.append(variant.key_mass.register_forward_hook(self._mass_hook(layer)))
-            if variant.settings.clipped:
+            if counts_zeros(variant):
                 handles.append(variant.probs.register_forward_hook(self._zeros_hook(layer, variant.is_causal)))
             if variant.gate is not None:
                 handles.append(variant.gate.register_forward_hook(self._gate_hook(layer)))
@@ -147,12 +166,18 @@ class AttentionStatistics:
             *per_head, queries, uniform = totals[f"mass_{layer}"].tolist()
             if not queries:
                 continue
-            heads = len(per_head) // 2
+            heads = len(per_head) // MARKS
+            first, delimiters, every = (per_head[i * heads : (i + 1) * heads] for i in range(MARKS))
             figures = {
-                "first_token_mass": [v / queries for v in per_head[:heads]],
-                "sink_ratio": [v / uniform for v in per_head[:heads]],
-                "delimiter_mass": [v / queries for v in per_head[heads:]],
+                "first_token_mass": [v / queries for v in first],
+                "sink_ratio": [v / uniform for v in first],
+                "delimiter_mass": [v / queries for v in delimiters],
             }
+            settings = self.variants[layer].settings
+            if settings.explicit or settings.bias_kv:
+                figures["row_sum"] = [v / queries for v in every]
+            if has_sink(self.variants[layer]):
+                figures["sink_mass"] = [1.0 - v / queries for v in every]
             if f"zeros_{layer}" in totals:
                 *per_head, pairs = totals[f"zeros_{layer}"].tolist()
                 figures["exact_zero_fraction"] = [v / pairs for v in per_head]

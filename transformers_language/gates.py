@@ -1,5 +1,9 @@
 """Gated attention: sigmoid(G(x)) multiplies each head's context before the output projection.
 
+The paper's gates (one value per head and token, or per head) and the output gates of Qiu et al. (NeurIPS
+2025, "G1"): headwise, Linear(d_model -> H), and elementwise, Linear(d_model -> H * d_head), one value per
+channel, both on the attention input and with PyTorch's default init (no init_prob bias).
+
 Gate networks are registered by idea. Per-head networks hold all heads' weights in one (H, in, out)
 tensor and run as a single batched contraction; head h sees only the h-th d_head slice of x.
 
@@ -32,10 +36,20 @@ def logit(prob: float) -> float:
 @dataclass(frozen=True)
 class GateType:
     """What a gate computes from: one learned logit per head, or a network of the block input (`conditional`),
-    per token or averaged over the sequence (`pooled`)."""
+    per token or averaged over the sequence (`pooled`); `network` fixes the network (else the gate-network
+    flags choose it); `init_from_prob`: the last bias starts at logit(init_prob) (the paper's init)."""
 
     conditional: bool
     pooled: bool = False
+    network: str | None = None
+    init_from_prob: bool = True
+
+    @property
+    def chooses_network(self) -> bool:
+        return self.conditional and self.network is None
+
+    def describe(self) -> str:
+        return f"its own network ({self.network})" if self.network else "no network (one logit per head)"
 
 
 # The gate types users name with --attn_gate_type ('none': no gate).
@@ -44,6 +58,8 @@ GATE_TYPES: dict[str, GateType | None] = {
     "unconditional_per_head": GateType(conditional=False),
     "conditional_per_head": GateType(conditional=True, pooled=True),
     "conditional_per_token": GateType(conditional=True),
+    "headwise": GateType(conditional=True, network="all_heads_linear", init_from_prob=False),
+    "elementwise": GateType(conditional=True, network="elementwise", init_from_prob=False),
 }
 
 
@@ -79,7 +95,7 @@ def register_gate_network(name: str, flag: str | None = None, help: str = ""):
 
 
 class _HeadwiseMLP(nn.Module):
-    """Per-head network d_head -> [hidden -> ReLU ->] 1, giving gate logits (B, T, H)."""
+    """Per-head network d_head -> [hidden -> ReLU ->] 1, giving gate logits (B, T, H, 1)."""
 
     def __init__(self, num_heads: int, head_dim: int, hidden: int | None):
         super().__init__()
@@ -91,7 +107,7 @@ class _HeadwiseMLP(nn.Module):
         h = x.unflatten(-1, (self.num_heads, -1))  # (B, T, H, d_head)
         if self.hidden is not None:
             h = torch.relu(self.hidden(h))
-        return self.out(h).squeeze(-1)
+        return self.out(h)
 
     def layers(self) -> list[nn.Module]:
         return [m for m in (self.hidden, self.out) if m is not None]
@@ -121,17 +137,26 @@ class MLP2Gate(_HeadwiseMLP):
     "One Linear(d_model -> H) gate on the whole attention input ('all-heads linear').",
 )
 class AllHeadsLinearGate(nn.Module):
-    """One Linear(d_model -> H) on the whole attention input."""
+    """One Linear(d_model -> H * per_head) on the whole attention input: logits (B, T, H, per_head)."""
 
-    def __init__(self, num_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, head_dim: int, per_head: int = 1):
         super().__init__()
-        self.proj = nn.Linear(num_heads * head_dim, num_heads)
+        self.num_heads = num_heads
+        self.proj = nn.Linear(num_heads * head_dim, num_heads * per_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return self.proj(x).unflatten(-1, (self.num_heads, -1))
 
     def layers(self) -> list[nn.Module]:
         return [self.proj]
+
+
+@register_gate_network("elementwise")
+class ElementwiseGate(AllHeadsLinearGate):
+    """Linear(d_model -> H * d_head): one gate per context channel (the elementwise output gate)."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__(num_heads, head_dim, per_head=head_dim)
 
 
 class AttentionGate(nn.Module):
@@ -148,7 +173,7 @@ class AttentionGate(nn.Module):
         self.scale = config.gate_scale
         self.is_causal = is_causal
         if self.kind.conditional:
-            self.network = GATE_NETWORKS[config.gate_network](num_heads, head_dim)
+            self.network = GATE_NETWORKS[self.kind.network or config.gate_network](num_heads, head_dim)
         else:
             self.logits = nn.Parameter(torch.empty(num_heads))
         self.reset_parameters()
@@ -173,17 +198,18 @@ class AttentionGate(nn.Module):
                 bound = 1.0 / math.sqrt(fan_in)
                 init.uniform_(layer.weight, -bound, bound)
                 init.uniform_(layer.bias, -bound, bound)
-        init.constant_(layers[-1].bias, bias)
+        if self.kind.init_from_prob:
+            init.constant_(layers[-1].bias, bias)
 
     def forward(self, x: torch.Tensor | None, attention_mask: torch.Tensor | None, kv_length: int) -> torch.Tensor:
-        """Gate of shape (1 or B, H, 1 or T, 1), broadcastable against the context (B, H, T, d_head).
+        """Gate of shape (1 or B, H, 1 or T, 1 or d_head), broadcastable against the context (B, H, T, d_head).
 
         x: the attention block's input (B, T, d_model); attention_mask: the boolean (B, 1, T, S) mask of the
         attention function (True = attend) or None; kv_length: S, the number of keys.
         """
         if not self.kind.conditional:
             return torch.sigmoid(self.logits).view(1, -1, 1, 1) * self.scale
-        logits = self.network(x).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        logits = self.network(x).transpose(1, 2)  # (B, H, T, 1 or d_head)
         if self.kind.pooled:
             if kv_length != logits.shape[2]:
                 raise ValueError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arguments import arg
-from .optim import SCHEDULES
+from .optim import OPTIMIZERS, SCHEDULES
 from .outlier_report import TOP_K
 
 
@@ -29,7 +29,13 @@ class TrainingArgs:
     max_train_steps: int | None = arg(None, "Optimizer steps (overrides epochs).", type=int)
     num_warmup_steps: int = arg(0, "Linear warmup steps.", type=int)
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.", type=int)
-    weight_decay: float = arg(0.0, "AdamW decay (never on biases, gates).", type=float)
+    optimizer: str = arg(
+        "adamw", "adamw, or muon: Muon for the layers' hidden matrices, AdamW for the rest.", choices=OPTIMIZERS
+    )
+    muon_learning_rate: float | None = arg(
+        None, "Muon's peak learning rate (default: --learning_rate; its update RMS matches AdamW's).", type=float
+    )
+    weight_decay: float = arg(0.0, "Decoupled weight decay (never on biases, norms, gates).", type=float)
     wd_LN_gamma: bool = arg(False, "Also decay LayerNorm weights (gamma).", action="store_true")
     final_lr_fraction: float = arg(0.0, "LR at max_train_steps as a fraction of the peak.", type=float)
     max_grad_norm: float = arg(1.0, "Gradient clipping norm (0: no clipping).", type=float)

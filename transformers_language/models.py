@@ -17,13 +17,16 @@ from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.opt.modeling_opt import OPTAttention
 
-from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
+from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, BiasKeyValue, install_attention_variant
 from .attention_config import AttentionConfig
 from .equivalent_transforms import CONFIG_KEY as TRANSFORMS_KEY
 from .equivalent_transforms import install_shortcut_affines
 from .families import FAMILIES, Family, Headline, Site, get_family
 from .gates import AttentionGate
+from .softmax import LearnedSink
 
+# The variants' own parameter modules: initialised by their `reset_parameters`, never by HF's generic init.
+_VARIANT_PARAMETER_MODULES = (AttentionGate, LearnedSink, BiasKeyValue)
 # Implementations users may ask for that our function covers: its explicit path computes what HF's eager
 # path computes, its fused path is HF's SDPA path.
 _COVERED_IMPLEMENTATIONS = (None, "eager", "sdpa", ATTENTION_FUNCTION_NAME)
@@ -76,16 +79,16 @@ class AttentionVariantMixin:
 
     @torch.no_grad()
     def initialize_weights(self):
-        """HF's init, then ours for the gates. Both `init_weights` and `from_pretrained`'s missing-key init come
-        here. (HF dispatches each sub-model to its own stock `_init_weights`, so overriding `_init_weights`
-        would never reach gates inside `self.bert` / `self.model`.) `reset_parameters` uses HF's guarded init
-        functions: parameters loaded from a checkpoint keep their values."""
+        """HF's init, then ours for the gates, sinks and learned keys / values. Both `init_weights` and
+        `from_pretrained`'s missing-key init come here. (HF dispatches each sub-model to its own stock
+        `_init_weights`, so overriding `_init_weights` would never reach modules inside `self.bert` /
+        `self.model`.) `reset_parameters` uses HF's guarded init functions: loaded parameters keep their values."""
         super().initialize_weights()
         for module in self.modules():
-            # Our own flag: HF's pass marks every module it visits as initialised, the gates included.
-            if isinstance(module, AttentionGate) and not getattr(module, "_gate_initialized", False):
+            # Our own flag: HF's pass marks every module it visits as initialised, these included.
+            if isinstance(module, _VARIANT_PARAMETER_MODULES) and not getattr(module, "_variant_initialized", False):
                 module.reset_parameters()
-                module._gate_initialized = True
+                module._variant_initialized = True
 
     def body_output(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The transformer body's last hidden state (what the head reads), without a KV cache."""

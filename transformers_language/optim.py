@@ -1,4 +1,11 @@
-"""AdamW with the paper's weight-decay groups, and the learning-rate schedule with a final-LR floor.
+"""The optimizers (AdamW with the paper's weight-decay groups; Muon for the hidden matrices beside it) and
+the learning-rate schedule with a final-LR floor.
+
+Muon (Jordan et al. 2024, `torch.optim.Muon`) orthogonalises the momentum of each 2-D weight matrix inside the
+transformer layers (attention and FFN projections); embeddings, the LM head, norms, biases and the attention
+variants' own parameters (gates, sinks, learned keys) stay on AdamW. Muon's update RMS is matched to AdamW's
+(`adjust_lr_fn='match_rms_adamw'`, Moonshot AI's recipe), so one learning rate suits both; `--muon_learning_rate`
+sets Muon's apart. Both run as one optimizer object, so checkpoints, resume and the schedule see one thing.
 
 Weight decay skips biases, LayerNorm parameters and the per-head gate logits; `--wd_LN_gamma` puts the
 LayerNorm weights (gamma) back into the decayed group, which on its own reduces OPT's outliers (paper,
@@ -55,6 +62,57 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, decay_layernorm_w
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def muon_parameter_names(model: nn.Module) -> list[str]:
+    """The hidden weight matrices Muon trains: 2-D weights of the Linear layers inside the transformer layers,
+    except the attention variants' own (gate networks)."""
+    layers = model.family.layers_path + "."
+    return [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(layers) and ".attention_variant." not in name
+    ]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """`torch.optim.Muon` on some parameters and fused `torch.optim.AdamW` on the rest, as one optimizer: its
+    `param_groups` and `state` are the two optimizers' own (Muon's groups first), so the schedule, gradient
+    clipping and checkpoints treat it like any optimizer."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        """Point both optimizers at this object's groups and state (a loaded state dict replaces them)."""
+        count = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:count], self.param_groups[count:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def _adamw(groups: list[dict], learning_rate: float, betas, eps) -> torch.optim.AdamW:
+    # The fused kernel (one pass over all tensors) is 4x faster than the default loop on CPU.
+    fused = all(p.device.type in _FUSED_DEVICES and p.dtype.is_floating_point for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
 def build_optimizer(
     model: nn.Module,
     learning_rate: float,
@@ -62,11 +120,30 @@ def build_optimizer(
     decay_layernorm_weight: bool,
     betas: tuple[float, float],
     eps: float,
-) -> torch.optim.AdamW:
+    optimizer: str = "adamw",
+    muon_learning_rate: float | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over the weight-decay groups, or (`optimizer='muon'`) Muon for the hidden matrices with AdamW for
+    the rest; Muon's rate defaults to `learning_rate` and its decoupled weight decay is `weight_decay`."""
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"Unknown --optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}.")
     groups = weight_decay_groups(model, weight_decay, decay_layernorm_weight)
-    # The fused kernel (one pass over all tensors) is 4x faster than the default loop on CPU.
-    fused = all(p.device.type in _FUSED_DEVICES and p.dtype.is_floating_point for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+    if optimizer == "adamw":
+        return _adamw(groups, learning_rate, betas, eps)
+    parameters = dict(model.named_parameters())
+    hidden = [parameters[name] for name in muon_parameter_names(model) if parameters[name].requires_grad]
+    if not hidden:
+        raise UsageError("--optimizer muon found no hidden weight matrices to train (all frozen?); use adamw.")
+    chosen = {id(p) for p in hidden}
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) not in chosen]
+    muon = torch.optim.Muon(
+        hidden,
+        lr=learning_rate if muon_learning_rate is None else muon_learning_rate,
+        weight_decay=weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    return MuonWithAdamW(muon, _adamw([g for g in groups if g["params"]], learning_rate, betas, eps))
 
 
 def build_scheduler(

@@ -77,6 +77,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("max_train_steps", "num_warmup_steps", "num_train_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+    if args.muon_learning_rate is not None and args.optimizer != "muon":
+        raise UsageError("--muon_learning_rate sets Muon's rate: add --optimizer muon, or drop it.")
+    if args.muon_learning_rate is not None and not args.muon_learning_rate > 0:
+        raise UsageError(f"--muon_learning_rate must be positive, got {args.muon_learning_rate}.")
     if args.fine_tuning and args.model_name_or_path is None:
         raise UsageError(
             "--fine_tuning initialises gates added to a pretrained model: pass its --model_name_or_path, or drop "
@@ -126,6 +130,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         args.wd_LN_gamma,
         (args.adam_beta1, args.adam_beta2),
         args.adam_epsilon,
+        args.optimizer,
+        args.muon_learning_rate,
     )
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
     records = layout_record(args.block_layout)
