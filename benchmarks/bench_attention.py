@@ -34,11 +34,27 @@ VARIANTS = {
     "gate linear per_head": {"gate_type": "conditional_per_head"},
     "gate unconditional": {"gate_type": "unconditional_per_head"},
     "clipped + gate linear": {"softmax": "clipped(-0.025:1)", "gate_type": "conditional_per_token"},
+    "softmax1": {"softmax": "softmax1"},
+    "clipped softmax1": {"softmax": "clipped_softmax1(-0.025:1)"},
+    "learned sink": {"softmax": "sink"},
+    "learned key/value": {"bias_kv": True},
+    "softpick": {"softmax": "softpick"},
+    "sigmoid": {"softmax": "sigmoid", "train_seq_length": 128},
+    "output gate headwise": {"gate_type": "headwise"},
+    "output gate elementwise": {"gate_type": "elementwise"},
 }
-TARGETS = {  # (variant, baseline, maximum ratio) from the issue
+TARGETS = {  # (variant, baseline, maximum ratio) from the issues
     "gate linear per_token": ("vanilla (fused)", 1.02),
     "gate mlp per_token": ("vanilla (fused)", 1.05),
     "clipped(-0.025:1)": ("vanilla (explicit)", 1.05),
+    "softmax1": ("vanilla (fused)", 1.15),
+    "clipped softmax1": ("vanilla (fused)", 1.15),
+    "learned sink": ("vanilla (fused)", 1.15),
+    "learned key/value": ("vanilla (fused)", 1.15),
+    "softpick": ("vanilla (fused)", 1.15),
+    "sigmoid": ("vanilla (fused)", 1.15),
+    "output gate headwise": ("vanilla (fused)", 1.05),
+    "output gate elementwise": ("vanilla (fused)", 1.05),
 }
 
 

@@ -1,5 +1,6 @@
-"""The demo: pre-train OPT-small three times (vanilla softmax, clipped softmax, gated attention) on WikiText-2,
-validate each model in floating point and in simulated W8A8, and print one side-by-side table with plots.
+"""The demo: pre-train OPT-small once per method (default: vanilla softmax, clipped softmax, gated attention;
+`--methods` takes any of METHODS below) on WikiText-2, validate each model in floating point and in
+simulated W8A8, and print one side-by-side table with plots.
 
 Training uses the `bos_first` block layout (every block is `</s>` + 127 tokens of one stream, so a fixed,
 content-free first key is there for heads that want to do nothing) and logs the outlier figures every few
@@ -12,6 +13,10 @@ there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from t
     python scripts/demo.py            # the whole pipeline, about 8 minutes on 2 CPU cores
     python scripts/demo.py --full     # 1500 steps per method (about 71 minutes on 2 cores)
     python scripts/demo.py --full --seed 0 --methods vanilla gated_attention   # another seed
+    python scripts/demo.py --full --resume --methods vanilla softmax1 muon     # keep finished methods
+
+With `--resume`, a method whose three stages finished with the same flags is read back instead of rerun, and
+an interrupted training continues from its last checkpoint (the full size saves one every 250 steps).
 """
 
 from __future__ import annotations
@@ -34,12 +39,24 @@ from transformers_language.pretrain import pretrain  # noqa: E402
 from transformers_language.telemetry import GROWTH_FILE  # noqa: E402
 from transformers_language.validate import validate  # noqa: E402
 
-# The compared methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25).
+# The methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25), the later
+# no-op mechanisms (methods.md, "Further variants") and Muon with vanilla attention.
 METHODS = {
     "vanilla": [],
     "clipped_softmax": ["--alpha", "12"],
     "gated_attention": ["--attn_gate_type", "conditional_per_token", "--attn_gate_init", "0.25"],
+    "softmax1": ["--attn_softmax", "softmax1"],
+    "clipped_softmax1": ["--attn_softmax", "softmax1", "--alpha", "12"],
+    "learned_sink": ["--attn_softmax", "sink"],
+    "bias_kv": ["--attn_bias_kv"],
+    "softpick": ["--attn_softmax", "softpick"],
+    "sigmoid": ["--attn_softmax", "sigmoid"],
+    "headwise_gate": ["--attn_gate_type", "headwise"],
+    "elementwise_gate": ["--attn_gate_type", "elementwise"],
+    "muon": ["--optimizer", "muon"],
 }
+DEFAULT_METHODS = ["vanilla", "clipped_softmax", "gated_attention"]
+RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of them finished
 # The two sizes. `full` follows the reference probe (shared/reference): lr 1e-3 decaying linearly towards 0 at
 # step 3000, stopped at step 1500 (the learning rate then stands at 1500 / 2900 of its peak, the
 # final_lr_fraction below); blocks drawn at random with replacement; figures logged every 50 steps.
@@ -50,6 +67,7 @@ SIZES = {
         "final_lr_fraction": 0.0,
         "validation_percentage": 50,
         "log_interval": 25,
+        "checkpointing_steps": 50,
     },
     "full": {
         "max_train_steps": 1500,
@@ -57,6 +75,7 @@ SIZES = {
         "final_lr_fraction": 0.517,
         "validation_percentage": 100,
         "log_interval": 50,
+        "checkpointing_steps": 250,
     },
 }
 PER_LAYER = {
@@ -87,9 +106,15 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="The long run (1500 steps per method).")
     parser.add_argument("--output_dir", default=None, help="Default: runs/demo (runs/demo-full with --full).")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Read back methods that finished with these flags; continue interrupted trainings from checkpoints.",
+    )
     parser.add_argument("--max_train_steps", type=int, default=None, help="Override the size's steps.")
     parser.add_argument("--validation_percentage", type=float, default=None, help="Override: share of valid.txt.")
+    parser.add_argument("--checkpointing_steps", type=int, default=None, help="Override: steps between checkpoints.")
     parser.add_argument("--est_num_batches", type=int, default=16, help="W8A8 calibration batches.")
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42, help="Seed of init, data order and dropout.")
@@ -102,6 +127,28 @@ def run_stage(number: int, total: int, title: str, job, objective: str, argv: li
     results = job(objective, argv)
     print(f"=== [{number}/{total}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return results
+
+
+def read_stage_results(run_dir: Path) -> list[dict]:
+    """The written results of a finished method: training, FP and W8A8 evaluation."""
+    paths = (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8")
+    return [json.loads((path / "all_results.json").read_text()) for path in paths]
+
+
+def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> str:
+    """'done' (finished with these stages: read back), 'continue' (an interrupted training of these stages with a
+    checkpoint) or 'fresh' (any earlier run there is removed: training refuses a folder that holds a run)."""
+    record_path = run_dir / RECORD
+    record = json.loads(record_path.read_text()) if resume and record_path.is_file() else None
+    if record is not None and record["stages"] == stages:
+        if record["finished"]:
+            return "done"
+        if any(run_dir.glob("step_*")):
+            return "continue"
+    if run_dir.exists():
+        print(f"Replacing the earlier demo run in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+    return "fresh"
 
 
 def per_layer_figures(results: dict) -> dict[str, list[float]]:
@@ -144,7 +191,7 @@ def table(rows: dict[str, dict]) -> str:
 def main() -> None:
     args = parse_args()
     size = dict(SIZES["full" if args.full else "default"])
-    for key in ("max_train_steps", "validation_percentage"):
+    for key in ("max_train_steps", "validation_percentage", "checkpointing_steps"):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     size["log_interval"] = min(size["log_interval"], size["max_train_steps"])  # a short run logs its last step
@@ -167,6 +214,8 @@ def main() -> None:
         "--with_tracking", "--report_to", "tensorboard", "--extra_tb_stats",
         "--tb_scalar_log_interval", str(size["log_interval"]),
         "--tb_hist_log_interval", str(size["max_train_steps"]),
+        "--checkpointing_steps", str(size["checkpointing_steps"]),
+        "--checkpoints_total_limit", "1",
     ]  # fmt: skip
     # The paper's OPT protocol: MSE weight ranges; running min-max activation ranges from 16 training batches of
     # the training batch size, each quantizer observing the quantized values upstream (validate's defaults).
@@ -177,9 +226,6 @@ def main() -> None:
     total, stage, rows = 3 * len(args.methods), 0, {}
     for method in args.methods:
         run_dir = output_dir / method
-        if run_dir.exists():  # the demo's own earlier run: training refuses a folder that holds a run
-            print(f"Replacing the earlier demo run in {run_dir}", flush=True)
-            shutil.rmtree(run_dir)
         training = [*common_train, *tokenizer, *train_data, *validation_data, *METHODS[method]]
         evaluation = ["--model_name_or_path", str(run_dir), "--block_size", "128", "--per_device_eval_batch_size", "16"]
         evaluation += validation_data
@@ -192,10 +238,23 @@ def main() -> None:
                 [*evaluation, *train_data, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
             ),
         )
-        results = []
-        for title, job, argv in stages:
-            stage += 1
-            results.append(run_stage(stage, total, title, job, "clm", argv))
+        argvs = [argv for _, _, argv in stages]
+        state = plan_method(run_dir, argvs, args.resume)
+        if state == "done":
+            stage += len(stages)
+            print(f"\n=== {method}: finished earlier with these flags, read back from {run_dir}", flush=True)
+            results = read_stage_results(run_dir)
+        else:
+            if state == "continue":
+                print(f"\n=== {method}: continuing the interrupted training in {run_dir}", flush=True)
+                stages = ((stages[0][0], pretrain, [*argvs[0], "--resume_from_checkpoint", "latest"]), *stages[1:])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": False})
+            results = []
+            for title, job, argv in stages:
+                stage += 1
+                results.append(run_stage(stage, total, title, job, "clm", argv))
+            write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
         _, fp, w8a8 = results
         rows[method] = {
             "fp_perplexity": fp["perplexity"],

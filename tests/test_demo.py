@@ -1,5 +1,6 @@
 """The demo end to end in a reduced mode: three methods trained for a few steps on bos_first blocks, validated
-FP and W8A8, and the side-by-side table printed and written with the comparison and growth plots."""
+FP and W8A8, and the side-by-side table printed and written with the comparison and growth plots; then
+`--resume` with more methods reads finished ones back and continues an interrupted training."""
 
 import json
 import os
@@ -19,6 +20,7 @@ def test_demo_prints_the_comparison_table(tmp_path):
     output_dir = tmp_path / "demo"
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output_dir)]
     command += ["--max_train_steps", "2", "--validation_percentage", "1", "--est_num_batches", "1"]
+    command += ["--checkpointing_steps", "2"]
     env = os.environ | {"OFT_SHARED": str(SHARED), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,6 +48,27 @@ def test_demo_prints_the_comparison_table(tmp_path):
     assert (output_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "growth.png").read_bytes()[:4] == b"\x89PNG"
     assert "=== [9/9]" in result.stdout
+
+    # Resume with more methods: vanilla and clipped are read back; gated attention, marked as interrupted after
+    # its last checkpoint, continues from it; softpick and Muon are trained.
+    record = output_dir / "gated_attention" / "demo_stages.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"finished": False}))
+    extra = ["vanilla", "clipped_softmax", "gated_attention", "softpick", "muon"]
+    resumed = subprocess.run([*command, "--resume", "--methods", *extra], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for method in ("vanilla", "clipped_softmax"):
+        assert f"=== {method}: finished earlier with these flags" in resumed.stdout
+    assert "=== gated_attention: continuing the interrupted training" in resumed.stdout
+    assert "Resumed at step 2 of 2" in resumed.stderr
+    assert "pre-train OPT-small, softpick" in resumed.stdout and "pre-train OPT-small, muon" in resumed.stdout
+    combined = json.loads((output_dir / "summary.json").read_text())["methods"]
+    assert sorted(combined) == sorted(extra)
+    for method in ("vanilla", "clipped_softmax"):
+        assert combined[method]["fp_perplexity"] == summary["methods"][method]["fp_perplexity"]
+    settings = json.loads((output_dir / "muon" / "all_results.json").read_text())["settings"]
+    assert settings["optimizer"] == "muon"
+    figures = json.loads((output_dir / "softpick" / "eval-fp" / "all_results.json").read_text())["attention"]
+    assert "exact_zero_fraction" in figures["layer_0"] and "row_sum" in figures["layer_0"]
 
     # Run again into the same folder: the demo replaces its own earlier runs (training alone would refuse them).
     again = subprocess.run([*command, "--methods", "vanilla"], env=env, capture_output=True, text=True, timeout=600)
