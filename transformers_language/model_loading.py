@@ -267,7 +267,8 @@ def load_checkpoint_config(args: argparse.Namespace, script: str) -> PretrainedC
 
 def _softmax_description(config: AttentionConfig) -> str:
     if config.alpha is not None:
-        return f"alpha={config.alpha:g} (T_train={config.train_seq_length}, gamma={config.gamma:g})"
+        clipped = f"{config.normaliser}, " if config.normaliser != "vanilla" else ""
+        return f"{clipped}alpha={config.alpha:g} (T_train={config.train_seq_length}, gamma={config.gamma:g})"
     return repr(config.softmax)
 
 
@@ -284,7 +285,8 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
     conflicts = []
     if args.attn_softmax is not None or args.alpha is not None:
         same = (
-            given.clipped == stored.clipped
+            given.normaliser == stored.normaliser
+            and given.clipped == stored.clipped
             and math.isclose(given.gamma, stored.gamma, rel_tol=1e-9, abs_tol=1e-12)
             and math.isclose(given.zeta, stored.zeta, rel_tol=1e-9)
         )
@@ -298,6 +300,7 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
         ("--attn_gate_init", args.attn_gate_init is not None, "init_prob"),
         ("--fine_tuning", args.fine_tuning, "fine_tuning"),
         ("--skip_attn", args.skip_attn, "skip_attn"),
+        ("--attn_bias_kv", args.attn_bias_kv, "bias_kv"),
     ]
     for flag, given_flag, field in stated:
         if given_flag and getattr(given, field) != getattr(stored, field):
