@@ -36,6 +36,8 @@ TESTED_VARIANTS = [
     "mlp",
     "all_heads_linear",
     "clipped+gate",
+    "elementwise",
+    "sink+bias_kv+elementwise",
 ]
 
 

@@ -36,6 +36,7 @@ from .gates import AttentionGate
 from .softmax import build_softmax
 
 ATTENTION_FUNCTION_NAME = "attention_variant"
+BIAS_KV_INIT_STD = 0.02  # the learned key/value's init: BERT's initializer_range
 
 
 def is_attached(point: nn.Module) -> bool:
@@ -70,9 +71,6 @@ class BiasKeyValue(nn.Module):
             fill = True if attention_mask.dtype == torch.bool else 0.0
             attention_mask = nn.functional.pad(attention_mask, (1, 0), value=fill)
         return key, value, attention_mask
-
-
-BIAS_KV_INIT_STD = 0.02  # BERT's initializer_range
 
 
 def _causal_mask(queries: int, keys: int, device) -> torch.Tensor:
