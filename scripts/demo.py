@@ -57,6 +57,9 @@ METHODS = {
 }
 DEFAULT_METHODS = ["vanilla", "clipped_softmax", "gated_attention"]
 RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of them finished
+# Flags (each with one value) that change where training state is saved, never what is trained (a run with and
+# without them gives the same weights bit for bit): `--resume` ignores them when it compares a method's stages.
+BOOKKEEPING_FLAGS = ("--checkpointing_steps", "--checkpoints_total_limit")
 # The two sizes. `full` follows the reference probe (shared/reference): lr 1e-3 decaying linearly towards 0 at
 # step 3000, stopped at step 1500 (the learning rate then stands at 1500 / 2900 of its peak, the
 # final_lr_fraction below); blocks drawn at random with replacement; figures logged every 50 steps.
@@ -135,16 +138,32 @@ def read_stage_results(run_dir: Path) -> list[dict]:
     return [json.loads((path / "all_results.json").read_text()) for path in paths]
 
 
+def _results_flags(argv: list[str]) -> list[str]:
+    """`argv` without the bookkeeping flags and their values."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in BOOKKEEPING_FLAGS:
+            skip = True
+        else:
+            kept.append(item)
+    return kept
+
+
 def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> str:
     """'done' (finished with these stages: read back), 'continue' (an interrupted training of these stages with a
     checkpoint) or 'fresh' (any earlier run there is removed: training refuses a folder that holds a run)."""
     record_path = run_dir / RECORD
     record = json.loads(record_path.read_text()) if resume and record_path.is_file() else None
-    if record is not None and record["stages"] == stages:
-        if record["finished"]:
-            return "done"
-        if any(run_dir.glob("step_*")):
-            return "continue"
+    if (
+        record is not None
+        and record["finished"]
+        and list(map(_results_flags, record["stages"])) == list(map(_results_flags, stages))
+    ):
+        return "done"
+    if record is not None and record["stages"] == stages and any(run_dir.glob("step_*")):
+        return "continue"
     if run_dir.exists():
         print(f"Replacing the earlier demo run in {run_dir}", flush=True)
         shutil.rmtree(run_dir)

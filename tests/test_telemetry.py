@@ -139,3 +139,27 @@ def test_measured_steps_train_exactly_as_unmeasured_ones(tmp_path, data_cache):
     tracking = ["--with_tracking", "--extra_tb_stats", "--tb_scalar_log_interval", "1"]
     run_main("opt", train_argv("opt", measured, data_cache, "--hidden_dropout", "0.1", *tracking, steps=4))
     assert [r["loss"] for r in read_log(measured)] == [r["loss"] for r in read_log(plain)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "figures", "absent"),
+    [
+        (
+            ["--attn_softmax", "sink", "--attn_gate_type", "elementwise"],
+            ("row_sum", "sink_mass"),
+            "exact_zero_fraction",
+        ),
+        (["--attn_softmax", "softpick"], ("row_sum", "exact_zero_fraction"), "sink_mass"),
+    ],
+)
+def test_growth_file_carries_each_variants_own_figures(tmp_path, data_cache, flags, figures, absent):
+    out = tmp_path / "run"
+    tracking = ["--with_tracking", "--report_to", "tensorboard", "--extra_tb_stats", "--tb_scalar_log_interval", "2"]
+    run_main("opt", train_argv("opt", out, data_cache, *tracking, *flags, steps=2))
+    (record,) = [json.loads(line) for line in (out / GROWTH_FILE).read_text().splitlines()]
+    for key in figures:
+        assert len(record[key]) == 2 and all(0 <= v <= 1 for v in record[key]), key
+    assert absent not in record
+    if "sink_mass" in figures:
+        assert record["sink_mass"] == pytest.approx([1 - v for v in record["row_sum"]], rel=1e-6)
+        assert len(record["gate_mean"][0]) == 4  # elementwise gates: per head, averaged over channels

@@ -108,9 +108,9 @@ def test_validation_writes_every_figure(model_type, checkpoints, tmp_path, data_
         assert all(isinstance(t["token"], str) and t["token"] for t in record["top_tokens"])
     attention = results["attention"]
     assert sorted(attention) == ["layer_0", "layer_1"]
-    # BERT: clipped softmax (exact zeros); OPT: gated.
+    # BERT: clipped softmax (exact zeros, rows that need not sum to 1); OPT: gated.
     expected = {"first_token_mass", "sink_ratio", "delimiter_mass"} | (
-        {"gate_mean"} if model_type == "opt" else {"exact_zero_fraction"}
+        {"gate_mean"} if model_type == "opt" else {"exact_zero_fraction", "row_sum"}
     )
     assert all(set(figures) == expected and len(figures["first_token_mass"]) == 4 for figures in attention.values())
 

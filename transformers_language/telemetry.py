@@ -3,7 +3,8 @@
 Every step: loss, learning rate, grad norm, tokens/s. Every `scalar_interval` steps: the inf-norm of each
 module's weight, the inf-norm and kurtosis of the residual stream after each layer (mean over the step's
 sequences, plus the maximum), the attention on the first token and its sink ratio (attention_stats.py) per
-layer, and the mean gate probability per layer and head of gated models. The same per-layer figures go, one
+layer, with the variant's own figures where it has them (row sum, sink mass, exact zeros), and the mean gate
+probability per layer and head of gated models. The same per-layer figures go, one
 JSON line per measured step, to `growth.jsonl` in the run directory: outlier growth over training without
 TensorBoard. Every `hist_interval` steps: histograms of the weights and of each layer's residual stream.
 Hooks exist only while a measured step runs; each reduces its output at once into a few device tensors, and
@@ -26,6 +27,8 @@ from .runtime import max_across_processes, sum_across_processes
 
 HISTOGRAM_BINS = 64
 GROWTH_FILE = "growth.jsonl"
+# Per-layer attention figures (means over heads) logged when the layer's variant reports them.
+ATTENTION_FIGURES = ("first_token_mass", "sink_ratio", "row_sum", "sink_mass", "exact_zero_fraction")
 
 
 def _weight_modules(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,7 +105,7 @@ class Telemetry:
 
     def _gate_hook(self, index: int):
         def hook(module: AttentionGate, args, output):
-            probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1)
+            probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1|d_head)
             per_head = probability.mean(dim=(0, 2, 3)).double()
             self._add(f"gate_{index}", torch.cat([per_head, per_head.new_ones(1)]))
 
@@ -167,8 +170,9 @@ class Telemetry:
             stats = self._stats_scalars()
             attention, self._attention = self._attention.synced(self.accelerator), None
             for layer, figures in attention.items():
-                stats[f"attention/{layer}/first_token_mass"] = _mean(figures["first_token_mass"])
-                stats[f"attention/{layer}/sink_ratio"] = _mean(figures["sink_ratio"])
+                for key in ATTENTION_FIGURES:
+                    if key in figures:  # the variant's own figures only where it has them
+                        stats[f"attention/{layer}/{key}"] = _mean(figures[key])
             scalars |= stats
             if self.accelerator.is_main_process:
                 self._write_growth(step, stats)
@@ -190,8 +194,7 @@ class Telemetry:
             ("kurtosis", "activations/layer_{layer}/kurtosis"),
             ("inf_norm", "activations/layer_{layer}/inf_norm"),
             ("inf_norm_max", "activations/layer_{layer}/inf_norm_max"),
-            ("first_token_mass", "attention/layer_{layer}/first_token_mass"),
-            ("sink_ratio", "attention/layer_{layer}/sink_ratio"),
+            *((key, f"attention/layer_{{layer}}/{key}") for key in ATTENTION_FIGURES),
         ):
             if (values := per_layer(template)) is not None:
                 record[name] = values
