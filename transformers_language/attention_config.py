@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 from .arguments import add_group, arg, parse_group
 from .errors import UsageError
 from .gates import GATE_NETWORKS, GATE_TYPES, logit  # noqa: F401 (logit: part of this module's API)
-from .softmax import SOFTMAX_FORMS, SOFTMAX_VARIANTS, softmax_variant
+from .softmax import CLIPPABLE, SOFTMAX_FORMS, SOFTMAX_VARIANTS, softmax_variant
 
 CONFIG_KEY = "attention_variant"
 DEFAULT_GATE_NETWORK = "linear"  # the network without a flag
@@ -58,7 +58,7 @@ class AttentionConfig:
             if spec.clip is not None or not SOFTMAX_VARIANTS[spec.normaliser].clippable:
                 raise UsageError(
                     f"alpha={self.alpha} (--alpha) clips the normaliser softmax={self.softmax!r} (--attn_softmax) "
-                    "names, which must be an unclipped clippable one (vanilla, softmax1, sink)."
+                    f"names, which must be an unclipped clippable one ({', '.join(CLIPPABLE)})."
                 )
             if not (math.isfinite(self.alpha) and self.alpha >= 0):
                 raise UsageError(f"alpha must be a finite number >= 0 (gamma = -alpha / T), got {self.alpha}.")
