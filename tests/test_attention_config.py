@@ -47,7 +47,7 @@ def test_sigmoid_needs_the_training_length_and_the_flags_give_it():
         AttentionConfig(softmax="sigmoid")
     parser = add_attention_args(argparse.ArgumentParser())
     config = attention_config_from_args(parser.parse_args(["--attn_softmax", "sigmoid"]), train_seq_length=64)
-    assert config.train_seq_length == 64 and config.normaliser == "sigmoid" and config.explicit
+    assert config.train_seq_length == 64 and config.normaliser == "sigmoid" and not config.plain_softmax
     vanilla = attention_config_from_args(parser.parse_args([]), train_seq_length=64)
     assert vanilla.train_seq_length is None  # only what reads it stores it
 
@@ -64,7 +64,7 @@ def test_output_gates_keep_their_own_network_and_init():
     with pytest.raises(ValueError, match="has its own network"):
         attention_config_from_args(parser.parse_args(["--attn_gate_type", "headwise", "--attn_gate_mlp"]), None)
     config = attention_config_from_args(parser.parse_args(["--attn_gate_type", "elementwise", "--attn_bias_kv"]), None)
-    assert config.gate_type == "elementwise" and config.bias_kv and not config.explicit
+    assert config.gate_type == "elementwise" and config.bias_kv and config.plain_softmax
 
 
 @pytest.mark.parametrize(("method", "word"), [("clipped(0.1:1)", "gamma <= 0"), ("clipped(-0.1:0.9)", "zeta >= 1")])

@@ -170,11 +170,19 @@ def test_output_gates_start_from_pytorch_default_init_not_init_prob():
         {"gate_type": "headwise"},
         {"gate_type": "elementwise"},
         {"gate_type": "elementwise", "bias_kv": True},
+        {"softmax": "softmax1"},
+        {"softmax": "sink"},
+        {"softmax": "sink", "bias_kv": True, "gate_type": "headwise"},
     ],
 )
 @pytest.mark.parametrize(("model_type", "left_padding"), [("bert", False), ("opt", False), ("opt", True)])
 def test_fused_path_equals_explicit_path_for_the_fused_variants(attention, model_type, left_padding):
+    """softmax1 and the learned sink run fused as a null key (a constant query channel carries its logit)."""
     model = make(model_type, **attention)
+    for variant in model.attention_variants().values():
+        assert variant.uses_fused_path()
+        if variant.settings.normaliser == "sink":  # per-head logits away from their init
+            variant.softmax.sink_logit.data = torch.tensor([-1.0, 0.5, 2.0, 0.0])
     ids, mask = batch(model_type, left_padding=left_padding)
     valid = mask.bool()
     fused = logits(model, ids, mask)
@@ -184,10 +192,28 @@ def test_fused_path_equals_explicit_path_for_the_fused_variants(attention, model
     torch.testing.assert_close(logits(model, ids, mask)[valid], fused[valid], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("softmax", ["softmax1", "sink", "softpick", "sigmoid", "clipped_softmax1(-0.1:1)"])
-def test_the_weight_normalisers_take_the_explicit_path(softmax):
+@pytest.mark.parametrize("softmax", ["softpick", "sigmoid", "clipped_softmax1(-0.1:1)", "clipped_sink(-0.1:1)"])
+def test_the_normalisers_without_a_fused_form_take_the_explicit_path(softmax):
     model = make("opt", softmax=softmax, train_seq_length=16)
     assert not any(v.uses_fused_path() for v in model.attention_variants().values())
+
+
+def test_the_fused_sink_passes_the_same_gradient_to_its_logits():
+    model = make("opt", softmax="sink")
+    ids, mask = batch("opt")
+    grads = []
+    for explicit in (False, True):
+        hooks = [v.probs.register_forward_hook(lambda *a: None) for v in model.attention_variants().values()]
+        if not explicit:
+            for hook in hooks:
+                hook.remove()
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append(torch.cat([v.softmax.sink_logit.grad for v in model.attention_variants().values()]))
+        for hook in hooks:
+            hook.remove()
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 def test_generation_with_a_cache_matches_the_full_forward_for_the_learned_key():
@@ -196,5 +222,5 @@ def test_generation_with_a_cache_matches_the_full_forward_for_the_learned_key():
     with torch.no_grad():
         full = model(input_ids=ids).logits
         prefix = model(input_ids=ids[:, :6], use_cache=True)
-        step = model(input_ids=ids[:, 6:7], past_key_values=prefix.past_key_values, use_cache=True)
+        step = model(input_ids=ids[:, 6:7], cache=prefix.past_key_values, use_cache=True)
     torch.testing.assert_close(step.logits[:, 0], full[:, 6], rtol=1e-5, atol=1e-5)

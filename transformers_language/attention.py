@@ -62,15 +62,39 @@ class BiasKeyValue(nn.Module):
         init.normal_(self.key, 0.0, BIAS_KV_INIT_STD)  # HF's guarded init: a loaded value is kept
         init.normal_(self.value, 0.0, BIAS_KV_INIT_STD)
 
-    def forward(self, key, value, attention_mask):
-        """(B, H, S, d) keys and values, mask (B|1, 1|H, T, S) or None -> S + 1 keys, the learned one first."""
-        batch = key.shape[0]
-        key = torch.cat([self.key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([self.value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
-        if attention_mask is not None:  # every query may attend to the learned key
-            fill = True if attention_mask.dtype == torch.bool else 0.0
-            attention_mask = nn.functional.pad(attention_mask, (1, 0), value=fill)
-        return key, value, attention_mask
+    def rows(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned key and value as (B, H, 1, d) rows."""
+        return (t.to(dtype).expand(batch, -1, -1, -1) for t in (self.key, self.value))
+
+
+def _prepend_key(key, value, attention_mask, marked, new_key, new_value):
+    """One more key (B, H, 1, d) and value row in front of the keys; every query may attend to it, and it is
+    none of the sequence's marked keys."""
+    key, value = torch.cat([new_key, key], dim=2), torch.cat([new_value, value], dim=2)
+    if attention_mask is not None:
+        fill = True if attention_mask.dtype == torch.bool else 0.0
+        attention_mask = nn.functional.pad(attention_mask, (1, 0), value=fill)
+    if marked is not None:
+        marked = nn.functional.pad(marked, (0, 0, 1, 0))
+    return key, value, attention_mask, marked
+
+
+NULL_CHANNELS = 8  # channels added for the fused null key: kernels keep their fast path at widths divisible by 8
+
+
+def _with_null_key(query, key, value, logit, scaling: float):
+    """The fused form of softmax1 / a learned sink: a key of score `logit` (per head) for every query and value 0.
+    The query gets a constant-1 channel and that key `logit / scaling` in it (the sequence's keys 0), so the
+    kernel's scaled dot product gives exactly `logit`; the value gets zero channels to keep the widths equal."""
+    batch, heads, queries, _ = query.shape
+    pad = NULL_CHANNELS - 1
+    ones = query.new_ones(batch, heads, queries, 1)
+    query = torch.cat([query, ones, ones.new_zeros(batch, heads, queries, pad)], dim=-1)
+    key = nn.functional.pad(key, (0, NULL_CHANNELS))
+    value = nn.functional.pad(value, (0, NULL_CHANNELS))
+    logit = torch.as_tensor(logit, dtype=key.dtype, device=key.device).expand(heads) / scaling
+    null_key = nn.functional.pad(logit.view(1, heads, 1, 1), (key.shape[-1] - NULL_CHANNELS, pad))
+    return query, null_key.expand(batch, -1, -1, -1), value.new_zeros(batch, heads, 1, value.shape[-1]), key, value
 
 
 def _causal_mask(queries: int, keys: int, device) -> torch.Tensor:
@@ -96,7 +120,7 @@ class AttentionVariant(nn.Module):
         self.marked_keys: torch.Tensor | None = None
 
     def uses_fused_path(self, output_attentions: bool = False) -> bool:
-        return not (self.settings.explicit or output_attentions or is_attached(self.scores) or is_attached(self.probs))
+        return self.softmax.fused and not (output_attentions or is_attached(self.scores) or is_attached(self.probs))
 
     def forward(
         self,
@@ -126,24 +150,30 @@ class AttentionVariant(nn.Module):
                 )
             gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
 
+        fused = self.uses_fused_path(output_attentions)
+        null_logit = self.softmax.null_logit() if fused else None  # softmax1 / learned sink in fused form
         # Same convention as HF's SDPA path (upper-left causal; a static-cache prefill keeps T keys). The fused
-        # kernel takes is_causal itself unless extra keys are prepended.
+        # kernel takes is_causal itself unless keys are prepended.
         implicit_causal = attention_mask is None and is_causal and q_length > 1
-        if implicit_causal and (self.bias_kv is not None or not self.uses_fused_path(output_attentions)):
+        if implicit_causal and (self.bias_kv is not None or null_logit is not None or not fused):
             key, value = key[:, :, :q_length], value[:, :, :q_length]
             attention_mask, is_causal = _causal_mask(q_length, q_length, query.device), False
 
         marked = self.marked_keys
         if self.bias_kv is not None:
-            key, value, attention_mask = self.bias_kv(key, value, attention_mask)
-            if marked is not None:  # the learned key is none of the sequence's keys: a zero row
-                marked = nn.functional.pad(marked, (0, 0, 1, 0))
+            key, value, attention_mask, marked = _prepend_key(
+                key, value, attention_mask, marked, *self.bias_kv.rows(batch, key.dtype)
+            )
+        if null_logit is not None:
+            query, null_key, null_value, key, value = _with_null_key(query, key, value, null_logit, scaling)
+            key, value, attention_mask, marked = _prepend_key(key, value, attention_mask, marked, null_key, null_value)
+        width = value.shape[-1]  # the context's channels before the marked keys' columns
         if marked is not None:  # (B, S, K) indicators become K extra value channels of every head
             extra = marked.to(value.dtype).unsqueeze(1).expand(batch, num_heads, -1, -1)
             value = torch.cat([value, extra], dim=-1)
 
         probs = None
-        if self.uses_fused_path(output_attentions):
+        if fused:
             if marked is not None:
                 # Zero channels on queries and keys leave the scores exactly as they are, and equal query and
                 # value widths keep torch on its flash kernel (unequal widths fall back to a 3x slower path).
@@ -153,8 +183,8 @@ class AttentionVariant(nn.Module):
                 self, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal
             )  # (B, T, H, d)
             if marked is not None:
-                self.key_mass(context[..., head_dim:])
-                context = context[..., :head_dim]
+                self.key_mass(context[..., width:])
+            context = context[..., :head_dim]
             if gate is not None:
                 context = context * gate.transpose(1, 2)
         else:

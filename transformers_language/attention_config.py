@@ -86,7 +86,7 @@ class AttentionConfig:
                 f"fine_tuning and init_prob set the paper's gate initialisation, which gate_type={self.gate_type!r} "
                 "does not use; choose conditional_per_token (or another paper gate type) or drop them."
             )
-        if self.skip_attn and (self.gated or self.normaliser != "vanilla" or self.clipped or self.bias_kv):
+        if self.skip_attn and (self.gated or not self.plain_softmax or self.bias_kv):
             raise UsageError(
                 "skip_attn (--skip_attn) removes the attention output: it cannot be combined with a gate, "
                 "an attention bias or a softmax variant."
@@ -117,9 +117,9 @@ class AttentionConfig:
         return self.alpha is not None or SOFTMAX_VARIANTS[self.normaliser].needs_seq_length
 
     @property
-    def explicit(self) -> bool:
-        """Whether the attention weights must be computed explicitly (torch's fused kernel computes softmax)."""
-        return self.normaliser != "vanilla" or self.clipped
+    def plain_softmax(self) -> bool:
+        """Unclipped softmax: rows of weights that sum to 1 over the keys."""
+        return self.normaliser == "vanilla" and not self.clipped
 
     @property
     def gated(self) -> bool:

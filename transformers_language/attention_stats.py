@@ -174,7 +174,7 @@ class AttentionStatistics:
                 "delimiter_mass": [v / queries for v in delimiters],
             }
             settings = self.variants[layer].settings
-            if settings.explicit or settings.bias_kv:
+            if not settings.plain_softmax or settings.bias_kv:
                 figures["row_sum"] = [v / queries for v in every]
             if has_sink(self.variants[layer]):
                 figures["sink_mass"] = [1.0 - v / queries for v in every]

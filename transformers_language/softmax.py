@@ -99,8 +99,9 @@ class Normaliser(nn.Module):
     """Masked scores -> attention weights, clipped when the config says so.
 
     Class facts the rest of the code reads: `clippable` (its weights are probabilities the clip may stretch),
-    `sink` (rows sum to less than 1, the rest going to an implicit null key), `exact_zeros` (it can give
-    exact zeros unclipped), `needs_seq_length` (it reads T_train, fixed when the model is built)."""
+    `sink` (rows sum to less than 1, the rest going to an implicit null key of logit `null_logit()`, which
+    gives it a fused form), `exact_zeros` (it can give exact zeros unclipped), `needs_seq_length` (it reads
+    T_train, fixed when the model is built)."""
 
     name: str
     form: str
@@ -112,6 +113,15 @@ class Normaliser(nn.Module):
     def __init__(self, config, num_heads: int):
         super().__init__()
         self.clip = (config.gamma, config.zeta) if config.clipped else None
+
+    @property
+    def fused(self) -> bool:
+        """Whether torch's fused attention kernel can compute these weights (plain or with a null key)."""
+        return self.clip is None and (self.sink or isinstance(self, Softmax))
+
+    def null_logit(self) -> torch.Tensor | float | None:
+        """The implicit null key's logit (per head, or one number) for the fused form; None: no null key."""
+        return None
 
     def forward(self, scores: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """scores (B, H, T, S), masked entries at the dtype's minimum; allowed: boolean, True = may attend.
@@ -148,6 +158,9 @@ class Softmax1(Normaliser):
     def weights(self, scores, allowed):
         return softmax_with_sink(scores, 0.0)
 
+    def null_logit(self):
+        return 0.0
+
 
 @register_softmax("sink")
 class LearnedSink(Normaliser):
@@ -165,6 +178,9 @@ class LearnedSink(Normaliser):
 
     def weights(self, scores, allowed):
         return softmax_with_sink(scores, self.sink_logit.view(-1, 1, 1))
+
+    def null_logit(self):
+        return self.sink_logit
 
 
 @register_softmax("softpick")
