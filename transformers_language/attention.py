@@ -27,16 +27,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers import initialization as init
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention_config import AttentionConfig
 from .gates import AttentionGate
+from .prepended_keys import BiasKeyValue, prepend_key, with_null_key
 from .softmax import build_softmax
 
 ATTENTION_FUNCTION_NAME = "attention_variant"
-BIAS_KV_INIT_STD = 0.02  # the learned key/value's init: BERT's initializer_range
 
 
 def is_attached(point: nn.Module) -> bool:
@@ -45,56 +44,6 @@ def is_attached(point: nn.Module) -> bool:
     that is off), so the fused path, and with it the float model's exact numbers, stays."""
     swapped = type(point) is not nn.Identity and not getattr(point, "is_identity", False)
     return swapped or bool(point._forward_hooks) or bool(point._forward_pre_hooks)
-
-
-class BiasKeyValue(nn.Module):
-    """A learned key and value per head (Sun et al. 2024, "explicit attention bias"), prepended to the keys
-    and values of every sequence: a head can park its attention there instead of on a real token."""
-
-    def __init__(self, num_heads: int, head_dim: int):
-        super().__init__()
-        self.key = nn.Parameter(torch.empty(num_heads, 1, head_dim))
-        self.value = nn.Parameter(torch.empty(num_heads, 1, head_dim))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self):
-        init.normal_(self.key, 0.0, BIAS_KV_INIT_STD)  # HF's guarded init: a loaded value is kept
-        init.normal_(self.value, 0.0, BIAS_KV_INIT_STD)
-
-    def rows(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned key and value as (B, H, 1, d) rows."""
-        return (t.to(dtype).expand(batch, -1, -1, -1) for t in (self.key, self.value))
-
-
-def _prepend_key(key, value, attention_mask, marked, new_key, new_value):
-    """One more key (B, H, 1, d) and value row in front of the keys; every query may attend to it, and it is
-    none of the sequence's marked keys."""
-    key, value = torch.cat([new_key, key], dim=2), torch.cat([new_value, value], dim=2)
-    if attention_mask is not None:
-        fill = True if attention_mask.dtype == torch.bool else 0.0
-        attention_mask = nn.functional.pad(attention_mask, (1, 0), value=fill)
-    if marked is not None:
-        marked = nn.functional.pad(marked, (0, 0, 1, 0))
-    return key, value, attention_mask, marked
-
-
-NULL_CHANNELS = 8  # channels added for the fused null key: kernels keep their fast path at widths divisible by 8
-
-
-def _with_null_key(query, key, value, logit, scaling: float):
-    """The fused form of softmax1 / a learned sink: a key of score `logit` (per head) for every query and value 0.
-    The query gets a constant-1 channel and that key `logit / scaling` in it (the sequence's keys 0), so the
-    kernel's scaled dot product gives exactly `logit`; the value gets zero channels to keep the widths equal."""
-    batch, heads, queries, _ = query.shape
-    pad = NULL_CHANNELS - 1
-    ones = query.new_ones(batch, heads, queries, 1)
-    query = torch.cat([query, ones, ones.new_zeros(batch, heads, queries, pad)], dim=-1)
-    key = nn.functional.pad(key, (0, NULL_CHANNELS))
-    value = nn.functional.pad(value, (0, NULL_CHANNELS))
-    logit = torch.as_tensor(logit, dtype=key.dtype, device=key.device).expand(heads) / scaling
-    null_key = nn.functional.pad(logit.view(1, heads, 1, 1), (key.shape[-1] - NULL_CHANNELS, pad))
-    return query, null_key.expand(batch, -1, -1, -1), value.new_zeros(batch, heads, 1, value.shape[-1]), key, value
 
 
 def _causal_mask(queries: int, keys: int, device) -> torch.Tensor:
@@ -161,12 +110,12 @@ class AttentionVariant(nn.Module):
 
         marked = self.marked_keys
         if self.bias_kv is not None:
-            key, value, attention_mask, marked = _prepend_key(
+            key, value, attention_mask, marked = prepend_key(
                 key, value, attention_mask, marked, *self.bias_kv.rows(batch, key.dtype)
             )
         if null_logit is not None:
-            query, null_key, null_value, key, value = _with_null_key(query, key, value, null_logit, scaling)
-            key, value, attention_mask, marked = _prepend_key(key, value, attention_mask, marked, null_key, null_value)
+            query, key, value, null_key, null_value = with_null_key(query, key, value, null_logit, scaling)
+            key, value, attention_mask, marked = prepend_key(key, value, attention_mask, marked, null_key, null_value)
         width = value.shape[-1]  # the context's channels before the marked keys' columns
         if marked is not None:  # (B, S, K) indicators become K extra value channels of every head
             extra = marked.to(value.dtype).unsqueeze(1).expand(batch, num_heads, -1, -1)

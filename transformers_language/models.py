@@ -17,12 +17,13 @@ from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.opt.modeling_opt import OPTAttention
 
-from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, BiasKeyValue, install_attention_variant
+from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
 from .equivalent_transforms import CONFIG_KEY as TRANSFORMS_KEY
 from .equivalent_transforms import install_shortcut_affines
 from .families import FAMILIES, Family, Headline, Site, get_family
 from .gates import AttentionGate
+from .prepended_keys import BiasKeyValue
 from .softmax import LearnedSink
 
 # The variants' own parameter modules: initialised by their `reset_parameters`, never by HF's generic init.
