@@ -99,14 +99,15 @@ class Normaliser(nn.Module):
     """Masked scores -> attention weights, clipped when the config says so.
 
     Class facts the rest of the code reads: `clippable` (its weights are probabilities the clip may stretch),
-    `sink` (rows sum to less than 1, the rest going to an implicit null key of logit `null_logit()`, which
-    gives it a fused form), `exact_zeros` (it can give exact zeros unclipped), `needs_seq_length` (it reads
-    T_train, fixed when the model is built)."""
+    `sink` (rows sum to less than 1, the rest going to an implicit null key of logit `null_logit()`),
+    `fused_form` (torch's fused kernel can compute it unclipped: plain, or with that null key), `exact_zeros`
+    (it can give exact zeros unclipped), `needs_seq_length` (it reads T_train, fixed when the model is built)."""
 
     name: str
     form: str
     clippable = False
     sink = False
+    fused_form = False
     exact_zeros = False
     needs_seq_length = False
 
@@ -116,8 +117,8 @@ class Normaliser(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """Whether torch's fused attention kernel can compute these weights (plain or with a null key)."""
-        return self.clip is None and (self.sink or isinstance(self, Softmax))
+        """Whether torch's fused attention kernel computes these weights (the clip needs them explicitly)."""
+        return self.fused_form and self.clip is None
 
     def null_logit(self) -> torch.Tensor | float | None:
         """The implicit null key's logit (per head, or one number) for the fused form; None: no null key."""
@@ -139,7 +140,7 @@ class Normaliser(nn.Module):
 @register_softmax("vanilla")
 class Softmax(Normaliser):
     form = "'vanilla'"
-    clippable = True
+    clippable = fused_form = True
 
     def weights(self, scores, allowed):
         return torch.softmax(_wide(scores), dim=-1)
@@ -153,7 +154,7 @@ class Softmax(Normaliser):
 @register_softmax("softmax1")
 class Softmax1(Normaliser):
     form = "'softmax1'"
-    clippable = sink = True
+    clippable = sink = fused_form = True
 
     def weights(self, scores, allowed):
         return softmax_with_sink(scores, 0.0)
@@ -165,7 +166,7 @@ class Softmax1(Normaliser):
 @register_softmax("sink")
 class LearnedSink(Normaliser):
     form = "'sink' (a learned logit per head)"
-    clippable = sink = True
+    clippable = sink = fused_form = True
 
     def __init__(self, config, num_heads: int):
         super().__init__(config, num_heads)
