@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BertConfig, OPTConfig
 
 from transformers_language import AttentionConfig
@@ -129,6 +130,40 @@ def run_main(model_type: str, argv: list[str]) -> dict:
 
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def assert_resume_repeats_run(model_type: str, tmp_path: Path, data_cache: Path, monkeypatch, *extra: str) -> Path:
+    """Train 6 steps straight; train again, killed right after the step-3 checkpoint, and resume from it: the
+    resumed run must log the same losses and end with the same weights, bit for bit. `extra` must checkpoint
+    every 3 steps. Returns the straight run's directory."""
+    import transformers_language.training as training
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_main(model_type, train_argv(model_type, straight, data_cache, *extra, steps=6))
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, step, *rest):
+        path = real_save(accelerator, output_dir, step, *rest)
+        if step == 3:
+            raise _Interrupted
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(_Interrupted):
+        run_main(model_type, train_argv(model_type, resumed, data_cache, *extra, steps=6))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert len(read_log(resumed)) == 3 and not (resumed / "all_results.json").exists()
+
+    resume = ("--resume_from_checkpoint", "latest")
+    run_main(model_type, train_argv(model_type, resumed, data_cache, *extra, *resume, steps=6))
+    assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(straight)]  # bit for bit
+    first, second = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    return straight
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import VARIANTS, read_log, run_main, train_argv
+from tests.conftest import VARIANTS, assert_resume_repeats_run, read_log, run_main, train_argv
 from transformers_language import AttentionConfig, model_class
 from transformers_language.objectives import CausalLMLoss
 from transformers_language.training import EpochPermutationSampler
@@ -59,40 +59,11 @@ def _losses(out: Path) -> list[float]:
     return [record["loss"] for record in read_log(out)]
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_resume_gives_identical_losses(model_type, tmp_path, data_cache, monkeypatch):
-    import transformers_language.training as training
-
     extra = ["--checkpointing_steps", "3", "--attn_dropout", "0.1", "--hidden_dropout", "0.1"]
     if model_type == "opt":  # the other sampler: blocks drawn with replacement
         extra.append("--sample_with_replacement")
-    straight = tmp_path / "straight"
-    run_main(model_type, train_argv(model_type, straight, data_cache, *extra, steps=6))
-
-    resumed = tmp_path / "resumed"
-    real_save = training.save_checkpoint
-
-    def save_then_die(accelerator, output_dir, step, *rest):
-        path = real_save(accelerator, output_dir, step, *rest)
-        if step == 3:
-            raise _Interrupted
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(_Interrupted):
-        run_main(model_type, train_argv(model_type, resumed, data_cache, *extra, steps=6))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    assert len(read_log(resumed)) == 3 and not (resumed / "all_results.json").exists()
-
-    run_main(
-        model_type, train_argv(model_type, resumed, data_cache, *extra, "--resume_from_checkpoint", "latest", steps=6)
-    )
-    assert _losses(resumed) == _losses(straight)  # bit for bit
-    first, second = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert_resume_repeats_run(model_type, tmp_path, data_cache, monkeypatch, *extra)
 
 
 def test_samplers_are_functions_of_seed_and_epoch():

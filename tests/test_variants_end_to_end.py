@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from transformers_language import AttentionConfig, build_model
 from transformers_language.optim import MuonWithAdamW, build_optimizer, muon_parameter_names
 
-from .conftest import read_log, run_main, tiny_config, train_argv
+from .conftest import assert_resume_repeats_run, read_log, run_main, tiny_config, train_argv
 from .test_validate import CALIBRATION_DATA, PAPER_W8A8, run_validate, validate_argv
 
 # Flags, and the attention figures each method's FP validation must report for every layer.
@@ -84,34 +83,10 @@ def test_muon_learning_rate_needs_muon(tmp_path, data_cache):
         run_main("opt", train_argv("opt", tmp_path / "run", data_cache, "--muon_learning_rate", "0.02"))
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_muon_resume_repeats_the_uninterrupted_run(tmp_path, data_cache, monkeypatch):
-    import transformers_language.training as training
-
     extra = ["--optimizer", "muon", "--muon_learning_rate", "0.01", "--checkpointing_steps", "3"]
     extra += ["--attn_gate_type", "headwise", "--sample_with_replacement"]
-    straight = tmp_path / "straight"
-    run_main("opt", train_argv("opt", straight, data_cache, *extra, steps=6))
-    resumed = tmp_path / "resumed"
-    real_save = training.save_checkpoint
-
-    def save_then_die(accelerator, output_dir, step, *rest):
-        path = real_save(accelerator, output_dir, step, *rest)
-        if step == 3:
-            raise _Interrupted
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(_Interrupted):
-        run_main("opt", train_argv("opt", resumed, data_cache, *extra, steps=6))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    run_main("opt", train_argv("opt", resumed, data_cache, *extra, "--resume_from_checkpoint", "latest", steps=6))
-    assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(straight)]  # bit for bit
-    first, second = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert all(torch.equal(first[key], second[key]) for key in first)
+    straight = assert_resume_repeats_run("opt", tmp_path, data_cache, monkeypatch, *extra)
     adamw_only = tmp_path / "adamw"
     run_main("opt", train_argv("opt", adamw_only, data_cache, *extra[4:], steps=6))
     assert [r["loss"] for r in read_log(adamw_only)][1:] != [r["loss"] for r in read_log(straight)][1:]
