@@ -8,8 +8,8 @@ mask builder under the same name in `AttentionMaskInterface` (a name missing the
 Each HF attention module carries an `AttentionVariant` child (normaliser, gate, optional learned key/value and
 the named points), so their parameters live in the state dict and `from_pretrained` rebuilds them before
 loading. A learned key/value (`bias_kv`) is prepended to the keys, so in `scores` and `probs` it is key 0 and
-the sequence's keys follow. The points are
-`nn.Identity` modules where metrics and quantizers attach (hooks or module swaps):
+the sequence's keys follow. The points are `nn.Identity` modules where metrics and quantizers attach (hooks or
+module swaps):
   scores   attention scores after scaling, before the mask      (B, H, T, S)
   probs    probabilities after the softmax, before dropout       (B, H, T, S)
   context  gated context before the output projection           (B, T, H * d_head)
@@ -44,11 +44,6 @@ def is_attached(point: nn.Module) -> bool:
     that is off), so the fused path, and with it the float model's exact numbers, stays."""
     swapped = type(point) is not nn.Identity and not getattr(point, "is_identity", False)
     return swapped or bool(point._forward_hooks) or bool(point._forward_pre_hooks)
-
-
-def _causal_mask(queries: int, keys: int, device) -> torch.Tensor:
-    """Boolean (T, S) mask, bottom-right aligned (query i of the last T positions sees S - T + i + 1 keys)."""
-    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
 class AttentionVariant(nn.Module):
@@ -106,7 +101,8 @@ class AttentionVariant(nn.Module):
         implicit_causal = attention_mask is None and is_causal and q_length > 1
         if implicit_causal and (self.bias_kv is not None or null_logit is not None or not fused):
             key, value = key[:, :, :q_length], value[:, :, :q_length]
-            attention_mask, is_causal = _causal_mask(q_length, q_length, query.device), False
+            attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
+            is_causal = False
 
         marked = self.marked_keys
         if self.bias_kv is not None:
@@ -153,7 +149,7 @@ class AttentionVariant(nn.Module):
             weights = nn.functional.dropout(probs, p=dropout, training=dropout > 0)
             context = torch.matmul(weights, value)  # (B, H, T, d)
             if marked is not None:
-                self.key_mass(context[..., head_dim:].transpose(1, 2))
+                self.key_mass(context[..., width:].transpose(1, 2))
                 context = context[..., :head_dim]
             if gate is not None:
                 context = context * gate

@@ -27,6 +27,11 @@ def parse_softmax(method: str) -> tuple[float, float]:
     return softmax_variant(method).clip or (0.0, 1.0)
 
 
+def reads_train_seq_length(softmax: str, alpha: float | None) -> bool:
+    """Whether the method is fixed by T_train when the model is built (the alpha form, sigmoid attention)."""
+    return alpha is not None or SOFTMAX_VARIANTS[softmax_variant(softmax).normaliser].needs_seq_length
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """The attention variant of every self-attention layer of a model (defaults = vanilla attention)."""
@@ -114,7 +119,7 @@ class AttentionConfig:
 
     @property
     def needs_seq_length(self) -> bool:
-        return self.alpha is not None or SOFTMAX_VARIANTS[self.normaliser].needs_seq_length
+        return reads_train_seq_length(self.softmax, self.alpha)
 
     @property
     def plain_softmax(self) -> bool:
@@ -250,11 +255,10 @@ def attention_config_from_args(args, train_seq_length: int | None) -> AttentionC
             "use conditional_per_token or conditional_per_head, or drop the flag."
         )
     softmax = flags.attn_softmax or "vanilla"
-    reads_length = flags.alpha is not None or SOFTMAX_VARIANTS[softmax_variant(softmax).normaliser].needs_seq_length
     return AttentionConfig(
         softmax=softmax,
         alpha=flags.alpha,
-        train_seq_length=train_seq_length if reads_length else None,
+        train_seq_length=train_seq_length if reads_train_seq_length(softmax, flags.alpha) else None,
         bias_kv=flags.attn_bias_kv,
         gate_type=gate_type,
         gate_network=network_flags[chosen[0]][0] if chosen else DEFAULT_GATE_NETWORK,

@@ -65,6 +65,12 @@ def counts_zeros(variant) -> bool:
     return variant.settings.clipped or variant.softmax.exact_zeros
 
 
+def rows_may_not_sum_to_one(variant) -> bool:
+    """Whether a layer's weights on the sequence's keys can sum to anything but 1 (every variant but plain
+    softmax without a learned key)."""
+    return not variant.settings.plain_softmax or variant.bias_kv is not None
+
+
 def has_sink(variant) -> bool:
     """Whether a layer sends what its sequence's keys do not get to a null or learned key (unclipped)."""
     return (variant.softmax.sink or variant.bias_kv is not None) and not variant.settings.clipped
@@ -173,8 +179,7 @@ class AttentionStatistics:
                 "sink_ratio": [v / uniform for v in first],
                 "delimiter_mass": [v / queries for v in delimiters],
             }
-            settings = self.variants[layer].settings
-            if not settings.plain_softmax or settings.bias_kv:
+            if rows_may_not_sum_to_one(self.variants[layer]):
                 figures["row_sum"] = [v / queries for v in every]
             if has_sink(self.variants[layer]):
                 figures["sink_mass"] = [1.0 - v / queries for v in every]
