@@ -1,4 +1,4 @@
-"""Pre-training BERT and OPT with attention variants that keep activations free of outliers."""
+"""Pre-training BERT, OPT and ViT with attention variants that keep activations free of outliers."""
 
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig, add_attention_args, attention_config_from_args
@@ -6,6 +6,7 @@ from .models import (
     MODEL_CLASSES,
     BertForMaskedLMWithVariants,
     OPTForCausalLMWithVariants,
+    ViTForImageClassificationWithVariants,
     build_model,
     model_class,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "AttentionVariant",
     "BertForMaskedLMWithVariants",
     "OPTForCausalLMWithVariants",
+    "ViTForImageClassificationWithVariants",
     "add_attention_args",
     "attention_config_from_args",
     "build_model",

@@ -1,4 +1,4 @@
-"""The model families (BERT, OPT): every fact that makes one family differ from the other, in one table.
+"""The model families (BERT, OPT, ViT): every fact that makes one family differ from the other, in one table.
 
 A family names its pre-training objective, its sequence-length flag, its Adam betas, its dropout config keys
 and from-scratch config defaults, where its layers and measured tensors are and which headline figures the
@@ -241,6 +241,52 @@ FAMILIES: dict[str, Family] = {
             transform_requires=("do_layer_norm_before", True),
         ),
         weight_ranges="MSE",
+    ),
+    "vit": Family(
+        model_type="vit",
+        objective="image_classification",
+        sequence=SequenceFlag("image_size", None, "Image side in pixels (default: the config's image_size)."),
+        adam_betas=(0.9, 0.999),
+        dropout_keys=("attention_probs_dropout_prob", "hidden_dropout_prob"),
+        layers_path="vit.encoder.layer",
+        layer_sites=(
+            ("layer_output", "", "output"),  # the residual stream after the layer
+            ("attn_layernorm", "layernorm_before", "output"),
+            ("attn_out_proj", "attention.o_proj", "output"),
+            ("ffn_layernorm", "layernorm_after", "output"),
+            ("ffn_output", "mlp.fc2", "output"),
+        ),
+        model_sites=(("final_layernorm", "vit.layernorm", "output"),),
+        stream_kind="layer_output",
+        # The paper's ViT figures (Table 2): the max inf-norm and the average kurtosis over the measured tensors.
+        headlines=(
+            Headline("max_inf_norm", "Max inf norm", "inf_norm", None),
+            Headline("max_ffn_inf_norm", "Max FFN inf norm", "inf_norm", ("ffn_output",)),
+            Headline("max_layer_inf_norm", "Max layer inf norm", "inf_norm", ("layer_output",)),
+            Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", None, "mean"),
+            Headline("max_kurtosis", "Max Kurtosis", "kurtosis", None),
+        ),
+        body="vit",
+        head_projection="classifier",
+        wiring=Wiring(
+            head="classifier",
+            final_layernorm="vit.layernorm",
+            ffn_in="mlp.fc1",
+            ffn_activation="mlp.activation_fn",
+            residual_sums=("attn_residual_sum", "ffn_residual_sum"),
+            embedding_sums="vit.embeddings",
+            embedding_sum_names=("embedding_sum",),  # [CLS] + patches, + positions
+            outlier_points=("layernorm_after.output", "mlp.fc2.output", "ffn_residual_sum"),
+            norm_readers=(
+                NormReaders(
+                    "layernorm_before",
+                    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+                    gated_attention="attention",
+                ),
+                NormReaders("layernorm_after", ("mlp.fc1",)),
+            ),
+        ),
+        weight_ranges="minmax",
     ),
 }
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig
+from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig, ViTForImageClassification
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.opt.modeling_opt import OPTAttention
+from transformers.models.vit.modeling_vit import ViTAttention
 
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
@@ -63,11 +64,15 @@ class AttentionVariantMixin:
                 install_attention_variant(
                     module, self.attention_config, num_heads, head_dim, is_causal=bool(module.is_causal)
                 )
+        self.add_family_modules(config)
         if getattr(config, TRANSFORMS_KEY, None):  # a transformed model: its shortcut affines load with it
             install_shortcut_affines(self)
         # HF skips modules it already initialised, so this initialises only the new ones (a no-op on the meta
         # device, where from_pretrained loads them or initialises them later through initialize_weights).
         self.init_weights()
+
+    def add_family_modules(self, config: PretrainedConfig) -> None:
+        """Modules a family adds from its config (built before weights load or are initialised)."""
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
         if attn_implementation not in _COVERED_IMPLEMENTATIONS:
@@ -130,9 +135,35 @@ class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
     family = FAMILIES["opt"]
 
 
+PATCH_LAYERNORM_KEY = "patch_embedding_layernorm"  # config.json: a LayerNorm after the patch embedding
+
+
+def _normalise_patches(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return module.norm(output)
+
+
+class ViTForImageClassificationWithVariants(AttentionVariantMixin, ViTForImageClassification):
+    """ViT image classifier whose self-attention uses `config.attention_variant`. With
+    `config.patch_embedding_layernorm`, a LayerNorm normalises the patch embeddings before the [CLS] token and the
+    position embeddings join them (the paper's clipped and gated ViT runs use it)."""
+
+    attention_class = ViTAttention
+    family = FAMILIES["vit"]
+
+    def add_family_modules(self, config: PretrainedConfig) -> None:
+        if getattr(config, PATCH_LAYERNORM_KEY, False):
+            patches = self.vit.embeddings.patch_embeddings
+            patches.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            patches.register_forward_hook(_normalise_patches)
+
+    def body_output(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.base_model(pixel_values=pixel_values).last_hidden_state
+
+
 # Keyed by the family each class names (families.py holds the list of families).
 MODEL_CLASSES: dict[str, type] = {
-    cls.family.model_type: cls for cls in (BertForMaskedLMWithVariants, OPTForCausalLMWithVariants)
+    cls.family.model_type: cls
+    for cls in (BertForMaskedLMWithVariants, OPTForCausalLMWithVariants, ViTForImageClassificationWithVariants)
 }
 
 

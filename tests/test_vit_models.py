@@ -1,0 +1,103 @@
+"""The ViT family: parity with stock HF ViT (eager, SDPA; fused and explicit paths), every attention variant
+saved and reloaded, stock checkpoints loading unchanged, and the LayerNorm after the patch embedding."""
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+from transformers_language import AttentionConfig, ViTForImageClassificationWithVariants, build_model
+from transformers_language.models import PATCH_LAYERNORM_KEY
+
+from .conftest import VARIANTS
+
+
+def tiny_vit_config(**overrides) -> ViTConfig:
+    """2 layers, hidden 64, 4 heads, 8 x 8 patches of 32 x 32 RGB images (16 patches + [CLS]), 10 classes."""
+    values = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
+    return ViTConfig(**(values | overrides))
+
+
+def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, pixels):
+    with torch.no_grad():
+        return model(pixel_values=pixels).logits
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_vanilla_equals_stock_hf_vit(implementation):
+    torch.manual_seed(0)
+    stock = ViTForImageClassification(tiny_vit_config(attn_implementation=implementation)).eval()
+    ours = ViTForImageClassificationWithVariants(tiny_vit_config()).eval()
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    pixels = images()
+    expected = logits(stock, pixels)
+    torch.testing.assert_close(logits(ours, pixels), expected, rtol=1e-5, atol=1e-5)
+    for variant in ours.attention_variants().values():  # the explicit path computes the same
+        variant.probs.register_forward_hook(lambda *a: None)
+    torch.testing.assert_close(logits(ours, pixels), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_trains_and_round_trips(tmp_path, name):
+    torch.manual_seed(0)
+    attention = dict(VARIANTS[name])
+    if "train_seq_length" in attention:
+        attention["train_seq_length"] = 17  # [CLS] + 16 patches
+    model = build_model(tiny_vit_config(), AttentionConfig(**attention)).train()
+    loss = model(pixel_values=images(), labels=torch.tensor([1, 2, 3])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for param_name, param in model.named_parameters():
+        if "attention_variant." in param_name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, param_name
+    model.eval()
+    with torch.no_grad():  # move the variant's weights away from their init, so a re-init on load would show
+        for param_name, param in model.named_parameters():
+            if "attention_variant" in param_name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path)
+    reloaded, info = ViTForImageClassificationWithVariants.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert reloaded.attention_config == model.attention_config
+    torch.testing.assert_close(logits(reloaded.eval(), images()), logits(model, images()), rtol=0, atol=0)
+
+
+def test_stock_checkpoint_loads_unchanged(tmp_path):
+    torch.manual_seed(0)
+    stock = ViTForImageClassification(tiny_vit_config()).eval()
+    stock.save_pretrained(tmp_path)
+    ours, info = ViTForImageClassificationWithVariants.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert ours.attention_config == AttentionConfig()
+    torch.testing.assert_close(logits(ours.eval(), images()), logits(stock, images()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_patch_layernorm_normalises_the_patch_embeddings_and_round_trips(tmp_path):
+    config = tiny_vit_config(**{PATCH_LAYERNORM_KEY: True})
+    torch.manual_seed(0)
+    model = build_model(config, AttentionConfig(gate_type="conditional_per_token")).eval()
+    patches = model.vit.embeddings.patch_embeddings
+    with torch.no_grad():
+        patches.norm.weight.uniform_(0.5, 2.0)
+        patches.norm.bias.uniform_(-1.0, 1.0)
+        raw = patches.projection(images()).flatten(2).transpose(1, 2)
+        expected = torch.nn.functional.layer_norm(raw, (64,), patches.norm.weight, patches.norm.bias, 1e-12)
+        torch.testing.assert_close(patches(images()), expected)
+    model.save_pretrained(tmp_path)
+    reloaded, info = ViTForImageClassificationWithVariants.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert "vit.embeddings.patch_embeddings.norm.weight" in reloaded.state_dict()
+    torch.testing.assert_close(logits(reloaded.eval(), images()), logits(model, images()), rtol=0, atol=0)
+    without = build_model(tiny_vit_config(), AttentionConfig())
+    assert not hasattr(without.vit.embeddings.patch_embeddings, "norm")
