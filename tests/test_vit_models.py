@@ -101,3 +101,61 @@ def test_the_patch_layernorm_normalises_the_patch_embeddings_and_round_trips(tmp
     torch.testing.assert_close(logits(reloaded.eval(), images()), logits(model, images()), rtol=0, atol=0)
     without = build_model(tiny_vit_config(), AttentionConfig())
     assert not hasattr(without.vit.embeddings.patch_embeddings, "norm")
+
+
+ACT_RANGES = "current_minmax"
+
+
+def _calibrated_w8a8(model, bits: int = 8):
+    from quantization.calibration import calibration
+    from quantization.config import QuantConfig
+    from transformers_language.quantized_model import quantize_model
+
+    # One calibration batch and its own min-max: that batch is never clipped, and 16 bits are near exact.
+    quantize_model(model, QuantConfig(n_bits=bits, n_bits_act=bits, quant_setup="all", ranges_acts=ACT_RANGES))
+    with torch.no_grad(), calibration(model):
+        model(pixel_values=images(4, seed=10))
+    return model
+
+
+@pytest.mark.parametrize("attention", [{}, {"gate_type": "conditional_per_token"}, {"softmax": "clipped(-0.05:1)"}])
+def test_the_family_wiring_quantizes_every_point_and_16_bits_stay_close(attention):
+    torch.manual_seed(0)
+    reference = build_model(tiny_vit_config(), AttentionConfig(**attention)).eval()
+    points, errors = {}, {}
+    for bits in (8, 16):
+        model = build_model(tiny_vit_config(), AttentionConfig(**attention)).eval()
+        model.load_state_dict(reference.state_dict())
+        points[bits] = set(_calibrated_w8a8(model, bits).quantization_points)
+        seen = images(4, seed=10)  # the calibration batch: its values lie inside the calibrated ranges
+        error = (logits(model, seen) - logits(reference, seen)).abs().max() / logits(reference, seen).abs().max()
+        errors[bits] = float(error)
+    assert errors[16] < 5e-3 and 10 * errors[16] < errors[8] < 0.5, errors
+    names = points[8]
+    layers = "vit.layers"
+    for index in range(2):
+        for point in ("attn_residual_sum", "ffn_residual_sum", "mlp.fc1.output", "attention.q_proj.weight"):
+            assert f"{layers}.{index}.{point}" in names, point
+        assert f"{layers}.{index}.attention.attention_variant.probs" in names
+    assert "vit.embeddings.embedding_sum" in names and "classifier.weight" in names
+
+
+@pytest.mark.parametrize(
+    "transforms", [("gamma_migration",), ("smoothquant",), ("gamma_migration", "smoothquant", "os_plus")]
+)
+def test_the_equivalent_transforms_leave_the_float_vit_unchanged(transforms):
+    from quantization.config import QuantConfig
+    from transformers_language.equivalent_transforms import apply_transforms, norm_sites
+
+    torch.manual_seed(0)
+    model = build_model(tiny_vit_config(), AttentionConfig(gate_type="conditional_per_token")).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(torch.randn_like(module.weight) * 2)
+                module.bias.copy_(torch.randn_like(module.bias))
+    reference = logits(model, images())
+    apply_transforms(model, QuantConfig(transforms=transforms), lambda: [images(4, seed=20 + i) for i in range(2)])
+    assert len(norm_sites(model)) == 4  # each layer's two LayerNorms
+    error = (logits(model, images()) - reference).abs().max() / reference.abs().max()
+    assert float(error) < 1e-5

@@ -248,7 +248,7 @@ FAMILIES: dict[str, Family] = {
         sequence=SequenceFlag("image_size", None, "Image side in pixels (default: the config's image_size)."),
         adam_betas=(0.9, 0.999),
         dropout_keys=("attention_probs_dropout_prob", "hidden_dropout_prob"),
-        layers_path="vit.encoder.layer",
+        layers_path="vit.layers",
         layer_sites=(
             ("layer_output", "", "output"),  # the residual stream after the layer
             ("attn_layernorm", "layernorm_before", "output"),
