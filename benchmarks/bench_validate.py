@@ -90,11 +90,12 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     from accelerate import Accelerator
     from transformers import AutoConfig
 
-    from transformers_language.attention_stats import AttentionStatistics, delimiter_token_ids
+    from transformers_language.attention_stats import AttentionStatistics
     from transformers_language.block_layouts import resolve_block_layout
     from transformers_language.data import prepare_splits
-    from transformers_language.evaluation import evaluate_perplexity
+    from transformers_language.evaluation import evaluate
     from transformers_language.metrics import ActivationStatistics
+    from transformers_language.modalities import probe_inputs
     from transformers_language.model_loading import load_checkpoint, load_tokenizer
     from transformers_language.objectives import get_objective
     from transformers_language.outlier_report import outlier_results
@@ -111,19 +112,20 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     dataset = prepare_splits(args, ("validation",), tokenizer, SEQ_LENGTH, accelerator)["validation"]
     dataset = objective.evaluation_set(dataset, objective.targets(tokenizer, args), args.seed)
     batch, config = SETUPS[model]["batch"], net.config
-    delimiters = delimiter_token_ids(tokenizer)
+    inputs = probe_inputs(net.family, tokenizer, config)
 
     def plain() -> float:
         start = time.perf_counter()
-        evaluate_perplexity(accelerator, loss_module, dataset, objective, batch)
+        evaluate(accelerator, loss_module, dataset, objective, batch)
         return time.perf_counter() - start
 
     def with_statistics() -> float:
         start = time.perf_counter()
         activations = ActivationStatistics(net, net.outlier_sites(), config.hidden_size, config.vocab_size)
-        attention = AttentionStatistics(net, delimiters)
-        evaluate_perplexity(accelerator, loss_module, dataset, objective, batch, probes=(activations, attention))
-        outlier_results(activations.synced(accelerator), attention.synced(accelerator), net.headlines, tokenizer)
+        attention = AttentionStatistics(net, inputs)
+        evaluate(accelerator, loss_module, dataset, objective, batch, probes=(activations, attention))
+        figures = activations.synced(accelerator), attention.synced(accelerator)
+        outlier_results(*figures, net.headlines, inputs.token_name)
         return time.perf_counter() - start
 
     plain()  # warm-up: allocator, kernels, page cache

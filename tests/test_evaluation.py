@@ -15,9 +15,10 @@ from scipy import stats as scipy_stats
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig, build_model
 from transformers_language.attention_stats import AttentionStatistics, uniform_first_key_mass
-from transformers_language.evaluation import evaluate_perplexity
+from transformers_language.evaluation import evaluate
 from transformers_language.linear_cross_entropy import IGNORE_INDEX
 from transformers_language.metrics import ActivationStatistics
+from transformers_language.modalities import TextInputs
 from transformers_language.objectives import get_objective
 from transformers_language.outlier_report import headline_figures, log_results, outlier_results, top_dims
 
@@ -47,7 +48,7 @@ def _model(model_type: str, **attention):
 def _evaluate(model, dataset, model_type, probes=(), batch_size=BATCH):
     objective = get_objective(OBJECTIVE[model_type])
     loss_module = objective.loss_class(model).eval()
-    return evaluate_perplexity(Accelerator(cpu=True), loss_module, dataset, objective, batch_size, probes)
+    return evaluate(Accelerator(cpu=True), loss_module, dataset, objective, batch_size, probes)
 
 
 def _hook_count(model) -> int:
@@ -145,8 +146,6 @@ def test_streamed_statistics_equal_stored_activations(model_type):
 
 def test_a_planted_outlier_is_found(model_type):
     dataset, layer, dim = _dataset(model_type), 1, 7
-    tokenizer_stub = type("Tok", (), {"convert_ids_to_tokens": lambda self, i: f"t{i}"})()
-    tokenizer_stub.convert_tokens_to_string = lambda tokens: tokens[0]
 
     def measure(plant: bool) -> dict:
         model = _model(model_type)
@@ -154,7 +153,7 @@ def test_a_planted_outlier_is_found(model_type):
             _plant_outlier(model, model_type, layer, dim)
         probe = ActivationStatistics(model, model.outlier_sites(), model.config.hidden_size, model.config.vocab_size)
         _evaluate(model, dataset, model_type, probes=(probe,))
-        return outlier_results(probe.synced(Accelerator(cpu=True)), {}, model.headlines, tokenizer_stub)
+        return outlier_results(probe.synced(Accelerator(cpu=True)), {}, model.headlines, lambda i: f"t{i}")
 
     clean, planted = measure(False), measure(True)
     # OPT's residual stream carries the FFN output as it is; BERT's is dominated by the attention block's
@@ -206,7 +205,9 @@ def test_attention_diagnostics_equal_stored_probabilities(model_type, attention)
     probabilities (explicit path): the per-head figures agree."""
     model, dataset = _model(model_type, **attention), _dataset(model_type)
     delimiters = [2, 5]
-    probe = AttentionStatistics(model, delimiters)
+    inputs = TextInputs(None, model.config)
+    inputs.delimiter_ids = delimiters
+    probe = AttentionStatistics(model, inputs)
     variants = list(model.attention_variants().values())
     before = _hook_count(model)
     plain = _evaluate(model, dataset, model_type)
@@ -273,11 +274,15 @@ def test_an_overflowing_perplexity_is_infinity(caplog):
         def forward(self, input_ids, labels):
             return torch.tensor(1e4) * labels[:, 1:].numel()  # summed NLL of 1e4 per predicted token
 
-    results = evaluate_perplexity(Accelerator(cpu=True), HugeLoss(), _dataset("opt"), get_objective("clm"), BATCH)
+    results = evaluate(Accelerator(cpu=True), HugeLoss(), _dataset("opt"), get_objective("clm"), BATCH)
     assert results["eval_loss"] == pytest.approx(1e4)
     assert results["perplexity"] == math.inf and results["perplexity_mean_of_batch_losses"] == math.inf
     with caplog.at_level(logging.INFO):
-        log_results(results | {"activations": {}, "attention": {}, "max_abs_activation": 0.0, "outliers_6sigma": 0}, ())
+        log_results(
+            results | {"activations": {}, "attention": {}, "max_abs_activation": 0.0, "outliers_6sigma": 0},
+            (),
+            get_objective("clm").reported,
+        )
     assert "perplexity: inf" in caplog.text
 
 
@@ -323,7 +328,7 @@ def test_fsdp_lockstep_runs_uncounted_filler_batches():
 
     loss, probe = CountingLoss(), Probe()
     dataset = _dataset("opt")
-    results = evaluate_perplexity(LongestShardHasTwoMore(), loss, dataset, get_objective("clm"), BATCH, (probe,))
+    results = evaluate(LongestShardHasTwoMore(), loss, dataset, get_objective("clm"), BATCH, (probe,))
     batches = math.ceil(EXAMPLES / BATCH)
     assert loss.calls == batches + 2 and loss.probed_calls == probe.batches == batches
     assert results["eval_tokens"] == EXAMPLES * (SEQ - 1) and results["eval_loss"] == pytest.approx(1.0)

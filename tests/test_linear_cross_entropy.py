@@ -65,7 +65,7 @@ def test_loss_module_gradients_equal_the_stock_hf_loss(model_type):
     model = build_model(tiny_config(model_type, **dropout))
     ids = torch.randint(5, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
     if model_type == "bert":
-        inputs, labels = Masking(0.3, 4, VOCAB, (0, 1, 2))(ids, torch.Generator().manual_seed(2))
+        inputs, labels = Masking(0.3, 4, VOCAB, (0, 1, 2))({"input_ids": ids}, torch.Generator().manual_seed(2))
         ours = MaskedLMLoss(model)(inputs, labels) / (labels != -100).sum()
     else:
         inputs, labels = ids, ids

@@ -22,7 +22,7 @@ MASKING = Masking(probability=0.15, mask_token_id=4, vocab_size=VOCAB, special_i
 def test_masking_is_80_10_10_and_never_touches_special_tokens():
     ids = torch.randint(5, VOCAB, (400, 512), generator=torch.Generator().manual_seed(0))
     ids[:, 0], ids[:, -1] = 1, 2
-    inputs, labels = MASKING(ids, torch.Generator().manual_seed(1))
+    inputs, labels = MASKING({"input_ids": ids}, torch.Generator().manual_seed(1))
     selected = labels != IGNORE_INDEX
     assert selected.float().mean().item() == pytest.approx(0.15 * 510 / 512, abs=0.002)
     assert not selected[:, 0].any() and not selected[:, -1].any()
@@ -53,7 +53,7 @@ def test_masked_lm_loss_equals_stock_hf_loss_on_masked_positions():
     stock = BertForMaskedLM(tiny_config("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
     stock.load_state_dict(ours.state_dict(), strict=False)
     ids = torch.randint(5, VOCAB, (3, 20), generator=torch.Generator().manual_seed(2))
-    inputs, labels = MASKING(ids, torch.Generator().manual_seed(3))
+    inputs, labels = MASKING({"input_ids": ids}, torch.Generator().manual_seed(3))
     nll_sum = MaskedLMLoss(ours)(inputs, labels)
     count = get_objective("mlm").count_targets(labels)
     torch.testing.assert_close(nll_sum / count, stock(input_ids=inputs, labels=labels).loss)

@@ -1,13 +1,15 @@
 """Attention diagnostics per layer and head, streamed over an evaluation: how heads "do nothing".
 
 A head that wants no update puts its attention on tokens that carry little information (the first token,
-[SEP], `.`, `,`), which is what grows outliers in vanilla models. Per layer and head this measures:
+[SEP], `.`, `,`; in a ViT, [CLS] and background patches), which is what grows outliers in vanilla models.
+Which keys count as such comes from the model's inputs (modalities.py). Per layer and head this measures:
   first_token_mass      mean attention probability on the first key position
   sink_ratio            first_token_mass over what uniform attention would put there (1/keys a query may
                         attend, averaged over queries: ~0.042 for causal attention over 128 positions, where
                         the first query can see nothing else), so a value of 3 means a head parks on the first
                         token three times more than chance, whatever the sequence length
-  delimiter_mass        mean total attention probability on delimiter tokens (see `delimiter_token_ids`)
+  delimiter_mass        text: mean total attention probability on delimiter tokens (see `delimiter_token_ids`)
+  background_mass       images: mean total attention probability on each image's lowest-variance patches
   row_sum               variants other than plain softmax: mean total weight a query gives the sequence's
                         keys (1 for softmax; below 1 where a head abstains, any value for sigmoid attention)
   sink_mass             softmax1, learned sinks and the learned key/value: mean weight on the null / learned
@@ -16,7 +18,7 @@ A head that wants no update puts its attention on tokens that carry little infor
                         weight is exactly 0
   gate_mean             mean gate probability sigmoid(G(x)) (gated models; without the fine-tuning scale;
                         elementwise gates: also over channels)
-The masses come from the variants' `key_mass` point: first-token, delimiter and all-keys indicators ride
+The masses come from the variants' `key_mass` point: first-key, second-mark and all-keys indicators ride
 along as extra value channels, so vanilla and gated attention keep the fused kernel. Exact zeros need the
 weights, which those variants compute anyway.
 """
@@ -57,7 +59,7 @@ def delimiter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
-MARKS = 3  # indicator columns over the keys: first token, delimiters, every key of the sequence
+MARKS = 3  # indicator columns over the keys: first key, the inputs' second mark, every key of the sequence
 
 
 def counts_zeros(variant) -> bool:
@@ -79,12 +81,14 @@ def has_sink(variant) -> bool:
 class AttentionStatistics:
     """Streams the attention diagnostics of every attention layer of `model` (see the module docstring).
 
-    Used like `ActivationStatistics`: `attached()`, `start_batch(input_ids, index)` per batch, `synced()`."""
+    Used like `ActivationStatistics`: `attached()`, `start_batch(inputs, index)` per batch, `synced()`.
+    `inputs` (modalities.py) marks the keys: `marks(inputs)` gives (B, S, 2) indicators [first key, second
+    mark], `second_mark` names the second figure."""
 
-    def __init__(self, model: nn.Module, delimiter_ids: list[int]):
+    def __init__(self, model: nn.Module, inputs):
         self.variants = list(model.attention_variants().values())
         device = next(model.parameters()).device
-        self.delimiter_ids = torch.tensor(delimiter_ids, dtype=torch.long, device=device)
+        self.inputs = inputs
         heads = model.config.num_attention_heads
         # Per layer, allocated up front (so every process joins the sync with the same shapes):
         # mass [first token (H), delimiters (H), all keys (H), queries, uniform first-token mass];
@@ -98,12 +102,10 @@ class AttentionStatistics:
                 self._sums[f"gate_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
         self._batch = 0
 
-    def start_batch(self, input_ids: torch.Tensor, index: int) -> None:
-        marked = torch.zeros(*input_ids.shape, MARKS, device=input_ids.device)  # (B, S, [first, delimiter, all])
-        marked[:, 0, 0] = 1.0
-        marked[..., 1] = torch.isin(input_ids, self.delimiter_ids.to(input_ids.device)).float()
-        marked[..., 2] = 1.0
-        self._batch = input_ids.shape[0]
+    def start_batch(self, inputs: torch.Tensor, index: int) -> None:
+        marks = self.inputs.marks(inputs)
+        marked = torch.cat([marks, torch.ones_like(marks[..., :1])], dim=-1)  # (B, S, [first, second, all])
+        self._batch = marked.shape[0]
         for variant in self.variants:
             variant.marked_keys = marked
 
@@ -173,11 +175,11 @@ class AttentionStatistics:
             if not queries:
                 continue
             heads = len(per_head) // MARKS
-            first, delimiters, every = (per_head[i * heads : (i + 1) * heads] for i in range(MARKS))
+            first, second, every = (per_head[i * heads : (i + 1) * heads] for i in range(MARKS))
             figures = {
                 "first_token_mass": [v / queries for v in first],
                 "sink_ratio": [v / uniform for v in first],
-                "delimiter_mass": [v / queries for v in delimiters],
+                self.inputs.second_mark: [v / queries for v in second],
             }
             if rows_may_not_sum_to_one(self.variants[layer]):
                 figures["row_sum"] = [v / queries for v in every]

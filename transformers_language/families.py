@@ -141,6 +141,8 @@ class Family:
     wiring: Wiring | None = None
     weight_ranges: str = "minmax"
     """The paper's weight range estimator for this family (BERT min-max, OPT MSE)."""
+    modality: str = "text"
+    """What the model reads (modalities.py): 'text' (token ids) or 'image' (pixels)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -287,6 +289,7 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
         weight_ranges="minmax",
+        modality="image",
     ),
 }
 

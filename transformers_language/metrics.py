@@ -14,6 +14,7 @@ values it carried: the channel and token views of outlier studies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ class _Accumulator:
 class ActivationStatistics:
     """Streams the statistics of `sites` of `model` over an evaluation.
 
-    Use `with stats.attached(): for i, batch in ...: stats.start_batch(input_ids, i); model(...)` and then
+    Use `with stats.attached(): for i, batch in ...: stats.start_batch(inputs, i); model(...)` and then
     `stats.synced(accelerator)`. Hooks exist only inside `attached()`, each reduces its tensor at once into the
     site's device accumulators, and one sum plus one max across processes happen in `synced`. Kurtosis uses
     the first `kurtosis_max_batches` batches of each process (None: all); everything else uses all batches.
@@ -136,8 +137,10 @@ class ActivationStatistics:
         hidden_size: int,
         vocab_size: int,
         kurtosis_max_batches: int | None = None,
+        token_ids: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model = model
+        self.to_token_ids = token_ids  # inputs -> (B, T) ids of the token analysis (None: the inputs are ids)
         self.sites = sites
         self.kurtosis_max_batches = kurtosis_max_batches
         # Allocated up front, so a process whose shard is empty still joins the sync with the same shapes.
@@ -147,9 +150,9 @@ class ActivationStatistics:
         self._with_kurtosis = True
         self._scratch: torch.Tensor | None = None
 
-    def start_batch(self, input_ids: torch.Tensor, index: int) -> None:
-        """The tokens of the batch about to run (for the token analysis) and its index in this process."""
-        self._token_ids = input_ids
+    def start_batch(self, inputs: torch.Tensor, index: int) -> None:
+        """The inputs of the batch about to run (for the token analysis) and its index in this process."""
+        self._token_ids = inputs if self.to_token_ids is None else self.to_token_ids(inputs)
         self._with_kurtosis = self.kurtosis_max_batches is None or index < self.kurtosis_max_batches
 
     def _observe(self, site: Site, activation: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ or an interrupted-and-resumed run.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,14 @@ from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
 
 MASKED_ROWS_BUCKET = 128
 EVAL_MASK_CHUNK = 1024  # examples per evaluation-mask generator (a fixed constant, so masks are reproducible)
+
+
+def safe_exp(value: float) -> float:
+    """exp, infinite where it overflows."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
 
 
 def derive_seed(*parts: int) -> int:
@@ -59,9 +68,10 @@ class Masking:
             raise UsageError(f"--mlm_probability must lie strictly between 0 and 1, got {probability}.")
         return cls(probability, tokenizer.mask_token_id, len(tokenizer), tuple(tokenizer.all_special_ids))
 
-    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels): selected non-special tokens become [MASK] (80%), a random token (10%) or stay
-        (10%); labels hold the original token there and IGNORE_INDEX elsewhere."""
+    def __call__(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of a batch's `input_ids`: selected non-special tokens become [MASK] (80%), a random
+        token (10%) or stay (10%); labels hold the original token there and IGNORE_INDEX elsewhere."""
+        input_ids = batch["input_ids"]
         device = input_ids.device
         special = torch.isin(input_ids, torch.tensor(self.special_ids, device=device))
         selected = (torch.rand(input_ids.shape, generator=generator, device=device) < self.probability) & ~special
@@ -75,7 +85,7 @@ class Masking:
 
 def _mask_chunk(batch: dict, indices: list[int], masking: Masking, seed: int) -> dict:
     generator = torch.Generator().manual_seed(derive_seed(seed, indices[0]))
-    inputs, labels = masking(torch.as_tensor(batch["input_ids"]), generator)
+    inputs, labels = masking({"input_ids": torch.as_tensor(batch["input_ids"])}, generator)
     return {"input_ids": inputs, "labels": labels}
 
 
@@ -159,12 +169,13 @@ class CausalLMLoss(_LossModule):
         return _vocabulary_nll(self.model, hidden.flatten(0, 1), targets.flatten())
 
 
-Targets = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+Targets = Callable[[dict, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+"""(batch of the dataset's columns, generator) -> (inputs, labels) of a training or calibration batch."""
 
 
-def _next_tokens(input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_tokens(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal LM: the labels are the inputs (the loss shifts them)."""
-    return input_ids, input_ids
+    return batch["input_ids"], batch["input_ids"]
 
 
 @dataclass(frozen=True)
@@ -174,12 +185,47 @@ class Objective:
 
     name: str
     loss_class: type[nn.Module]
-    label_shift: int
+    label_shift: int = 1
     """Position t predicts label t + label_shift: 0 for MLM, 1 (the next token) for CLM."""
+    input_key: str = "input_ids"
+    """The dataset column the model reads."""
+    throughput: str = "tokens_per_s"
+    """The training log's speed figure: `work(inputs)` per second."""
+    evaluation_width: int = 4
+    """How many sums `evaluation_sums` returns."""
+    reported: tuple[tuple[str, str], ...] = (
+        ("perplexity", "perplexity"),
+        ("perplexity_mean_of_batch_losses", "perplexity (paper: mean of batch losses)"),
+    )
+    """The evaluation figures the log shows first: (key, label)."""
 
     def count_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Number of predicted tokens: masked positions (MLM) or next tokens (CLM)."""
         return (labels[:, self.label_shift :] != IGNORE_INDEX).sum()
+
+    def work(self, inputs: torch.Tensor) -> int:
+        """What `throughput` counts in a batch of inputs (tokens)."""
+        return inputs.numel()
+
+    def evaluation_sums(self, loss_module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One evaluation batch's sums, float64: [NLL, predicted tokens, the batch's mean loss, 1 batch]."""
+        nll = loss_module(inputs, labels).double()
+        count = self.count_targets(labels).double()
+        return torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
+
+    def evaluation_results(self, sums: list[float]) -> dict:
+        """The figures of the summed `evaluation_sums`: token-weighted perplexity, and the paper's mean over
+        batches beside it."""
+        total_nll, tokens, batch_loss_sum, batches = sums
+        loss = total_nll / max(tokens, 1.0)
+        batch_mean_loss = batch_loss_sum / max(batches, 1.0)
+        return {
+            "perplexity": safe_exp(loss),
+            "eval_loss": loss,
+            "eval_tokens": int(tokens),
+            "perplexity_mean_of_batch_losses": safe_exp(batch_mean_loss),
+            "eval_loss_mean_of_batch_losses": batch_mean_loss,
+        }
 
     def add_args(self, group) -> None:
         """The objective's own flags (none for CLM)."""
@@ -207,7 +253,7 @@ class MaskedLM(Objective):
 
 OBJECTIVES = {
     "mlm": MaskedLM("mlm", MaskedLMLoss, label_shift=0),
-    "clm": Objective("clm", CausalLMLoss, label_shift=1),
+    "clm": Objective("clm", CausalLMLoss),
 }
 
 

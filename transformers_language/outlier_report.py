@@ -4,16 +4,16 @@ From the synced per-site statistics (metrics.py) and attention diagnostics (atte
 the family's headline figures under the paper's names (families.py `headlines`), the true maximum and the
 >6 sigma count over all measured tensors, and per measured tensor its figures with the outlier analysis:
 the hidden dimensions that carry the most >6 sigma values (the same few channels across inputs) and the
-tokens where sequence maxima and outliers sit, as token strings.
+tokens (token ids, or a ViT's sequence positions) where sequence maxima and outliers sit, by name.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from .families import Headline
 from .metrics import OUTLIER_SIGMAS, SiteFigures
@@ -30,13 +30,6 @@ def _ranked(primary: torch.Tensor, secondary: torch.Tensor, k: int) -> list[int]
     return order[:k].tolist()
 
 
-def token_string(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-    """A readable form of one token (`[SEP]`, `</s>`, `.`); word-start marks of byte-level BPE removed."""
-    token = tokenizer.convert_ids_to_tokens(token_id)
-    text = tokenizer.convert_tokens_to_string([token]).strip()
-    return text or token
-
-
 def top_dims(figures: SiteFigures, k: int = TOP_K) -> list[dict]:
     """The hidden dimensions with the most >6 sigma values (then the largest magnitude)."""
     total = max(figures.outliers, 1)
@@ -51,13 +44,13 @@ def top_dims(figures: SiteFigures, k: int = TOP_K) -> list[dict]:
     ]
 
 
-def top_tokens(figures: SiteFigures, tokenizer: PreTrainedTokenizerBase, k: int = TOP_K) -> list[dict]:
+def top_tokens(figures: SiteFigures, token_name: Callable[[int], str], k: int = TOP_K) -> list[dict]:
     """The tokens carrying the most >6 sigma values (then the most sequence maxima)."""
     outliers, sequences = max(figures.outliers, 1), max(figures.sequences, 1)
     ranked = _ranked(figures.token_outliers, figures.token_maxima, k)
     return [
         {
-            "token": token_string(tokenizer, token_id),
+            "token": token_name(token_id),
             "token_id": token_id,
             "outlier_share": figures.token_outliers[token_id].item() / outliers,
             "maxima_share": figures.token_maxima[token_id].item() / sequences,
@@ -67,7 +60,7 @@ def top_tokens(figures: SiteFigures, tokenizer: PreTrainedTokenizerBase, k: int 
     ]
 
 
-def site_record(figures: SiteFigures, tokenizer: PreTrainedTokenizerBase, k: int = TOP_K) -> dict:
+def site_record(figures: SiteFigures, token_name: Callable[[int], str], k: int = TOP_K) -> dict:
     return {
         "kind": figures.site.kind,
         "layer": figures.site.layer,
@@ -79,7 +72,7 @@ def site_record(figures: SiteFigures, tokenizer: PreTrainedTokenizerBase, k: int
         "sequences": figures.sequences,
         "kurtosis_sequences": figures.kurtosis_sequences,
         "top_dims": top_dims(figures, k),
-        "top_tokens": top_tokens(figures, tokenizer, k),
+        "top_tokens": top_tokens(figures, token_name, k),
     }
 
 
@@ -99,14 +92,14 @@ def outlier_results(
     figures: dict[str, SiteFigures],
     attention: dict,
     headlines: tuple[Headline, ...],
-    tokenizer: PreTrainedTokenizerBase,
+    token_name: Callable[[int], str],
     k: int = TOP_K,
 ) -> dict:
     """Every outlier figure: headlines first, then per measured tensor and per attention layer."""
     return headline_figures(figures, headlines) | {
         "max_abs_activation": max(f.inf_norm_max for f in figures.values()),
         "outliers_6sigma": sum(f.outliers for f in figures.values()),
-        "activations": {name: site_record(f, tokenizer, k) for name, f in figures.items()},
+        "activations": {name: site_record(f, token_name, k) for name, f in figures.items()},
         "attention": attention,
     }
 
@@ -115,10 +108,11 @@ def _number(value: float, digits: int) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
 
 
-def log_results(results: dict, headlines: tuple[Headline, ...]) -> None:
-    """One log line per headline figure (the paper's names), then per measured tensor and attention layer."""
-    logger.info("perplexity: %s", _number(results["perplexity"], 4))
-    logger.info("perplexity (paper: mean of batch losses): %s", _number(results["perplexity_mean_of_batch_losses"], 4))
+def log_results(results: dict, headlines: tuple[Headline, ...], reported: tuple[tuple[str, str], ...]) -> None:
+    """One log line per figure of the objective (`reported`: key, label) and per headline figure (the paper's
+    names), then per measured tensor and attention layer."""
+    for key, label in reported:
+        logger.info("%s: %s", label, _number(results[key], 4))
     for headline in headlines:
         digits = 2 if headline.key == "avg_kurtosis" else 1
         logger.info("%s: %s", headline.label, _number(results[headline.key], digits))

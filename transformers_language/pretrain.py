@@ -31,7 +31,7 @@ from .checkpoints import (
 )
 from .data import add_data_args, prepare_splits
 from .errors import UsageError
-from .evaluation import evaluate_perplexity
+from .evaluation import evaluate
 from .families import family_of_objective
 from .files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from .job_args import TrackingArgs, TrainingArgs
@@ -207,7 +207,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         telemetry,
     )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    results = evaluate_perplexity(
+    results = evaluate(
         accelerator,
         loss_module if fsdp else accelerator.unwrap_model(loss_module),
         eval_set,

@@ -32,13 +32,16 @@ CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the eval
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def calibration_batches(blocks, targets: Targets, calibration: dict, seed: int) -> list[Batch]:
-    """The plan's calibration batches of `blocks`: (input ids, labels) pairs, on the CPU."""
+def calibration_batches(examples, targets: Targets, calibration: dict, seed: int) -> list[Batch]:
+    """The plan's calibration batches of `examples` (blocks or images): (inputs, labels) pairs, on the CPU."""
     size = calibration["calibration_batch_size"]
-    count = min(len(blocks), calibration["calibration_sequences"])
+    count = min(len(examples), calibration["calibration_sequences"])
     generator = torch.Generator().manual_seed(derive_seed(seed, CALIBRATION_STREAM))
-    ids = blocks[torch.randperm(len(blocks), generator=generator)[:count].tolist()]["input_ids"]
-    return [targets(ids[start : start + size], generator) for start in range(0, count, size)]
+    sample = examples[torch.randperm(len(examples), generator=generator)[:count].tolist()]
+    return [
+        targets({key: column[start : start + size] for key, column in sample.items()}, generator)
+        for start in range(0, count, size)
+    ]
 
 
 def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: list[Batch]) -> int:
@@ -49,23 +52,23 @@ def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: lis
     device = accelerator.device
     for index, scope in enumerate(passes):
         with torch.no_grad(), scope:
-            for input_ids, labels in tqdm(
+            for inputs, labels in tqdm(
                 batches,
                 desc="Calibrating" if index == len(passes) - 1 else "Ordering channels",
                 disable=not accelerator.is_local_main_process,
             ):
                 with accelerator.autocast():
                     if quant.preset.quantize_head:
-                        loss_module(input_ids.to(device), labels.to(device))
+                        loss_module(inputs.to(device), labels.to(device))
                     else:
-                        model.body_output(input_ids.to(device))
+                        model.body_output(inputs.to(device))
     return len(passes)
 
 
 def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -> dict:
     """Token-wise clipping: the quantile search over `quant.token_clipping_quantiles`, then the fine stage."""
     quantizers = token_clipping_quantizers(activation_quantizers(model))
-    inputs = [input_ids.to(accelerator.device) for input_ids, _ in batches]
+    inputs = [batch_inputs.to(accelerator.device) for batch_inputs, _ in batches]
     with torch.no_grad():
         set_quantization(model, weights=False, activations=False)
         references = [model.body_output(ids) for ids in inputs]

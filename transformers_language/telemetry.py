@@ -23,6 +23,7 @@ from .attention_stats import AttentionStatistics
 from .files import strict_json, truncate_jsonl
 from .gates import AttentionGate
 from .metrics import per_sequence_stats
+from .modalities import probe_inputs
 from .runtime import max_across_processes, sum_across_processes
 
 HISTOGRAM_BINS = 64
@@ -124,10 +125,11 @@ class Telemetry:
             handles += [gate.register_forward_hook(self._gate_hook(index)) for gate in gates]
         with ExitStack() as stack:
             if self._scalar_step(step):
-                # Only the first-token figures are logged, so no delimiter tokens are marked.
-                self._attention = AttentionStatistics(self.model, delimiter_ids=[])
+                # Only the first-key figures are logged: no tokenizer, so no delimiter tokens are marked.
+                inputs = probe_inputs(self.model.family, None, self.model.config)
+                self._attention = AttentionStatistics(self.model, inputs)
                 stack.enter_context(self._attention.attached())
-                embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids
+                embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids / pixels
                 handles.append(embeddings.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True))
             try:
                 yield
@@ -136,7 +138,7 @@ class Telemetry:
                     handle.remove()
 
     def _start_batch_hook(self, module, args, kwargs):
-        """Tell the attention statistics the tokens of each micro-batch before the model runs on them."""
+        """Tell the attention statistics the inputs of each micro-batch before the model runs on them."""
         self._attention.start_batch(args[0] if args else kwargs["input"], 0)
 
     def _stats_scalars(self) -> dict[str, float]:

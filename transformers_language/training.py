@@ -1,4 +1,4 @@
-"""The pre-training loop shared by MLM and CLM.
+"""The training loop shared by every objective (MLM, CLM, image classification).
 
 One iteration is one optimizer step over `gradient_accumulation_steps` micro-batches. The loss of the step
 is the summed NLL divided by the number of predicted tokens of the whole step on all processes, so
@@ -136,16 +136,17 @@ def train(
                     break
                 start = time.perf_counter()
                 step = progress.step + 1
-                ids = torch.cat([batch["input_ids"] for batch in micro])
-                generator = torch.Generator(ids.device).manual_seed(
+                batch = {key: torch.cat([part[key] for part in micro]) for key in micro[0]}
+                device = batch[objective.input_key].device
+                generator = torch.Generator(device).manual_seed(
                     derive_seed(settings.seed, step, accelerator.process_index)
                 )
-                inputs, labels = targets(ids, generator)
+                inputs, labels = targets(batch, generator)
                 num_targets = accelerator.reduce(objective.count_targets(labels), "sum").clamp_min(1)
-                nll_sum = torch.zeros((), device=ids.device, dtype=torch.float32)
+                nll_sum = torch.zeros((), device=device, dtype=torch.float32)
                 measuring = telemetry.measure(step) if telemetry is not None else nullcontext()
                 with measuring:
-                    sizes = [len(batch["input_ids"]) for batch in micro]
+                    sizes = [len(part[objective.input_key]) for part in micro]
                     chunks = list(zip(inputs.split(sizes), labels.split(sizes), strict=True))
                     for index, (chunk_inputs, chunk_labels) in enumerate(chunks):
                         sync = index == len(chunks) - 1
@@ -174,7 +175,7 @@ def train(
                     "loss": loss,
                     "learning_rate": learning_rate,
                     "grad_norm": float(grad_norm),
-                    "tokens_per_s": ids.numel() * world / seconds,
+                    objective.throughput: objective.work(inputs) * world / seconds,
                 }
                 progress.loss = loss
                 if log_file is not None:
@@ -183,7 +184,7 @@ def train(
                 if telemetry is not None:
                     telemetry.log(step, record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", per_s=f"{record[objective.throughput]:.0f}")
                 last = step == settings.max_train_steps
                 if _due(settings.checkpointing_steps, step, settings.steps_per_epoch, last):
                     records = {TRAINING_STATE: progress.state_dict(), RUN_SETTINGS: settings.run_settings}

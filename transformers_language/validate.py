@@ -22,14 +22,15 @@ from accelerate.utils import set_seed
 from quantization.decomposition import OutlierDecomposition
 
 from .arguments import add_group, parse_args
-from .attention_stats import AttentionStatistics, delimiter_token_ids
+from .attention_stats import AttentionStatistics
 from .data import add_data_args, prepare_splits
 from .errors import UsageError
-from .evaluation import evaluate_perplexity
+from .evaluation import evaluate
 from .families import family_of_objective
 from .files import check_output_dir, write_json_atomic
 from .job_args import EvaluationArgs
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
+from .modalities import probe_inputs
 from .model_loading import (
     add_model_args,
     load_checkpoint,
@@ -123,12 +124,13 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     for module in model.modules():  # LLM.int8() reports the evaluation's share of FP channels, not calibration's
         if isinstance(module, OutlierDecomposition):
             module.reset_statistics()
-    delimiters = delimiter_token_ids(tokenizer)
+    inputs = probe_inputs(plan.family, tokenizer, config)
+    sites, hidden = model.outlier_sites(), config.hidden_size
     activations = ActivationStatistics(
-        model, model.outlier_sites(), config.hidden_size, config.vocab_size, args.kurtosis_max_batches
+        model, sites, hidden, inputs.token_space, args.kurtosis_max_batches, token_ids=inputs.token_ids
     )
-    attention_stats = AttentionStatistics(model, delimiters)
-    results = evaluate_perplexity(
+    attention_stats = AttentionStatistics(model, inputs)
+    results = evaluate(
         accelerator,
         loss_module,
         dataset,
@@ -138,7 +140,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     )
     figures = activations.synced(accelerator)
     results |= outlier_results(
-        figures, attention_stats.synced(accelerator), model.headlines, tokenizer, args.outlier_top_k
+        figures, attention_stats.synced(accelerator), model.headlines, inputs.token_name, args.outlier_top_k
     )
     shares = llm_int8_shares(model, lambda counts: sum_across_processes(accelerator, [counts])[0])
     if shares:
@@ -156,13 +158,13 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
         "mixed_precision": accelerator.mixed_precision,
         "kurtosis": "Pearson (non-excess), population std, no epsilon",
         "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
-        "delimiter_tokens": [tokenizer.convert_ids_to_tokens(i) for i in delimiters],
+        **inputs.record(),
         "quantization": planned["quantization"],
         "plan": planned,  # what --dry_run prints for these flags
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
-    log_results(results, model.headlines)
+    log_results(results, model.headlines, objective.reported)
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
