@@ -110,7 +110,7 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     net = load_checkpoint(args, AutoConfig.from_pretrained(checkpoint), accelerator.device)
     loss_module = objective.loss_class(net).eval()
     dataset = prepare_splits(args, ("validation",), tokenizer, SEQ_LENGTH, accelerator)["validation"]
-    dataset = objective.evaluation_set(dataset, objective.targets(tokenizer, args), args.seed)
+    dataset = objective.evaluation_set(dataset, objective.targets(tokenizer, net.config, args), args.seed)
     batch, config = SETUPS[model]["batch"], net.config
     inputs = probe_inputs(net.family, tokenizer, config)
 

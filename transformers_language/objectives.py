@@ -227,11 +227,12 @@ class Objective:
             "eval_loss_mean_of_batch_losses": batch_mean_loss,
         }
 
-    def add_args(self, group) -> None:
-        """The objective's own flags (none for CLM)."""
+    def add_args(self, group, training: bool) -> None:
+        """The objective's own flags on the training (`training`) or validation script (none for CLM)."""
 
-    def targets(self, tokenizer: PreTrainedTokenizerBase, args) -> Targets:
-        """(ids, generator) -> (inputs, labels) of a training or calibration batch."""
+    def targets(self, preprocessor, config, args, training: bool = False) -> Targets:
+        """The (inputs, labels) of a training (`training`) or calibration batch; `preprocessor` is the tokenizer
+        or image processor, `config` the model's."""
         return _next_tokens
 
     def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
@@ -241,19 +242,23 @@ class Objective:
 
 @dataclass(frozen=True)
 class MaskedLM(Objective):
-    def add_args(self, group) -> None:
+    def add_args(self, group, training: bool) -> None:
         group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
 
-    def targets(self, tokenizer: PreTrainedTokenizerBase, args) -> Targets:
-        return Masking.from_tokenizer(tokenizer, args.mlm_probability)
+    def targets(self, preprocessor, config, args, training: bool = False) -> Targets:
+        return Masking.from_tokenizer(preprocessor, args.mlm_probability)
 
     def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
         return mask_eval_dataset(blocks, targets, seed)
 
 
+# The image objective subclasses Objective (defined above), so it is imported here, after it.
+from .image_classification import IMAGE_CLASSIFICATION  # noqa: E402
+
 OBJECTIVES = {
     "mlm": MaskedLM("mlm", MaskedLMLoss, label_shift=0),
     "clm": Objective("clm", CausalLMLoss),
+    IMAGE_CLASSIFICATION.name: IMAGE_CLASSIFICATION,
 }
 
 

@@ -60,7 +60,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     add_model_args(parser, family.model_type)
     add_data_args(parser, family.sequence)
     betas = {"adam_beta1": {"default": family.adam_betas[0]}, "adam_beta2": {"default": family.adam_betas[1]}}
-    add_group(parser, TrainingArgs, "training", betas, before=objective.add_args)
+    add_group(parser, TrainingArgs, "training", betas, before=lambda group: objective.add_args(group, training=True))
     add_group(parser, TrackingArgs, "tracking")
     return parser
 
@@ -115,7 +115,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     model = load_model(plan.model, config, accelerator.device)
 
     splits = prepare_splits(plan.data, plan.splits, tokenizer, seq_length, accelerator)
-    targets = objective.targets(tokenizer, args)
+    targets = objective.targets(tokenizer, config, args, training=True)
     eval_set = objective.evaluation_set(splits["validation"], targets, args.seed)
     sampler = EpochPermutationSampler(len(splits["train"]), args.seed, args.sample_with_replacement)
     # Its own generator: iterating a DataLoader must not draw from the global RNG that dropout uses.

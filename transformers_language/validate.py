@@ -56,7 +56,7 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     add_model_args(parser, family.model_type, training=False)
     # Training data only calibrates --quantize; the block layout defaults to the checkpoint's.
     add_data_args(parser, family.sequence, layout_default=None)
-    add_group(parser, EvaluationArgs, "evaluation", before=objective.add_args)
+    add_group(parser, EvaluationArgs, "evaluation", before=lambda group: objective.add_args(group, training=False))
     add_quantization_args(parser, family.weight_ranges)
     return parser
 
@@ -108,7 +108,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
     splits = prepare_splits(plan.data, plan.splits, tokenizer, plan.seq_length, accelerator)
-    targets = objective.targets(tokenizer, args)
+    targets = objective.targets(tokenizer, config, args)
     dataset = objective.evaluation_set(splits["validation"], targets, args.seed)
     post_training = {}
     if quant_config is not None:
