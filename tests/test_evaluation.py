@@ -18,9 +18,9 @@ from transformers_language.attention_stats import AttentionStatistics, uniform_f
 from transformers_language.evaluation import evaluate
 from transformers_language.linear_cross_entropy import IGNORE_INDEX
 from transformers_language.metrics import ActivationStatistics
-from transformers_language.modalities import TextInputs
 from transformers_language.objectives import get_objective
 from transformers_language.outlier_report import headline_figures, log_results, outlier_results, top_dims
+from transformers_language.probe_views import TextInputs
 
 OBJECTIVE = {"bert": "mlm", "opt": "clm"}
 SEQ, EXAMPLES, BATCH = 16, 11, 4  # the last batch is partial

@@ -2,7 +2,7 @@
 
 A head that wants no update puts its attention on tokens that carry little information (the first token,
 [SEP], `.`, `,`; in a ViT, [CLS] and background patches), which is what grows outliers in vanilla models.
-Which keys count as such comes from the model's inputs (modalities.py). Per layer and head this measures:
+Which keys count as such comes from the model's inputs (probe_views.py). Per layer and head this measures:
   first_token_mass      mean attention probability on the first key position
   sink_ratio            first_token_mass over what uniform attention would put there (1/keys a query may
                         attend, averaged over queries: ~0.042 for causal attention over 128 positions, where
@@ -82,7 +82,7 @@ class AttentionStatistics:
     """Streams the attention diagnostics of every attention layer of `model` (see the module docstring).
 
     Used like `ActivationStatistics`: `attached()`, `start_batch(inputs, index)` per batch, `synced()`.
-    `inputs` (modalities.py) marks the keys: `marks(inputs)` gives (B, S, 2) indicators [first key, second
+    `inputs` (probe_views.py) marks the keys: `marks(inputs)` gives (B, S, 2) indicators [first key, second
     mark], `second_mark` names the second figure."""
 
     def __init__(self, model: nn.Module, inputs):

@@ -1,104 +1,218 @@
-"""What the probes need to know about a model's inputs, per modality: text (token ids) or images (pixels).
+"""What a family reads, and everything that follows from it: text (token ids, BERT / OPT) or images (pixels,
+ViT). `Family.modality` picks one; the jobs (pretrain.py, validate.py, plan.py) ask it instead of branching.
 
-The outlier statistics count, per "token", how often a sequence's maximum and its >6 sigma values sit there:
-for text that is the token id, for images the position in the sequence ([CLS], then the patches row by row,
-where background patches are what no-op heads park on). The attention diagnostics mark two sets of keys
-besides the first one: delimiters (special tokens, `.` and `,`) for text; for images the lowest-variance
-patches of each image (the `BACKGROUND_SHARE` of its patches whose pixels vary least: uninformative
-background). Both kinds give the first key's mass and its sink ratio the same meaning (the first key is
-`[CLS]` / `<s>` / `</s>`).
+A modality supplies the data flags and their checks, the preprocessor (tokenizer or image processor, saved with
+every checkpoint), the from-scratch config values that come from the preprocessor and the data (vocabulary and
+special tokens; classes and image size), the sequence length (tokens per block; image side in pixels), the
+datasets of each split, the training sampler's kind and the records saved beside a model, and the probes'
+view of its inputs (probe_views.py).
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+import argparse
+import logging
+from pathlib import Path
 
-from .attention_stats import delimiter_token_ids
+from transformers import AutoImageProcessor, PretrainedConfig
+
+from .arguments import parse_group
+from .block_layouts import layout_record, resolve_block_layout
+from .data import DataArgs, add_data_args, check_data_sources, prepare_splits
+from .errors import InputFileError, UsageError
 from .families import Family
+from .image_data import (
+    AugmentationArgs,
+    ImageDataArgs,
+    SeededImages,
+    add_image_data_args,
+    check_augmentation,
+    check_image_sources,
+    class_names,
+    eval_transform,
+    load_image_split,
+    train_transform,
+    with_eval_transform,
+)
+from .model_loading import ModelArgs, check_sequence_length, check_tokenizer_fits, load_tokenizer
+from .probe_views import ImageInputs, TextInputs
 
-BACKGROUND_SHARE = 0.25
-
-
-def token_string(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-    """A readable form of one token (`[SEP]`, `</s>`, `.`); word-start marks of byte-level BPE removed."""
-    token = tokenizer.convert_ids_to_tokens(token_id)
-    text = tokenizer.convert_tokens_to_string([token]).strip()
-    return text or token
-
-
-class TextInputs:
-    """Token ids (B, T): the statistics' tokens are the ids; marks: first token and delimiters."""
-
-    second_mark = "delimiter_mass"
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, config: PretrainedConfig):
-        self.tokenizer = tokenizer  # None: no delimiters are marked (training telemetry logs first-key figures)
-        self.token_space = config.vocab_size
-        self.delimiter_ids = [] if tokenizer is None else delimiter_token_ids(tokenizer)
-
-    def token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids
-
-    def marks(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, 2) indicators over the keys: [first token, delimiters]."""
-        marked = torch.zeros(*input_ids.shape, 2, device=input_ids.device)
-        marked[:, 0, 0] = 1.0
-        delimiters = torch.tensor(self.delimiter_ids, dtype=torch.long, device=input_ids.device)
-        marked[..., 1] = torch.isin(input_ids, delimiters).float()
-        return marked
-
-    def token_name(self, token_id: int) -> str:
-        return str(token_id) if self.tokenizer is None else token_string(self.tokenizer, token_id)
-
-    def record(self) -> dict:
-        return {"delimiter_tokens": [self.tokenizer.convert_ids_to_tokens(i) for i in self.delimiter_ids]}
+logger = logging.getLogger(__name__)
 
 
-class ImageInputs:
-    """Pixels (B, C, H, W) of a ViT: the statistics' tokens are the sequence positions ([CLS] = 0, then the
-    patches row by row); marks: [CLS] and each image's lowest-variance patches."""
+class TextModality:
+    """Token ids from a tokenizer; blocks of text in a block layout."""
 
-    second_mark = "background_mass"
+    data_args = DataArgs
+    omitted_model_flags = ("image_processor_name",)
+    samples_with_seeds = False
 
-    def __init__(self, preprocessor, config: PretrainedConfig):
-        self.patch_size = config.patch_size
-        self.side = config.image_size // config.patch_size
-        self.token_space = self.side * self.side + 1
+    def add_data_args(self, parser: argparse.ArgumentParser, family: Family, training: bool) -> None:
+        add_data_args(parser, family.sequence, **({} if training else {"layout_default": None}))
 
-    def token_ids(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        batch = pixel_values.shape[0]
-        return torch.arange(self.token_space, device=pixel_values.device).expand(batch, -1)
+    def check_sources(self, args, splits: tuple[str, ...], training: bool) -> None:
+        check_data_sources(args, splits)
 
-    def patch_variance(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, N) variance of each patch's pixel values (all channels), patches row by row."""
-        patches = torch.nn.functional.unfold(pixel_values.float(), self.patch_size, stride=self.patch_size)
-        return patches.var(dim=1, unbiased=False)  # unfold: (B, C * p * p, N)
+    def resolve_layout(self, args, checkpoint: str | None) -> str | None:
+        """Where the block layout comes from (validation: the checkpoint's record unless --block_layout)."""
+        return "--block_layout" if checkpoint is None else resolve_block_layout(args, checkpoint)
 
-    def marks(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + N, 2) indicators over the keys: [[CLS], the lowest-variance patches]."""
-        variance = self.patch_variance(pixel_values)
-        batch, patches = variance.shape
-        count = max(1, round(BACKGROUND_SHARE * patches))
-        marked = torch.zeros(batch, patches + 1, 2, device=pixel_values.device)
-        marked[:, 0, 0] = 1.0
-        lowest = variance.topk(count, dim=1, largest=False).indices + 1  # keys: [CLS] first
-        marked[..., 1].scatter_(1, lowest, 1.0)
-        return marked
+    def load_preprocessor(self, args):
+        return load_tokenizer(args)
 
-    def token_name(self, position: int) -> str:
-        if position == 0:
-            return "[CLS]"
-        row, column = divmod(position - 1, self.side)
-        return f"patch ({row}, {column})"
+    def configure(self, config: PretrainedConfig, tokenizer, args, source: str | None) -> None:
+        """From scratch (`source` None): the vocabulary size and special tokens of the tokenizer. From a
+        checkpoint: the tokenizer must fit its embedding table."""
+        if source is not None:
+            check_tokenizer_fits(tokenizer, config, source)
+            return
+        config.vocab_size = len(tokenizer)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name, None) is not None and name in config.to_dict():
+                setattr(config, name, getattr(tokenizer, name))
 
-    def record(self) -> dict:
-        return {"background_patches": f"the {BACKGROUND_SHARE:.0%} lowest-variance patches of each image"}
+    def sequence_length(self, args, config: PretrainedConfig, flag: str) -> int:
+        """Tokens per block (CLM default: the model's positions, at most 1024), checked against the table."""
+        seq_length = getattr(args, flag)
+        if seq_length is None:
+            seq_length = min(config.max_position_embeddings, 1024)
+        check_sequence_length(config, seq_length, flag)
+        return seq_length
+
+    def prepare_splits(self, plan, accelerator, training: bool) -> dict:
+        return prepare_splits(plan.data, plan.splits, plan.preprocessor, plan.seq_length, accelerator)
+
+    def records(self, args) -> dict[str, dict]:
+        return layout_record(args.block_layout)
+
+    def probe_inputs(self, preprocessor, config: PretrainedConfig) -> TextInputs:
+        return TextInputs(preprocessor, config)
 
 
-MODALITIES = {"text": TextInputs, "image": ImageInputs}  # keyed by `Family.modality`
+class ImageModality:
+    """Pixels from an image processor (mean, std); images of a hub dataset or class folders."""
+
+    data_args = ImageDataArgs
+    omitted_model_flags = ("tokenizer_name",)
+    samples_with_seeds = True
+
+    def add_data_args(self, parser: argparse.ArgumentParser, family: Family, training: bool) -> None:
+        add_image_data_args(parser, family.sequence, training)
+
+    def check_sources(self, args, splits: tuple[str, ...], training: bool) -> None:
+        check_image_sources(args, splits)
+        if training:
+            check_augmentation(args)
+
+    def resolve_layout(self, args, checkpoint: str | None) -> str | None:
+        return None
+
+    def load_preprocessor(self, args):
+        """--image_processor_name, else the checkpoint's, else ViT's defaults (mean = std = 0.5)."""
+        from transformers import ViTImageProcessor  # its fast form needs torchvision, which text runs may lack
+
+        model_args = parse_group(ModelArgs, args)
+        name = model_args.image_processor_name or model_args.model_name_or_path
+        if name is None:
+            return ViTImageProcessor()
+        flag = "--image_processor_name" if model_args.image_processor_name else "--model_name_or_path"
+        try:
+            return AutoImageProcessor.from_pretrained(name, cache_dir=model_args.model_cache_dir)
+        except (OSError, ValueError) as error:
+            if model_args.image_processor_name is None:  # a checkpoint without one: ViT's defaults
+                logger.info("No image processor in %s: using ViT's defaults (mean = std = 0.5)", name)
+                return ViTImageProcessor()
+            raise InputFileError(
+                f"{flag} {name}: no image processor found there ({str(error).splitlines()[0]}); pass a folder with "
+                "preprocessor_config.json or a hub name."
+            ) from error
+
+    def configure(self, config: PretrainedConfig, processor, args, source: str | None) -> None:
+        """The classes of the training (or validation) data: a new model's classifier size and label names; a
+        checkpoint's must be the same."""
+        names = data_class_names(args)
+        if source is None:
+            config.num_labels = len(names)
+            config.id2label = dict(enumerate(names))
+            config.label2id = {name: index for index, name in enumerate(names)}
+            return
+        stored = [config.id2label[i] for i in range(config.num_labels)]
+        if stored != names:
+            raise UsageError(
+                f"{source} classifies {config.num_labels} classes ({_preview(stored)}) but the data has {len(names)} "
+                f"({_preview(names)}); use data with the checkpoint's classes, in the same order."
+            )
+
+    def sequence_length(self, args, config: PretrainedConfig, flag: str) -> int:
+        """The image side in pixels: the flag (a new model's config takes it), else the config's; a multiple of
+        the patch size, and a checkpoint's own size (its position table)."""
+        size = getattr(args, flag)
+        if size is None:
+            return config.image_size
+        if size % config.patch_size:
+            raise UsageError(f"--{flag} {size} is not a multiple of the patch size {config.patch_size}.")
+        if args.model_name_or_path is None:
+            config.image_size = size
+        elif size != config.image_size:
+            raise UsageError(
+                f"--{flag} {size} differs from the checkpoint's image_size {config.image_size} (its position "
+                f"table); drop --{flag} or pass {config.image_size}."
+            )
+        return size
+
+    def prepare_splits(self, plan, accelerator, training: bool) -> dict:
+        """Training (with `training`): seeded augmentation of each image; every other split (and calibration
+        on the training images) the deterministic evaluation transform."""
+        processor, data = plan.preprocessor, plan.data
+        mean, std = processor.image_mean, processor.image_std
+        evaluation = eval_transform(plan.seq_length, mean, std, data.eval_crop_fraction)
+        splits = {}
+        with accelerator.main_process_first():  # the main process downloads and caches first
+            for split in plan.splits:
+                dataset = load_image_split(data, split)
+                if training and split == "train":
+                    augment = parse_group(AugmentationArgs, argparse.Namespace(**plan.settings))
+                    splits[split] = SeededImages(dataset, train_transform(plan.seq_length, mean, std, augment))
+                else:
+                    splits[split] = with_eval_transform(dataset, evaluation)
+        return splits
+
+    def records(self, args) -> dict[str, dict]:
+        return {}
+
+    def probe_inputs(self, preprocessor, config: PretrainedConfig) -> ImageInputs:
+        return ImageInputs(preprocessor, config)
+
+
+def _preview(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def data_class_names(args) -> list[str]:
+    """The class names of the training data (or the validation data, for an evaluation), read without loading
+    images: the sub-folders of a folder (sorted, as `imagefolder` numbers them), or the hub dataset's label
+    feature."""
+    data = parse_group(ImageDataArgs, args)
+    folder = data.train_dir or data.validation_dir
+    if folder is not None:
+        return sorted(child.name for child in Path(folder).iterdir() if child.is_dir())
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(data.dataset_name, data.dataset_config_name)
+    features = builder.info.features
+    label = data.label_column or next((c for c in ("label", "labels", "fine_label") if c in (features or {})), None)
+    if features is None or label is None or not hasattr(features[label], "names"):
+        return class_names(load_image_split(data, "validation"))
+    return list(features[label].names)
+
+
+MODALITIES = {"text": TextModality(), "image": ImageModality()}  # keyed by `Family.modality`
+
+
+def get_modality(family: Family) -> TextModality | ImageModality:
+    return MODALITIES[family.modality]
 
 
 def probe_inputs(family: Family, preprocessor, config: PretrainedConfig) -> TextInputs | ImageInputs:
-    """The probes' view of `family`'s inputs (`preprocessor`: its tokenizer or image processor)."""
-    return MODALITIES[family.modality](preprocessor, config)
+    """The probes' view of `family`'s inputs (`preprocessor`: its tokenizer or image processor, or None)."""
+    return get_modality(family).probe_inputs(preprocessor, config)

@@ -29,7 +29,7 @@ from .attention_config import (
 )
 from .errors import InputFileError, UsageError
 from .families import FAMILIES, get_family
-from .models import model_class
+from .models import EXTRA_CONFIG_KEYS, model_class
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ class ModelArgs:
     config_path: str | None = arg(help="YAML file of config overrides (e.g. model_configs/opt-small.yaml).")
     model_name_or_path: str | None = arg(help="Checkpoint (hub name or directory) to continue from or fine-tune.")
     tokenizer_name: str | None = arg(help="Tokenizer name or path (default: the checkpoint's).")
+    image_processor_name: str | None = arg(
+        help="Image processor name or path: its mean and std normalise the pixels (default: the checkpoint's, else "
+        "ViT's 0.5 / 0.5)."
+    )
     model_cache_dir: str | None = arg(help="Cache directory of hub models and tokenizers.")
     attn_dropout: float | None = arg(help="Attention-probability dropout.", type=float)
     hidden_dropout: float | None = arg(help="Hidden-state dropout.", type=float)
@@ -62,12 +66,15 @@ _VALIDATION_CHECKPOINT = {
 }
 
 
-def add_model_args(parser: argparse.ArgumentParser, model_type: str, training: bool = True) -> argparse.ArgumentParser:
-    """Model flags of the training scripts, or (training=False) of the validation scripts."""
+def add_model_args(
+    parser: argparse.ArgumentParser, model_type: str, training: bool = True, omit: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
+    """Model flags of the training scripts, or (training=False) of the validation scripts, but `omit` (the flags
+    of the other modality's preprocessor)."""
     changes = {"model_type": {"default": model_type, "choices": [model_type]}}
     if not training:
         changes["model_name_or_path"] = _VALIDATION_CHECKPOINT
-    add_group(parser, ModelArgs, "model", changes, omit=() if training else _VALIDATION_OMITS)
+    add_group(parser, ModelArgs, "model", changes, omit=omit + (() if training else _VALIDATION_OMITS))
     add_attention_args(parser)
     return parser
 
@@ -116,16 +123,6 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: PretrainedC
         )
 
 
-def sequence_length(args: argparse.Namespace, config: PretrainedConfig, flag: str) -> int:
-    """The run's sequence length from --max_seq_length / --block_size (CLM default: the model's positions, at
-    most 1024), checked against the position table."""
-    seq_length = getattr(args, flag)
-    if seq_length is None:
-        seq_length = min(config.max_position_embeddings, 1024)
-    check_sequence_length(config, seq_length, flag)
-    return seq_length
-
-
 def check_sequence_length(config: PretrainedConfig, seq_length: int, flag: str) -> None:
     table = config.max_position_embeddings
     if seq_length > table:
@@ -137,11 +134,12 @@ def check_sequence_length(config: PretrainedConfig, seq_length: int, flag: str) 
         raise UsageError(f"--{flag} must be at least 2, got {seq_length}.")
 
 
-def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The model config: checkpoint's, --config_name's or the family default, then YAML overrides."""
+def build_config(args: argparse.Namespace) -> tuple[PretrainedConfig, str | None]:
+    """The model config: the checkpoint's, --config_name's or the family default, then YAML overrides and
+    dropout; with the checkpoint it came from (None: a new model). The values that come from the preprocessor
+    and the data are the modality's (modalities.py `configure`)."""
     model_args = parse_group(ModelArgs, args)
     overrides = read_yaml_overrides(model_args.config_path) if model_args.config_path else {}
-    from_checkpoint = model_args.model_name_or_path is not None
     base = model_args.model_name_or_path or model_args.config_name
     config = (
         AutoConfig.from_pretrained(base, cache_dir=model_args.model_cache_dir)
@@ -152,29 +150,23 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
         raise UsageError(
             f"{base} is a {config.model_type!r} model; this script trains {model_args.model_type!r} models."
         )
-    unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY})
+    unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY} - set(EXTRA_CONFIG_KEYS))
     if unknown:
         raise UsageError(
             f"--config_path {model_args.config_path}: {unknown} are not {model_args.model_type} config keys."
         )
     for key, value in overrides.items():
         setattr(config, key, value)
-    if not from_checkpoint:
-        config.vocab_size = len(tokenizer)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if getattr(tokenizer, name, None) is not None and name in config.to_dict():
-                setattr(config, name, getattr(tokenizer, name))
-        if not model_args.config_name:  # the family's from-scratch defaults, unless the YAML sets them
-            for key, value in get_family(model_args.model_type).scratch_defaults.items():
-                if key not in overrides:
-                    setattr(config, key, getattr(config, value) if value == "hidden_size" else value)
-    else:
-        check_tokenizer_fits(tokenizer, config, base)
+    if model_args.model_name_or_path is None and not model_args.config_name:
+        # The family's from-scratch defaults, unless the YAML sets them.
+        for key, value in get_family(model_args.model_type).scratch_defaults.items():
+            if key not in overrides:
+                setattr(config, key, getattr(config, value) if value == "hidden_size" else value)
     dropout_keys = get_family(model_args.model_type).dropout_keys
     for key, value in zip(dropout_keys, (model_args.attn_dropout, model_args.hidden_dropout), strict=True):
         if value is not None:
             setattr(config, key, value)
-    return config
+    return config, model_args.model_name_or_path
 
 
 def resolve_method(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int) -> AttentionConfig:

@@ -136,6 +136,7 @@ class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
 
 
 PATCH_LAYERNORM_KEY = "patch_embedding_layernorm"  # config.json: a LayerNorm after the patch embedding
+EXTRA_CONFIG_KEYS = (PATCH_LAYERNORM_KEY,)  # config keys our classes read beyond HF's (YAML overrides may set them)
 
 
 def _normalise_patches(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

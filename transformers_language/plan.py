@@ -2,10 +2,11 @@
 before any weights or data are loaded, and the very object `--dry_run` prints.
 
 `resolve_training` and `resolve_validation` check every rule (flags, files, checkpoint, method, sequence
-length, tokenizer, quantization) and return a frozen `Plan`: the model config with the attention method in
-it, the method itself, the sequence length, the tokenizer, the splits and their block layout, and the W8A8
-settings. The jobs build the model and the data from the plan and record `plan.to_dict()` in their
-results, so a dry run and a real run can be compared field for field.
+length, tokenizer or classes, quantization) and return a frozen `Plan`: the model config with the attention
+method in it, the method itself, the sequence length (image side for a ViT), the tokenizer or image processor,
+the splits (and a text model's block layout), and the W8A8 settings. What differs between text and images is
+the family's modality's (modalities.py). The jobs build the model and the data from the plan and record
+`plan.to_dict()` in their results, so a dry run and a real run can be compared field for field.
 """
 
 from __future__ import annotations
@@ -15,26 +16,24 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import BaseImageProcessor, PretrainedConfig, PreTrainedTokenizerBase
 
 from quantization.config import QuantConfig
 
 from .arguments import parse_group
 from .attention_config import AttentionConfig
-from .block_layouts import resolve_block_layout
-from .data import DataArgs, check_data_sources
+from .data import DataArgs
 from .equivalent_transforms import check_transformable
 from .families import Family
+from .image_data import ImageDataArgs
+from .modalities import get_modality
 from .model_loading import (
     ModelArgs,
     build_config,
     check_method_flags,
-    check_tokenizer_fits,
     describe_model,
     load_checkpoint_config,
-    load_tokenizer,
     resolve_method,
-    sequence_length,
 )
 from .quant_args import calibration_batch_size, quant_config_from_args
 from .quantized_model import planned_points
@@ -55,11 +54,13 @@ class Plan:
     """The model config, the attention method stored in it."""
     attention: AttentionConfig
     seq_length: int
-    data: DataArgs
-    """Where the texts come from and how they become blocks (block_layout resolved)."""
+    data: DataArgs | ImageDataArgs
+    """Where the texts or images come from (text: how they become blocks, block_layout resolved)."""
     splits: tuple[str, ...]
-    block_layout_source: str
-    tokenizer: PreTrainedTokenizerBase = field(compare=False, repr=False)
+    block_layout_source: str | None
+    """Text: where the block layout comes from."""
+    preprocessor: PreTrainedTokenizerBase | BaseImageProcessor = field(compare=False, repr=False)
+    """The tokenizer or image processor."""
     quantization: QuantConfig | None = None
     sequences_per_step: int | None = None
     """Training: sequences per optimizer step over all processes."""
@@ -79,9 +80,9 @@ class Plan:
             "attention": self.attention.to_dict(),
             "data": asdict(self.data),
             "splits": list(self.splits),
-            "block_layout": self.data.block_layout,
+            "block_layout": getattr(self.data, "block_layout", None),
             "block_layout_source": self.block_layout_source,
-            "tokenizer": self.tokenizer.name_or_path,
+            "preprocessor": getattr(self.preprocessor, "name_or_path", type(self.preprocessor).__name__),
             **describe_model(self.config),
         }
         if self.job == "train":
@@ -108,17 +109,19 @@ def _plan(job: str, family: Family, args: argparse.Namespace, **resolved) -> Pla
         family=family,
         settings={key: value for key, value in vars(args).items() if key not in NOT_PLANNED},
         model=parse_group(ModelArgs, args),
-        data=parse_group(DataArgs, args),
+        data=parse_group(get_modality(family).data_args, args),
         **resolved,
     )
 
 
 def resolve_training(args: argparse.Namespace, family: Family, num_processes: int) -> Plan:
     """The plan of a pre-training run (flags and files already checked by the job's parser checks)."""
-    check_data_sources(args, ("train", "validation"))
-    tokenizer = load_tokenizer(args)
-    config = build_config(args, tokenizer)
-    seq_length = sequence_length(args, config, family.sequence.name)
+    modality = get_modality(family)
+    modality.check_sources(args, ("train", "validation"), training=True)
+    preprocessor = modality.load_preprocessor(args)
+    config, checkpoint = build_config(args)
+    modality.configure(config, preprocessor, args, checkpoint)
+    seq_length = modality.sequence_length(args, config, family.sequence.name)
     attention = resolve_method(args, config, seq_length)
     return _plan(
         "train",
@@ -128,8 +131,8 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
         attention=attention,
         seq_length=seq_length,
         splits=("train", "validation"),
-        block_layout_source="--block_layout",
-        tokenizer=tokenizer,
+        block_layout_source=modality.resolve_layout(args, None),
+        preprocessor=preprocessor,
         sequences_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes,
     )
 
@@ -137,21 +140,22 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
 def resolve_validation(args: argparse.Namespace, family: Family, script: str) -> Plan:
     """The plan of an evaluation: the checkpoint's config and method (flags may repeat it, never contradict it),
     its block layout unless --block_layout is given, and the W8A8 settings."""
+    modality = get_modality(family)
     listing = args.list_quant_points  # reads the checkpoint's config alone
     if not listing:
-        check_data_sources(args, ("validation",))
+        modality.check_sources(args, ("validation",), training=False)
     quantization = quant_config_from_args(args)
     config = load_checkpoint_config(args, script)
-    layout_source = resolve_block_layout(args, args.model_name_or_path)
-    seq_length = sequence_length(args, config, family.sequence.name)
+    layout_source = modality.resolve_layout(args, args.model_name_or_path)
+    seq_length = modality.sequence_length(args, config, family.sequence.name)
     attention = AttentionConfig.from_model_config(config)
     check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
-    tokenizer = load_tokenizer(args)
-    check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
+    preprocessor = modality.load_preprocessor(args)
     calibrate_on_train = args.quantize and args.calibration_split == "train"
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
     if not listing:
-        check_data_sources(args, splits)
+        modality.check_sources(args, splits, training=False)
+        modality.configure(config, preprocessor, args, f"the checkpoint {args.model_name_or_path}")
     calibration, points = None, ()
     if quantization is not None:
         if quantization.transforms:
@@ -173,7 +177,7 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
         seq_length=seq_length,
         splits=splits,
         block_layout_source=layout_source,
-        tokenizer=tokenizer,
+        preprocessor=preprocessor,
         quantization=quantization,
         calibration=calibration,
         quant_points=points,

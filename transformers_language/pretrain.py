@@ -20,7 +20,6 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from .arguments import add_group, parse_args
-from .block_layouts import layout_record
 from .checkpoints import (
     RUN_SETTINGS,
     TrainingProgress,
@@ -29,12 +28,12 @@ from .checkpoints import (
     register_model_checkpointing,
     resolve_resume,
 )
-from .data import add_data_args, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate
 from .families import family_of_objective
 from .files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from .job_args import TrackingArgs, TrainingArgs
+from .modalities import get_modality
 from .model_loading import (
     add_model_args,
     load_model,
@@ -57,8 +56,9 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         description=f"Pre-train {family.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
         allow_abbrev=False,
     )
-    add_model_args(parser, family.model_type)
-    add_data_args(parser, family.sequence)
+    modality = get_modality(family)
+    add_model_args(parser, family.model_type, omit=modality.omitted_model_flags)
+    modality.add_data_args(parser, family, training=True)
     betas = {"adam_beta1": {"default": family.adam_betas[0]}, "adam_beta2": {"default": family.adam_betas[1]}}
     add_group(parser, TrainingArgs, "training", betas, before=lambda group: objective.add_args(group, training=True))
     add_group(parser, TrackingArgs, "tracking")
@@ -111,16 +111,23 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     plan = resolve_training(args, family_of_objective(objective.name), accelerator.num_processes)
     if args.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
-    tokenizer, config, seq_length = plan.tokenizer, plan.config, plan.seq_length
+    preprocessor, config, seq_length = plan.preprocessor, plan.config, plan.seq_length
+    modality = get_modality(plan.family)
     model = load_model(plan.model, config, accelerator.device)
 
-    splits = prepare_splits(plan.data, plan.splits, tokenizer, seq_length, accelerator)
-    targets = objective.targets(tokenizer, config, args, training=True)
+    splits = modality.prepare_splits(plan, accelerator, training=True)
+    targets = objective.targets(preprocessor, config, args, training=True)
     eval_set = objective.evaluation_set(splits["validation"], targets, args.seed)
-    sampler = EpochPermutationSampler(len(splits["train"]), args.seed, args.sample_with_replacement)
+    sampler = EpochPermutationSampler(
+        len(splits["train"]), args.seed, args.sample_with_replacement, with_seeds=modality.samples_with_seeds
+    )
     # Its own generator: iterating a DataLoader must not draw from the global RNG that dropout uses.
     train_loader = DataLoader(
-        splits["train"], batch_size=args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator()
+        splits["train"],
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        generator=torch.Generator(),
+        num_workers=getattr(plan.data, "dataloader_num_workers", 0),
     )
     loss_module = objective.loss_class(model)
     optimizer = build_optimizer(
@@ -134,8 +141,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         args.muon_learning_rate,
     )
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
-    records = layout_record(args.block_layout)
-    register_model_checkpointing(accelerator, loss_module, tokenizer, records)
+    records = modality.records(args)
+    register_model_checkpointing(accelerator, loss_module, preprocessor, records)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
     settings = vars(args) | {
@@ -226,7 +233,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     state_dict = model_state_dict(accelerator, loss_module)
     if accelerator.is_main_process:
-        save_pretrained_atomic(accelerator.unwrap_model(loss_module).model, tokenizer, output_dir, state_dict, records)
+        unwrapped = accelerator.unwrap_model(loss_module).model
+        save_pretrained_atomic(unwrapped, preprocessor, output_dir, state_dict, records)
         write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
     accelerator.wait_for_everyone()
     accelerator.end_training()

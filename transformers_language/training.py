@@ -42,12 +42,15 @@ logger = logging.getLogger(__name__)
 
 class EpochPermutationSampler(Sampler[int]):
     """A fresh random order each epoch, a pure function of (seed, epoch): a resumed run sees the same order.
-    With `replacement`, each epoch is as many blocks drawn uniformly at random with replacement."""
+    With `replacement`, each epoch is as many blocks drawn uniformly at random with replacement. With
+    `with_seeds`, it yields (index, seed of that draw) pairs, the seed a function of (seed, epoch, position), for
+    datasets that augment each example under its own seed (image_data.SeededImages)."""
 
-    def __init__(self, num_examples: int, seed: int, replacement: bool = False):
+    def __init__(self, num_examples: int, seed: int, replacement: bool = False, with_seeds: bool = False):
         self.num_examples = num_examples
         self.seed = seed
         self.replacement = replacement
+        self.with_seeds = with_seeds
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -56,8 +59,12 @@ class EpochPermutationSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         if self.replacement:
-            return iter(torch.randint(self.num_examples, (self.num_examples,), generator=generator).tolist())
-        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+            order = torch.randint(self.num_examples, (self.num_examples,), generator=generator).tolist()
+        else:
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+        if self.with_seeds:
+            return iter((index, derive_seed(self.seed, self.epoch, position)) for position, index in enumerate(order))
+        return iter(order)
 
     def __len__(self) -> int:
         return self.num_examples

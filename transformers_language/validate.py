@@ -23,14 +23,13 @@ from quantization.decomposition import OutlierDecomposition
 
 from .arguments import add_group, parse_args
 from .attention_stats import AttentionStatistics
-from .data import add_data_args, prepare_splits
 from .errors import UsageError
 from .evaluation import evaluate
 from .families import family_of_objective
 from .files import check_output_dir, write_json_atomic
 from .job_args import EvaluationArgs
 from .metrics import OUTLIER_SIGMAS, ActivationStatistics
-from .modalities import probe_inputs
+from .modalities import get_modality, probe_inputs
 from .model_loading import (
     add_model_args,
     load_checkpoint,
@@ -53,9 +52,10 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
         description=f"Evaluate a {family.model_type.upper()} checkpoint: perplexity and outlier statistics.",
         allow_abbrev=False,
     )
-    add_model_args(parser, family.model_type, training=False)
-    # Training data only calibrates --quantize; the block layout defaults to the checkpoint's.
-    add_data_args(parser, family.sequence, layout_default=None)
+    modality = get_modality(family)
+    add_model_args(parser, family.model_type, training=False, omit=modality.omitted_model_flags)
+    # Training data only calibrates --quantize; a text model's block layout defaults to the checkpoint's.
+    modality.add_data_args(parser, family, training=False)
     add_group(parser, EvaluationArgs, "evaluation", before=lambda group: objective.add_args(group, training=False))
     add_quantization_args(parser, family.weight_ranges)
     return parser
@@ -66,7 +66,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
     if not args.quantize or args.calibration_split != "train":
-        unused = [f"--{f}" for f in ("train_file", "train_percentage") if getattr(args, f) is not None]
+        calibration_flags = ("train_file", "train_dir", "train_percentage")
+        unused = [f"--{f}" for f in calibration_flags if getattr(args, f, None) is not None]
         if unused:
             raise UsageError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
     if args.kurtosis_max_batches is not None and args.kurtosis_max_batches <= 0:
@@ -103,12 +104,12 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
         return print_dry_run(accelerator, plan.to_dict())
     if args.list_quant_points:
         return print_points(accelerator, plan.quant_points)
-    config, tokenizer, quant_config = plan.config, plan.tokenizer, plan.quantization
+    config, preprocessor, quant_config = plan.config, plan.preprocessor, plan.quantization
     model = load_checkpoint(plan.model, config, accelerator.device)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
-    splits = prepare_splits(plan.data, plan.splits, tokenizer, plan.seq_length, accelerator)
-    targets = objective.targets(tokenizer, config, args)
+    splits = get_modality(plan.family).prepare_splits(plan, accelerator, training=False)
+    targets = objective.targets(preprocessor, config, args)
     dataset = objective.evaluation_set(splits["validation"], targets, args.seed)
     post_training = {}
     if quant_config is not None:
@@ -124,7 +125,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     for module in model.modules():  # LLM.int8() reports the evaluation's share of FP channels, not calibration's
         if isinstance(module, OutlierDecomposition):
             module.reset_statistics()
-    inputs = probe_inputs(plan.family, tokenizer, config)
+    inputs = probe_inputs(plan.family, preprocessor, config)
     sites, hidden = model.outlier_sites(), config.hidden_size
     activations = ActivationStatistics(
         model, sites, hidden, inputs.token_space, args.kurtosis_max_batches, token_ids=inputs.token_ids
