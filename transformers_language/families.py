@@ -143,6 +143,16 @@ class Family:
     """The paper's weight range estimator for this family (BERT min-max, OPT MSE)."""
     modality: str = "text"
     """What the model reads (modalities.py): 'text' (token ids) or 'image' (pixels)."""
+    scripts: str = ""
+    """The entry scripts' suffix: run_<scripts>.py and validate_<scripts>.py."""
+
+    @property
+    def train_script(self) -> str:
+        return f"run_{self.scripts}.py"
+
+    @property
+    def validate_script(self) -> str:
+        return f"validate_{self.scripts}.py"
 
 
 FAMILIES: dict[str, Family] = {
@@ -194,6 +204,7 @@ FAMILIES: dict[str, Family] = {
             head_readers=("cls.predictions.transform.dense",),
         ),
         weight_ranges="minmax",
+        scripts="mlm",
     ),
     "opt": Family(
         model_type="opt",
@@ -243,6 +254,7 @@ FAMILIES: dict[str, Family] = {
             transform_requires=("do_layer_norm_before", True),
         ),
         weight_ranges="MSE",
+        scripts="clm",
     ),
     "vit": Family(
         model_type="vit",
@@ -290,6 +302,7 @@ FAMILIES: dict[str, Family] = {
         ),
         weight_ranges="minmax",
         modality="image",
+        scripts="vit",
     ),
 }
 
@@ -301,5 +314,6 @@ def get_family(model_type: str) -> Family:
 
 
 def family_of_objective(objective: str) -> Family:
-    """The family an objective's scripts train (run_mlm / validate_mlm: BERT; run_clm / validate_clm: OPT)."""
+    """The family an objective's scripts train (run_mlm / validate_mlm: BERT; run_clm / validate_clm: OPT;
+    run_vit / validate_vit: ViT)."""
     return next(family for family in FAMILIES.values() if family.objective == objective)

@@ -249,7 +249,7 @@ def load_checkpoint_config(args: argparse.Namespace, script: str) -> PretrainedC
         ) from error
     if config.model_type != model_args.model_type:
         other = FAMILIES.get(config.model_type)
-        fix = f"use validate_{other.objective}.py for it" if other else f"valid model types: {', '.join(FAMILIES)}"
+        fix = f"use {other.validate_script} for it" if other else f"valid model types: {', '.join(FAMILIES)}"
         raise UsageError(
             f"{name} holds a {config.model_type!r} model, but {script} evaluates {model_args.model_type!r} models; "
             f"{fix}."

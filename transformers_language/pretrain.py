@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
     family = family_of_objective(objective.name)
     parser = argparse.ArgumentParser(
-        prog=f"run_{objective.name}.py",
+        prog=family.train_script,
         description=f"Pre-train {family.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
         allow_abbrev=False,
     )

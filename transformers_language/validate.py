@@ -48,8 +48,8 @@ logger = logging.getLogger(__name__)
 def build_parser(objective: Objective) -> argparse.ArgumentParser:
     family = family_of_objective(objective.name)
     parser = argparse.ArgumentParser(
-        prog=f"validate_{objective.name}.py",
-        description=f"Evaluate a {family.model_type.upper()} checkpoint: perplexity and outlier statistics.",
+        prog=family.validate_script,
+        description=f"Evaluate a {family.model_type.upper()} checkpoint: {objective.reported[0][1]} and outliers.",
         allow_abbrev=False,
     )
     modality = get_modality(family)
@@ -90,7 +90,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     `all_results.json`. `statistics_cache` (a dict kept by the caller) shares the float calibration statistics
     of the equivalent transforms between runs on the same checkpoint and calibration flags."""
     objective = get_objective(objective_name)
-    script = f"validate_{objective.name}.py"
+    script = family_of_objective(objective.name).validate_script
     args = parse_args(build_parser(objective), argv)
     _check_args(args)
     check_output_dir(args.output_dir)
