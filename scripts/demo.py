@@ -170,6 +170,29 @@ def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> str:
     return "fresh"
 
 
+def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool, counter: tuple[int, int]) -> list:
+    """Run a method's stages (title, job, argv) in `run_dir` (stage numbers from `counter`: done so far, total),
+    or read back their results when `resume` finds them finished with the same flags; returns each stage's
+    results."""
+    argvs = [argv for _, _, argv in stages]
+    state = plan_method(run_dir, argvs, resume)
+    if state == "done":
+        print(f"\n=== {method}: finished earlier with these flags, read back from {run_dir}", flush=True)
+        return read_stage_results(run_dir)
+    if state == "continue":
+        print(f"\n=== {method}: continuing the interrupted training in {run_dir}", flush=True)
+        stages = ((stages[0][0], stages[0][1], [*argvs[0], "--resume_from_checkpoint", "latest"]), *stages[1:])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": False})
+    done, total = counter
+    results = [
+        run_stage(done + number, total, title, job, objective, argv)
+        for number, (title, job, argv) in enumerate(stages, start=1)
+    ]
+    write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
+    return results
+
+
 def per_layer_figures(results: dict) -> dict[str, list[float]]:
     """Residual-stream (decoder-layer output) kurtosis and inf-norm, and the first-token attention mass and
     sink ratio (mean over heads), per layer."""
@@ -257,24 +280,8 @@ def main() -> None:
                 [*evaluation, *train_data, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
             ),
         )
-        argvs = [argv for _, _, argv in stages]
-        state = plan_method(run_dir, argvs, args.resume)
-        if state == "done":
-            stage += len(stages)
-            print(f"\n=== {method}: finished earlier with these flags, read back from {run_dir}", flush=True)
-            results = read_stage_results(run_dir)
-        else:
-            if state == "continue":
-                print(f"\n=== {method}: continuing the interrupted training in {run_dir}", flush=True)
-                stages = ((stages[0][0], pretrain, [*argvs[0], "--resume_from_checkpoint", "latest"]), *stages[1:])
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": False})
-            results = []
-            for title, job, argv in stages:
-                stage += 1
-                results.append(run_stage(stage, total, title, job, "clm", argv))
-            write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
-        _, fp, w8a8 = results
+        _, fp, w8a8 = run_method(method, run_dir, stages, "clm", args.resume, (stage, total))
+        stage += len(stages)
         rows[method] = {
             "fp_perplexity": fp["perplexity"],
             "w8a8_perplexity": w8a8["perplexity"],

@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -136,14 +137,14 @@ class _Interrupted(Exception):
     pass
 
 
-def assert_resume_repeats_run(model_type: str, tmp_path: Path, data_cache: Path, monkeypatch, *extra: str) -> Path:
-    """Train 6 steps straight; train again, killed right after the step-3 checkpoint, and resume from it: the
-    resumed run must log the same losses and end with the same weights, bit for bit. `extra` must checkpoint
-    every 3 steps. Returns the straight run's directory."""
+def assert_resume_repeats_run(train: Callable[..., dict], tmp_path: Path, monkeypatch, *extra: str) -> Path:
+    """`train(output_dir, *flags)` runs a training script. Train 6 steps straight; train again, killed right after
+    the step-3 checkpoint, and resume from it: the resumed run must log the same losses and end with the same
+    weights, bit for bit. `extra` must checkpoint every 3 steps. Returns the straight run's directory."""
     import transformers_language.training as training
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_main(model_type, train_argv(model_type, straight, data_cache, *extra, steps=6))
+    train(straight, *extra, "--max_train_steps", "6")
     real_save = training.save_checkpoint
 
     def save_then_die(accelerator, output_dir, step, *rest):
@@ -154,16 +155,20 @@ def assert_resume_repeats_run(model_type: str, tmp_path: Path, data_cache: Path,
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
-        run_main(model_type, train_argv(model_type, resumed, data_cache, *extra, steps=6))
+        train(resumed, *extra, "--max_train_steps", "6")
     monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert len(read_log(resumed)) == 3 and not (resumed / "all_results.json").exists()
 
-    resume = ("--resume_from_checkpoint", "latest")
-    run_main(model_type, train_argv(model_type, resumed, data_cache, *extra, *resume, steps=6))
+    train(resumed, *extra, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
     assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(straight)]  # bit for bit
     first, second = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(first[key], second[key]) for key in first)
     return straight
+
+
+def text_trainer(model_type: str, data_cache: Path) -> Callable[..., dict]:
+    """`train(output_dir, *flags)` for `assert_resume_repeats_run`: a tiny model on the local text."""
+    return lambda output_dir, *flags: run_main(model_type, train_argv(model_type, output_dir, data_cache, *flags))
 
 
 @pytest.fixture(scope="session")

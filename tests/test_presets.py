@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from tests.conftest import TOKENIZERS, tiny_config
+from tests.test_vit_end_to_end import run_vit, vit_train_argv, write_image_folders
 from transformers_language import AttentionConfig, build_model
 from transformers_language.model_loading import model_class, read_yaml_overrides
 from transformers_language.pretrain import pretrain
@@ -50,6 +51,13 @@ VALIDATION_PRESETS = {
     "validate_opt": ("clm", False, {"block_size": 512}),
     "validate_opt_w8a8": ("clm", True, {"ranges_weights": "MSE", "percentile": 99.999, "est_num_batches": 16}),
 }
+# ViT presets: attention settings that differ from vanilla, and whether the patch embedding has a LayerNorm.
+VIT_PRESETS = {
+    "vit_s16_vanilla": ({}, False),
+    "vit_s16_clipped_softmax": ({"softmax": "clipped(-0.0001:1)"}, True),
+    "vit_s16_gated_attention": ({"gate_type": "conditional_per_token", "init_prob": 0.5}, True),
+}
+VIT_VALIDATION_PRESETS = {"validate_vit": False, "validate_vit_w8a8": True}
 STAND_IN = """#!/usr/bin/env bash
 # Test stand-in for accelerate: record the arguments, one per line, and succeed.
 printf '%s\\n' "$@" > "$ACCELERATE_RECORD"
@@ -58,7 +66,7 @@ printf '%s\\n' "$@" > "$ACCELERATE_RECORD"
 
 def test_every_preset_is_covered():
     presets = {p.stem for p in SCRIPTS.glob("*.sh")} - {"demo"}
-    assert presets == set(TRAINING_PRESETS) | set(VALIDATION_PRESETS)
+    assert presets == set(TRAINING_PRESETS) | set(VALIDATION_PRESETS) | set(VIT_PRESETS) | set(VIT_VALIDATION_PRESETS)
 
 
 def launch_preset(tmp_path: Path, name: str, *args: str) -> tuple[Path, str, list[str]]:
@@ -143,6 +151,50 @@ def test_validation_preset_resolves(name, tmp_path, saved_checkpoints):
     assert summary["attention"]["alpha"] == 4.0  # from the checkpoint's config.json
 
 
+@pytest.fixture(scope="module")
+def image_dataset(tmp_path_factory) -> Path:
+    """A local image folder standing in for ImageNet-1k (the hub is unreachable here): the presets' dataset
+    flag is overridden with it, and its one split serves as the validation split too."""
+    train, _ = write_image_folders(tmp_path_factory.mktemp("imagenet_stand_in"), (2, 1))
+    return train
+
+
+@pytest.mark.parametrize("name", sorted(VIT_PRESETS))
+def test_vit_preset_resolves_to_the_paper_run(name, tmp_path, image_dataset):
+    method, patch_layernorm = VIT_PRESETS[name]
+    stand_in = ["--dataset_name", str(image_dataset), "--validation_split", "train"]
+    _, script, flags = launch_preset(tmp_path, name, *stand_in, "--output_dir", str(tmp_path / "out"))
+    assert script == str(REPO / "run_vit.py") and flags.count("--dataset_name") == 2
+    summary = pretrain("image_classification", [*flags, "--dry_run"])
+    config, settings = summary["config"], summary["settings"]
+    layout = (config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"])
+    assert layout == (12, 6, 384) and (config["intermediate_size"], config["patch_size"]) == (1536, 16)
+    assert summary["seq_length"] == 224 and config["image_size"] == 224 and config["num_labels"] == 3
+    assert config.get("patch_embedding_layernorm", False) == patch_layernorm
+    assert ("LayerNorm" in summary["modules"]) and summary["sequences_per_step"] == 512
+    recipe = ("learning_rate", "weight_decay", "num_train_epochs", "lr_scheduler_type", "label_smoothing")
+    assert tuple(settings[key] for key in recipe) == (1e-3, 0.05, 300, "cosine", 0.1)
+    augment = ("randaugment_num_ops", "randaugment_magnitude", "mixup_alpha", "cutmix_alpha")
+    assert tuple(settings[key] for key in augment) == (2, 9, 0.8, 1.0)
+    assert AttentionConfig.from_dict(summary["attention"]) == AttentionConfig(**method)
+
+
+@pytest.mark.parametrize("name", sorted(VIT_VALIDATION_PRESETS))
+def test_vit_validation_preset_resolves(name, tmp_path, image_dataset):
+    checkpoint = tmp_path / "vit"
+    train_dir = image_dataset
+    run_vit(vit_train_argv(checkpoint, (train_dir, train_dir), "--max_train_steps", "1"))
+    stand_in = ["--dataset_name", str(image_dataset), "--validation_split", "train", "--train_split", "train"]
+    cpu = ["--accelerate_config", str(REPO / "accelerate_configs" / "cpu.yaml")]
+    _, script, flags = launch_preset(tmp_path, name, str(checkpoint), *cpu, *stand_in)
+    assert script == str(REPO / "validate_vit.py")
+    summary = validate("image_classification", [*flags, "--dry_run"])
+    assert summary["settings"]["output_dir"] == str(
+        checkpoint / ("eval-w8a8" if VIT_VALIDATION_PRESETS[name] else "eval-fp")
+    )
+    assert (summary["quantization"] is not None) == VIT_VALIDATION_PRESETS[name]
+
+
 def test_preset_usage_errors(tmp_path):
     for args, message in (
         ((), "usage: "),
@@ -159,8 +211,7 @@ def test_preset_usage_errors(tmp_path):
 def test_model_config_loads(path):
     overrides = read_yaml_overrides(str(path))
     model_type = path.stem.split("-")[0]
-    config_class = type(tiny_config(model_type))
-    config = config_class(**overrides)
+    config = type(AutoConfig.for_model(model_type))(**overrides)
     with torch.device("meta"):
         model = model_class(model_type)(config)
     assert model.config.num_hidden_layers == overrides["num_hidden_layers"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import VARIANTS, assert_resume_repeats_run, read_log, run_main, train_argv
+from tests.conftest import VARIANTS, assert_resume_repeats_run, read_log, run_main, text_trainer, train_argv
 from transformers_language import AttentionConfig, model_class
 from transformers_language.objectives import CausalLMLoss
 from transformers_language.training import EpochPermutationSampler
@@ -63,7 +63,7 @@ def test_resume_gives_identical_losses(model_type, tmp_path, data_cache, monkeyp
     extra = ["--checkpointing_steps", "3", "--attn_dropout", "0.1", "--hidden_dropout", "0.1"]
     if model_type == "opt":  # the other sampler: blocks drawn with replacement
         extra.append("--sample_with_replacement")
-    assert_resume_repeats_run(model_type, tmp_path, data_cache, monkeypatch, *extra)
+    assert_resume_repeats_run(text_trainer(model_type, data_cache), tmp_path, monkeypatch, *extra)
 
 
 def test_samplers_are_functions_of_seed_and_epoch():

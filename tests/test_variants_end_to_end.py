@@ -10,7 +10,7 @@ import torch
 from transformers_language import AttentionConfig, build_model
 from transformers_language.optim import MuonWithAdamW, build_optimizer, muon_parameter_names
 
-from .conftest import assert_resume_repeats_run, read_log, run_main, tiny_config, train_argv
+from .conftest import assert_resume_repeats_run, read_log, run_main, text_trainer, tiny_config, train_argv
 from .test_validate import CALIBRATION_DATA, PAPER_W8A8, run_validate, validate_argv
 
 # Flags, and the attention figures each method's FP validation must report for every layer.
@@ -86,7 +86,7 @@ def test_muon_learning_rate_needs_muon(tmp_path, data_cache):
 def test_muon_resume_repeats_the_uninterrupted_run(tmp_path, data_cache, monkeypatch):
     extra = ["--optimizer", "muon", "--muon_learning_rate", "0.01", "--checkpointing_steps", "3"]
     extra += ["--attn_gate_type", "headwise", "--sample_with_replacement"]
-    straight = assert_resume_repeats_run("opt", tmp_path, data_cache, monkeypatch, *extra)
+    straight = assert_resume_repeats_run(text_trainer("opt", data_cache), tmp_path, monkeypatch, *extra)
     adamw_only = tmp_path / "adamw"
     run_main("opt", train_argv("opt", adamw_only, data_cache, *extra[4:], steps=6))
     assert [r["loss"] for r in read_log(adamw_only)][1:] != [r["loss"] for r in read_log(straight)][1:]

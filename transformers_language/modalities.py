@@ -79,6 +79,10 @@ class TextModality:
         check_sequence_length(config, seq_length, flag)
         return seq_length
 
+    def tokens(self, seq_length: int, config: PretrainedConfig) -> int:
+        """The attention's sequence length (T of the alpha form and of sigmoid attention)."""
+        return seq_length
+
     def prepare_splits(self, plan, accelerator, training: bool) -> dict:
         return prepare_splits(plan.data, plan.splits, plan.preprocessor, plan.seq_length, accelerator)
 
@@ -159,6 +163,10 @@ class ImageModality:
                 f"table); drop --{flag} or pass {config.image_size}."
             )
         return size
+
+    def tokens(self, seq_length: int, config: PretrainedConfig) -> int:
+        """[CLS] and the patches."""
+        return (seq_length // config.patch_size) ** 2 + 1
 
     def prepare_splits(self, plan, accelerator, training: bool) -> dict:
         """Training (with `training`): seeded augmentation of each image; every other split (and calibration

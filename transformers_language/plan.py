@@ -122,7 +122,7 @@ def resolve_training(args: argparse.Namespace, family: Family, num_processes: in
     config, checkpoint = build_config(args)
     modality.configure(config, preprocessor, args, checkpoint)
     seq_length = modality.sequence_length(args, config, family.sequence.name)
-    attention = resolve_method(args, config, seq_length)
+    attention = resolve_method(args, config, modality.tokens(seq_length, config))
     return _plan(
         "train",
         family,
@@ -149,7 +149,8 @@ def resolve_validation(args: argparse.Namespace, family: Family, script: str) ->
     layout_source = modality.resolve_layout(args, args.model_name_or_path)
     seq_length = modality.sequence_length(args, config, family.sequence.name)
     attention = AttentionConfig.from_model_config(config)
-    check_method_flags(args, attention, seq_length, f"the checkpoint {args.model_name_or_path}")
+    tokens = modality.tokens(seq_length, config)
+    check_method_flags(args, attention, tokens, f"the checkpoint {args.model_name_or_path}")
     preprocessor = modality.load_preprocessor(args)
     calibrate_on_train = args.quantize and args.calibration_split == "train"
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
