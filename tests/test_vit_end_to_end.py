@@ -127,7 +127,7 @@ def test_training_writes_a_model_that_reloads_as_itself(trained, method):
     log = read_log(out)
     assert len(log) == 4 and all(r["images_per_s"] > 0 and math.isfinite(r["loss"]) for r in log)
     config = json.loads((out / "config.json").read_text())
-    assert config["num_labels"] == 3 and [config["id2label"][str(i)] for i in range(3)] == list(CLASSES)
+    assert [config["id2label"][str(i)] for i in range(len(config["id2label"]))] == list(CLASSES)
     assert (out / "preprocessor_config.json").is_file()
     assert config["attention_variant"] == results["settings"]["attention"]
     growth = [json.loads(line) for line in (out / "growth.jsonl").read_text().splitlines()]
@@ -159,7 +159,7 @@ def test_fp_and_w8a8_validation_write_every_figure(trained, image_folders, metho
             checkpoint, image_folders, tmp_path / "w8a8", "--quantize", "--train_dir", str(image_folders[0])
         )
     )
-    quantization = w8a8["settings"]["quantization"]
+    quantization = json.loads((tmp_path / "w8a8" / "all_results.json").read_text())["settings"]["quantization"]
     assert quantization["calibration_split"] == "train" and quantization["points"]
     assert 0.0 <= w8a8["accuracy"] <= 1.0 and math.isfinite(w8a8["eval_loss"])
     assert w8a8["eval_loss"] != fp["eval_loss"]  # the quantizers changed the numbers
@@ -229,7 +229,7 @@ def test_training_images_are_a_function_of_their_seed(image_folders):
     assert torch.equal(first["pixel_values"], again["pixel_values"]) and first["labels"] == dataset[5]["label"]
     assert not torch.equal(first["pixel_values"], other["pixel_values"])
     evaluation = eval_transform(32, [0.5] * 3, [0.5] * 3, 1.0)(dataset[5]["image"])
-    reference = torch.from_numpy(np.asarray(dataset[5]["image"].convert("RGB"))).permute(2, 0, 1) / 255.0
+    reference = torch.from_numpy(np.array(dataset[5]["image"].convert("RGB"))).permute(2, 0, 1) / 255.0
     torch.testing.assert_close(evaluation, (reference - 0.5) / 0.5)  # 32 x 32 in, crop fraction 1: unchanged
 
 

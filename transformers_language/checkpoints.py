@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers.modeling_utils import revert_weight_conversion
 from transformers.utils import SAFE_WEIGHTS_NAME  # save_pretrained's weights file
 
 from .errors import InputFileError, UsageError
@@ -146,12 +147,22 @@ def load_weights(path: Path, fix: str) -> dict:
         raise InputFileError(f"{path} is corrupt or truncated ({error}); {fix}.") from error
 
 
+def _own_names(model, state: dict) -> dict:
+    """`state` as `save_pretrained` wrote it, under the model's own parameter names: HF saves some families in
+    their original layout (ViT's `encoder.layer.N.attention.attention.query` for `layers.N.attention.q_proj`)."""
+    own = model.state_dict()
+    saved_as = revert_weight_conversion(model, dict(own))  # the model's own tensors under their saved names
+    by_tensor = {id(tensor): name for name, tensor in own.items()}
+    rename = {saved: by_tensor[id(tensor)] for saved, tensor in saved_as.items() if id(tensor) in by_tensor}
+    return {rename.get(name, name): tensor for name, tensor in state.items()}
+
+
 def _load_model_weights(model, path: Path) -> None:
     """Load `save_pretrained` weights into `model` in place; a weight may be missing only where it is tied to
     one that was loaded (save_pretrained writes a tied head once)."""
     if not path.is_file():
         raise InputFileError(f"{path.parent} has no {SAFE_WEIGHTS_NAME}; resume from a step_N written by this version.")
-    state = load_weights(path, "resume from an earlier checkpoint")
+    state = _own_names(model, load_weights(path, "resume from an earlier checkpoint"))
     result = model.load_state_dict(state, strict=False)
     current = model.state_dict()
     loaded = {current[key].data_ptr() for key in state if key in current}

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UsageError
-from .objectives import Objective, Targets, derive_seed
+from .objective_base import Objective, Targets, derive_seed
 
 
 class ImageClassificationLoss(nn.Module):

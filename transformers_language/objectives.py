@@ -1,4 +1,5 @@
-"""The two pre-training objectives (masked LM, causal LM): targets, loss modules and their settings.
+"""The objectives (masked LM, causal LM, and the ViT's image classification from image_classification.py) in one
+table; the language models' targets, loss modules and settings.
 
 A loss module wraps the HF model and returns the summed negative log-likelihood of a batch, so the
 training loop can normalise by the number of predicted tokens of the whole optimizer step (exact under
@@ -17,8 +18,6 @@ or an interrupted-and-resumed run.
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,27 +27,12 @@ from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
 from .errors import UsageError
+from .image_classification import IMAGE_CLASSIFICATION
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
+from .objective_base import Objective, Targets, derive_seed, safe_exp  # noqa: F401 (the objectives' API)
 
 MASKED_ROWS_BUCKET = 128
 EVAL_MASK_CHUNK = 1024  # examples per evaluation-mask generator (a fixed constant, so masks are reproducible)
-
-
-def safe_exp(value: float) -> float:
-    """exp, infinite where it overflows."""
-    try:
-        return math.exp(value)
-    except OverflowError:
-        return math.inf
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. seed, step, process), so each stream of masks is independent."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -169,77 +153,6 @@ class CausalLMLoss(_LossModule):
         return _vocabulary_nll(self.model, hidden.flatten(0, 1), targets.flatten())
 
 
-Targets = Callable[[dict, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-"""(batch of the dataset's columns, generator) -> (inputs, labels) of a training or calibration batch."""
-
-
-def _next_tokens(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal LM: the labels are the inputs (the loss shifts them)."""
-    return batch["input_ids"], batch["input_ids"]
-
-
-@dataclass(frozen=True)
-class Objective:
-    """A pre-training objective: its loss, its targets, its flags and its evaluation set. The base class is the
-    causal LM; MaskedLM overrides what masking changes."""
-
-    name: str
-    loss_class: type[nn.Module]
-    label_shift: int = 1
-    """Position t predicts label t + label_shift: 0 for MLM, 1 (the next token) for CLM."""
-    input_key: str = "input_ids"
-    """The dataset column the model reads."""
-    throughput: str = "tokens_per_s"
-    """The training log's speed figure: `work(inputs)` per second."""
-    evaluation_width: int = 4
-    """How many sums `evaluation_sums` returns."""
-    reported: tuple[tuple[str, str], ...] = (
-        ("perplexity", "perplexity"),
-        ("perplexity_mean_of_batch_losses", "perplexity (paper: mean of batch losses)"),
-    )
-    """The evaluation figures the log shows first: (key, label)."""
-
-    def count_targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """Number of predicted tokens: masked positions (MLM) or next tokens (CLM)."""
-        return (labels[:, self.label_shift :] != IGNORE_INDEX).sum()
-
-    def work(self, inputs: torch.Tensor) -> int:
-        """What `throughput` counts in a batch of inputs (tokens)."""
-        return inputs.numel()
-
-    def evaluation_sums(self, loss_module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One evaluation batch's sums, float64: [NLL, predicted tokens, the batch's mean loss, 1 batch]."""
-        nll = loss_module(inputs, labels).double()
-        count = self.count_targets(labels).double()
-        return torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
-
-    def evaluation_results(self, sums: list[float]) -> dict:
-        """The figures of the summed `evaluation_sums`: token-weighted perplexity, and the paper's mean over
-        batches beside it."""
-        total_nll, tokens, batch_loss_sum, batches = sums
-        loss = total_nll / max(tokens, 1.0)
-        batch_mean_loss = batch_loss_sum / max(batches, 1.0)
-        return {
-            "perplexity": safe_exp(loss),
-            "eval_loss": loss,
-            "eval_tokens": int(tokens),
-            "perplexity_mean_of_batch_losses": safe_exp(batch_mean_loss),
-            "eval_loss_mean_of_batch_losses": batch_mean_loss,
-        }
-
-    def add_args(self, group, training: bool) -> None:
-        """The objective's own flags on the training (`training`) or validation script (none for CLM)."""
-
-    def targets(self, preprocessor, config, args, training: bool = False) -> Targets:
-        """The (inputs, labels) of a training (`training`) or calibration batch; `preprocessor` is the tokenizer
-        or image processor, `config` the model's."""
-        return _next_tokens
-
-    def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
-        """The validation blocks as evaluated (MLM: with fixed masks of `seed`)."""
-        return blocks
-
-
 @dataclass(frozen=True)
 class MaskedLM(Objective):
     def add_args(self, group, training: bool) -> None:
@@ -251,9 +164,6 @@ class MaskedLM(Objective):
     def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
         return mask_eval_dataset(blocks, targets, seed)
 
-
-# The image objective subclasses Objective (defined above), so it is imported here, after it.
-from .image_classification import IMAGE_CLASSIFICATION  # noqa: E402
 
 OBJECTIVES = {
     "mlm": MaskedLM("mlm", MaskedLMLoss, label_shift=0),

@@ -222,12 +222,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         args.per_device_eval_batch_size,
     )
     results |= summary
-    logger.info(
-        "Validation perplexity %.4f (loss %.4f over %d tokens)",
-        results["perplexity"],
-        results["eval_loss"],
-        results["eval_tokens"],
-    )
+    logger.info("Validation: %s", ", ".join(f"{label} {results[key]:.4f}" for key, label in objective.reported))
     if args.with_tracking:
         accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=progress.step)
     accelerator.wait_for_everyone()
