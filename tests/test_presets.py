@@ -169,7 +169,7 @@ def test_vit_preset_resolves_to_the_paper_run(name, tmp_path, image_dataset):
     config, settings = summary["config"], summary["settings"]
     layout = (config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"])
     assert layout == (12, 6, 384) and (config["intermediate_size"], config["patch_size"]) == (1536, 16)
-    assert summary["seq_length"] == 224 and config["image_size"] == 224 and config["num_labels"] == 3
+    assert summary["seq_length"] == 224 and config["image_size"] == 224 and len(config["id2label"]) == 3
     assert config.get("patch_embedding_layernorm", False) == patch_layernorm
     assert ("LayerNorm" in summary["modules"]) and summary["sequences_per_step"] == 512
     recipe = ("learning_rate", "weight_decay", "num_train_epochs", "lr_scheduler_type", "label_smoothing")
