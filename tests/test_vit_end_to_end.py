@@ -258,3 +258,32 @@ def test_alpha_and_sigmoid_read_the_token_count(tmp_path, image_folders):
     for flags in (["--alpha", "4"], ["--attn_softmax", "sigmoid"]):
         summary = run_vit(vit_train_argv(tmp_path / "out", image_folders, *flags, "--dry_run"))
         assert summary["attention"]["train_seq_length"] == 17
+
+
+@pytest.mark.slow
+def test_vit_demo_prints_the_table(tmp_path, image_folders):
+    """scripts/vit_demo.py in a reduced mode, on this test's images in place of the digits (already exported)."""
+    import shutil
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "digits"
+    for split, folder in zip(("train", "validation"), image_folders, strict=True):
+        shutil.copytree(folder, data_dir / split)
+    (data_dir / "done").write_text("")
+    output_dir = tmp_path / "vit-demo"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "vit_demo.py"
+    command = [sys.executable, str(script), "--data_dir", str(data_dir), "--output_dir", str(output_dir)]
+    command += ["--max_train_steps", "2", "--per_device_train_batch_size", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert sorted(summary["methods"]) == ["clipped_softmax", "gated_attention", "vanilla"]
+    table = (output_dir / "summary.md").read_text()
+    assert table in result.stdout and table.startswith("| method | FP top-1 | W8A8 top-1 |")
+    for method, row in summary["methods"].items():
+        fp = json.loads((output_dir / method / "eval-fp" / "all_results.json").read_text())
+        assert row["fp_accuracy"] == fp["accuracy"] and len(row["background_mass"]) == 4  # vit-4L3H's layers
+        config = json.loads((output_dir / method / "config.json").read_text())
+        assert config.get("patch_embedding_layernorm", False) == (method != "vanilla")
+    assert "=== [9/9]" in result.stdout
