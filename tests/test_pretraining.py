@@ -136,7 +136,7 @@ def test_accelerate_launch_runs_the_script(tmp_path, data_cache):
     command += ["run_mlm.py", *train_argv("bert", out, data_cache, steps=2)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Validation perplexity" in done.stderr
+    assert "Validation: perplexity" in done.stderr
     assert json.loads((out / "all_results.json").read_text())["step"] == 2
 
 

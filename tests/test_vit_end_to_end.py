@@ -242,6 +242,9 @@ def test_bad_input_gets_one_clear_line(tmp_path, image_folders):
     missing = (tmp_path / "nothing", image_folders[1])
     with pytest.raises(Exception, match="is not a folder"):
         run_vit(vit_train_argv(out, missing))
+    fewer = write_image_folders(tmp_path / "fewer", (1, 1), classes=CLASSES[:2])
+    with pytest.raises(UsageError, match="hold different classes \\(vertical only in one\\)"):
+        run_vit(vit_train_argv(out, (image_folders[0], fewer[1])))
     with pytest.raises(SystemExit):  # a language-model flag run_vit.py does not take
         run_vit(vit_train_argv(out, image_folders, "--tokenizer_name", "x"))
 

@@ -100,8 +100,21 @@ def check_image_sources(args, splits: tuple[str, ...]) -> None:
         percentage = data.percentage(split)
         if percentage is not None and not 0 < percentage <= 100:
             raise UsageError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
+    folders = [data.folder(split) for split in splits if data.folder(split) is not None]
+    if len(folders) == 2 and folder_classes(folders[0]) != folder_classes(folders[1]):
+        # imagefolder numbers each folder's classes on its own: other classes would shift every label.
+        only = sorted(set(folder_classes(folders[0])) ^ set(folder_classes(folders[1])))
+        raise UsageError(
+            f"--train_dir {folders[0]} and --validation_dir {folders[1]} hold different classes ({', '.join(only[:5])} "
+            "only in one); give both the same class sub-folders."
+        )
     if not 0 < data.eval_crop_fraction <= 1:
         raise UsageError(f"--eval_crop_fraction must lie in (0, 1], got {data.eval_crop_fraction}.")
+
+
+def folder_classes(folder: str) -> list[str]:
+    """The class names of an image folder: its sub-folders, sorted (as `imagefolder` numbers them)."""
+    return sorted(child.name for child in Path(folder).iterdir() if child.is_dir())
 
 
 def check_augmentation(args) -> None:

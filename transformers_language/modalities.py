@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from transformers import AutoImageProcessor, PretrainedConfig
 
@@ -30,6 +29,7 @@ from .image_data import (
     check_image_sources,
     class_names,
     eval_transform,
+    folder_classes,
     load_image_split,
     train_transform,
     with_eval_transform,
@@ -203,7 +203,7 @@ def data_class_names(args) -> list[str]:
     data = parse_group(ImageDataArgs, args)
     folder = data.train_dir or data.validation_dir
     if folder is not None:
-        return sorted(child.name for child in Path(folder).iterdir() if child.is_dir())
+        return folder_classes(folder)
     from datasets import load_dataset_builder
 
     builder = load_dataset_builder(data.dataset_name, data.dataset_config_name)
