@@ -18,19 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UsageError
-from .objective_base import Objective, Targets, derive_seed
+from .objective_base import LossModule, Objective, Targets, derive_seed
 
 
-class ImageClassificationLoss(nn.Module):
+class ImageClassificationLoss(LossModule):
     """A ViT classifier with its loss: summed cross-entropy against hard (B,) or soft (B, C) labels."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def _no_split_modules(self):
-        return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor, with_accuracy: bool = False):
         """Summed cross-entropy; with `with_accuracy`, (B,) hard labels only: [loss sum, top-1 hits, top-5

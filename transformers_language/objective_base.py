@@ -1,5 +1,6 @@
-"""The objective interface every training and evaluation job talks to: targets of a batch, the loss module,
-the count a loss sum is divided by, the evaluation sums and figures, the throughput figure, and the flags.
+"""The objective interface every training and evaluation job talks to: targets of a batch, the loss module
+(a `LossModule`: the model with its loss), the count a loss sum is divided by, the evaluation sums and figures,
+the throughput figure, and the flags.
 The base class is the causal LM's; objectives.py (language models) and image_classification.py (ViT) define
 the others, and objectives.py holds the table of them.
 """
@@ -32,6 +33,19 @@ def derive_seed(*parts: int) -> int:
         value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         value ^= value >> 31
     return value & 0x7FFFFFFFFFFFFFFF
+
+
+class LossModule(nn.Module):
+    """A model with its loss: what accelerate prepares and trains."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def _no_split_modules(self):
+        """The model's layer classes, which FSDP's transformer wrap policy shards one by one."""
+        return getattr(self.model, "_no_split_modules", None)
 
 
 Targets = Callable[[dict, torch.Generator], tuple[torch.Tensor, torch.Tensor]]

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from .errors import UsageError
 from .image_classification import IMAGE_CLASSIFICATION
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
-from .objective_base import Objective, Targets, derive_seed, safe_exp  # noqa: F401 (the objectives' API)
+from .objective_base import LossModule, Objective, Targets, derive_seed, safe_exp  # noqa: F401 (the objectives' API)
 
 MASKED_ROWS_BUCKET = 128
 EVAL_MASK_CHUNK = 1024  # examples per evaluation-mask generator (a fixed constant, so masks are reproducible)
@@ -96,19 +96,6 @@ def head_nll(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> to
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class _LossModule(nn.Module):
-    """A model with its loss: what accelerate prepares and trains."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def _no_split_modules(self):
-        """The model's layer classes, which FSDP's transformer wrap policy shards one by one."""
-        return getattr(self.model, "_no_split_modules", None)
-
-
 def _module(model: nn.Module, path: str) -> nn.Module:
     """`model`'s submodule at a dotted path, looked up by attribute (so it also works through FSDP wrappers,
     and finds a module that W8A8 simulation swapped in)."""
@@ -123,7 +110,7 @@ def _vocabulary_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return head_nll(_module(model, family.head_projection), hidden, targets)
 
 
-class MaskedLMLoss(_LossModule):
+class MaskedLMLoss(LossModule):
     """Summed masked-LM NLL, scoring only the masked positions (the family's head transform and vocabulary
     projection, applied to those rows)."""
 
@@ -141,7 +128,7 @@ class MaskedLMLoss(_LossModule):
         return _vocabulary_nll(self.model, hidden[rows], targets)
 
 
-class CausalLMLoss(_LossModule):
+class CausalLMLoss(LossModule):
     """Summed next-token NLL (the family's body, then its vocabulary projection)."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
