@@ -155,6 +155,29 @@ class Family:
         return f"validate_{self.scripts}.py"
 
 
+def pre_ln_layer_sites(attn_layernorm: str, attn_out_proj: str, ffn_layernorm: str, ffn_output: str) -> tuple:
+    """The measured tensors of a pre-LN layer (OPT, ViT), given its modules' paths inside the layer: the residual
+    stream after the layer, both LayerNorm outputs, the attention output projection and the FFN output."""
+    return (
+        ("layer_output", "", "output"),  # the residual stream after the layer
+        ("attn_layernorm", attn_layernorm, "output"),
+        ("attn_out_proj", attn_out_proj, "output"),
+        ("ffn_layernorm", ffn_layernorm, "output"),
+        ("ffn_output", ffn_output, "output"),
+    )
+
+
+# The residual-stream figures of a pre-LN model (the paper's OPT figures; also its ViT figures, Table 2): max
+# inf-norms and the average / max kurtosis over every measured tensor.
+PRE_LN_HEADLINES = (
+    Headline("max_inf_norm", "Max inf norm", "inf_norm", None),
+    Headline("max_ffn_inf_norm", "Max FFN inf norm", "inf_norm", ("ffn_output",)),
+    Headline("max_layer_inf_norm", "Max layer inf norm", "inf_norm", ("layer_output",)),
+    Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", None, "mean"),
+    Headline("max_kurtosis", "Max Kurtosis", "kurtosis", None),
+)
+
+
 FAMILIES: dict[str, Family] = {
     "bert": Family(
         model_type="bert",
@@ -214,21 +237,11 @@ FAMILIES: dict[str, Family] = {
         dropout_keys=("attention_dropout", "dropout"),
         scratch_defaults={"word_embed_proj_dim": "hidden_size"},  # no project_in / project_out layers
         layers_path="model.decoder.layers",
-        layer_sites=(
-            ("layer_output", "", "output"),  # the residual stream after the layer
-            ("attn_layernorm", "self_attn_layer_norm", "output"),
-            ("attn_out_proj", "self_attn.out_proj", "output"),
-            ("ffn_layernorm", "final_layer_norm", "output"),
-            ("ffn_output", "fc2", "output"),
-        ),
+        layer_sites=pre_ln_layer_sites("self_attn_layer_norm", "self_attn.out_proj", "final_layer_norm", "fc2"),
         model_sites=(("final_layernorm", "model.decoder.final_layer_norm", "output"),),
         stream_kind="layer_output",
         headlines=(
-            Headline("max_inf_norm", "Max inf norm", "inf_norm", None),
-            Headline("max_ffn_inf_norm", "Max FFN inf norm", "inf_norm", ("ffn_output",)),
-            Headline("max_layer_inf_norm", "Max layer inf norm", "inf_norm", ("layer_output",)),
-            Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", None, "mean"),
-            Headline("max_kurtosis", "Max Kurtosis", "kurtosis", None),
+            *PRE_LN_HEADLINES,
             Headline("max_kurtosis_layers", "Max Kurtosis layers", "kurtosis", ("layer_output",)),
         ),
         body="model",
@@ -263,23 +276,10 @@ FAMILIES: dict[str, Family] = {
         adam_betas=(0.9, 0.999),
         dropout_keys=("attention_probs_dropout_prob", "hidden_dropout_prob"),
         layers_path="vit.layers",
-        layer_sites=(
-            ("layer_output", "", "output"),  # the residual stream after the layer
-            ("attn_layernorm", "layernorm_before", "output"),
-            ("attn_out_proj", "attention.o_proj", "output"),
-            ("ffn_layernorm", "layernorm_after", "output"),
-            ("ffn_output", "mlp.fc2", "output"),
-        ),
+        layer_sites=pre_ln_layer_sites("layernorm_before", "attention.o_proj", "layernorm_after", "mlp.fc2"),
         model_sites=(("final_layernorm", "vit.layernorm", "output"),),
         stream_kind="layer_output",
-        # The paper's ViT figures (Table 2): the max inf-norm and the average kurtosis over the measured tensors.
-        headlines=(
-            Headline("max_inf_norm", "Max inf norm", "inf_norm", None),
-            Headline("max_ffn_inf_norm", "Max FFN inf norm", "inf_norm", ("ffn_output",)),
-            Headline("max_layer_inf_norm", "Max layer inf norm", "inf_norm", ("layer_output",)),
-            Headline("avg_kurtosis", "Avg Kurtosis", "kurtosis", None, "mean"),
-            Headline("max_kurtosis", "Max Kurtosis", "kurtosis", None),
-        ),
+        headlines=PRE_LN_HEADLINES,
         body="vit",
         head_projection="classifier",
         wiring=Wiring(
