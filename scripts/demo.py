@@ -132,6 +132,35 @@ def run_stage(number: int, total: int, title: str, job, objective: str, argv: li
     return results
 
 
+def method_stages(
+    method: str,
+    run_dir: Path,
+    train_title: str,
+    training: list[str],
+    evaluation: list[str],
+    quantize: list[str],
+    fp_extra: tuple[str, ...] = (),
+) -> tuple:
+    """A method's three stages (title, job, argv): train into `run_dir`, validate the model there in floating
+    point (eval-fp/, with `fp_extra`) and in W8A8 (eval-w8a8/, with `quantize`); `read_stage_results` reads
+    them back."""
+    return (
+        (f"{train_title}, {method}", pretrain, [*training, "--output_dir", str(run_dir)]),
+        (f"validate {method} (FP)", validate, [*evaluation, *fp_extra, "--output_dir", str(run_dir / "eval-fp")]),
+        (
+            f"validate {method} (W8A8)",
+            validate,
+            [*evaluation, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
+        ),
+    )
+
+
+def head_means(results: dict, key: str) -> list[float]:
+    """Per layer, the mean over heads of one attention figure of a validation's results."""
+    layers = [results["attention"][f"layer_{i}"] for i in range(len(results["attention"]))]
+    return [sum(layer[key]) / len(layer[key]) for layer in layers]
+
+
 def read_stage_results(run_dir: Path) -> list[dict]:
     """The written results of a finished method: training, FP and W8A8 evaluation."""
     paths = (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8")
@@ -199,11 +228,10 @@ def per_layer_figures(results: dict) -> dict[str, list[float]]:
     stream = sorted(
         (r for r in results["activations"].values() if r["kind"] == "layer_output"), key=lambda r: r["layer"]
     )
-    layers = [results["attention"][f"layer_{i}"] for i in range(len(results["attention"]))]
     return {
         "kurtosis": [r["kurtosis"] for r in stream],
         "inf_norm": [r["inf_norm"] for r in stream],
-        **{key: [sum(f[key]) / len(f[key]) for f in layers] for key in ("first_token_mass", "sink_ratio")},
+        **{key: head_means(results, key) for key in ("first_token_mass", "sink_ratio")},
     }
 
 
@@ -271,14 +299,8 @@ def main() -> None:
         training = [*common_train, *tokenizer, *train_data, *validation_data, *METHODS[method]]
         evaluation = ["--model_name_or_path", str(run_dir), "--block_size", "128", "--per_device_eval_batch_size", "16"]
         evaluation += validation_data
-        stages = (
-            (f"pre-train OPT-small, {method}", pretrain, [*training, "--output_dir", str(run_dir)]),
-            (f"validate {method} (FP)", validate, [*evaluation, "--plot", "--output_dir", str(run_dir / "eval-fp")]),
-            (
-                f"validate {method} (W8A8)",
-                validate,
-                [*evaluation, *train_data, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
-            ),
+        stages = method_stages(
+            method, run_dir, "pre-train OPT-small", training, evaluation, [*train_data, *quantize], fp_extra=("--plot",)
         )
         _, fp, w8a8 = run_method(method, run_dir, stages, "clm", args.resume, (stage, total))
         stage += len(stages)

@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the text demo's stage machinery
-from demo import REPO, run_method
+from demo import REPO, head_means, method_stages, run_method
 
 from transformers_language.files import write_json_atomic, write_text_atomic
-from transformers_language.pretrain import pretrain
-from transformers_language.validate import validate
 
 PATCH_LAYERNORM = ["--config_path", str(REPO / "model_configs" / "vit-4L3H-patch-layernorm.yaml")]
 # The paper's ViT settings (Table 2): clipped softmax gamma = -0.0001; a linear gate per token, init_prob 0.5.
@@ -69,12 +67,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--resume", action="store_true", help="Read back methods finished with the same flags.")
     return parser.parse_args()
-
-
-def per_layer(results: dict, key: str) -> list[float]:
-    """Per layer, the mean over heads of one attention figure."""
-    layers = [results["attention"][f"layer_{i}"] for i in range(len(results["attention"]))]
-    return [sum(figures[key]) / len(figures[key]) for figures in layers]
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -122,16 +114,8 @@ def main() -> None:
     total, rows = 3 * len(args.methods), {}
     for number, method in enumerate(args.methods):
         run_dir = output_dir / method
-        checkpoint = ["--model_name_or_path", str(run_dir)]
-        stages = (
-            (f"train ViT, {method}", pretrain, [*common, *METHODS[method], "--output_dir", str(run_dir)]),
-            (f"validate {method} (FP)", validate, [*checkpoint, *evaluation, "--output_dir", str(run_dir / "eval-fp")]),
-            (
-                f"validate {method} (W8A8)",
-                validate,
-                [*checkpoint, *evaluation, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
-            ),
-        )
+        evaluated = ["--model_name_or_path", str(run_dir), *evaluation]
+        stages = method_stages(method, run_dir, "train ViT", [*common, *METHODS[method]], evaluated, quantize)
         method_start = time.perf_counter()
         _, fp, w8a8 = run_method(method, run_dir, stages, "image_classification", args.resume, (3 * number, total))
         rows[method] = {
@@ -139,8 +123,8 @@ def main() -> None:
             "w8a8_accuracy": w8a8["accuracy"],
             "max_inf_norm": fp["max_inf_norm"],
             "avg_kurtosis": fp["avg_kurtosis"],
-            "cls_mass": per_layer(fp, "first_token_mass"),
-            "background_mass": per_layer(fp, "background_mass"),
+            "cls_mass": head_means(fp, "first_token_mass"),
+            "background_mass": head_means(fp, "background_mass"),
             "seconds": time.perf_counter() - method_start,  # its three stages (~0 when read back)
         }
     minutes = (time.perf_counter() - start) / 60
