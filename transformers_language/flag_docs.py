@@ -39,8 +39,9 @@ def _short_names() -> dict[frozenset, str]:
         names[frozenset(s for s in SCRIPTS if s.startswith(prefix))] = f"{prefix}*"
     for family in FAMILIES.values():
         names[frozenset((family.train_script, family.validate_script))] = f"*_{family.scripts}"
-    text = [s for s in SCRIPTS if not s.endswith("_vit.py")]
-    names[frozenset(text)] = "the language models' (*_mlm, *_clm)"
+    text = [f for f in FAMILIES.values() if f.modality == "text"]
+    scripts = frozenset(script for f in text for script in (f.train_script, f.validate_script))
+    names[scripts] = f"the language models' ({', '.join(f'*_{f.scripts}' for f in text)})"
     return names
 
 
