@@ -76,6 +76,8 @@ class Telemetry:
         self._sums: dict[str, torch.Tensor] = {}
         self._histograms: dict[str, dict] = {}
         self._attention: AttentionStatistics | None = None
+        # Only the first-key figures are logged: no tokenizer, so no delimiter tokens are marked.
+        self._inputs = probe_inputs(model.family, None, model.config)
         self.growth_path = Path(output_dir) / GROWTH_FILE
         if extra_stats and accelerator.is_main_process:
             self.growth_path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,9 +127,7 @@ class Telemetry:
             handles += [gate.register_forward_hook(self._gate_hook(index)) for gate in gates]
         with ExitStack() as stack:
             if self._scalar_step(step):
-                # Only the first-key figures are logged: no tokenizer, so no delimiter tokens are marked.
-                inputs = probe_inputs(self.model.family, None, self.model.config)
-                self._attention = AttentionStatistics(self.model, inputs)
+                self._attention = AttentionStatistics(self.model, self._inputs)
                 stack.enter_context(self._attention.attached())
                 embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids / pixels
                 handles.append(embeddings.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True))
