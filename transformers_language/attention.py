@@ -18,8 +18,15 @@ module swaps):
 by the attention diagnostics): they ride along as K extra value channels, so the fused kernel computes
 probabilities @ indicators together with the context and the fast path stays fast (the learned key of
 `bias_kv` gets a zero row).
-When nothing needs the weights (plain softmax, nothing attached to `scores` or `probs`, no
-`output_attentions`), attention runs through torch's fused `scaled_dot_product_attention` instead.
+When nothing needs the weights (plain softmax, nothing attached to `scores` or `probs`, no attention weights
+asked for), attention runs through torch's fused `scaled_dot_product_attention` instead.
+
+Attention weights are asked for by `output_attentions=True` per call, by `config.output_attentions`, or by
+`generate(..., output_attentions=True)`. HF records them with a hook on the attention module while its
+output collector holds an "attentions" entry; OPT's attention module swallows the per-call argument and the
+config flag never reaches the function, so the function reads that collector (`weights_requested`) and runs
+the explicit path whenever it is recording. The weights are (B, H, T, S) over every key the layer attends to:
+with a static cache S is the cache length (slots not yet written get weight 0), as in HF's eager path.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils.output_capturing import _active_collector
 
 from .attention_config import AttentionConfig
 from .gates import AttentionGate
@@ -36,6 +44,15 @@ from .prepended_keys import BiasKeyValue, prepend_key, with_null_key
 from .softmax import build_softmax
 
 ATTENTION_FUNCTION_NAME = "attention_variant"
+
+
+def weights_requested(module: nn.Module) -> bool:
+    """True while HF records attention weights (per call, through the config, in `generate`): its output
+    collector then holds an "attentions" entry. (Compile-safe: HF's collector is a global under dynamo.)"""
+    collected = _active_collector.get()
+    if collected is not None:
+        return "attentions" in collected
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def is_attached(point: nn.Module) -> bool:
@@ -96,12 +113,12 @@ class AttentionVariant(nn.Module):
 
         fused = self.uses_fused_path(output_attentions)
         null_logit = self.softmax.null_logit() if fused else None  # softmax1 / learned sink in fused form
-        # Same convention as HF's SDPA path (upper-left causal; a static-cache prefill keeps T keys). The fused
-        # kernel takes is_causal itself unless keys are prepended.
+        # Same convention as HF's SDPA path: upper-left causal, so query i sees keys 0..i (a static-cache prefill
+        # has more keys than queries; the unwritten slots are masked, and explicit weights keep one column per
+        # slot). The fused kernel takes is_causal itself unless keys are prepended.
         implicit_causal = attention_mask is None and is_causal and q_length > 1
         if implicit_causal and (self.bias_kv is not None or null_logit is not None or not fused):
-            key, value = key[:, :, :q_length], value[:, :, :q_length]
-            attention_mask = torch.ones(q_length, q_length, dtype=torch.bool, device=query.device).tril()
+            attention_mask = torch.ones(q_length, key.shape[2], dtype=torch.bool, device=query.device).tril()
             is_causal = False
 
         marked = self.marked_keys
@@ -187,7 +204,7 @@ def attention_variant_forward(
         dropout=dropout,
         is_causal=getattr(module, "is_causal", False) if is_causal is None else is_causal,
         gate_input=gate_input,
-        output_attentions=output_attentions,
+        output_attentions=output_attentions or weights_requested(module),
     )
 
 
