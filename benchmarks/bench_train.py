@@ -68,12 +68,12 @@ def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
     from transformers_language.objectives import get_objective
     from transformers_language.pretrain import build_parser
 
-    args = build_parser(get_objective(SETUPS[model]["script"])).parse_args(train_argv(model, steps, output_dir, cache))
+    flags = build_parser(get_objective(SETUPS[model]["script"])).parse(train_argv(model, steps, output_dir, cache))
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
-    blocks = prepare_splits(args, ("train",), tokenizer, SEQ_LENGTH, Accelerator(cpu=True))["train"]
+    tokenizer = AutoTokenizer.from_pretrained(flags.model.tokenizer_name)
+    blocks = prepare_splits(flags.data, ("train",), tokenizer, SEQ_LENGTH, Accelerator(cpu=True))["train"]
     blocks = blocks.with_format(None)
-    config = AutoConfig.for_model(model, **yaml.safe_load(Path(args.config_path).read_text()))
+    config = AutoConfig.for_model(model, **yaml.safe_load(Path(flags.model.config_path).read_text()))
     config.vocab_size = len(tokenizer)
     config._attn_implementation = "eager"
     if model == "bert":

@@ -88,29 +88,31 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     """Evaluation loop without and with the statistics, alternating in this process."""
     sys.path.insert(0, str(REPO))
     from accelerate import Accelerator
-    from transformers import AutoConfig
 
     from transformers_language.attention_stats import AttentionStatistics
-    from transformers_language.block_layouts import resolve_block_layout
     from transformers_language.data import prepare_splits
     from transformers_language.evaluation import evaluate
+    from transformers_language.families import family_of_objective
     from transformers_language.metrics import ActivationStatistics
     from transformers_language.modalities import probe_inputs
-    from transformers_language.model_loading import load_checkpoint, load_tokenizer
+    from transformers_language.model_loading import load_checkpoint
     from transformers_language.objectives import get_objective
     from transformers_language.outlier_report import outlier_results
+    from transformers_language.plan import resolve_validation
     from transformers_language.validate import build_parser
 
     objective = get_objective(SETUPS[model]["script"])
     with tempfile.TemporaryDirectory() as output_dir:
-        args = build_parser(objective).parse_args(validate_argv(model, checkpoint, output_dir, cache))
-    resolve_block_layout(args, checkpoint)
+        flags = build_parser(objective).parse(validate_argv(model, checkpoint, output_dir, cache))
+    family = family_of_objective(objective.name)
+    plan = resolve_validation(flags, family, family.validate_script)
     accelerator = Accelerator(cpu=True)
-    tokenizer = load_tokenizer(args)
-    net = load_checkpoint(args, AutoConfig.from_pretrained(checkpoint), accelerator.device)
+    tokenizer = plan.preprocessor
+    net = load_checkpoint(plan.model, plan.config, accelerator.device)
     loss_module = objective.loss_class(net).eval()
-    dataset = prepare_splits(args, ("validation",), tokenizer, SEQ_LENGTH, accelerator)["validation"]
-    dataset = objective.evaluation_set(dataset, objective.targets(tokenizer, net.config, args), args.seed)
+    dataset = prepare_splits(plan.data, ("validation",), tokenizer, SEQ_LENGTH, accelerator)["validation"]
+    targets = objective.targets(tokenizer, net.config, flags.get("objective"))
+    dataset = objective.evaluation_set(dataset, targets, flags.evaluation.seed)
     batch, config = SETUPS[model]["batch"], net.config
     inputs = probe_inputs(net.family, tokenizer, config)
 

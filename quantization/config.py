@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 from .affine import check_bits
@@ -72,27 +72,55 @@ QUANT_PRESETS = {
 }
 
 
+def setting(default, help: str, **flag):
+    """A QuantConfig field that the validation scripts take as the flag `--<name>`: its help text and argparse
+    options (`flag`) are declared here, once (transformers_language/quant_args.py reads them)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    n_bits: int = 8
-    n_bits_act: int = 8
+    """The W8A8 simulation's settings. Fields made with `setting` are flags of the same name; the others come
+    from flags that say it differently (--no_weight_quant, --peg_points, --point_bits, --llm_int8, the
+    transform switches, --token_clipping)."""
+
+    n_bits: int = setting(8, "Weight bits.", type=int)
+    n_bits_act: int = setting(8, "Activation bits.", type=int)
     weight_quant: bool = True
     act_quant: bool = True
-    qmethod_acts: str = "asymmetric_uniform"
-    ranges_weights: str = "minmax"
-    ranges_acts: str = "running_minmax"
-    percentile: float | None = None
-    percentile_interpolation: str = "linear"
-    """How --percentile reads the sorted values: 'linear' (numpy.percentile, the paper's) or 'nearest' rank."""
-    quant_setup: str = "fp32_head"
-    calibration_inputs: str = "quantized"
-    """What activation quantizers observe: 'quantized' upstream values (the paper's code) or 'float' ones."""
-    weight_granularity: str = "per_tensor"
-    act_granularity: str = "per_tensor"
-    peg_groups: int = 6
-    """K, the embedding groups of a PEG point."""
-    peg_permute: bool = False
-    """Range-based permutation: group channels of similar calibrated range."""
+    qmethod_acts: str = setting("asymmetric_uniform", "asymmetric_uniform or symmetric_uniform.")
+    ranges_weights: str = setting(
+        "minmax", "Weight ranges: minmax, MSE or L<p> (e.g. L2.4); the default is the paper's for this family."
+    )
+    ranges_acts: str = setting("running_minmax", "Activation ranges: running_minmax, current_minmax, MSE, L<p>.")
+    percentile: float | None = setting(None, "Min-max ranges from percentiles P / 100-P.", type=float)
+    percentile_interpolation: str = setting(
+        "linear",
+        "How --percentile reads the sorted values: linear (numpy.percentile, the paper's) or nearest rank.",
+        choices=list(PERCENTILE_INTERPOLATIONS),
+    )
+    quant_setup: str = setting("fp32_head", f"Preset: {', '.join(QUANT_PRESETS)}.")
+    calibration_inputs: str = setting(
+        "quantized",
+        "What activation quantizers observe while calibrating: quantized upstream values (the paper's code) or "
+        "float ones.",
+        choices=list(CALIBRATION_INPUTS),
+    )
+    weight_granularity: str = setting(
+        "per_tensor",
+        "per_tensor, or per_channel: one range per output row of each Linear and embedding table.",
+        choices=list(WEIGHT_GRANULARITIES),
+    )
+    act_granularity: str = setting(
+        "per_tensor",
+        "per_tensor; per_embedding_group (PEG, on --peg_points; the rest per tensor); per_token (every "
+        "activation, dynamic ranges).",
+        choices=list(ACT_GRANULARITIES),
+    )
+    peg_groups: int = setting(6, "PEG: embedding groups K per point.", type=int)
+    peg_permute: bool = setting(
+        False, "PEG: range-based permutation (group channels by calibrated range).", action="store_true"
+    )
     peg_points: tuple[str, ...] = ()
     """Name patterns of the points quantized per embedding group."""
     point_bits: tuple[tuple[str, int], ...] = ()
@@ -103,17 +131,27 @@ class QuantConfig:
     transforms: tuple[str, ...] = ()
     """Equivalent transforms (transforms.TRANSFORMS) applied to the float model before quantizing, in that
     registry's order."""
-    smoothquant_alpha: float = 0.5
-    """SmoothQuant's migration strength (0: all onto the activations' side, 1: all onto the weights')."""
-    os_plus_grid: int = 20
-    """OS+: candidate thresholds t searched per LayerNorm."""
+    smoothquant_alpha: float = setting(0.5, "SmoothQuant's alpha in [0, 1].", type=float)
+    os_plus_grid: int = setting(20, "OS+: candidate thresholds t per LayerNorm.", type=int)
     token_clipping_points: tuple[str, ...] = ()
     """Name patterns of the activation points whose ranges come from token-wise clipping."""
-    token_clipping_quantiles: tuple[float, ...] = DEFAULT_QUANTILES
-    """Token-wise clipping's grid of quantiles q, searched on the final output's loss (one value: no search)."""
-    token_clipping_fine_steps: int = 0
-    """Token-wise clipping's fine stage: steps of learning the clipping ranges (0: coarse stage only)."""
-    token_clipping_learning_rate: float = 1e-2
+    token_clipping_quantiles: tuple[float, ...] = setting(
+        DEFAULT_QUANTILES,
+        "Token-wise clipping: the quantiles q searched (one value: that q, no search).",
+        nargs="+",
+        type=float,
+        metavar="Q",
+    )
+    token_clipping_fine_steps: int = setting(
+        0, "Token-wise clipping's fine stage: steps learning the clipping ranges on the same loss (0: off).", type=int
+    )
+    token_clipping_learning_rate: float = setting(
+        1e-2, "Token-wise clipping's fine stage: Adam learning rate.", type=float
+    )
+
+    def changed(self, *names: str) -> list[str]:
+        """The flags among `names` whose value is not the default."""
+        return [f"--{f.name}" for f in fields(self) if f.name in names and getattr(self, f.name) != f.default]
 
     def __post_init__(self):
         for flag in ("n_bits", "n_bits_act"):
@@ -164,18 +202,16 @@ class QuantConfig:
                 raise ValueError(
                     f"--llm_int8_threshold must be >= 0 (inf: no decomposition), got {self.llm_int8_threshold}."
                 )
-            if self.act_granularity != "per_tensor" or not self.act_quant:
+            static = self.changed("act_granularity", "ranges_acts", "percentile", "calibration_inputs")
+            if static or not self.act_quant:
                 raise ValueError(
-                    "--llm_int8 quantizes each Linear's input per token itself (no other activation): drop "
-                    "--act_granularity / --no_act_quant."
+                    f"{', '.join(static or ['--no_act_quant'])} do not apply with --llm_int8: it quantizes each "
+                    "Linear's input per token (dynamic) and no other activation."
                 )
-        if self.act_granularity == "per_token" and (
-            self.percentile is not None or self.ranges_acts != "running_minmax"
-        ):
-            raise ValueError(
-                "--act_granularity per_token takes each row's range at run time: --ranges_acts / --percentile do not "
-                "apply; drop them."
-            )
+        if self.act_granularity == "per_token":
+            static = self.changed("ranges_acts", "percentile", "calibration_inputs")
+            if static:
+                raise ValueError(f"{', '.join(static)} do not apply with --act_granularity per_token (dynamic ranges).")
         if self.weight_estimator == "running_minmax":
             raise ValueError(
                 f"Unknown --ranges_weights {self.ranges_weights!r}; valid weight ranges: minmax, MSE, L<p> (e.g. L2.4)."

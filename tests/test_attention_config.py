@@ -1,10 +1,9 @@
 """Method strings, value ranges, flag contradictions and the config.json round trip of the settings."""
 
-import argparse
-
 import pytest
 
 from transformers_language import AttentionConfig, add_attention_args, attention_config_from_args
+from transformers_language.arguments import FlagParser
 from transformers_language.attention_config import CONFIG_KEY, parse_softmax
 
 from .conftest import tiny_config
@@ -45,10 +44,9 @@ def test_only_clippable_normalisers_clip(method):
 def test_sigmoid_needs_the_training_length_and_the_flags_give_it():
     with pytest.raises(ValueError, match="sigmoid needs the training sequence length"):
         AttentionConfig(softmax="sigmoid")
-    parser = add_attention_args(argparse.ArgumentParser())
-    config = attention_config_from_args(parser.parse_args(["--attn_softmax", "sigmoid"]), train_seq_length=64)
+    config = parse(["--attn_softmax", "sigmoid"], train_seq_length=64)
     assert config.train_seq_length == 64 and config.normaliser == "sigmoid" and not config.plain_softmax
-    vanilla = attention_config_from_args(parser.parse_args([]), train_seq_length=64)
+    vanilla = parse([], train_seq_length=64)
     assert vanilla.train_seq_length is None  # only what reads it stores it
 
 
@@ -60,10 +58,9 @@ def test_output_gates_keep_their_own_network_and_init():
             AttentionConfig(gate_type=gate_type, fine_tuning=True)
         with pytest.raises(ValueError, match="needs a conditional gate type that takes a network"):
             AttentionConfig(gate_type=gate_type, gate_network="mlp")
-    parser = add_attention_args(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="has its own network"):
-        attention_config_from_args(parser.parse_args(["--attn_gate_type", "headwise", "--attn_gate_mlp"]), None)
-    config = attention_config_from_args(parser.parse_args(["--attn_gate_type", "elementwise", "--attn_bias_kv"]), None)
+        parse(["--attn_gate_type", "headwise", "--attn_gate_mlp"], None)
+    config = parse(["--attn_gate_type", "elementwise", "--attn_bias_kv"], None)
     assert config.gate_type == "elementwise" and config.bias_kv and config.plain_softmax
 
 
@@ -120,8 +117,8 @@ def test_settings_live_in_config_json(tmp_path):
 
 
 def parse(argv, train_seq_length=128):
-    args = add_attention_args(argparse.ArgumentParser()).parse_args(argv)
-    return attention_config_from_args(args, train_seq_length)
+    flags = add_attention_args(FlagParser()).parse(argv)
+    return attention_config_from_args(flags.attention, train_seq_length)
 
 
 def test_flags_to_config():

@@ -1,6 +1,5 @@
 """The data pipeline: blocks against a reference tokenization, splitting, caching, and error messages."""
 
-import argparse
 import json
 
 import pytest
@@ -10,9 +9,10 @@ from transformers import AutoTokenizer
 
 import transformers_language.data as data
 from tests.conftest import TOKENIZERS, TRAIN_TEXT, VALID_TEXT
+from transformers_language.arguments import typed_group
 
 
-def data_args(tmp_path, **overrides) -> argparse.Namespace:
+def data_args(tmp_path, **overrides) -> data.DataArgs:
     values = dict(
         dataset_setup=None,
         train_file=str(TRAIN_TEXT),
@@ -24,7 +24,7 @@ def data_args(tmp_path, **overrides) -> argparse.Namespace:
         validation_percentage=10,
         block_layout="stream",
     )
-    return argparse.Namespace(**(values | overrides))
+    return data.DataArgs(**(values | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +134,12 @@ def test_validation_alone_never_reads_the_training_split(tokenizers, tmp_path):
 
 
 def test_data_errors_name_the_fix(tokenizers, tmp_path):
-    accelerator = Accelerator(cpu=True)
     with pytest.raises(ValueError, match="No train data: pass --dataset_setup or --train_file"):
-        data.prepare_splits(data_args(tmp_path, train_file=None), ("train",), tokenizers["opt"], 32, accelerator)
+        data.check_data_sources(data_args(tmp_path, train_file=None), ("train",))
     with pytest.raises(ValueError, match="--dataset_setup and --train_file, --validation_file both choose"):
-        data.prepare_splits(
-            data_args(tmp_path, dataset_setup="wikitext_2"), ("train",), tokenizers["opt"], 32, accelerator
-        )
+        data.check_data_sources(data_args(tmp_path, dataset_setup="wikitext_2"), ("train",))
     with pytest.raises(ValueError, match=r"--validation_percentage must lie in \(0, 100\]"):
-        data.prepare_splits(
-            data_args(tmp_path, validation_percentage=0), ("validation",), tokenizers["opt"], 32, accelerator
-        )
+        typed_group(data.DataArgs, {"validation_percentage": 0})
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words\n")
     with pytest.raises(ValueError, match="fewer than 128 tokens"):

@@ -310,13 +310,14 @@ PAPER_COMMANDS = {
 
 @pytest.mark.parametrize("model_type, kind", sorted(PAPER_COMMANDS))
 def test_the_paper_readme_commands_parse(model_type, kind):
+    from transformers_language.families import get_family
     from transformers_language.objectives import get_objective
     from transformers_language.quant_args import quant_config_from_args
     from transformers_language.validate import build_parser
 
     objective = get_objective("mlm" if model_type == "bert" else "clm")
-    args = build_parser(objective).parse_args(PAPER_COMMANDS[model_type, kind].split())
-    config = quant_config_from_args(args)
+    flags = build_parser(objective).parse(PAPER_COMMANDS[model_type, kind].split())
+    config = quant_config_from_args(flags.quantization, get_family(model_type))
     assert (config is not None) == (kind == "w8a8")
     if config is not None and model_type == "opt":
         assert config.percentile == 99.999 and config.quant_setup == "fp32_head"

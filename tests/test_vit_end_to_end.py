@@ -13,7 +13,7 @@ from PIL import Image
 
 from transformers_language.errors import UsageError
 from transformers_language.image_classification import MixTargets
-from transformers_language.image_data import SeededImages, eval_transform, load_image_split
+from transformers_language.image_data import ImageDataArgs, SeededImages, eval_transform, load_image_split
 from transformers_language.probe_views import ImageInputs
 
 from .conftest import assert_resume_repeats_run, read_log
@@ -220,7 +220,7 @@ def test_marks_are_cls_and_the_flattest_patches():
 
 
 def test_training_images_are_a_function_of_their_seed(image_folders):
-    dataset = load_image_split(type("Args", (), {"train_dir": str(image_folders[0])})(), "train")
+    dataset = load_image_split(ImageDataArgs(train_dir=str(image_folders[0])), "train")
     assert dataset.features["label"].names == list(CLASSES) and len(dataset) == 36
     from transformers_language.image_data import AugmentationArgs, train_transform
 

@@ -7,16 +7,15 @@ stock HF checkpoint) is vanilla attention.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, fields, make_dataclass
 
 from transformers import PretrainedConfig
 
-from .arguments import add_group, arg, parse_group
+from .arguments import FlagParser, add_group, arg
 from .errors import UsageError
 from .gates import GATE_NETWORKS, GATE_TYPES, logit  # noqa: F401 (logit: part of this module's API)
-from .softmax import CLIPPABLE, SOFTMAX_FORMS, SOFTMAX_VARIANTS, softmax_variant
+from .softmax import CLIPPABLE, SOFTMAX_FORMS, SOFTMAX_VARIANTS, SoftmaxSpec, softmax_variant
 
 CONFIG_KEY = "attention_variant"
 DEFAULT_GATE_NETWORK = "linear"  # the network without a flag
@@ -58,7 +57,8 @@ class AttentionConfig:
     """Ablation: the attention function returns a zero context (no token mixing)."""
 
     def __post_init__(self):
-        spec = softmax_variant(self.softmax)  # validates the method string
+        spec = softmax_variant(self.softmax)  # validates the method string, parsed once here
+        object.__setattr__(self, "_spec", spec)
         if self.alpha is not None:
             if spec.clip is not None or not SOFTMAX_VARIANTS[spec.normaliser].clippable:
                 raise UsageError(
@@ -98,28 +98,33 @@ class AttentionConfig:
             )
 
     @property
+    def spec(self) -> SoftmaxSpec:
+        """The normaliser and clip `softmax` names (parsed when the settings are made)."""
+        return self._spec
+
+    @property
     def gamma(self) -> float:
         if self.alpha is not None:
             return -self.alpha / self.train_seq_length
-        return parse_softmax(self.softmax)[0]
+        return (self.spec.clip or (0.0, 1.0))[0]
 
     @property
     def zeta(self) -> float:
-        return parse_softmax(self.softmax)[1]
+        return (self.spec.clip or (0.0, 1.0))[1]
 
     @property
     def normaliser(self) -> str:
         """The registered normaliser (softmax.py) this method runs, clipped or not."""
-        return softmax_variant(self.softmax).normaliser
+        return self.spec.normaliser
 
     @property
     def clipped(self) -> bool:
         """True when the normaliser is clipped (even clipped(0:1), which computes the same as vanilla)."""
-        return self.alpha is not None or softmax_variant(self.softmax).clip is not None
+        return self.alpha is not None or self.spec.clip is not None
 
     @property
     def needs_seq_length(self) -> bool:
-        return reads_train_seq_length(self.softmax, self.alpha)
+        return self.alpha is not None or SOFTMAX_VARIANTS[self.normaliser].needs_seq_length
 
     @property
     def plain_softmax(self) -> bool:
@@ -213,15 +218,14 @@ def _attention_fields() -> list[tuple]:
 AttentionArgs = make_dataclass("AttentionArgs", _attention_fields(), frozen=True)
 
 
-def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_attention_args(parser: FlagParser) -> FlagParser:
     """The paper's attention flags, shared by the training and validation scripts."""
-    add_group(parser, AttentionArgs, "attention variant")
+    add_group(parser, "attention", AttentionArgs, "attention variant")
     return parser
 
 
-def gate_network_switches(args) -> list[tuple[str, str, bool]]:
+def gate_network_switches(flags: AttentionArgs) -> list[tuple[str, str, bool]]:
     """(flag, gate network, given) for each gate network's switch."""
-    flags = parse_group(AttentionArgs, args)
     return [
         (network.flag, name, getattr(flags, network.flag.removeprefix("--")))
         for name, network in GATE_NETWORKS.items()
@@ -229,13 +233,12 @@ def gate_network_switches(args) -> list[tuple[str, str, bool]]:
     ]
 
 
-def attention_config_from_args(args, train_seq_length: int | None) -> AttentionConfig:
-    """Turn the parsed attention flags (the typed group, or the namespace holding it) into an
-    `AttentionConfig`, rejecting contradictions with one clear error that names the flags.
+def attention_config_from_args(flags: AttentionArgs, train_seq_length: int | None) -> AttentionConfig:
+    """Turn the parsed attention flags into an `AttentionConfig`, rejecting contradictions with one clear error
+    that names the flags.
 
     Only what the flags alone can contradict is checked here; value ranges and combinations of settings are
     checked once, by `AttentionConfig`."""
-    flags = parse_group(AttentionArgs, args)
     network_flags = {flag: (name, on) for flag, name, on in gate_network_switches(flags)}
     chosen = [flag for flag, (_, on) in network_flags.items() if on]
     if len(chosen) > 1:

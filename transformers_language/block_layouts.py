@@ -12,7 +12,6 @@ the record of a model's layout saved beside its weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -53,23 +52,23 @@ def layout_record(block_layout: str) -> dict[str, dict]:
     return {LAYOUT_RECORD: {"block_layout": block_layout}}
 
 
-def resolve_block_layout(args: argparse.Namespace, model_dir: str) -> str:
-    """The layout an evaluation uses: `--block_layout` when given, else the one recorded beside the checkpoint,
-    else `stream` (a model not trained here, e.g. from the hub). Stored in `args.block_layout`; logged."""
+def resolve_block_layout(flag: str | None, model_dir: str) -> tuple[str, str]:
+    """(layout, where it comes from) of an evaluation: `--block_layout` (`flag`) when given, else the one
+    recorded beside the checkpoint, else `stream` (a model not trained here, e.g. from the hub); logged."""
     record = Path(model_dir) / LAYOUT_RECORD
-    if args.block_layout is not None:
-        source = "--block_layout"
+    if flag is not None:
+        layout, source = flag, "--block_layout"
     elif record.is_file():
         try:
-            args.block_layout = json.loads(record.read_text())["block_layout"]
+            layout = json.loads(record.read_text())["block_layout"]
         except (ValueError, KeyError, TypeError) as error:
             raise UsageError(f"{record} is corrupt ({error}); pass --block_layout to choose the layout.") from error
-        get_block_layout(args.block_layout)
+        get_block_layout(layout)
         source = f"the checkpoint's {LAYOUT_RECORD}"
     else:
-        args.block_layout, source = DEFAULT_BLOCK_LAYOUT, f"the default (no {LAYOUT_RECORD} beside the checkpoint)"
-    logger.info("Block layout %s, from %s", args.block_layout, source)
-    return source
+        layout, source = DEFAULT_BLOCK_LAYOUT, f"the default (no {LAYOUT_RECORD} beside the checkpoint)"
+    logger.info("Block layout %s, from %s", layout, source)
+    return layout, source
 
 
 def get_block_layout(name: str) -> BlockLayout:

@@ -11,7 +11,6 @@ tokenizing again.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
-from .arguments import add_group, arg, parse_group
+from .arguments import PERCENTAGE, POSITIVE, FlagParser, add_group, arg, from_flag
 from .block_layouts import (
     BLOCK_LAYOUTS,
     DEFAULT_BLOCK_LAYOUT,
@@ -100,13 +99,16 @@ class DataArgs:
     block_layout: str | None = arg(
         DEFAULT_BLOCK_LAYOUT, _layout_help(DEFAULT_BLOCK_LAYOUT), choices=list(BLOCK_LAYOUTS)
     )
-    preprocessing_num_workers: int | None = arg(help="Processes for tokenizing.", type=int)
+    preprocessing_num_workers: int | None = arg(help="Processes for tokenizing.", check=POSITIVE, type=int)
     overwrite_cache: bool = arg(False, "Tokenize again even if a cache exists.", action="store_true")
     data_cache_dir: str | None = arg(
         help="Where tokenized splits are cached (default: <HF datasets cache>/outlier_free_transformers)."
     )
-    train_percentage: float | None = arg(help="Use the first P%% of training texts.", type=float)
-    validation_percentage: float | None = arg(help="Use the first P%% of validation texts.", type=float)
+    train_percentage: float | None = arg(help="Use the first P%% of training texts.", check=PERCENTAGE, type=float)
+    validation_percentage: float | None = arg(
+        help="Use the first P%% of validation texts.", check=PERCENTAGE, type=float
+    )
+    seq_length: int | None = from_flag(help="Tokens per block: the family's sequence-length flag, as given.")
 
     def file(self, split: str) -> str | None:
         return {"train": self.train_file, "validation": self.validation_file}[split]
@@ -116,8 +118,8 @@ class DataArgs:
 
 
 def add_data_args(
-    parser: argparse.ArgumentParser, sequence: SequenceFlag, layout_default: str | None = DEFAULT_BLOCK_LAYOUT
-) -> argparse.ArgumentParser:
+    parser: FlagParser, sequence: SequenceFlag, layout_default: str | None = DEFAULT_BLOCK_LAYOUT
+) -> FlagParser:
     """The data flags, with the family's sequence-length flag. `layout_default=None` (validation): no default
     layout, the checkpoint's is used."""
 
@@ -125,14 +127,21 @@ def add_data_args(
         group.add_argument(f"--{sequence.name}", type=int, default=sequence.default, help=sequence.help)
 
     layout = {"default": layout_default, "help": _layout_help(layout_default)}
-    add_group(parser, DataArgs, "data", {"block_layout": layout}, after={"validation_file": sequence_flag})
+    add_group(
+        parser,
+        "data",
+        DataArgs,
+        "data",
+        {"block_layout": layout},
+        after={"validation_file": sequence_flag},
+        sources={"seq_length": sequence.name},
+    )
     return parser
 
 
-def check_data_sources(args: DataArgs | argparse.Namespace, splits: tuple[str, ...]) -> None:
-    """The data flags and files of `splits`, checked before anything is loaded (validation resolves a missing
-    --block_layout from the checkpoint later)."""
-    data = parse_group(DataArgs, args)
+def check_data_sources(data: DataArgs, splits: tuple[str, ...]) -> None:
+    """The data flags and files of `splits`, checked once, before anything is loaded (validation resolves a
+    missing --block_layout from the checkpoint)."""
     if data.block_layout is not None:
         get_block_layout(data.block_layout)
     if data.dataset_setup is not None:
@@ -151,9 +160,6 @@ def check_data_sources(args: DataArgs | argparse.Namespace, splits: tuple[str, .
             raise InputFileError(f"--{split}_file {path} does not exist; pass the path of a text file.")
         if path is not None and Path(path).stat().st_size == 0:
             raise InputFileError(f"--{split}_file {path} is empty; pass a text file with one text per line.")
-        percentage = data.percentage(split)
-        if percentage is not None and not 0 < percentage <= 100:
-            raise UsageError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
 
 
 def _source_fingerprint(data: DataArgs, split: str) -> dict:
@@ -212,7 +218,7 @@ def default_cache_dir() -> Path:
 
 
 def load_split(
-    args: DataArgs | argparse.Namespace,
+    data: DataArgs,
     split: str,
     tokenizer: PreTrainedTokenizerBase,
     seq_length: int,
@@ -222,7 +228,6 @@ def load_split(
 
     Only the main process tokenizes; the others must call this after it has finished (see
     `prepare_splits`), and then load the cache it wrote."""
-    data = parse_group(DataArgs, args)
     layout = get_block_layout(data.block_layout)
     key = {
         "version": CACHE_FORMAT_VERSION,
@@ -267,15 +272,14 @@ def load_split(
 
 
 def prepare_splits(
-    args: DataArgs | argparse.Namespace,
+    data: DataArgs,
     splits: tuple[str, ...],
     tokenizer: PreTrainedTokenizerBase,
     seq_length: int,
     accelerator,
 ) -> dict[str, Dataset]:
-    """Tokenized blocks for each requested split; the main process builds missing caches first."""
-    data = parse_group(DataArgs, args)
-    check_data_sources(data, splits)
+    """Tokenized blocks for each requested split (sources checked by the plan); the main process builds missing
+    caches first."""
     result = {}
     with accelerator.main_process_first():
         for split in splits:

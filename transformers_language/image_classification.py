@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import UsageError
+from .arguments import FINITE_NON_NEGATIVE, OPEN_UNIT_INTERVAL, arg
 from .objective_base import LossModule, Objective, Targets, derive_seed
 
 
@@ -44,13 +44,7 @@ class MixTargets:
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UsageError(f"--label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
-        for flag in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(self, flag) < 0:
-                raise UsageError(f"--{flag} must be >= 0 (0: off), got {getattr(self, flag)}.")
+    """(Ranges are checked with the flags, MixingArgs.)"""
 
     def _mixers(self, batch: int) -> list:
         """torchvision's MixUp / CutMix over `batch` classes: mixing the one-hot image indices of the batch gives
@@ -81,6 +75,15 @@ class MixTargets:
 
 
 @dataclass(frozen=True)
+class MixingArgs:
+    """The image-classification objective's training flags: soft targets."""
+
+    label_smoothing: float = arg(0.0, "Label smoothing of the targets.", OPEN_UNIT_INTERVAL, type=float)
+    mixup_alpha: float = arg(0.0, "Mixup's Beta(alpha, alpha) (0: off).", FINITE_NON_NEGATIVE, type=float)
+    cutmix_alpha: float = arg(0.0, "CutMix's Beta(alpha, alpha) (0: off).", FINITE_NON_NEGATIVE, type=float)
+
+
+@dataclass(frozen=True)
 class ImageClassification(Objective):
     """Image classification with a ViT: pixels in, class labels out."""
 
@@ -91,17 +94,13 @@ class ImageClassification(Objective):
     def work(self, inputs: torch.Tensor) -> int:
         return inputs.shape[0]
 
-    def add_args(self, group, training: bool) -> None:
-        if not training:
-            return
-        group.add_argument("--label_smoothing", type=float, default=0.0, help="Label smoothing of the targets.")
-        group.add_argument("--mixup_alpha", type=float, default=0.0, help="Mixup's Beta(alpha, alpha) (0: off).")
-        group.add_argument("--cutmix_alpha", type=float, default=0.0, help="CutMix's Beta(alpha, alpha) (0: off).")
+    def flags_class(self, training: bool) -> type | None:
+        return MixingArgs if training else None
 
-    def targets(self, preprocessor, config, args, training: bool = False) -> Targets:
+    def targets(self, preprocessor, config, flags: MixingArgs | None, training: bool = False) -> Targets:
         if not training:
             return _hard_labels
-        return MixTargets(config.num_labels, args.label_smoothing, args.mixup_alpha, args.cutmix_alpha)
+        return MixTargets(config.num_labels, flags.label_smoothing, flags.mixup_alpha, flags.cutmix_alpha)
 
     def evaluation_sums(self, loss_module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[loss sum, images, top-1 hits, top-5 hits]."""

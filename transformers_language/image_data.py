@@ -13,7 +13,6 @@ and after an interrupted run resumes.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset
 
-from .arguments import add_group, arg, parse_group
+from .arguments import FRACTION, NON_NEGATIVE, PERCENTAGE, FlagParser, add_group, arg, from_flag
 from .errors import InputFileError, UsageError
 from .families import SequenceFlag
 
@@ -42,10 +41,17 @@ class ImageDataArgs:
     validation_dir: str | None = arg(help="Local validation images, one sub-folder per class.")
     image_column: str | None = arg(help=f"Image column (default: the first of {', '.join(IMAGE_COLUMNS)}).")
     label_column: str | None = arg(help=f"Label column (default: the first of {', '.join(LABEL_COLUMNS)}).")
-    train_percentage: float | None = arg(help="Use P%% of the training images, spread evenly.", type=float)
-    validation_percentage: float | None = arg(help="Use P%% of the validation images, spread evenly.", type=float)
-    dataloader_num_workers: int = arg(0, "Processes decoding and augmenting training images.", type=int)
-    eval_crop_fraction: float = arg(0.875, "Evaluation: resize to image_size / F, then center-crop.", type=float)
+    train_percentage: float | None = arg(
+        help="Use P%% of the training images, spread evenly.", check=PERCENTAGE, type=float
+    )
+    validation_percentage: float | None = arg(
+        help="Use P%% of the validation images, spread evenly.", check=PERCENTAGE, type=float
+    )
+    dataloader_num_workers: int = arg(0, "Processes decoding and augmenting training images.", NON_NEGATIVE, type=int)
+    eval_crop_fraction: float = arg(
+        0.875, "Evaluation: resize to image_size / F, then center-crop.", FRACTION, type=float
+    )
+    seq_length: int | None = from_flag(help="The image side in pixels: the family's size flag, as given.")
 
     def folder(self, split: str) -> str | None:
         return {"train": self.train_dir, "validation": self.validation_dir}[split]
@@ -65,23 +71,38 @@ class AugmentationArgs:
     randaugment_num_ops: int = arg(0, "RandAugment's operations per image (0: no RandAugment).", type=int)
     randaugment_magnitude: int = arg(9, "RandAugment's magnitude (of 31 bins).", type=int)
 
+    def __post_init__(self):
+        low, high = self.random_resized_crop_scale
+        if not 0 < low <= high <= 1:
+            raise UsageError(f"--random_resized_crop_scale needs 0 < MIN <= MAX <= 1, got {low} {high}.")
+        if not 0 <= self.horizontal_flip_prob <= 1:
+            raise UsageError(f"--horizontal_flip_prob must lie in [0, 1], got {self.horizontal_flip_prob}.")
+        if self.randaugment_num_ops < 0 or not 0 <= self.randaugment_magnitude < 31:
+            raise UsageError("--randaugment_num_ops must be >= 0 and --randaugment_magnitude in [0, 30].")
 
-def add_image_data_args(
-    parser: argparse.ArgumentParser, sequence: SequenceFlag, training: bool
-) -> argparse.ArgumentParser:
+
+def add_image_data_args(parser: FlagParser, sequence: SequenceFlag, training: bool) -> FlagParser:
     def size_flag(group) -> None:
         group.add_argument(f"--{sequence.name}", type=int, default=sequence.default, help=sequence.help)
 
     omit = () if training else ("dataloader_num_workers",)
-    add_group(parser, ImageDataArgs, "data", after={"validation_dir": size_flag}, omit=omit)
+    add_group(
+        parser,
+        "data",
+        ImageDataArgs,
+        "data",
+        after={"validation_dir": size_flag},
+        omit=omit,
+        sources={"seq_length": sequence.name},
+    )
     if training:
-        add_group(parser, AugmentationArgs, "augmentation")
+        add_group(parser, "augmentation", AugmentationArgs, "augmentation")
     return parser
 
 
-def check_image_sources(args, splits: tuple[str, ...]) -> None:
-    """The data flags and folders of `splits`, checked before anything is loaded."""
-    data = parse_group(ImageDataArgs, args)
+def check_image_sources(data: ImageDataArgs, splits: tuple[str, ...]) -> list[str] | None:
+    """The data flags and folders of `splits`, checked once, before anything is loaded; the class names of the
+    folders (each listed once), or None for a hub dataset (its label feature names them)."""
     local = [f"--{split}_dir" for split in SPLITS if data.folder(split)]
     if data.dataset_name is not None and local:
         raise UsageError(f"--dataset_name and {', '.join(local)} both choose the images; use one of them.")
@@ -89,43 +110,30 @@ def check_image_sources(args, splits: tuple[str, ...]) -> None:
         folder = data.folder(split)
         if data.dataset_name is None and folder is None:
             raise UsageError(f"No {split} images: pass --dataset_name or --{split}_dir.")
-        if folder is not None:
-            path = Path(folder)
-            if not path.is_dir():
-                raise InputFileError(f"--{split}_dir {folder} is not a folder; pass a folder of class sub-folders.")
-            if not any(child.is_dir() for child in path.iterdir()):
-                raise InputFileError(
-                    f"--{split}_dir {folder} has no class sub-folders; put each class's images in its own folder."
-                )
-        percentage = data.percentage(split)
-        if percentage is not None and not 0 < percentage <= 100:
-            raise UsageError(f"--{split}_percentage must lie in (0, 100], got {percentage}.")
-    folders = [data.folder(split) for split in splits if data.folder(split) is not None]
-    if len(folders) == 2 and folder_classes(folders[0]) != folder_classes(folders[1]):
-        # imagefolder numbers each folder's classes on its own: other classes would shift every label.
-        only = sorted(set(folder_classes(folders[0])) ^ set(folder_classes(folders[1])))
-        raise UsageError(
-            f"--train_dir {folders[0]} and --validation_dir {folders[1]} hold different classes ({', '.join(only[:5])} "
-            "only in one); give both the same class sub-folders."
-        )
-    if not 0 < data.eval_crop_fraction <= 1:
-        raise UsageError(f"--eval_crop_fraction must lie in (0, 1], got {data.eval_crop_fraction}.")
+        if folder is not None and not Path(folder).is_dir():
+            raise InputFileError(f"--{split}_dir {folder} is not a folder; pass a folder of class sub-folders.")
+    classes = {data.folder(split): folder_classes(data.folder(split)) for split in splits if data.folder(split)}
+    for folder, names in classes.items():
+        if not names:
+            flag = "--train_dir" if folder == data.train_dir else "--validation_dir"
+            raise InputFileError(
+                f"{flag} {folder} has no class sub-folders; put each class's images in its own folder."
+            )
+    if len(classes) == 2:
+        (train_dir, train_names), (validation_dir, validation_names) = classes.items()
+        if train_names != validation_names:
+            # imagefolder numbers each folder's classes on its own: other classes would shift every label.
+            only = sorted(set(train_names) ^ set(validation_names))
+            raise UsageError(
+                f"--train_dir {train_dir} and --validation_dir {validation_dir} hold different classes "
+                f"({', '.join(only[:5])} only in one); give both the same class sub-folders."
+            )
+    return next(iter(classes.values()), None)
 
 
 def folder_classes(folder: str) -> list[str]:
     """The class names of an image folder: its sub-folders, sorted (as `imagefolder` numbers them)."""
     return sorted(child.name for child in Path(folder).iterdir() if child.is_dir())
-
-
-def check_augmentation(args) -> None:
-    augment = parse_group(AugmentationArgs, args)
-    low, high = augment.random_resized_crop_scale
-    if not 0 < low <= high <= 1:
-        raise UsageError(f"--random_resized_crop_scale needs 0 < MIN <= MAX <= 1, got {low} {high}.")
-    if not 0 <= augment.horizontal_flip_prob <= 1:
-        raise UsageError(f"--horizontal_flip_prob must lie in [0, 1], got {augment.horizontal_flip_prob}.")
-    if augment.randaugment_num_ops < 0 or not 0 <= augment.randaugment_magnitude < 31:
-        raise UsageError("--randaugment_num_ops must be >= 0 and --randaugment_magnitude in [0, 30].")
 
 
 def _column(dataset: Dataset, chosen: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
@@ -139,10 +147,9 @@ def _column(dataset: Dataset, chosen: str | None, candidates: tuple[str, ...], w
     raise UsageError(f"The data has no {what} column among {dataset.column_names}; name it with --{flag}.")
 
 
-def load_image_split(args, split: str) -> Dataset:
+def load_image_split(data: ImageDataArgs, split: str) -> Dataset:
     """One split as a Dataset of `image` (PIL) and `label` (class index) columns, the class names in its
     `label` feature."""
-    data = parse_group(ImageDataArgs, args)
     if data.dataset_name is not None:
         hub_split = data.train_split if split == "train" else data.validation_split
         dataset = load_dataset(data.dataset_name, data.dataset_config_name, split=hub_split)

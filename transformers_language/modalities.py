@@ -10,26 +10,23 @@ view of its inputs (probe_views.py).
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import replace
 
 from transformers import AutoImageProcessor, PretrainedConfig
 
-from .arguments import parse_group
+from .arguments import FlagParser
 from .block_layouts import layout_record, resolve_block_layout
 from .data import DataArgs, add_data_args, check_data_sources, prepare_splits
 from .errors import InputFileError, UsageError
 from .families import Family
 from .image_data import (
-    AugmentationArgs,
     ImageDataArgs,
     SeededImages,
     add_image_data_args,
-    check_augmentation,
     check_image_sources,
     class_names,
     eval_transform,
-    folder_classes,
     load_image_split,
     train_transform,
     with_eval_transform,
@@ -43,24 +40,28 @@ logger = logging.getLogger(__name__)
 class TextModality:
     """Token ids from a tokenizer; blocks of text in a block layout."""
 
-    data_args = DataArgs
     omitted_model_flags = ("image_processor_name",)
     samples_with_seeds = False
 
-    def add_data_args(self, parser: argparse.ArgumentParser, family: Family, training: bool) -> None:
+    def add_data_args(self, parser: FlagParser, family: Family, training: bool) -> None:
         add_data_args(parser, family.sequence, **({} if training else {"layout_default": None}))
 
-    def check_sources(self, args, splits: tuple[str, ...], training: bool) -> None:
-        check_data_sources(args, splits)
+    def check_sources(self, data: DataArgs, splits: tuple[str, ...]) -> None:
+        """The files of `splits`, checked once before anything loads (text has no classes: None)."""
+        check_data_sources(data, splits)
 
-    def resolve_layout(self, args, checkpoint: str | None) -> str | None:
-        """Where the block layout comes from (validation: the checkpoint's record unless --block_layout)."""
-        return "--block_layout" if checkpoint is None else resolve_block_layout(args, checkpoint)
+    def resolve_layout(self, data: DataArgs, checkpoint: str | None) -> tuple[DataArgs, str]:
+        """The data settings with the block layout resolved, and where it comes from (validation: the
+        checkpoint's record unless --block_layout)."""
+        if checkpoint is None:
+            return data, "--block_layout"
+        layout, source = resolve_block_layout(data.block_layout, checkpoint)
+        return replace(data, block_layout=layout), source
 
-    def load_preprocessor(self, args):
-        return load_tokenizer(args)
+    def load_preprocessor(self, model: ModelArgs):
+        return load_tokenizer(model)
 
-    def configure(self, config: PretrainedConfig, tokenizer, args, source: str | None) -> None:
+    def configure(self, config: PretrainedConfig, tokenizer, data, classes, source: str | None) -> None:
         """From scratch (`source` None): the vocabulary size and special tokens of the tokenizer. From a
         checkpoint: the tokenizer must fit its embedding table."""
         if source is not None:
@@ -71,9 +72,9 @@ class TextModality:
             if getattr(tokenizer, name, None) is not None and name in config.to_dict():
                 setattr(config, name, getattr(tokenizer, name))
 
-    def sequence_length(self, args, config: PretrainedConfig, flag: str) -> int:
+    def sequence_length(self, data: DataArgs, model: ModelArgs, config: PretrainedConfig, flag: str) -> int:
         """Tokens per block (CLM default: the model's positions, at most 1024), checked against the table."""
-        seq_length = getattr(args, flag)
+        seq_length = data.seq_length
         if seq_length is None:
             seq_length = min(config.max_position_embeddings, 1024)
         check_sequence_length(config, seq_length, flag)
@@ -86,8 +87,8 @@ class TextModality:
     def prepare_splits(self, plan, accelerator, training: bool) -> dict:
         return prepare_splits(plan.data, plan.splits, plan.preprocessor, plan.seq_length, accelerator)
 
-    def records(self, args) -> dict[str, dict]:
-        return layout_record(args.block_layout)
+    def records(self, data: DataArgs) -> dict[str, dict]:
+        return layout_record(data.block_layout)
 
     def probe_inputs(self, preprocessor, config: PretrainedConfig) -> TextInputs:
         return TextInputs(preprocessor, config)
@@ -96,26 +97,24 @@ class TextModality:
 class ImageModality:
     """Pixels from an image processor (mean, std); images of a hub dataset or class folders."""
 
-    data_args = ImageDataArgs
     omitted_model_flags = ("tokenizer_name",)
     samples_with_seeds = True
 
-    def add_data_args(self, parser: argparse.ArgumentParser, family: Family, training: bool) -> None:
+    def add_data_args(self, parser: FlagParser, family: Family, training: bool) -> None:
         add_image_data_args(parser, family.sequence, training)
 
-    def check_sources(self, args, splits: tuple[str, ...], training: bool) -> None:
-        check_image_sources(args, splits)
-        if training:
-            check_augmentation(args)
+    def check_sources(self, data: ImageDataArgs, splits: tuple[str, ...]) -> list[str] | None:
+        """The folders of `splits`, checked once before anything loads; their class names (None: a hub
+        dataset's, read in `configure`)."""
+        return check_image_sources(data, splits)
 
-    def resolve_layout(self, args, checkpoint: str | None) -> str | None:
-        return None
+    def resolve_layout(self, data: ImageDataArgs, checkpoint: str | None) -> tuple[ImageDataArgs, None]:
+        return data, None
 
-    def load_preprocessor(self, args):
+    def load_preprocessor(self, model_args: ModelArgs):
         """--image_processor_name, else the checkpoint's, else ViT's defaults (mean = std = 0.5)."""
         from transformers import ViTImageProcessor  # its fast form needs torchvision, which text runs may lack
 
-        model_args = parse_group(ModelArgs, args)
         name = model_args.image_processor_name or model_args.model_name_or_path
         if name is None:
             return ViTImageProcessor()
@@ -131,10 +130,12 @@ class ImageModality:
                 "preprocessor_config.json or a hub name."
             ) from error
 
-    def configure(self, config: PretrainedConfig, processor, args, source: str | None) -> None:
-        """The classes of the training (or validation) data: a new model's classifier size and label names; a
-        checkpoint's must be the same."""
-        names = data_class_names(args)
+    def configure(
+        self, config: PretrainedConfig, processor, data: ImageDataArgs, classes: list[str] | None, source: str | None
+    ) -> None:
+        """The classes of the training (or validation) data (`classes`: the folders' names, None for a hub
+        dataset): a new model's classifier size and label names; a checkpoint's must be the same."""
+        names = classes if classes is not None else hub_class_names(data)
         if source is None:
             config.num_labels = len(names)
             config.id2label = dict(enumerate(names))
@@ -147,15 +148,15 @@ class ImageModality:
                 f"({_preview(names)}); use data with the checkpoint's classes, in the same order."
             )
 
-    def sequence_length(self, args, config: PretrainedConfig, flag: str) -> int:
+    def sequence_length(self, data: ImageDataArgs, model: ModelArgs, config: PretrainedConfig, flag: str) -> int:
         """The image side in pixels: the flag (a new model's config takes it), else the config's; a multiple of
         the patch size, and a checkpoint's own size (its position table)."""
-        size = getattr(args, flag)
+        size = data.seq_length
         if size is None:
             return config.image_size
         if size % config.patch_size:
             raise UsageError(f"--{flag} {size} is not a multiple of the patch size {config.patch_size}.")
-        if args.model_name_or_path is None:
+        if model.model_name_or_path is None:
             config.image_size = size
         elif size != config.image_size:
             raise UsageError(
@@ -179,13 +180,13 @@ class ImageModality:
             for split in plan.splits:
                 dataset = load_image_split(data, split)
                 if training and split == "train":
-                    augment = parse_group(AugmentationArgs, argparse.Namespace(**plan.settings))
+                    augment = plan.flags.augmentation
                     splits[split] = SeededImages(dataset, train_transform(plan.seq_length, mean, std, augment))
                 else:
                     splits[split] = with_eval_transform(dataset, evaluation)
         return splits
 
-    def records(self, args) -> dict[str, dict]:
+    def records(self, data: ImageDataArgs) -> dict[str, dict]:
         return {}
 
     def probe_inputs(self, preprocessor, config: PretrainedConfig) -> ImageInputs:
@@ -196,14 +197,8 @@ def _preview(names: list[str]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-def data_class_names(args) -> list[str]:
-    """The class names of the training data (or the validation data, for an evaluation), read without loading
-    images: the sub-folders of a folder (sorted, as `imagefolder` numbers them), or the hub dataset's label
-    feature."""
-    data = parse_group(ImageDataArgs, args)
-    folder = data.train_dir or data.validation_dir
-    if folder is not None:
-        return folder_classes(folder)
+def hub_class_names(data: ImageDataArgs) -> list[str]:
+    """The class names of a hub dataset, read from its label feature without loading images."""
     from datasets import load_dataset_builder
 
     builder = load_dataset_builder(data.dataset_name, data.dataset_config_name)

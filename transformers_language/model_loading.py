@@ -8,7 +8,6 @@ once must agree.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ import yaml
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from .arguments import add_group, arg, parse_group
+from .arguments import FlagParser, add_group, arg
 from .attention_config import (
     CONFIG_KEY,
+    AttentionArgs,
     AttentionConfig,
     add_attention_args,
     attention_config_from_args,
@@ -67,20 +67,19 @@ _VALIDATION_CHECKPOINT = {
 
 
 def add_model_args(
-    parser: argparse.ArgumentParser, model_type: str, training: bool = True, omit: tuple[str, ...] = ()
-) -> argparse.ArgumentParser:
+    parser: FlagParser, model_type: str, training: bool = True, omit: tuple[str, ...] = ()
+) -> FlagParser:
     """Model flags of the training scripts, or (training=False) of the validation scripts, but `omit` (the flags
     of the other modality's preprocessor)."""
     changes = {"model_type": {"default": model_type, "choices": [model_type]}}
     if not training:
         changes["model_name_or_path"] = _VALIDATION_CHECKPOINT
-    add_group(parser, ModelArgs, "model", changes, omit=omit + (() if training else _VALIDATION_OMITS))
+    add_group(parser, "model", ModelArgs, "model", changes, omit=omit + (() if training else _VALIDATION_OMITS))
     add_attention_args(parser)
     return parser
 
 
-def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
-    model_args = parse_group(ModelArgs, args)
+def load_tokenizer(model_args: ModelArgs) -> PreTrainedTokenizerBase:
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is None:
         raise UsageError("No tokenizer: pass --tokenizer_name (or --model_name_or_path with a tokenizer).")
@@ -134,11 +133,10 @@ def check_sequence_length(config: PretrainedConfig, seq_length: int, flag: str) 
         raise UsageError(f"--{flag} must be at least 2, got {seq_length}.")
 
 
-def build_config(args: argparse.Namespace) -> tuple[PretrainedConfig, str | None]:
+def build_config(model_args: ModelArgs) -> tuple[PretrainedConfig, str | None]:
     """The model config: the checkpoint's, --config_name's or the family default, then YAML overrides and
     dropout; with the checkpoint it came from (None: a new model). The values that come from the preprocessor
     and the data are the modality's (modalities.py `configure`)."""
-    model_args = parse_group(ModelArgs, args)
     overrides = read_yaml_overrides(model_args.config_path) if model_args.config_path else {}
     base = model_args.model_name_or_path or model_args.config_name
     config = (
@@ -169,20 +167,25 @@ def build_config(args: argparse.Namespace) -> tuple[PretrainedConfig, str | None
     return config, model_args.model_name_or_path
 
 
-def resolve_method(args: argparse.Namespace, config: PretrainedConfig, train_seq_length: int) -> AttentionConfig:
+def resolve_method(
+    flags: AttentionArgs, model_args: ModelArgs, config: PretrainedConfig, train_seq_length: int
+) -> AttentionConfig:
     """The run's attention method (flags, else the config's), stored in `config`."""
-    model_args = parse_group(ModelArgs, args)
+    if flags.fine_tuning and model_args.model_name_or_path is None:
+        raise UsageError(
+            "--fine_tuning initialises gates added to a pretrained model: pass its --model_name_or_path, or drop "
+            "--fine_tuning to train from scratch."
+        )
     source = f"the checkpoint {model_args.model_name_or_path}" if model_args.model_name_or_path else "the model config"
     attention = resolve_attention(
-        attention_config_from_args(args, train_seq_length), AttentionConfig.from_model_config(config), source
+        attention_config_from_args(flags, train_seq_length), AttentionConfig.from_model_config(config), source
     )
     attention.apply_to(config)
     return attention
 
 
-def load_model(args: argparse.Namespace, config: PretrainedConfig, device: torch.device):
+def load_model(model_args: ModelArgs, config: PretrainedConfig, device: torch.device):
     """Build (or load) the model of `config`, which holds the resolved attention method (`resolve_method`)."""
-    model_args = parse_group(ModelArgs, args)
     cls = model_class(model_args.model_type)
     if model_args.model_name_or_path is not None:
         device_map = {"": device} if model_args.low_cpu_mem_usage else None
@@ -230,9 +233,8 @@ def describe_model(config: PretrainedConfig) -> dict:
     }
 
 
-def load_checkpoint_config(args: argparse.Namespace, script: str) -> PretrainedConfig:
+def load_checkpoint_config(model_args: ModelArgs, script: str) -> PretrainedConfig:
     """The config of the checkpoint to evaluate, with one clear error for a missing one or the wrong family."""
-    model_args = parse_group(ModelArgs, args)
     name = model_args.model_name_or_path
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if looks_local and not Path(name).expanduser().exists():
@@ -264,18 +266,18 @@ def _softmax_description(config: AttentionConfig) -> str:
     return repr(config.softmax)
 
 
-def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_length: int, source: str) -> None:
+def check_method_flags(flags: AttentionArgs, stored: AttentionConfig, seq_length: int, source: str) -> None:
     """Evaluation takes the attention method from the checkpoint. Method flags may repeat it (the paper's
     commands pass them), but a flag that states something else is an error naming both values."""
     try:
-        given = attention_config_from_args(args, stored.train_seq_length or seq_length)
+        given = attention_config_from_args(flags, stored.train_seq_length or seq_length)
     except UsageError as error:  # e.g. a gate network flag without a gate type, against a vanilla checkpoint
         raise UsageError(
             f"The method flags do not state a method ({error.args[0].split(';')[0]}), and the method of {source} "
             f"comes from its config.json ({stored}): drop the method flags, or make them state that method."
         ) from error
     conflicts = []
-    if args.attn_softmax is not None or args.alpha is not None:
+    if flags.attn_softmax is not None or flags.alpha is not None:
         same = (
             given.normaliser == stored.normaliser
             and given.clipped == stored.clipped
@@ -283,16 +285,16 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
             and math.isclose(given.zeta, stored.zeta, rel_tol=1e-9)
         )
         if not same:
-            flag = f"--alpha {args.alpha:g}" if args.alpha is not None else f"--attn_softmax {args.attn_softmax!r}"
+            flag = f"--alpha {flags.alpha:g}" if flags.alpha is not None else f"--attn_softmax {flags.attn_softmax!r}"
             conflicts.append(f"{flag} but {source} has softmax {_softmax_description(stored)}")
-    network_flags = [flag for flag, _, given_flag in gate_network_switches(args) if given_flag]
+    network_flags = [flag for flag, _, given_flag in gate_network_switches(flags) if given_flag]
     stated = [
-        ("--attn_gate_type", args.attn_gate_type is not None, "gate_type"),
+        ("--attn_gate_type", flags.attn_gate_type is not None, "gate_type"),
         (network_flags[0] if network_flags else "", bool(network_flags), "gate_network"),
-        ("--attn_gate_init", args.attn_gate_init is not None, "init_prob"),
-        ("--fine_tuning", args.fine_tuning, "fine_tuning"),
-        ("--skip_attn", args.skip_attn, "skip_attn"),
-        ("--attn_bias_kv", args.attn_bias_kv, "bias_kv"),
+        ("--attn_gate_init", flags.attn_gate_init is not None, "init_prob"),
+        ("--fine_tuning", flags.fine_tuning, "fine_tuning"),
+        ("--skip_attn", flags.skip_attn, "skip_attn"),
+        ("--attn_bias_kv", flags.attn_bias_kv, "bias_kv"),
     ]
     for flag, given_flag, field in stated:
         if given_flag and getattr(given, field) != getattr(stored, field):
@@ -307,10 +309,9 @@ def check_method_flags(args: argparse.Namespace, stored: AttentionConfig, seq_le
         )
 
 
-def load_checkpoint(args: argparse.Namespace, config: PretrainedConfig, device: torch.device):
+def load_checkpoint(model_args: ModelArgs, config: PretrainedConfig, device: torch.device):
     """The checkpoint's model exactly as saved: every weight must come from the checkpoint (a gate that its
     config.json names but its weights lack would otherwise be freshly initialised without a word)."""
-    model_args = parse_group(ModelArgs, args)
     device_map = {"": device} if model_args.low_cpu_mem_usage else None
     model, info = _from_pretrained(
         model_class(config.model_type),

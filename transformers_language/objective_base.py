@@ -106,12 +106,14 @@ class Objective:
             "eval_loss_mean_of_batch_losses": batch_mean_loss,
         }
 
-    def add_args(self, group, training: bool) -> None:
-        """The objective's own flags on the training (`training`) or validation script (none for CLM)."""
+    def flags_class(self, training: bool) -> type | None:
+        """The typed group of the objective's own flags on the training (`training`) or validation script
+        (None: it has none, as CLM)."""
+        return None
 
-    def targets(self, preprocessor, config, args, training: bool = False) -> Targets:
+    def targets(self, preprocessor, config, flags, training: bool = False) -> Targets:
         """The (inputs, labels) of a training (`training`) or calibration batch; `preprocessor` is the tokenizer
-        or image processor, `config` the model's."""
+        or image processor, `config` the model's, `flags` the objective's typed flags (or None)."""
         return _next_tokens
 
     def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
+from .arguments import FRACTION, arg
 from .errors import UsageError
 from .image_classification import IMAGE_CLASSIFICATION
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
@@ -141,12 +142,19 @@ class CausalLMLoss(LossModule):
 
 
 @dataclass(frozen=True)
-class MaskedLM(Objective):
-    def add_args(self, group, training: bool) -> None:
-        group.add_argument("--mlm_probability", type=float, default=0.15, help="Share of tokens masked.")
+class MaskedLMArgs:
+    """The masked-LM objective's flag."""
 
-    def targets(self, preprocessor, config, args, training: bool = False) -> Targets:
-        return Masking.from_tokenizer(preprocessor, args.mlm_probability)
+    mlm_probability: float = arg(0.15, "Share of tokens masked.", FRACTION, type=float)
+
+
+@dataclass(frozen=True)
+class MaskedLM(Objective):
+    def flags_class(self, training: bool) -> type:
+        return MaskedLMArgs
+
+    def targets(self, preprocessor, config, flags: MaskedLMArgs, training: bool = False) -> Targets:
+        return Masking.from_tokenizer(preprocessor, flags.mlm_probability)
 
     def evaluation_set(self, blocks: Dataset, targets: Targets, seed: int) -> Dataset:
         return mask_eval_dataset(blocks, targets, seed)

@@ -1,29 +1,30 @@
 """The resolved plan of a run: everything a training or validation job executes, decided once from the flags
 before any weights or data are loaded, and the very object `--dry_run` prints.
 
-`resolve_training` and `resolve_validation` check every rule (flags, files, checkpoint, method, sequence
-length, tokenizer or classes, quantization) and return a frozen `Plan`: the model config with the attention
-method in it, the method itself, the sequence length (image side for a ViT), the tokenizer or image processor,
-the splits (and a text model's block layout), and the W8A8 settings. What differs between text and images is
+`resolve_training` and `resolve_validation` take the parsed `Flags` (arguments.py: each group typed and range
+checked once), check every rule that joins them to files and checkpoints (data sources once, checkpoint,
+method, sequence length, tokenizer or classes, quantization) and return a frozen `Plan`: the model config with
+the attention method in it, the method itself, the sequence length (image side for a ViT), the tokenizer or image
+processor, the splits (and a text model's block layout), and the W8A8 settings. What differs between text and images is
 the family's modality's (modalities.py). The jobs build the model and the data from the plan and record
 `plan.to_dict()` in their results, so a dry run and a real run can be compared field for field.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from transformers import BaseImageProcessor, PretrainedConfig, PreTrainedTokenizerBase
 
 from quantization.config import QuantConfig
 
-from .arguments import parse_group
+from .arguments import Flags, is_flag
 from .attention_config import AttentionConfig
 from .data import DataArgs
 from .equivalent_transforms import check_transformable
+from .errors import UsageError
 from .families import Family
 from .image_data import ImageDataArgs
 from .modalities import get_modality
@@ -46,8 +47,11 @@ class Plan:
     job: str
     """'train' or 'validate'."""
     family: Family
+    flags: Flags = field(compare=False, repr=False)
+    """The command line, each flag group parsed once (the jobs read their training, tracking and evaluation
+    settings here)."""
     settings: dict
-    """Every flag as parsed (but NOT_PLANNED)."""
+    """Every flag as parsed (but NOT_PLANNED), the data flags as resolved."""
     model: ModelArgs
     """Where the config, weights and tokenizer come from."""
     config: PretrainedConfig = field(compare=False)
@@ -102,80 +106,91 @@ def quantization_record(config: QuantConfig | None, calibration: dict | None, po
     return json.loads(json.dumps(record))  # tuples as the lists they are read back as
 
 
-def _plan(job: str, family: Family, args: argparse.Namespace, **resolved) -> Plan:
-    """A Plan of the flags `args` (their typed groups read once, here) and what was resolved from them."""
-    return Plan(
-        job=job,
-        family=family,
-        settings={key: value for key, value in vars(args).items() if key not in NOT_PLANNED},
-        model=parse_group(ModelArgs, args),
-        data=parse_group(get_modality(family).data_args, args),
-        **resolved,
-    )
+def _settings(flags: Flags, data) -> dict:
+    """Every flag as parsed (but NOT_PLANNED), the data flags as resolved (e.g. a checkpoint's block layout)."""
+    resolved = {item.name: getattr(data, item.name) for item in fields(data) if is_flag(item)}
+    values = {key: value for key, value in flags.values.items() if key not in NOT_PLANNED}
+    return values | {key: value for key, value in resolved.items() if key in values}
 
 
-def resolve_training(args: argparse.Namespace, family: Family, num_processes: int) -> Plan:
-    """The plan of a pre-training run (flags and files already checked by the job's parser checks)."""
+def resolve_training(flags: Flags, family: Family, num_processes: int) -> Plan:
+    """The plan of a pre-training run: the data checked, the tokenizer or image processor loaded, the model
+    config built and the attention method resolved into it."""
     modality = get_modality(family)
-    modality.check_sources(args, ("train", "validation"), training=True)
-    preprocessor = modality.load_preprocessor(args)
-    config, checkpoint = build_config(args)
-    modality.configure(config, preprocessor, args, checkpoint)
-    seq_length = modality.sequence_length(args, config, family.sequence.name)
-    attention = resolve_method(args, config, modality.tokens(seq_length, config))
-    return _plan(
-        "train",
-        family,
-        args,
+    classes = modality.check_sources(flags.data, ("train", "validation"))
+    preprocessor = modality.load_preprocessor(flags.model)
+    config, checkpoint = build_config(flags.model)
+    modality.configure(config, preprocessor, flags.data, classes, checkpoint)
+    seq_length = modality.sequence_length(flags.data, flags.model, config, family.sequence.name)
+    attention = resolve_method(flags.attention, flags.model, config, modality.tokens(seq_length, config))
+    data, layout_source = modality.resolve_layout(flags.data, None)
+    training = flags.training
+    return Plan(
+        job="train",
+        family=family,
+        flags=flags,
+        settings=_settings(flags, data),
+        model=flags.model,
         config=config,
         attention=attention,
         seq_length=seq_length,
+        data=data,
         splits=("train", "validation"),
-        block_layout_source=modality.resolve_layout(args, None),
+        block_layout_source=layout_source,
         preprocessor=preprocessor,
-        sequences_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes,
+        sequences_per_step=training.per_device_train_batch_size * training.gradient_accumulation_steps * num_processes,
     )
 
 
-def resolve_validation(args: argparse.Namespace, family: Family, script: str) -> Plan:
+def _check_calibration_flags(data, quantization) -> None:
+    """Training data only calibrates --quantize on the training split."""
+    if not quantization.quantize or quantization.calibration_split != "train":
+        unused = [f"--{name}" for name in ("train_file", "train_dir", "train_percentage") if getattr(data, name, None)]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
+
+
+def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
     """The plan of an evaluation: the checkpoint's config and method (flags may repeat it, never contradict it),
-    its block layout unless --block_layout is given, and the W8A8 settings."""
+    its block layout unless --block_layout is given, the data checked once, and the W8A8 settings."""
     modality = get_modality(family)
-    listing = args.list_quant_points  # reads the checkpoint's config alone
-    if not listing:
-        modality.check_sources(args, ("validation",), training=False)
-    quantization = quant_config_from_args(args)
-    config = load_checkpoint_config(args, script)
-    layout_source = modality.resolve_layout(args, args.model_name_or_path)
-    seq_length = modality.sequence_length(args, config, family.sequence.name)
-    attention = AttentionConfig.from_model_config(config)
-    tokens = modality.tokens(seq_length, config)
-    check_method_flags(args, attention, tokens, f"the checkpoint {args.model_name_or_path}")
-    preprocessor = modality.load_preprocessor(args)
-    calibrate_on_train = args.quantize and args.calibration_split == "train"
+    flags_q, checkpoint = flags.quantization, flags.model.model_name_or_path
+    listing = flags_q.list_quant_points  # reads the checkpoint's config alone
+    _check_calibration_flags(flags.data, flags_q)
+    quantization = quant_config_from_args(flags_q, family)
+    calibrate_on_train = flags_q.quantize and flags_q.calibration_split == "train"
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
+    classes = None if listing else modality.check_sources(flags.data, splits)
+    config = load_checkpoint_config(flags.model, script)
+    data, layout_source = modality.resolve_layout(flags.data, checkpoint)
+    seq_length = modality.sequence_length(data, flags.model, config, family.sequence.name)
+    attention = AttentionConfig.from_model_config(config)
+    check_method_flags(flags.attention, attention, modality.tokens(seq_length, config), f"the checkpoint {checkpoint}")
+    preprocessor = modality.load_preprocessor(flags.model)
     if not listing:
-        modality.check_sources(args, splits, training=False)
-        modality.configure(config, preprocessor, args, f"the checkpoint {args.model_name_or_path}")
+        modality.configure(config, preprocessor, data, classes, f"the checkpoint {checkpoint}")
     calibration, points = None, ()
     if quantization is not None:
         if quantization.transforms:
             check_transformable(family, config)
         points = tuple(planned_points(config, quantization))
-        batch = calibration_batch_size(args)
+        batch = calibration_batch_size(flags_q, flags.evaluation.per_device_eval_batch_size)
         calibration = {
-            "calibration_split": args.calibration_split,
+            "calibration_split": flags_q.calibration_split,
             "calibration_batch_size": batch,
-            "calibration_sequences": args.est_num_batches * batch,
+            "calibration_sequences": flags_q.est_num_batches * batch,
             "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)
         }
-    return _plan(
-        "validate",
-        family,
-        args,
+    return Plan(
+        job="validate",
+        family=family,
+        flags=flags,
+        settings=_settings(flags, data),
+        model=flags.model,
         config=config,
         attention=attention,
         seq_length=seq_length,
+        data=data,
         splits=splits,
         block_layout_source=layout_source,
         preprocessor=preprocessor,

@@ -7,11 +7,9 @@ script accepts only the flags it uses.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import uuid
-from pathlib import Path
 
 import torch
 import transformers
@@ -19,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from .arguments import add_group, parse_args
+from .arguments import FlagParser, add_group
 from .checkpoints import (
     RUN_SETTINGS,
     TrainingProgress,
@@ -28,7 +26,6 @@ from .checkpoints import (
     register_model_checkpointing,
     resolve_resume,
 )
-from .errors import UsageError
 from .evaluation import evaluate
 from .families import family_of_objective
 from .files import check_output_dir, save_pretrained_atomic, write_json_atomic
@@ -49,9 +46,9 @@ from .training import EpochPermutationSampler, LoopSettings, train
 logger = logging.getLogger(__name__)
 
 
-def build_parser(objective: Objective) -> argparse.ArgumentParser:
+def build_parser(objective: Objective) -> FlagParser:
     family = family_of_objective(objective.name)
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog=family.train_script,
         description=f"Pre-train {family.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
         allow_abbrev=False,
@@ -59,72 +56,52 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     modality = get_modality(family)
     add_model_args(parser, family.model_type, omit=modality.omitted_model_flags)
     modality.add_data_args(parser, family, training=True)
+    objective_flags = objective.flags_class(training=True)
+    if objective_flags is not None:
+        add_group(parser, "objective", objective_flags, "objective")
     betas = {"adam_beta1": {"default": family.adam_betas[0]}, "adam_beta2": {"default": family.adam_betas[1]}}
-    add_group(parser, TrainingArgs, "training", betas, before=lambda group: objective.add_args(group, training=True))
-    add_group(parser, TrackingArgs, "tracking")
+    add_group(parser, "training", TrainingArgs, "training", betas)
+    add_group(parser, "tracking", TrackingArgs, "tracking")
     return parser
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    steps = args.checkpointing_steps
-    if steps is not None and steps != "epoch" and (not steps.isdigit() or int(steps) <= 0):
-        raise UsageError(f"--checkpointing_steps must be a positive integer or 'epoch', got {steps!r}.")
-    if args.extra_tb_stats and not (args.with_tracking and args.report_to in ("tensorboard", "all")):
-        raise UsageError("--extra_tb_stats logs to TensorBoard: add --with_tracking --report_to tensorboard.")
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
-    for flag in ("max_train_steps", "num_warmup_steps", "num_train_epochs"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
-    if args.muon_learning_rate is not None and args.optimizer != "muon":
-        raise UsageError("--muon_learning_rate sets Muon's rate: add --optimizer muon, or drop it.")
-    if args.muon_learning_rate is not None and not args.muon_learning_rate > 0:
-        raise UsageError(f"--muon_learning_rate must be positive, got {args.muon_learning_rate}.")
-    if args.fine_tuning and args.model_name_or_path is None:
-        raise UsageError(
-            "--fine_tuning initialises gates added to a pretrained model: pass its --model_name_or_path, or drop "
-            "--fine_tuning to train from scratch."
-        )
-    output_dir = check_output_dir(args.output_dir)
-    if not args.resume_from_checkpoint and not args.dry_run:
-        check_new_run_folder(output_dir)
 
 
 def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     """Run the pre-training job of `objective_name` ('mlm' or 'clm') with command-line `argv`; returns the
     figures written to `all_results.json`."""
     objective = get_objective(objective_name)
-    args = parse_args(build_parser(objective), argv)
-    _check_args(args)
-    output_dir = Path(args.output_dir)
+    flags = build_parser(objective).parse(argv)
+    training, tracking = flags.training, flags.tracking
+    output_dir = check_output_dir(training.output_dir)
+    if not training.resume_from_checkpoint and not training.dry_run:
+        check_new_run_folder(output_dir)
     checkpoint = None
-    if args.resume_from_checkpoint and not args.dry_run:
-        checkpoint = resolve_resume(args.resume_from_checkpoint, output_dir)
-    accelerator = Accelerator(log_with=args.report_to if args.with_tracking else None, project_dir=str(output_dir))
+    if training.resume_from_checkpoint and not training.dry_run:
+        checkpoint = resolve_resume(training.resume_from_checkpoint, output_dir)
+    log_with = tracking.report_to if tracking.with_tracking else None
+    accelerator = Accelerator(log_with=log_with, project_dir=str(output_dir))
     setup_logging(accelerator)
     check_launch(accelerator)
     if checkpoint is not None:  # before any weights or data are loaded
         check_checkpoint_files(checkpoint, accelerator.process_index)
-    set_seed(args.seed)
+    set_seed(training.seed)
 
-    plan = resolve_training(args, family_of_objective(objective.name), accelerator.num_processes)
-    if args.dry_run:
+    plan = resolve_training(flags, family_of_objective(objective.name), accelerator.num_processes)
+    if training.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
     preprocessor, config, seq_length = plan.preprocessor, plan.config, plan.seq_length
     modality = get_modality(plan.family)
     model = load_model(plan.model, config, accelerator.device)
 
     splits = modality.prepare_splits(plan, accelerator, training=True)
-    targets = objective.targets(preprocessor, config, args, training=True)
-    eval_set = objective.evaluation_set(splits["validation"], targets, args.seed)
+    targets = objective.targets(preprocessor, config, flags.get("objective"), training=True)
+    eval_set = objective.evaluation_set(splits["validation"], targets, training.seed)
     sampler = EpochPermutationSampler(
-        len(splits["train"]), args.seed, args.sample_with_replacement, with_seeds=modality.samples_with_seeds
+        len(splits["train"]), training.seed, training.sample_with_replacement, with_seeds=modality.samples_with_seeds
     )
     # Its own generator: iterating a DataLoader must not draw from the global RNG that dropout uses.
     train_loader = DataLoader(
         splits["train"],
-        batch_size=args.per_device_train_batch_size,
+        batch_size=training.per_device_train_batch_size,
         sampler=sampler,
         generator=torch.Generator(),
         num_workers=getattr(plan.data, "dataloader_num_workers", 0),
@@ -132,20 +109,22 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     loss_module = objective.loss_class(model)
     optimizer = build_optimizer(
         model,
-        args.learning_rate,
-        args.weight_decay,
-        args.wd_LN_gamma,
-        (args.adam_beta1, args.adam_beta2),
-        args.adam_epsilon,
-        args.optimizer,
-        args.muon_learning_rate,
+        training.learning_rate,
+        training.weight_decay,
+        training.wd_LN_gamma,
+        (training.adam_beta1, training.adam_beta2),
+        training.adam_epsilon,
+        training.optimizer,
+        training.muon_learning_rate,
     )
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
-    records = modality.records(args)
+    records = modality.records(plan.data)
     register_model_checkpointing(accelerator, loss_module, preprocessor, records)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.num_train_epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
-    settings = vars(args) | {
+    steps_per_epoch = math.ceil(len(train_loader) / training.gradient_accumulation_steps)
+    max_train_steps = training.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = training.num_train_epochs * steps_per_epoch
+    settings = plan.settings | {
         "run_id": uuid.uuid4().hex,  # which checkpoints are this run's (resumes keep it)
         "seq_length": seq_length,
         "max_train_steps": max_train_steps,
@@ -162,42 +141,42 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     }
     progress = TrainingProgress()
     if checkpoint is not None:
-        settings["run_id"] = resume_run(accelerator, checkpoint, settings, set(vars(args)), optimizer, progress)
+        settings["run_id"] = resume_run(accelerator, checkpoint, settings, set(flags.values), optimizer, progress)
         logger.info("Resumed at step %d of %d from %s", progress.step, max_train_steps, checkpoint)
     scheduler = build_scheduler(
         optimizer,
-        args.lr_scheduler_type,
-        args.num_warmup_steps,
+        training.lr_scheduler_type,
+        training.num_warmup_steps,
         max_train_steps,
-        args.final_lr_fraction,
+        training.final_lr_fraction,
         start_step=progress.step,
     )
     if accelerator.is_main_process:
         write_json_atomic(output_dir / RUN_SETTINGS, settings)
 
     telemetry = None
-    if args.with_tracking:
-        init_tracking(accelerator, args, f"{objective.name}_{args.model_type}")
+    if tracking.with_tracking:
+        init_tracking(accelerator, plan.settings, f"{objective.name}_{plan.family.model_type}")
         unwrapped = accelerator.unwrap_model(loss_module).model
         telemetry = Telemetry(
             accelerator,
             unwrapped,
-            args.extra_tb_stats,
-            args.tb_scalar_log_interval,
-            args.tb_hist_log_interval,
+            tracking.extra_tb_stats,
+            tracking.tb_scalar_log_interval,
+            tracking.tb_hist_log_interval,
             output_dir,
             progress.step,
         )
     loop = LoopSettings(
         max_train_steps=max_train_steps,
         steps_per_epoch=steps_per_epoch,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm,
-        grad_norm_type=args.grad_norm_type,
-        seed=args.seed,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_grad_norm=training.max_grad_norm,
+        grad_norm_type=training.grad_norm_type,
+        seed=training.seed,
         output_dir=output_dir,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpointing_steps=training.checkpointing_steps,
+        checkpoints_total_limit=training.checkpoints_total_limit,
         run_settings=settings,
     )
     summary = train(
@@ -219,11 +198,11 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         loss_module if fsdp else accelerator.unwrap_model(loss_module),
         eval_set,
         objective,
-        args.per_device_eval_batch_size,
+        training.per_device_eval_batch_size,
     )
     results |= summary
     logger.info("Validation: %s", ", ".join(f"{label} {results[key]:.4f}" for key, label in objective.reported))
-    if args.with_tracking:
+    if tracking.with_tracking:
         accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}, step=progress.step)
     accelerator.wait_for_everyone()
     state_dict = model_state_dict(accelerator, loss_module)

@@ -230,7 +230,7 @@ class Telemetry:
         self._writer.flush()
 
 
-def init_tracking(accelerator, args, project_name: str) -> None:
+def init_tracking(accelerator, settings: dict, project_name: str) -> None:
     """Start the trackers with the run settings (TensorBoard takes only scalar hyperparameters)."""
-    settings = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
-    accelerator.init_trackers(project_name, config=settings)
+    scalars = {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool)}
+    accelerator.init_trackers(project_name, config=scalars)

@@ -10,9 +10,7 @@ Results go to `all_results.json` in `--output_dir` (atomically) with the setting
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
 
 import torch
 import transformers
@@ -21,9 +19,8 @@ from accelerate.utils import set_seed
 
 from quantization.decomposition import OutlierDecomposition
 
-from .arguments import add_group, parse_args
+from .arguments import FlagParser, add_group
 from .attention_stats import AttentionStatistics
-from .errors import UsageError
 from .evaluation import evaluate
 from .families import family_of_objective
 from .files import check_output_dir, write_json_atomic
@@ -45,9 +42,9 @@ from .runtime import check_launch, print_dry_run, setup_logging, sum_across_proc
 logger = logging.getLogger(__name__)
 
 
-def build_parser(objective: Objective) -> argparse.ArgumentParser:
+def build_parser(objective: Objective) -> FlagParser:
     family = family_of_objective(objective.name)
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog=family.validate_script,
         description=f"Evaluate a {family.model_type.upper()} checkpoint: {objective.reported[0][1]} and outliers.",
         allow_abbrev=False,
@@ -56,24 +53,12 @@ def build_parser(objective: Objective) -> argparse.ArgumentParser:
     add_model_args(parser, family.model_type, training=False, omit=modality.omitted_model_flags)
     # Training data only calibrates --quantize; a text model's block layout defaults to the checkpoint's.
     modality.add_data_args(parser, family, training=False)
-    add_group(parser, EvaluationArgs, "evaluation", before=lambda group: objective.add_args(group, training=False))
+    objective_flags = objective.flags_class(training=False)
+    if objective_flags is not None:
+        add_group(parser, "objective", objective_flags, "objective")
+    add_group(parser, "evaluation", EvaluationArgs, "evaluation")
     add_quantization_args(parser, family.weight_ranges)
     return parser
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    for flag in ("per_device_eval_batch_size", "outlier_top_k"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}.")
-    if not args.quantize or args.calibration_split != "train":
-        calibration_flags = ("train_file", "train_dir", "train_percentage")
-        unused = [f"--{f}" for f in calibration_flags if getattr(args, f, None) is not None]
-        if unused:
-            raise UsageError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
-    if args.kurtosis_max_batches is not None and args.kurtosis_max_batches <= 0:
-        raise UsageError(
-            f"--kurtosis_max_batches must be positive (leave it out for all), got {args.kurtosis_max_batches}."
-        )
 
 
 def print_points(accelerator, points) -> dict:
@@ -91,34 +76,34 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     of the equivalent transforms between runs on the same checkpoint and calibration flags."""
     objective = get_objective(objective_name)
     script = family_of_objective(objective.name).validate_script
-    args = parse_args(build_parser(objective), argv)
-    _check_args(args)
-    check_output_dir(args.output_dir)
+    flags = build_parser(objective).parse(argv)
+    evaluation = flags.evaluation
+    output_dir = check_output_dir(evaluation.output_dir)
     accelerator = Accelerator()
     setup_logging(accelerator)
     check_launch(accelerator)
-    set_seed(args.seed)
+    set_seed(evaluation.seed)
 
-    plan = resolve_validation(args, family_of_objective(objective.name), script)
-    if args.dry_run:
+    plan = resolve_validation(flags, family_of_objective(objective.name), script)
+    if evaluation.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
-    if args.list_quant_points:
+    if flags.quantization.list_quant_points:
         return print_points(accelerator, plan.quant_points)
     config, preprocessor, quant_config = plan.config, plan.preprocessor, plan.quantization
     model = load_checkpoint(plan.model, config, accelerator.device)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
     splits = get_modality(plan.family).prepare_splits(plan, accelerator, training=False)
-    targets = objective.targets(preprocessor, config, args)
-    dataset = objective.evaluation_set(splits["validation"], targets, args.seed)
+    targets = objective.targets(preprocessor, config, flags.get("objective"))
+    dataset = objective.evaluation_set(splits["validation"], targets, evaluation.seed)
     post_training = {}
     if quant_config is not None:
-        if args.calibration_split == "validation":
+        if plan.calibration["calibration_split"] == "validation":
             logger.warning(
                 "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
             )
         source = splits.get("train", splits["validation"])
-        batches = calibration_batches(source, targets, plan.calibration, args.seed)
+        batches = calibration_batches(source, targets, plan.calibration, evaluation.seed)
         post_training = quantize_for_validation(
             accelerator, model, loss_module, quant_config, batches, statistics_cache
         )
@@ -128,7 +113,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     inputs = probe_inputs(plan.family, preprocessor, config)
     sites, hidden = model.outlier_sites(), config.hidden_size
     activations = ActivationStatistics(
-        model, sites, hidden, inputs.token_space, args.kurtosis_max_batches, token_ids=inputs.token_ids
+        model, sites, hidden, inputs.token_space, evaluation.kurtosis_max_batches, token_ids=inputs.token_ids
     )
     attention_stats = AttentionStatistics(model, inputs)
     results = evaluate(
@@ -136,12 +121,12 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
         loss_module,
         dataset,
         objective,
-        args.per_device_eval_batch_size,
+        evaluation.per_device_eval_batch_size,
         probes=(activations, attention_stats),
     )
     figures = activations.synced(accelerator)
     results |= outlier_results(
-        figures, attention_stats.synced(accelerator), model.headlines, inputs.token_name, args.outlier_top_k
+        figures, attention_stats.synced(accelerator), model.headlines, inputs.token_name, evaluation.outlier_top_k
     )
     shares = llm_int8_shares(model, lambda counts: sum_across_processes(accelerator, [counts])[0])
     if shares:
@@ -149,7 +134,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
         results["llm_int8_mean_float_channel_share"] = sum(shares.values()) / len(shares)
     results |= post_training
     planned = plan.to_dict()
-    settings = vars(args) | {
+    settings = plan.settings | {
         "script": script,
         "seq_length": planned["seq_length"],
         "block_layout_source": planned["block_layout_source"],
@@ -167,9 +152,8 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     }
     log_results(results, model.headlines, objective.reported)
     if accelerator.is_main_process:
-        output_dir = Path(args.output_dir)
         write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
-        if args.plot:
+        if evaluation.plot:
             from .plots import write_plots  # matplotlib only when plotting
 
             for path in write_plots(figures, model.stream_kind, output_dir):
