@@ -4,7 +4,7 @@ accelerate launch run_vit.py --help      (or: python run_vit.py ...)
 """
 
 from transformers_language.errors import run_cli
-from transformers_language.pretrain import pretrain
+from transformers_language.jobs.pretrain import pretrain
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,7 @@ accelerate launch validate_clm.py --help      (or: python validate_clm.py ...)
 """
 
 from transformers_language.errors import run_cli
-from transformers_language.validate import validate
+from transformers_language.jobs.validate import validate
 
 
 def main(argv: list[str] | None = None) -> dict:

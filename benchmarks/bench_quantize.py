@@ -24,7 +24,7 @@ from bench_validate import _process_run, prepared_checkpoints
 from common import DATA, SETUPS
 
 from transformers_language.files import write_json_atomic
-from transformers_language.ptq_recipes import PTQ_METHODS as METHODS
+from transformers_language.ptq.recipes import PTQ_METHODS as METHODS
 
 W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(DATA / "test.txt"))
 TARGETS = {"per_channel": 1.3, "peg": 1.3, "per_token": 2.0, "llm_int8": 2.0}  # the rest: none

@@ -64,9 +64,9 @@ def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
     )
 
     sys.path.insert(0, str(REPO))
-    from transformers_language.data import prepare_splits
+    from transformers_language.data.text import prepare_splits
+    from transformers_language.jobs.pretrain import build_parser
     from transformers_language.objectives import get_objective
-    from transformers_language.pretrain import build_parser
 
     flags = build_parser(get_objective(SETUPS[model]["script"])).parse(train_argv(model, steps, output_dir, cache))
     torch.manual_seed(0)

@@ -89,17 +89,17 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     sys.path.insert(0, str(REPO))
     from accelerate import Accelerator
 
-    from transformers_language.attention_stats import AttentionStatistics
-    from transformers_language.data import prepare_splits
-    from transformers_language.evaluation import evaluate
+    from transformers_language.data.modalities import probe_inputs
+    from transformers_language.data.text import prepare_splits
+    from transformers_language.evaluation.attention_stats import AttentionStatistics
+    from transformers_language.evaluation.loop import evaluate
+    from transformers_language.evaluation.metrics import ActivationStatistics
+    from transformers_language.evaluation.outlier_report import outlier_results
     from transformers_language.families import family_of_objective
-    from transformers_language.metrics import ActivationStatistics
-    from transformers_language.modalities import probe_inputs
-    from transformers_language.model_loading import load_checkpoint
+    from transformers_language.jobs.plan import resolve_validation
+    from transformers_language.jobs.validate import build_parser
+    from transformers_language.models.loading import load_checkpoint
     from transformers_language.objectives import get_objective
-    from transformers_language.outlier_report import outlier_results
-    from transformers_language.plan import resolve_validation
-    from transformers_language.validate import build_parser
 
     objective = get_objective(SETUPS[model]["script"])
     with tempfile.TemporaryDirectory() as output_dir:

@@ -74,7 +74,7 @@ QUANT_PRESETS = {
 
 def setting(default, help: str, **flag):
     """A QuantConfig field that the validation scripts take as the flag `--<name>`: its help text and argparse
-    options (`flag`) are declared here, once (transformers_language/quant_args.py reads them)."""
+    options (`flag`) are declared here, once (transformers_language/ptq/quant_args.py reads them)."""
     return field(default=default, metadata={"help": help, "flag": flag})
 
 

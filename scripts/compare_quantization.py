@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.families import get_family  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
-from transformers_language.ptq_recipes import BIT_SETTINGS, PTQ_METHODS  # noqa: E402
-from transformers_language.quant_args import QuantizationArgs  # noqa: E402
+from transformers_language.ptq.quant_args import QuantizationArgs  # noqa: E402
+from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS  # noqa: E402
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A8")
 RUN_RECORD = "compare_run.json"  # a finished run's flags and time, next to its all_results.json
@@ -148,8 +148,8 @@ def table(rows: list[dict], checkpoints: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from transformers_language.plots import write_quantization_comparison
-    from transformers_language.validate import validate
+    from transformers_language.evaluation.plots import write_quantization_comparison
+    from transformers_language.jobs.validate import validate
 
     args, passed = parse(sys.argv[1:] if argv is None else argv)
     objectives = {checkpoint: get_family(model_type_of(checkpoint)).objective for checkpoint in args.checkpoints}

@@ -33,11 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
+from transformers_language.evaluation.plots import write_growth, write_method_comparison  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
-from transformers_language.plots import write_growth, write_method_comparison  # noqa: E402
-from transformers_language.pretrain import pretrain  # noqa: E402
-from transformers_language.telemetry import GROWTH_FILE  # noqa: E402
-from transformers_language.validate import validate  # noqa: E402
+from transformers_language.jobs.pretrain import pretrain  # noqa: E402
+from transformers_language.jobs.validate import validate  # noqa: E402
+from transformers_language.training.telemetry import GROWTH_FILE  # noqa: E402
 
 # The methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25), the later
 # no-op mechanisms (methods.md, "Further variants") and Muon with vanilla attention.

@@ -141,7 +141,7 @@ def assert_resume_repeats_run(train: Callable[..., dict], tmp_path: Path, monkey
     """`train(output_dir, *flags)` runs a training script. Train 6 steps straight; train again, killed right after
     the step-3 checkpoint, and resume from it: the resumed run must log the same losses and end with the same
     weights, bit for bit. `extra` must checkpoint every 3 steps. Returns the straight run's directory."""
-    import transformers_language.training as training
+    import transformers_language.training.loop as training
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *extra, "--max_train_steps", "6")

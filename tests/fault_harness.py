@@ -22,7 +22,7 @@ def _die() -> None:
 
 
 def kill_in_checkpoint(step: str) -> None:
-    import transformers_language.checkpoints as checkpoints
+    import transformers_language.training.checkpoints as checkpoints
 
     real = checkpoints.save_model_files
 

@@ -4,7 +4,7 @@ import pytest
 
 from transformers_language import AttentionConfig, add_attention_args, attention_config_from_args
 from transformers_language.arguments import FlagParser
-from transformers_language.attention_config import CONFIG_KEY, parse_softmax
+from transformers_language.models.attention_config import CONFIG_KEY, parse_softmax
 
 from .conftest import tiny_config
 

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-import transformers_language.data as data
+import transformers_language.data.text as data
 from tests.conftest import TOKENIZERS, TRAIN_TEXT, VALID_TEXT
 from transformers_language.arguments import typed_group
 

@@ -14,13 +14,13 @@ from scipy import stats as scipy_stats
 
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig, build_model
-from transformers_language.attention_stats import AttentionStatistics, uniform_first_key_mass
-from transformers_language.evaluation import evaluate
-from transformers_language.linear_cross_entropy import IGNORE_INDEX
-from transformers_language.metrics import ActivationStatistics
+from transformers_language.evaluation.attention_stats import AttentionStatistics, uniform_first_key_mass
+from transformers_language.evaluation.loop import evaluate
+from transformers_language.evaluation.metrics import ActivationStatistics
+from transformers_language.evaluation.outlier_report import headline_figures, log_results, outlier_results, top_dims
+from transformers_language.evaluation.probe_views import TextInputs
 from transformers_language.objectives import get_objective
-from transformers_language.outlier_report import headline_figures, log_results, outlier_results, top_dims
-from transformers_language.probe_views import TextInputs
+from transformers_language.objectives.linear_cross_entropy import IGNORE_INDEX
 
 OBJECTIVE = {"bert": "mlm", "opt": "clm"}
 SEQ, EXAMPLES, BATCH = 16, 11, 4  # the last batch is partial

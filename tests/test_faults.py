@@ -347,7 +347,7 @@ def test_blank_line_batches_are_skipped(tmp_path, data_cache):
 
 def test_an_output_path_that_is_a_file_fails_before_loading(tmp_path, data_cache, capsys, monkeypatch):
     import run_mlm
-    import transformers_language.model_loading as model_loading
+    import transformers_language.models.loading as model_loading
     import validate_mlm
 
     monkeypatch.setattr(model_loading.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from transformers_language import AttentionConfig
-from transformers_language.gates import AttentionGate
+from transformers_language.models.gates import AttentionGate
 
 HEADS, HEAD_DIM = 4, 8
 

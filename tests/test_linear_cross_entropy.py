@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import transformers_language.linear_cross_entropy as lce
+import transformers_language.objectives.linear_cross_entropy as lce
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import build_model
 from transformers_language.objectives import CausalLMLoss, MaskedLMLoss, Masking

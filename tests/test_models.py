@@ -5,7 +5,7 @@ import torch
 from transformers import BertForMaskedLM, OPTForCausalLM
 
 from transformers_language import AttentionConfig, build_model, model_class
-from transformers_language.attention_config import logit
+from transformers_language.models.attention_config import logit
 
 from .conftest import VARIANTS, batch, tiny_config
 

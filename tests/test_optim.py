@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import tiny_config
 from transformers_language import AttentionConfig, build_model
-from transformers_language.metrics import per_sequence_stats
-from transformers_language.optim import build_optimizer, build_scheduler, weight_decay_groups
+from transformers_language.evaluation.metrics import per_sequence_stats
+from transformers_language.training.optim import build_optimizer, build_scheduler, weight_decay_groups
 
 
 def _names(model, params) -> set[str]:

@@ -9,11 +9,11 @@ import pytest
 
 from tests.conftest import run_main, train_argv
 from transformers_language import AttentionConfig
-from transformers_language.block_layouts import BLOCK_LAYOUTS, get_block_layout
+from transformers_language.data.block_layouts import BLOCK_LAYOUTS, get_block_layout
 from transformers_language.families import FAMILIES, get_family
-from transformers_language.gates import GATE_NETWORKS, GATE_TYPES
+from transformers_language.models.gates import GATE_NETWORKS, GATE_TYPES
+from transformers_language.models.softmax import SOFTMAX_VARIANTS, softmax_variant
 from transformers_language.objectives import OBJECTIVES, get_objective
-from transformers_language.softmax import SOFTMAX_VARIANTS, softmax_variant
 
 GATE = ["--attn_gate_type", "conditional_per_token"]
 TRAINING_METHODS = {

@@ -18,9 +18,9 @@ from transformers import AutoConfig, AutoTokenizer
 from tests.conftest import TOKENIZERS, tiny_config
 from tests.test_vit_end_to_end import run_vit, vit_train_argv, write_image_folders
 from transformers_language import AttentionConfig, build_model
-from transformers_language.model_loading import model_class, read_yaml_overrides
-from transformers_language.pretrain import pretrain
-from transformers_language.validate import validate
+from transformers_language.jobs.pretrain import pretrain
+from transformers_language.jobs.validate import validate
+from transformers_language.models.loading import model_class, read_yaml_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -272,7 +272,7 @@ def test_training_preset_runs_the_plan_its_dry_run_prints(name, tmp_path, monkey
     plan its --dry_run prints."""
     import json
 
-    import transformers_language.data as data
+    import transformers_language.data.text as data
     from tests.conftest import TINY_YAML, TRAIN_TEXT, VALID_TEXT
 
     monkeypatch.setitem(

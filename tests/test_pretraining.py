@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.conftest import VARIANTS, assert_resume_repeats_run, read_log, run_main, text_trainer, train_argv
 from transformers_language import AttentionConfig, model_class
 from transformers_language.objectives import CausalLMLoss
-from transformers_language.training import EpochPermutationSampler
+from transformers_language.training.loop import EpochPermutationSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from tests.planted import markov_ids as _markov_ids
 from tests.planted import perplexity as _perplexity
 from transformers_language import AttentionConfig, build_model
 from transformers_language.families import FAMILIES
-from transformers_language.quantized_model import outlier_point_patterns, quantize_model
+from transformers_language.ptq.quantized_model import outlier_point_patterns, quantize_model
 
 ESTIMATORS = [
     ("current_minmax", {}),

@@ -14,7 +14,7 @@ from tests.test_validate import (  # noqa: F401
     run_validate,
     validate_argv,
 )
-from transformers_language.ptq_recipes import BIT_SETTINGS, PTQ_METHODS
+from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS
 
 METHODS = {name: list(method.flags) for name, method in PTQ_METHODS.items()}
 BITS = {name: (str(n_bits), str(n_bits_act)) for name, (n_bits, n_bits_act) in BIT_SETTINGS.items()}
@@ -213,10 +213,10 @@ def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints,
     assert cells[1] == "OS+" and cells[2] == cells[3].rstrip(" |")
 
     # --resume reads every finished run back instead of repeating it; a changed checkpoint is run again.
-    import transformers_language.validate
+    import transformers_language.jobs.validate
 
     calls = []
-    monkeypatch.setattr(transformers_language.validate, "validate", lambda *a, **k: calls.append(a) or rows[0])
+    monkeypatch.setattr(transformers_language.jobs.validate, "validate", lambda *a, **k: calls.append(a) or rows[0])
     resumed = _compare([checkpoints["opt"], twin], out, tmp_path, data_cache, *flags, "--resume")
     assert resumed == rows and not calls
     (twin / "config.json").write_text((twin / "config.json").read_text() + "\n")

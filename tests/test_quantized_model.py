@@ -11,7 +11,7 @@ from quantization.modules import QuantLayerNorm, QuantLinear
 from quantization.quantizer import Quantizer
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig, build_model
-from transformers_language.quantized_model import quantize_model
+from transformers_language.ptq.quantized_model import quantize_model
 
 METHODS = {
     "vanilla": {},

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from transformers_language.arguments import DROPPED_FLAGS
-from transformers_language.flag_docs import flag_tables, parsers, readme_section
+from transformers_language.jobs.flag_docs import flag_tables, parsers, readme_section
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -20,7 +20,7 @@ OTHER_TOOLS = {
 
 def test_flag_reference_matches_the_parsers():
     assert readme_section(README) == flag_tables(), (
-        "README flag reference is stale: run python -m transformers_language.flag_docs --write README.md"
+        "README flag reference is stale: run python -m transformers_language.jobs.flag_docs --write README.md"
     )
 
 

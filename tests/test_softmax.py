@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transformers_language import AttentionConfig
-from transformers_language.softmax import (
+from transformers_language.models.softmax import (
     SOFTMAX_VARIANTS,
     LearnedSink,
     Softmax,

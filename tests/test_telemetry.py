@@ -10,8 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import VOCAB, read_log, run_main, tiny_config, train_argv
 from transformers_language import AttentionConfig, build_model
-from transformers_language.metrics import per_sequence_stats
-from transformers_language.telemetry import GROWTH_FILE, Telemetry
+from transformers_language.evaluation.metrics import per_sequence_stats
+from transformers_language.training.telemetry import GROWTH_FILE, Telemetry
 
 
 def _hook_counts(model) -> int:

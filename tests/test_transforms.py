@@ -21,10 +21,10 @@ from tests.conftest import VARIANTS, VOCAB, batch, tiny_config
 from tests.planted import markov_ids as _markov_ids
 from tests.planted import perplexity as _perplexity
 from transformers_language import AttentionConfig, build_model
-from transformers_language.equivalent_transforms import CONFIG_KEY, apply_transforms, norm_sites
 from transformers_language.families import FAMILIES
-from transformers_language.models import model_class
-from transformers_language.ptq import quantize_for_validation
+from transformers_language.models.model_classes import model_class
+from transformers_language.ptq.equivalent_transforms import CONFIG_KEY, apply_transforms, norm_sites
+from transformers_language.ptq.validation import quantize_for_validation
 
 TRANSFORM_SETS = [("gamma_migration",), ("smoothquant",), ("os_plus",), tuple(TRANSFORMS)]
 TESTED_VARIANTS = [
@@ -179,8 +179,8 @@ def test_os_plus_picks_the_threshold_with_the_least_quantized_output_error():
 
 
 def test_a_post_ln_opt_is_refused_before_loading():
-    from transformers_language.equivalent_transforms import check_transformable
     from transformers_language.errors import UsageError
+    from transformers_language.ptq.equivalent_transforms import check_transformable
 
     with pytest.raises(UsageError, match="do_layer_norm_before=True"):
         check_transformable(FAMILIES["opt"], tiny_config("opt", do_layer_norm_before=False))

@@ -311,9 +311,9 @@ PAPER_COMMANDS = {
 @pytest.mark.parametrize("model_type, kind", sorted(PAPER_COMMANDS))
 def test_the_paper_readme_commands_parse(model_type, kind):
     from transformers_language.families import get_family
+    from transformers_language.jobs.validate import build_parser
     from transformers_language.objectives import get_objective
-    from transformers_language.quant_args import quant_config_from_args
-    from transformers_language.validate import build_parser
+    from transformers_language.ptq.quant_args import quant_config_from_args
 
     objective = get_objective("mlm" if model_type == "bert" else "clm")
     flags = build_parser(objective).parse(PAPER_COMMANDS[model_type, kind].split())

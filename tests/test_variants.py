@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transformers_language import AttentionConfig, build_model
-from transformers_language.attention_config import logit
+from transformers_language.models.attention_config import logit
 
 from .conftest import batch, tiny_config
 

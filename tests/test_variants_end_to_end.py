@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transformers_language import AttentionConfig, build_model
-from transformers_language.optim import MuonWithAdamW, build_optimizer, muon_parameter_names
+from transformers_language.training.optim import MuonWithAdamW, build_optimizer, muon_parameter_names
 
 from .conftest import assert_resume_repeats_run, read_log, run_main, text_trainer, tiny_config, train_argv
 from .test_validate import CALIBRATION_DATA, PAPER_W8A8, run_validate, validate_argv

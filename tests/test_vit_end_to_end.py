@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from transformers_language.data.images import ImageDataArgs, SeededImages, eval_transform, load_image_split
 from transformers_language.errors import UsageError
-from transformers_language.image_classification import MixTargets
-from transformers_language.image_data import ImageDataArgs, SeededImages, eval_transform, load_image_split
-from transformers_language.probe_views import ImageInputs
+from transformers_language.evaluation.probe_views import ImageInputs
+from transformers_language.objectives.image_classification import MixTargets
 
 from .conftest import assert_resume_repeats_run, read_log
 from .test_vit_models import tiny_vit_config
@@ -222,7 +222,7 @@ def test_marks_are_cls_and_the_flattest_patches():
 def test_training_images_are_a_function_of_their_seed(image_folders):
     dataset = load_image_split(ImageDataArgs(train_dir=str(image_folders[0])), "train")
     assert dataset.features["label"].names == list(CLASSES) and len(dataset) == 36
-    from transformers_language.image_data import AugmentationArgs, train_transform
+    from transformers_language.data.images import AugmentationArgs, train_transform
 
     images = SeededImages(dataset, train_transform(32, [0.5] * 3, [0.5] * 3, AugmentationArgs(randaugment_num_ops=2)))
     first, again, other = images[(5, 11)], images[(5, 11)], images[(5, 12)]

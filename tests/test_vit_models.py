@@ -6,7 +6,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from transformers_language import AttentionConfig, ViTForImageClassificationWithVariants, build_model
-from transformers_language.models import PATCH_LAYERNORM_KEY
+from transformers_language.models.model_classes import PATCH_LAYERNORM_KEY
 
 from .conftest import VARIANTS
 
@@ -109,7 +109,7 @@ ACT_RANGES = "current_minmax"
 def _calibrated_w8a8(model, bits: int = 8):
     from quantization.calibration import calibration
     from quantization.config import QuantConfig
-    from transformers_language.quantized_model import quantize_model
+    from transformers_language.ptq.quantized_model import quantize_model
 
     # One calibration batch and its own min-max: that batch is never clipped, and 16 bits are near exact.
     quantize_model(model, QuantConfig(n_bits=bits, n_bits_act=bits, quant_setup="all", ranges_acts=ACT_RANGES))
@@ -145,7 +145,7 @@ def test_the_family_wiring_quantizes_every_point_and_16_bits_stay_close(attentio
 )
 def test_the_equivalent_transforms_leave_the_float_vit_unchanged(transforms):
     from quantization.config import QuantConfig
-    from transformers_language.equivalent_transforms import apply_transforms, norm_sites
+    from transformers_language.ptq.equivalent_transforms import apply_transforms, norm_sites
 
     torch.manual_seed(0)
     model = build_model(tiny_vit_config(), AttentionConfig(gate_type="conditional_per_token")).eval()

@@ -1,8 +1,8 @@
 """Pre-training BERT, OPT and ViT with attention variants that keep activations free of outliers."""
 
-from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
-from .attention_config import AttentionConfig, add_attention_args, attention_config_from_args
-from .models import (
+from .models.attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
+from .models.attention_config import AttentionConfig, add_attention_args, attention_config_from_args
+from .models.model_classes import (
     MODEL_CLASSES,
     BertForMaskedLMWithVariants,
     OPTForCausalLMWithVariants,

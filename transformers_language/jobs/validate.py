@@ -1,0 +1,163 @@
+"""The evaluation job behind `validate_mlm.py` and `validate_clm.py`: perplexity and outlier statistics of a
+checkpoint on the validation split.
+
+The checkpoint's config.json gives the attention method (method flags may repeat it, never contradict it).
+One pass over the validation blocks computes the token-weighted perplexity (and the paper's figure), the
+inf-norm / kurtosis / >6 sigma statistics of the tensors of metrics.md with the channel and token analysis,
+and the attention diagnostics; MLM uses the fixed evaluation masks of `--seed`, the same in every run.
+Results go to `all_results.json` in `--output_dir` (atomically) with the settings that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from quantization.decomposition import OutlierDecomposition
+
+from ..arguments import FlagParser, add_group
+from ..data.modalities import get_modality, probe_inputs
+from ..evaluation.attention_stats import AttentionStatistics
+from ..evaluation.loop import evaluate
+from ..evaluation.metrics import OUTLIER_SIGMAS, ActivationStatistics
+from ..evaluation.outlier_report import log_results, outlier_results
+from ..families import family_of_objective
+from ..files import check_output_dir, write_json_atomic
+from ..models.loading import (
+    add_model_args,
+    load_checkpoint,
+)
+from ..objectives import Objective, get_objective
+from ..ptq.quant_args import add_quantization_args
+from ..ptq.quantized_model import llm_int8_shares
+from ..ptq.validation import calibration_batches, quantize_for_validation
+from ..runtime import check_launch, print_dry_run, setup_logging, sum_across_processes
+from .job_args import EvaluationArgs
+from .plan import resolve_validation
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(objective: Objective) -> FlagParser:
+    family = family_of_objective(objective.name)
+    parser = FlagParser(
+        prog=family.validate_script,
+        description=f"Evaluate a {family.model_type.upper()} checkpoint: {objective.reported[0][1]} and outliers.",
+        allow_abbrev=False,
+    )
+    modality = get_modality(family)
+    add_model_args(parser, family.model_type, training=False, omit=modality.omitted_model_flags)
+    # Training data only calibrates --quantize; a text model's block layout defaults to the checkpoint's.
+    modality.add_data_args(parser, family, training=False)
+    objective_flags = objective.flags_class(training=False)
+    if objective_flags is not None:
+        add_group(parser, "objective", objective_flags, "objective")
+    add_group(parser, "evaluation", EvaluationArgs, "evaluation")
+    add_quantization_args(parser, family.weight_ranges)
+    return parser
+
+
+def print_points(accelerator, points) -> dict:
+    """`--list_quant_points`: one line per quantization point (name, kind, bits, granularity)."""
+    if accelerator.is_main_process:
+        width = max(len(p["name"]) for p in points)
+        for point in points:
+            print(f"{point['name']:<{width}}  {point['kind']:<10}  {point['bits']:>2} bits  {point['granularity']}")
+    return {"points": list(points)}
+
+
+def validate(objective_name: str, argv: list[str] | None = None, statistics_cache: dict | None = None) -> dict:
+    """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
+    `all_results.json`. `statistics_cache` (a dict kept by the caller) shares the float calibration statistics
+    of the equivalent transforms between runs on the same checkpoint and calibration flags."""
+    objective = get_objective(objective_name)
+    script = family_of_objective(objective.name).validate_script
+    flags = build_parser(objective).parse(argv)
+    evaluation = flags.evaluation
+    output_dir = check_output_dir(evaluation.output_dir)
+    accelerator = Accelerator()
+    setup_logging(accelerator)
+    check_launch(accelerator)
+    set_seed(evaluation.seed)
+
+    plan = resolve_validation(flags, family_of_objective(objective.name), script)
+    if evaluation.dry_run:
+        return print_dry_run(accelerator, plan.to_dict())
+    if flags.quantization.list_quant_points:
+        return print_points(accelerator, plan.quant_points)
+    config, preprocessor, quant_config = plan.config, plan.preprocessor, plan.quantization
+    model = load_checkpoint(plan.model, config, accelerator.device)
+    loss_module = objective.loss_class(model).to(accelerator.device).eval()
+
+    splits = get_modality(plan.family).prepare_splits(plan, accelerator, training=False)
+    targets = objective.targets(preprocessor, config, flags.get("objective"))
+    dataset = objective.evaluation_set(splits["validation"], targets, evaluation.seed)
+    post_training = {}
+    if quant_config is not None:
+        if plan.calibration["calibration_split"] == "validation":
+            logger.warning(
+                "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
+            )
+        source = splits.get("train", splits["validation"])
+        batches = calibration_batches(source, targets, plan.calibration, evaluation.seed)
+        post_training = quantize_for_validation(
+            accelerator, model, loss_module, quant_config, batches, statistics_cache
+        )
+    for module in model.modules():  # LLM.int8() reports the evaluation's share of FP channels, not calibration's
+        if isinstance(module, OutlierDecomposition):
+            module.reset_statistics()
+    inputs = probe_inputs(plan.family, preprocessor, config)
+    sites, hidden = model.outlier_sites(), config.hidden_size
+    activations = ActivationStatistics(
+        model, sites, hidden, inputs.token_space, evaluation.kurtosis_max_batches, token_ids=inputs.token_ids
+    )
+    attention_stats = AttentionStatistics(model, inputs)
+    results = evaluate(
+        accelerator,
+        loss_module,
+        dataset,
+        objective,
+        evaluation.per_device_eval_batch_size,
+        probes=(activations, attention_stats),
+    )
+    figures = activations.synced(accelerator)
+    results |= outlier_results(
+        figures, attention_stats.synced(accelerator), model.headlines, inputs.token_name, evaluation.outlier_top_k
+    )
+    shares = llm_int8_shares(model, lambda counts: sum_across_processes(accelerator, [counts])[0])
+    if shares:
+        results["llm_int8_float_channel_share"] = shares
+        results["llm_int8_mean_float_channel_share"] = sum(shares.values()) / len(shares)
+    results |= post_training
+    planned = plan.to_dict()
+    settings = plan.settings | {
+        "script": script,
+        "seq_length": planned["seq_length"],
+        "block_layout_source": planned["block_layout_source"],
+        "attention": planned["attention"],
+        "validation_blocks": len(dataset),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "kurtosis": "Pearson (non-excess), population std, no epsilon",
+        "outlier_definition": f"|x - mean| > {OUTLIER_SIGMAS:g} std, per sequence and tensor (population std)",
+        **inputs.record(),
+        "quantization": planned["quantization"],
+        "plan": planned,  # what --dry_run prints for these flags
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    log_results(results, model.headlines, objective.reported)
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
+        if evaluation.plot:
+            from ..evaluation.plots import write_plots  # matplotlib only when plotting
+
+            for path in write_plots(figures, model.stream_kind, output_dir):
+                logger.info("Wrote %s", path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the process group down: a process left in it can hang at exit
+    return results

@@ -1,0 +1,136 @@
+"""The post-training steps of `validate_*.py --quantize`, in order, on the plan's calibration batches: the
+equivalent transforms of the float model (equivalent_transforms.py), the quantizers (quantized_model.py),
+calibration (every pass the quantizers need), and token-wise clipping's quantile search with its optional fine
+stage (quantization/token_clipping.py). Returns what each step chose, for all_results.json.
+
+Calibration batches are `--est_num_batches` batches of the calibration split's blocks, sampled by `--seed` (the
+objective's targets, e.g. MLM masks, drawn from the same generator), identical in every process and in every
+step above, so each step sees the same data. Token-wise clipping scores the quantized model's final hidden state
+(what the head reads) against the float model's on those batches, by mean squared error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from quantization.calibration import activation_quantizers, calibration_passes, set_quantization
+from quantization.config import QuantConfig
+from quantization.token_clipping import learn_ranges, search_quantile, token_clipping_quantizers
+
+from ..objectives import Targets, derive_seed
+from .equivalent_transforms import apply_transforms
+from .quantized_model import high_precision_layernorms, quantize_model
+
+logger = logging.getLogger(__name__)
+CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def calibration_batches(examples, targets: Targets, calibration: dict, seed: int) -> list[Batch]:
+    """The plan's calibration batches of `examples` (blocks or images): (inputs, labels) pairs, on the CPU."""
+    size = calibration["calibration_batch_size"]
+    count = min(len(examples), calibration["calibration_sequences"])
+    generator = torch.Generator().manual_seed(derive_seed(seed, CALIBRATION_STREAM))
+    sample = examples[torch.randperm(len(examples), generator=generator)[:count].tolist()]
+    return [
+        targets({key: column[start : start + size] for key, column in sample.items()}, generator)
+        for start in range(0, count, size)
+    ]
+
+
+def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: list[Batch]) -> int:
+    """Run `batches` in each calibration pass the model needs (none for dynamic ranges, two for PEG's range-based
+    permutation), which freezes every range. The head and the loss run only when the preset quantizes the head
+    (an FP head has nothing to observe). Returns the number of passes."""
+    passes = calibration_passes(model, quant.calibration_inputs)
+    device = accelerator.device
+    for index, scope in enumerate(passes):
+        with torch.no_grad(), scope:
+            for inputs, labels in tqdm(
+                batches,
+                desc="Calibrating" if index == len(passes) - 1 else "Ordering channels",
+                disable=not accelerator.is_local_main_process,
+            ):
+                with accelerator.autocast():
+                    if quant.preset.quantize_head:
+                        loss_module(inputs.to(device), labels.to(device))
+                    else:
+                        model.body_output(inputs.to(device))
+    return len(passes)
+
+
+def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -> dict:
+    """Token-wise clipping: the quantile search over `quant.token_clipping_quantiles`, then the fine stage."""
+    quantizers = token_clipping_quantizers(activation_quantizers(model))
+    inputs = [batch_inputs.to(accelerator.device) for batch_inputs, _ in batches]
+    with torch.no_grad():
+        set_quantization(model, weights=False, activations=False)
+        references = [model.body_output(ids) for ids in inputs]
+        set_quantization(model, weights=quant.weight_quant, activations=quant.act_quant)
+
+    def mean_loss() -> float:
+        with torch.no_grad(), accelerator.autocast():
+            losses = [
+                F.mse_loss(model.body_output(ids).float(), ref.float())
+                for ids, ref in zip(inputs, references, strict=True)
+            ]
+        return float(torch.stack(losses).mean())
+
+    quantile, losses = search_quantile(quantizers, quant.token_clipping_quantiles, mean_loss)
+    record = {"quantizers": len(quantizers), "quantile": quantile, "loss_by_quantile": losses}
+    if quant.token_clipping_fine_steps:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        for parameter in parameters:  # only the ranges learn
+            parameter.requires_grad_(False)
+
+        def step_loss(step: int) -> torch.Tensor:
+            index = step % len(inputs)
+            with accelerator.autocast():
+                return F.mse_loss(model.body_output(inputs[index]).float(), references[index].float())
+
+        try:
+            history = learn_ranges(
+                quantizers, step_loss, quant.token_clipping_fine_steps, quant.token_clipping_learning_rate
+            )
+        finally:
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+        record |= {"fine_steps": len(history), "fine_loss": mean_loss(), "fine_first_step_loss": history[0]}
+    return record
+
+
+def quantize_for_validation(
+    accelerator, model, loss_module, quant: QuantConfig, batches: list[Batch], statistics_cache: dict | None = None
+) -> dict:
+    """Transform, quantize, calibrate and clip `model` in place (float and unquantized on entry); returns the
+    record of what each step chose. `statistics_cache` shares the float statistics between runs on one model."""
+    start = time.perf_counter()
+    record = {}
+    device = accelerator.device
+    int16 = high_precision_layernorms(model, quant.preset)
+    if quant.transforms:
+        with torch.no_grad():
+            record["equivalent_transforms"] = apply_transforms(
+                model, quant, lambda: (ids.to(device) for ids, _ in batches), int16, statistics_cache
+            )
+    quantize_model(model, quant)
+    passes = _calibrate(accelerator, model, loss_module, quant, batches)
+    if quant.token_clipping_points:
+        record["token_clipping"] = _clip_tokens(accelerator, model, quant, batches)
+    static = [q for q in activation_quantizers(model) if q.needs_calibration]
+    record["calibration_seconds"] = time.perf_counter() - start
+    logger.info(
+        "Calibrated %d activation quantizers on %d calibration blocks in %.1f s (%d passes%s)",
+        len(static),
+        sum(len(ids) for ids, _ in batches) if passes else 0,
+        record["calibration_seconds"],
+        passes,
+        "; " + ", ".join(quant.transforms) if quant.transforms else "",
+    )
+    return record
