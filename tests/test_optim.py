@@ -8,7 +8,9 @@ import torch
 
 from tests.conftest import tiny_config
 from transformers_language import AttentionConfig, build_model
+from transformers_language.arguments import typed_group
 from transformers_language.evaluation.metrics import per_sequence_stats
+from transformers_language.jobs.job_args import TrainingArgs
 from transformers_language.training.optim import build_optimizer, build_scheduler, weight_decay_groups
 
 
@@ -77,8 +79,8 @@ def test_schedule_errors():
     optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="Unknown --lr_scheduler_type 'triangle'; valid schedules: linear"):
         build_scheduler(optimizer, "triangle", 0, 10, 0.0)
-    with pytest.raises(ValueError, match="--final_lr_fraction must lie in"):
-        build_scheduler(optimizer, "linear", 0, 10, 1.5)
+    with pytest.raises(ValueError, match=r"--final_lr_fraction must lie in \[0, 1\], got 1.5"):
+        typed_group(TrainingArgs, {"output_dir": "out", "final_lr_fraction": 1.5})  # checked with the flag
 
 
 def test_per_sequence_stats_match_scipy():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from transformers_language.arguments import DROPPED_FLAGS
-from transformers_language.jobs.flag_docs import FLAGS_PAGE, flag_tables, parsers, generated_section
+from transformers_language.jobs.flag_docs import FLAGS_PAGE, flag_tables, generated_section, parsers
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

@@ -14,10 +14,15 @@ from ..arguments import (
     POSITIVE,
     UNIT_INTERVAL,
     Check,
+    FlagParser,
+    add_group,
     arg,
 )
+from ..data.modalities import get_modality
 from ..errors import UsageError
 from ..evaluation.outlier_report import TOP_K
+from ..families import Family
+from ..models.loading import add_model_args
 from ..training.optim import OPTIMIZERS, SCHEDULES
 
 CHECKPOINT_EVERY = Check("be a positive integer or 'epoch'", lambda v: v == "epoch" or (v.isdigit() and int(v) > 0))
@@ -111,3 +116,21 @@ class EvaluationArgs:
         "Check the flags against the checkpoint's config, print the resolved settings as JSON and exit.",
         action="store_true",
     )
+
+
+def job_parser(family: Family, objective, training: bool, description: str) -> FlagParser:
+    """The flags every job of `family` takes: model and attention, its modality's data flags, and the objective's
+    own flags (training: `family.train_script`'s; else `family.validate_script`'s). The job adds its own groups."""
+    parser = FlagParser(
+        prog=family.train_script if training else family.validate_script,
+        description=description,
+        allow_abbrev=False,
+    )
+    modality = get_modality(family)
+    add_model_args(parser, family.model_type, training=training, omit=modality.omitted_model_flags)
+    # Validation: training data only calibrates --quantize; a text model's layout defaults to the checkpoint's.
+    modality.add_data_args(parser, family, training=training)
+    objective_flags = objective.flags_class(training=training)
+    if objective_flags is not None:
+        add_group(parser, "objective", objective_flags, "objective")
+    return parser

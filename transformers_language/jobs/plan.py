@@ -107,6 +107,13 @@ def _settings(flags: Flags, data) -> dict:
     return values | {key: value for key, value in resolved.items() if key in values}
 
 
+def _plan(job: str, family: Family, flags: Flags, data, **resolved) -> Plan:
+    """A Plan of the flags and what was resolved from them (`data`: the data flags as resolved)."""
+    return Plan(
+        job=job, family=family, flags=flags, settings=_settings(flags, data), model=flags.model, data=data, **resolved
+    )
+
+
 def resolve_training(flags: Flags, family: Family, num_processes: int) -> Plan:
     """The plan of a pre-training run: the data checked, the tokenizer or image processor loaded, the model
     config built and the attention method resolved into it."""
@@ -119,16 +126,14 @@ def resolve_training(flags: Flags, family: Family, num_processes: int) -> Plan:
     attention = resolve_method(flags.attention, flags.model, config, modality.tokens(seq_length, config))
     data, layout_source = modality.resolve_layout(flags.data, None)
     training = flags.training
-    return Plan(
-        job="train",
-        family=family,
-        flags=flags,
-        settings=_settings(flags, data),
-        model=flags.model,
+    return _plan(
+        "train",
+        family,
+        flags,
+        data,
         config=config,
         attention=attention,
         seq_length=seq_length,
-        data=data,
         splits=("train", "validation"),
         block_layout_source=layout_source,
         preprocessor=preprocessor,
@@ -175,16 +180,14 @@ def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
             "calibration_sequences": flags_q.est_num_batches * batch,
             "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)
         }
-    return Plan(
-        job="validate",
-        family=family,
-        flags=flags,
-        settings=_settings(flags, data),
-        model=flags.model,
+    return _plan(
+        "validate",
+        family,
+        flags,
+        data,
         config=config,
         attention=attention,
         seq_length=seq_length,
-        data=data,
         splits=splits,
         block_layout_source=layout_source,
         preprocessor=preprocessor,

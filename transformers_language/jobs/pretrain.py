@@ -22,10 +22,7 @@ from ..data.modalities import get_modality
 from ..evaluation.loop import evaluate
 from ..families import family_of_objective
 from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
-from ..models.loading import (
-    add_model_args,
-    load_model,
-)
+from ..models.loading import load_model
 from ..objectives import Objective, get_objective
 from ..runtime import check_launch, print_dry_run, setup_logging
 from ..training.checkpoints import (
@@ -40,7 +37,7 @@ from ..training.loop import EpochPermutationSampler, LoopSettings, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.resume import check_new_run_folder, resume_run
 from ..training.telemetry import Telemetry, init_tracking
-from .job_args import TrackingArgs, TrainingArgs
+from .job_args import TrackingArgs, TrainingArgs, job_parser
 from .plan import resolve_training
 
 logger = logging.getLogger(__name__)
@@ -48,17 +45,12 @@ logger = logging.getLogger(__name__)
 
 def build_parser(objective: Objective) -> FlagParser:
     family = family_of_objective(objective.name)
-    parser = FlagParser(
-        prog=family.train_script,
+    parser = job_parser(
+        family,
+        objective,
+        training=True,
         description=f"Pre-train {family.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
-        allow_abbrev=False,
     )
-    modality = get_modality(family)
-    add_model_args(parser, family.model_type, omit=modality.omitted_model_flags)
-    modality.add_data_args(parser, family, training=True)
-    objective_flags = objective.flags_class(training=True)
-    if objective_flags is not None:
-        add_group(parser, "objective", objective_flags, "objective")
     betas = {"adam_beta1": {"default": family.adam_betas[0]}, "adam_beta2": {"default": family.adam_betas[1]}}
     add_group(parser, "training", TrainingArgs, "training", betas)
     add_group(parser, "tracking", TrackingArgs, "tracking")

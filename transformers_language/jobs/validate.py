@@ -27,16 +27,13 @@ from ..evaluation.metrics import OUTLIER_SIGMAS, ActivationStatistics
 from ..evaluation.outlier_report import log_results, outlier_results
 from ..families import family_of_objective
 from ..files import check_output_dir, write_json_atomic
-from ..models.loading import (
-    add_model_args,
-    load_checkpoint,
-)
+from ..models.loading import load_checkpoint
 from ..objectives import Objective, get_objective
 from ..ptq.quant_args import add_quantization_args
 from ..ptq.quantized_model import llm_int8_shares
 from ..ptq.validation import calibration_batches, quantize_for_validation
 from ..runtime import check_launch, print_dry_run, setup_logging, sum_across_processes
-from .job_args import EvaluationArgs
+from .job_args import EvaluationArgs, job_parser
 from .plan import resolve_validation
 
 logger = logging.getLogger(__name__)
@@ -44,18 +41,12 @@ logger = logging.getLogger(__name__)
 
 def build_parser(objective: Objective) -> FlagParser:
     family = family_of_objective(objective.name)
-    parser = FlagParser(
-        prog=family.validate_script,
+    parser = job_parser(
+        family,
+        objective,
+        training=False,
         description=f"Evaluate a {family.model_type.upper()} checkpoint: {objective.reported[0][1]} and outliers.",
-        allow_abbrev=False,
     )
-    modality = get_modality(family)
-    add_model_args(parser, family.model_type, training=False, omit=modality.omitted_model_flags)
-    # Training data only calibrates --quantize; a text model's block layout defaults to the checkpoint's.
-    modality.add_data_args(parser, family, training=False)
-    objective_flags = objective.flags_class(training=False)
-    if objective_flags is not None:
-        add_group(parser, "objective", objective_flags, "objective")
     add_group(parser, "evaluation", EvaluationArgs, "evaluation")
     add_quantization_args(parser, family.weight_ranges)
     return parser

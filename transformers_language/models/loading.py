@@ -20,10 +20,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from ..arguments import FlagParser, add_group, arg
 from ..errors import InputFileError, UsageError
 from ..families import FAMILIES, get_family
-from .attention_config import (
-    CONFIG_KEY,
-    add_attention_args,
-)
+from .attention_config import CONFIG_KEY, add_attention_args
 from .model_classes import EXTRA_CONFIG_KEYS, model_class
 
 logger = logging.getLogger(__name__)

@@ -158,8 +158,6 @@ def build_scheduler(
     step, so a resumed run rebuilds it at its step (and a changed --learning_rate takes effect there)."""
     if name not in SCHEDULES:
         raise UsageError(f"Unknown --lr_scheduler_type {name!r}; valid schedules: {', '.join(SCHEDULES)}.")
-    if not 0.0 <= final_lr_fraction <= 1.0:
-        raise UsageError(f"--final_lr_fraction must lie in [0, 1], got {final_lr_fraction}.")
     base = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=training_steps)
     base_factor = base.lr_lambdas[0]
 
