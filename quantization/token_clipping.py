@@ -16,6 +16,7 @@ log-factors of the coarse ones, so one learning rate suits ranges of any size an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,7 +87,14 @@ def search_quantile(
             quantizer.estimator.quantile = quantile
             quantizer.freeze()
         losses[quantile] = loss()
-    best = min(losses, key=lambda q: (losses[q], -q))  # ties: the least clipping
+    finite = [q for q in losses if math.isfinite(losses[q])]
+    if not finite:
+        raise FloatingPointError(
+            f"Token-wise clipping: the loss is not finite for any quantile searched ({', '.join(map(str, losses))}); "
+            "the quantized model's output is NaN or infinite at every one: check the model's weights and the bit "
+            "widths."
+        )
+    best = min(finite, key=lambda q: (losses[q], -q))  # ties: the least clipping
     for quantizer in quantizers:
         quantizer.estimator.quantile = best
         quantizer.freeze()

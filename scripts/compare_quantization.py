@@ -9,23 +9,29 @@ architectural fix beat the post-training ones?
         --train_file ../shared/data/wikitext-2/test.txt --validation_file ../shared/data/wikitext-2/valid.txt \\
         --block_size 128 --per_device_train_batch_size 32 --per_device_eval_batch_size 16
 
-Everything after `--` goes to every run (data, sequence length, batch sizes, calibration flags; the FP runs drop
-the calibration-only ones). Each checkpoint is evaluated in FP once, and the float calibration statistics of the
-equivalent transforms (SmoothQuant's and OS+'s per-channel extremes and token sample) are computed once per
-checkpoint and shared by every recipe and bit width. `--reduced` is a quick look with the same recipes and bit
-widths: 2 calibration batches, the first 10% of the validation text, 5 OS+ thresholds, 3 clipping quantiles.
+Everything after `--` goes to every run (data, sequence length, batch sizes, calibration flags; the FP runs drop the
+calibration-only ones); the flags the comparison sets itself (the checkpoint, the output folder, `--quantize`, the
+bit widths and the recipes' flags) are refused there. Each checkpoint is evaluated in FP once, and the float
+calibration statistics of the equivalent transforms (SmoothQuant's and OS+'s per-channel extremes and token sample)
+are computed once per checkpoint and shared by every recipe and bit width. `--reduced` is a quick look with the same
+recipes and bit widths: 2 calibration batches, the first 10% of the validation text, 5 OS+ thresholds, 3 clipping
+quantiles.
 
 Writes to --output_dir: `comparison.md` (rows: bit width and recipe; columns: checkpoints, perplexity and gap to
 FP), `comparison.json` (every run: perplexity, gap, seconds, LLM.int8()'s FP-channel share, what OS+ and
 token-wise clipping chose), `comparison.png` (the gap per recipe and bit width) and each run's all_results.json
-under `<checkpoint>/<bits>/<recipe>/`. With `--resume`, a run whose folder holds a finished run of the same flags
-is read back instead of repeated, so a comparison can grow by a checkpoint or continue after an interruption.
+under `<checkpoint>/<bits>/<recipe>/`. Each finished run also writes `compare_run.json`, one atomic file with its
+full argv, the checkpoint's identity (every file's size and modification time) and its results. With `--resume`,
+a run whose record matches its argv and checkpoint is read back from that record instead of repeated, so a
+comparison can grow by a checkpoint or continue after an interruption; a missing, truncated or mismatched record
+is redone, never read back.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import fields
@@ -43,7 +49,7 @@ from transformers_language.ptq.quant_args import QuantizationArgs  # noqa: E402
 from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS  # noqa: E402
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A8")
-RUN_RECORD = "compare_run.json"  # a finished run's flags and time, next to its all_results.json
+RUN_RECORD = "compare_run.json"  # a finished run's argv, checkpoint identity, time and results: one atomic unit
 REDUCED = ("--est_num_batches", "2", "--validation_percentage", "10")
 # In --reduced mode, what a recipe's own search gets (only where the recipe has that search).
 REDUCED_BY_FLAG = {
@@ -69,7 +75,39 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     names = [Path(c).name for c in args.checkpoints]
     if len(set(names)) != len(names):
         raise UsageError(f"The checkpoints' folder names label the columns and must differ: {', '.join(names)}.")
-    return args, argv[split + 1 :]
+    passed = argv[split + 1 :]
+    owned = [flag for flag in passed if flag.split("=")[0] in owned_flags(args.reduced)]
+    if owned:
+        raise UsageError(
+            f"{', '.join(dict.fromkeys(owned))} after -- would override what the comparison sets for each run; name "
+            "checkpoints before --, --output_dir before --, and choose recipes and bit widths with --recipes / --bits."
+        )
+    return args, passed
+
+
+def owned_flags(reduced: bool) -> set[str]:
+    """The validate_*.py flags each run gets from the comparison itself, which `--` may not repeat."""
+    owned = {"--model_name_or_path", "--output_dir", "--quantize", "--n_bits", "--n_bits_act"}
+    owned |= {flag for method in PTQ_METHODS.values() for flag in method.flags if flag.startswith("--")}
+    if reduced:
+        owned |= {flag for flag in REDUCED if flag.startswith("--")}
+        owned |= {flag for extra in REDUCED_BY_FLAG.values() for flag in extra if flag.startswith("--")}
+    return owned
+
+
+def read_record(path: Path) -> dict:
+    """A finished run's record, or {} when it is missing, truncated or not a record (the run is then redone)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    results = record.get("results") if isinstance(record, dict) else None
+    return record if isinstance(results, dict) and "perplexity" in results else {}
+
+
+def _finite_or_nan(value) -> float:
+    """A figure as read back from strict JSON, where a non-finite number is null."""
+    return math.nan if value is None else float(value)
 
 
 def model_type_of(checkpoint: str) -> str:
@@ -176,15 +214,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run_dir = output / name / bits / recipe
         done = run_dir / RUN_RECORD
         identity = {"argv": argv_run, "checkpoint_files": fingerprints[checkpoint]}
-        previous = json.loads(done.read_text()) if args.resume and done.is_file() else {}
-        if {key: previous.get(key) for key in identity} == json.loads(json.dumps(identity)):
-            results = json.loads((run_dir / "all_results.json").read_text())
-            elapsed = previous["seconds"]
+        previous = read_record(done) if args.resume else {}
+        if previous and {key: previous.get(key) for key in identity} == json.loads(json.dumps(identity)):
+            results, elapsed = previous["results"], previous.get("seconds", math.nan)
         else:
+            done.unlink(missing_ok=True)  # the run's folder is being rewritten: no stale record may pair with it
             results = validate(objectives[checkpoint], argv_run, statistics_cache=caches[checkpoint])
             elapsed = time.perf_counter() - start
-            write_json_atomic(done, identity | {"seconds": elapsed})
-        perplexity = results["perplexity"]
+            write_json_atomic(done, identity | {"seconds": elapsed, "results": results})
+        perplexity = _finite_or_nan(results["perplexity"])
         fp.setdefault(checkpoint, perplexity)
         gap = perplexity - fp[checkpoint]
         rows.append(

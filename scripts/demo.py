@@ -161,10 +161,18 @@ def head_means(results: dict, key: str) -> list[float]:
     return [sum(layer[key]) / len(layer[key]) for layer in layers]
 
 
-def read_stage_results(run_dir: Path) -> list[dict]:
-    """The written results of a finished method: training, FP and W8A8 evaluation."""
-    paths = (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8")
-    return [json.loads((path / "all_results.json").read_text()) for path in paths]
+def read_stage_results(run_dir: Path, missing_ok: bool = False) -> list[dict | None]:
+    """The written results of a finished method: training, FP and W8A8 evaluation (`missing_ok`: None for a
+    stage whose results are missing or torn, which is then re-run)."""
+    results = []
+    for path in (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8"):
+        try:
+            results.append(json.loads((path / "all_results.json").read_text()))
+        except (OSError, ValueError):
+            if not missing_ok:
+                raise
+            results.append(None)
+    return results
 
 
 def _results_flags(argv: list[str]) -> list[str]:
@@ -180,23 +188,29 @@ def _results_flags(argv: list[str]) -> list[str]:
     return kept
 
 
-def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> str:
-    """'done' (finished with these stages: read back), 'continue' (an interrupted training of these stages with a
-    checkpoint) or 'fresh' (any earlier run there is removed: training refuses a folder that holds a run)."""
+def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> tuple[str, list[int]]:
+    """('done', []) finished with these stages: read back; ('validate', stage numbers) the training is finished
+    with these flags and only those validation stages changed: re-run them alone; ('continue', []) an interrupted
+    training of these stages with a checkpoint; ('fresh', []) any earlier run there is removed (training refuses
+    a folder that holds a run)."""
     record_path = run_dir / RECORD
-    record = json.loads(record_path.read_text()) if resume and record_path.is_file() else None
-    if (
-        record is not None
-        and record["finished"]
-        and list(map(_results_flags, record["stages"])) == list(map(_results_flags, stages))
-    ):
-        return "done"
+    try:
+        record = json.loads(record_path.read_text()) if resume and record_path.is_file() else None
+    except ValueError:  # a torn record: start over
+        record = None
+    if record is not None and record["finished"] and _results_flags(record["stages"][0]) == _results_flags(stages[0]):
+        changed = [
+            number
+            for number, (before, now) in enumerate(zip(record["stages"], stages, strict=True))
+            if number > 0 and _results_flags(before) != _results_flags(now)
+        ]
+        return ("validate", changed) if changed else ("done", [])
     if record is not None and record["stages"] == stages and any(run_dir.glob("step_*")):
-        return "continue"
+        return "continue", []
     if run_dir.exists():
         print(f"Replacing the earlier demo run in {run_dir}", flush=True)
         shutil.rmtree(run_dir)
-    return "fresh"
+    return "fresh", []
 
 
 def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool, counter: tuple[int, int]) -> list:
@@ -204,16 +218,24 @@ def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool,
     or read back their results when `resume` finds them finished with the same flags; returns each stage's
     results."""
     argvs = [argv for _, _, argv in stages]
-    state = plan_method(run_dir, argvs, resume)
+    state, changed = plan_method(run_dir, argvs, resume)
     if state == "done":
         print(f"\n=== {method}: finished earlier with these flags, read back from {run_dir}", flush=True)
         return read_stage_results(run_dir)
+    done, total = counter
+    if state == "validate":
+        print(f"\n=== {method}: the trained model is kept; re-running only the changed validations", flush=True)
+        results = read_stage_results(run_dir, missing_ok=True)
+        for number in sorted(set(changed) | {n for n, stage in enumerate(results) if n > 0 and stage is None}):
+            title, job, argv = stages[number]
+            results[number] = run_stage(done + number + 1, total, title, job, objective, argv)
+        write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
+        return results
     if state == "continue":
         print(f"\n=== {method}: continuing the interrupted training in {run_dir}", flush=True)
         stages = ((stages[0][0], stages[0][1], [*argvs[0], "--resume_from_checkpoint", "latest"]), *stages[1:])
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": False})
-    done, total = counter
     results = [
         run_stage(done + number, total, title, job, objective, argv)
         for number, (title, job, argv) in enumerate(stages, start=1)

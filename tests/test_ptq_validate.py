@@ -157,7 +157,10 @@ def _compare_module():
 
 def _compare(checkpoint_list, out, tmp_path, data_cache, *flags):
     # The script passes each checkpoint and each run's output folder itself.
-    passed = [*validate_argv("opt", checkpoint_list[0], tmp_path / "unused", data_cache)[2:-2], *CALIBRATION_DATA]
+    # (--reduced chooses the share of the validation text itself.)
+    passed = validate_argv("opt", checkpoint_list[0], tmp_path / "unused", data_cache)[2:-2]
+    share = passed.index("--validation_percentage")
+    passed = [*passed[:share], *passed[share + 2 :], *CALIBRATION_DATA]
     paths = [str(c) for c in checkpoint_list]
     return _compare_module().main([*paths, "--output_dir", str(out), "--reduced", *flags, "--", *passed])
 

@@ -21,6 +21,10 @@ class InputFileError(UserError, FileNotFoundError):
     """A file or folder the user passed is missing, corrupt, or not what the flag needs."""
 
 
+class OutputWriteError(UserError, OSError):
+    """The output folder cannot take what a run writes (a full disk, a quota, no permission)."""
+
+
 EXIT_USER_ERROR = 2  # argparse's code for a usage mistake
 
 

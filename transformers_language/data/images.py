@@ -14,15 +14,17 @@ and after an interrupted run resumes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset
+from datasets import Image as DatasetImage
 
 from ..arguments import FRACTION, NON_NEGATIVE, PERCENTAGE, FlagParser, add_group, arg, from_flag
 from ..errors import InputFileError, UsageError
 from ..families import SequenceFlag
+from .image_files import check_image_folder, decoded, folder_classes
 
 SPLITS = ("train", "validation")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -48,10 +50,16 @@ class ImageDataArgs:
         help="Use P%% of the validation images, spread evenly.", check=PERCENTAGE, type=float
     )
     dataloader_num_workers: int = arg(0, "Processes decoding and augmenting training images.", NON_NEGATIVE, type=int)
+    skip_broken_images: bool = arg(
+        False,
+        "Leave out image files that cannot be read (each named in a warning, with the count) instead of stopping.",
+        action="store_true",
+    )
     eval_crop_fraction: float = arg(
         0.875, "Evaluation: resize to image_size / F, then center-crop.", FRACTION, type=float
     )
     seq_length: int | None = from_flag(help="The image side in pixels: the family's size flag, as given.")
+    broken_files: tuple[str, ...] = from_flag((), "Resolved: the broken image files left out (--skip_broken_images).")
 
     def folder(self, split: str) -> str | None:
         return {"train": self.train_dir, "validation": self.validation_dir}[split]
@@ -100,9 +108,10 @@ def add_image_data_args(parser: FlagParser, sequence: SequenceFlag, training: bo
     return parser
 
 
-def check_image_sources(data: ImageDataArgs, splits: tuple[str, ...]) -> list[str] | None:
-    """The data flags and folders of `splits`, checked once, before anything is loaded; the class names of the
-    folders (each listed once), or None for a hub dataset (its label feature names them)."""
+def check_image_sources(data: ImageDataArgs, splits: tuple[str, ...]) -> tuple[ImageDataArgs, list[str] | None]:
+    """The data flags and folders of `splits`, checked once, before anything is loaded (every class folder must
+    hold images, every image file must open): the data settings with the broken files to leave out, and the
+    class names of the folders (each listed once), or None for a hub dataset (its label feature names them)."""
     local = [f"--{split}_dir" for split in SPLITS if data.folder(split)]
     if data.dataset_name is not None and local:
         raise UsageError(f"--dataset_name and {', '.join(local)} both choose the images; use one of them.")
@@ -128,12 +137,13 @@ def check_image_sources(data: ImageDataArgs, splits: tuple[str, ...]) -> list[st
                 f"--train_dir {train_dir} and --validation_dir {validation_dir} hold different classes "
                 f"({', '.join(only[:5])} only in one); give both the same class sub-folders."
             )
-    return next(iter(classes.values()), None)
-
-
-def folder_classes(folder: str) -> list[str]:
-    """The class names of an image folder: its sub-folders, sorted (as `imagefolder` numbers them)."""
-    return sorted(child.name for child in Path(folder).iterdir() if child.is_dir())
+    flags = {data.train_dir: "--train_dir", data.validation_dir: "--validation_dir"}
+    broken = [
+        path
+        for folder, names in classes.items()
+        for path in check_image_folder(folder, flags[folder], names, data.skip_broken_images)
+    ]
+    return replace(data, broken_files=tuple(broken)), next(iter(classes.values()), None)
 
 
 def _column(dataset: Dataset, chosen: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
@@ -154,7 +164,7 @@ def load_image_split(data: ImageDataArgs, split: str) -> Dataset:
         hub_split = data.train_split if split == "train" else data.validation_split
         dataset = load_dataset(data.dataset_name, data.dataset_config_name, split=hub_split)
     else:
-        dataset = load_dataset("imagefolder", data_dir=data.folder(split), split="train")
+        dataset = _without(load_dataset("imagefolder", data_dir=data.folder(split), split="train"), data.broken_files)
     image = _column(dataset, data.image_column, IMAGE_COLUMNS, "image", "image_column")
     label = _column(dataset, data.label_column, LABEL_COLUMNS, "label", "label_column")
     dataset = dataset.select_columns([image, label])
@@ -169,6 +179,15 @@ def load_image_split(data: ImageDataArgs, split: str) -> Dataset:
         count = math.ceil(len(dataset) * percentage / 100)
         dataset = dataset.select([math.floor(i * 100 / percentage) for i in range(count)])
     return dataset
+
+
+def _without(dataset: Dataset, broken: tuple[str, ...]) -> Dataset:
+    """An image folder's dataset without the broken files (--skip_broken_images)."""
+    if not broken:
+        return dataset
+    paths = dataset.cast_column("image", DatasetImage(decode=False))["image"]
+    leave_out = set(broken)
+    return dataset.select([i for i, item in enumerate(paths) if str(Path(item["path"]).resolve()) not in leave_out])
 
 
 def class_names(dataset: Dataset) -> list[str]:
@@ -216,7 +235,7 @@ class _BatchTransform:
         self.transform = transform
 
     def __call__(self, batch: dict) -> dict:
-        pixels = torch.stack([self.transform(image) for image in batch["image"]])
+        pixels = torch.stack([decoded(self.transform, image) for image in batch["image"]])
         return {"pixel_values": pixels, "labels": torch.as_tensor(batch["label"], dtype=torch.long)}
 
 
@@ -239,5 +258,5 @@ class SeededImages(torch.utils.data.Dataset):
         row = self.dataset[index]
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
             torch.manual_seed(seed)
-            pixels = self.transform(row["image"])
+            pixels = decoded(self.transform, row["image"])
         return {"pixel_values": pixels, "labels": torch.tensor(row["label"], dtype=torch.long)}

@@ -46,9 +46,10 @@ class TextModality:
     def add_data_args(self, parser: FlagParser, family: Family, training: bool) -> None:
         add_data_args(parser, family.sequence, **({} if training else {"layout_default": None}))
 
-    def check_sources(self, data: DataArgs, splits: tuple[str, ...]) -> None:
-        """The files of `splits`, checked once before anything loads (text has no classes: None)."""
+    def check_sources(self, data: DataArgs, splits: tuple[str, ...]) -> tuple[DataArgs, None]:
+        """The files of `splits`, checked once before anything loads: the data settings, and no classes."""
         check_data_sources(data, splits)
+        return data, None
 
     def resolve_layout(self, data: DataArgs, checkpoint: str | None) -> tuple[DataArgs, str]:
         """The data settings with the block layout resolved, and where it comes from (validation: the
@@ -103,9 +104,9 @@ class ImageModality:
     def add_data_args(self, parser: FlagParser, family: Family, training: bool) -> None:
         add_image_data_args(parser, family.sequence, training)
 
-    def check_sources(self, data: ImageDataArgs, splits: tuple[str, ...]) -> list[str] | None:
-        """The folders of `splits`, checked once before anything loads; their class names (None: a hub
-        dataset's, read in `configure`)."""
+    def check_sources(self, data: ImageDataArgs, splits: tuple[str, ...]) -> tuple[ImageDataArgs, list[str] | None]:
+        """The folders of `splits` and their images, checked once before anything loads: the data settings with
+        the broken files to leave out, and the class names (None: a hub dataset's, read in `configure`)."""
         return check_image_sources(data, splits)
 
     def resolve_layout(self, data: ImageDataArgs, checkpoint: str | None) -> tuple[ImageDataArgs, None]:

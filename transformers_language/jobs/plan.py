@@ -118,13 +118,13 @@ def resolve_training(flags: Flags, family: Family, num_processes: int) -> Plan:
     """The plan of a pre-training run: the data checked, the tokenizer or image processor loaded, the model
     config built and the attention method resolved into it."""
     modality = get_modality(family)
-    classes = modality.check_sources(flags.data, ("train", "validation"))
+    data, classes = modality.check_sources(flags.data, ("train", "validation"))
     preprocessor = modality.load_preprocessor(flags.model)
     config, checkpoint = build_config(flags.model)
-    modality.configure(config, preprocessor, flags.data, classes, checkpoint)
-    seq_length = modality.sequence_length(flags.data, flags.model, config, family.sequence.name)
+    modality.configure(config, preprocessor, data, classes, checkpoint)
+    seq_length = modality.sequence_length(data, flags.model, config, family.sequence.name)
     attention = resolve_method(flags.attention, flags.model, config, modality.tokens(seq_length, config))
-    data, layout_source = modality.resolve_layout(flags.data, None)
+    data, layout_source = modality.resolve_layout(data, None)
     training = flags.training
     return _plan(
         "train",
@@ -159,9 +159,9 @@ def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
     quantization = quant_config_from_args(flags_q, family)
     calibrate_on_train = flags_q.quantize and flags_q.calibration_split == "train"
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
-    classes = None if listing else modality.check_sources(flags.data, splits)
+    data, classes = (flags.data, None) if listing else modality.check_sources(flags.data, splits)
     config = load_checkpoint_config(flags.model, script)
-    data, layout_source = modality.resolve_layout(flags.data, checkpoint)
+    data, layout_source = modality.resolve_layout(data, checkpoint)
     seq_length = modality.sequence_length(data, flags.model, config, family.sequence.name)
     attention = AttentionConfig.from_model_config(config)
     check_method_flags(flags.attention, attention, modality.tokens(seq_length, config), f"the checkpoint {checkpoint}")

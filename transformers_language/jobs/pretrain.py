@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from pathlib import Path
 
 import torch
 import transformers
@@ -17,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from ..arguments import FlagParser, add_group
+from ..arguments import FlagParser, Flags, add_group
 from ..data.modalities import get_modality
 from ..evaluation.loop import evaluate
 from ..families import family_of_objective
@@ -35,7 +36,7 @@ from ..training.checkpoints import (
 )
 from ..training.loop import EpochPermutationSampler, LoopSettings, train
 from ..training.optim import build_optimizer, build_scheduler
-from ..training.resume import check_new_run_folder, resume_run
+from ..training.resume import check_new_run_folder, claim_run_folder, release_unused_claim, resume_run
 from ..training.telemetry import Telemetry, init_tracking
 from .job_args import TrackingArgs, TrainingArgs, job_parser
 from .plan import resolve_training
@@ -64,7 +65,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     flags = build_parser(objective).parse(argv)
     training, tracking = flags.training, flags.tracking
     output_dir = check_output_dir(training.output_dir)
-    if not training.resume_from_checkpoint and not training.dry_run:
+    new_run = not training.resume_from_checkpoint and not training.dry_run
+    if new_run:
         check_new_run_folder(output_dir)
     checkpoint = None
     if training.resume_from_checkpoint and not training.dry_run:
@@ -73,6 +75,21 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     accelerator = Accelerator(log_with=log_with, project_dir=str(output_dir))
     setup_logging(accelerator)
     check_launch(accelerator)
+    claimed = new_run and accelerator.is_main_process
+    if claimed:  # atomically, so a run started beside this one is refused
+        claim_run_folder(output_dir)
+    accelerator.wait_for_everyone()
+    try:
+        return _train(objective, flags, accelerator, output_dir, checkpoint)
+    except BaseException:
+        if claimed:  # a run that fails before it records itself leaves the folder free for the next attempt
+            release_unused_claim(output_dir)
+        raise
+
+
+def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_dir: Path, checkpoint) -> dict:
+    """The run itself, once its folder is claimed (or resumed from `checkpoint`)."""
+    training, tracking = flags.training, flags.tracking
     if checkpoint is not None:  # before any weights or data are loaded
         check_checkpoint_files(checkpoint, accelerator.process_index)
     set_seed(training.seed)

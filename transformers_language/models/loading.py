@@ -22,6 +22,7 @@ from ..errors import InputFileError, UsageError
 from ..families import FAMILIES, get_family
 from .attention_config import CONFIG_KEY, add_attention_args
 from .model_classes import EXTRA_CONFIG_KEYS, model_class
+from .norm_sites import CONFIG_KEY as TRANSFORMS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,22 @@ def build_config(model_args: ModelArgs) -> tuple[PretrainedConfig, str | None]:
     and the data are the modality's (modalities.py `configure`)."""
     overrides = read_yaml_overrides(model_args.config_path) if model_args.config_path else {}
     base = model_args.model_name_or_path or model_args.config_name
-    config = (
-        AutoConfig.from_pretrained(base, cache_dir=model_args.model_cache_dir)
-        if base
-        else AutoConfig.for_model(model_args.model_type)
-    )
+    if base is None:
+        config = AutoConfig.for_model(model_args.model_type)
+    else:
+        flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
+        try:
+            config = AutoConfig.from_pretrained(base, cache_dir=model_args.model_cache_dir)
+        except (OSError, ValueError, KeyError) as error:  # no config, or a model_type transformers does not know
+            raise InputFileError(
+                f"{flag} {base}: no {model_args.model_type} model config there ({str(error).splitlines()[0]}); pass "
+                f"a folder written by the training script or a hub id of a {model_args.model_type} model."
+            ) from error
     if config.model_type != model_args.model_type:
+        other = FAMILIES.get(config.model_type)
+        fix = f"use {other.train_script} for it" if other else f"valid model types: {', '.join(FAMILIES)}"
         raise UsageError(
-            f"{base} is a {config.model_type!r} model; this script trains {model_args.model_type!r} models."
+            f"{base} is a {config.model_type!r} model; this script trains {model_args.model_type!r} models ({fix})."
         )
     unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY} - set(EXTRA_CONFIG_KEYS))
     if unknown:
@@ -222,6 +231,24 @@ def load_checkpoint_config(model_args: ModelArgs, script: str) -> PretrainedConf
     return config
 
 
+# Weights a checkpoint may carry only when its config.json says so (else they would be dropped without a word).
+STRAY_WEIGHTS = {
+    "attention_variant": "attention-variant weights its config does not use",
+    "shortcut_affine": f"equivalent-transform shortcut affines, but its config.json names no {TRANSFORMS_KEY}",
+}
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """One line naming the first weight that holds NaN or infinity: such a model evaluates to NaN everywhere."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UsageError(
+                f"{source}: the weight {name} holds {bad} non-finite value(s) of {tensor.numel()}; evaluate an "
+                "intact checkpoint (e.g. an earlier step_N of its run)."
+            )
+
+
 def load_checkpoint(model_args: ModelArgs, config: PretrainedConfig, device: torch.device):
     """The checkpoint's model exactly as saved: every weight must come from the checkpoint (a gate that its
     config.json names but its weights lack would otherwise be freshly initialised without a word)."""
@@ -237,13 +264,15 @@ def load_checkpoint(model_args: ModelArgs, config: PretrainedConfig, device: tor
     problems = [f"missing weights {info['missing_keys']}"] if info["missing_keys"] else []
     if info.get("mismatched_keys"):
         problems.append(f"weights of another shape {[key for key, *_ in info['mismatched_keys']]}")
-    stray = [key for key in info["unexpected_keys"] if "attention_variant" in key]
-    if stray:
-        problems.append(f"attention-variant weights its config does not use {stray}")
+    for marker, what in STRAY_WEIGHTS.items():
+        stray = [key for key in info["unexpected_keys"] if marker in key]
+        if stray:
+            problems.append(f"{what} {stray}")
     if problems:
         raise UsageError(
             f"{model_args.model_name_or_path} does not match its config.json ({'; '.join(problems)}); evaluate the "
             "directory the training script wrote, with the config.json saved beside its weights."
         )
+    check_finite_weights(model, model_args.model_name_or_path)
     logger.info("Loaded %s: %.1fM parameters", model_args.model_name_or_path, model.num_parameters() / 1e6)
     return model.eval()

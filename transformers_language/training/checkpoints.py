@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers.modeling_utils import revert_weight_conversion
 from transformers.utils import SAFE_WEIGHTS_NAME  # save_pretrained's weights file
 
-from ..errors import InputFileError, UsageError
+from ..errors import InputFileError, OutputWriteError, UsageError
 from ..files import save_model_files, write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -119,10 +119,17 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        for name, values in records.items():
-            write_json_atomic(tmp / name, values)
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            for name, values in records.items():
+                write_json_atomic(tmp / name, values)
+    except OSError as error:  # a full disk or quota: the earlier checkpoints are intact, this one is dropped
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputWriteError(
+            f"Writing the checkpoint {final.name} into {Path(output_dir)} failed ({error.strerror or error}); the "
+            "earlier checkpoints are intact: free space there, then resume with --resume_from_checkpoint latest."
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

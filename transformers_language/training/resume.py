@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import socket
+import time
 from pathlib import Path
 
 from ..errors import InputFileError, UsageError, UserError
@@ -65,8 +68,9 @@ FREE_ON_RESUME = (
     "transformers_version",
     "torch_version",
 )
+RUN_CLAIM = "run_claim.json"  # created (exclusively) by a new run before it loads anything
 # What in a folder marks a run: a new run there would adopt, rotate away or overwrite it.
-RUN_FILES = (RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
+RUN_FILES = (RUN_CLAIM, RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
 
 
 def check_new_run_folder(output_dir: Path) -> None:
@@ -76,11 +80,49 @@ def check_new_run_folder(output_dir: Path) -> None:
         if output_dir.is_dir()
         else []
     )
+    if found == [RUN_CLAIM]:
+        raise UsageError(
+            f"--output_dir {output_dir} is claimed by a run that has not recorded itself yet ({RUN_CLAIM}): it is "
+            "still starting, or was killed before it loaded; wait for it, or pass a new --output_dir (or delete "
+            f"{RUN_CLAIM} if no run is using the folder)."
+        )
     if found:
         raise UsageError(
-            f"--output_dir {output_dir} already holds a run ({', '.join(found[:4])}); pass a new --output_dir, or "
+            f"--output_dir {output_dir} already holds a run ({', '.join(found[:6])}); pass a new --output_dir, or "
             "--resume_from_checkpoint latest to continue that run."
         )
+
+
+def claim_run_folder(output_dir: Path) -> None:
+    """Claim `output_dir` for a new run with one exclusive create, so of two runs started into it at once the
+    second is refused before it loads anything (the folder check alone runs long before the run's record is
+    written). The claim stays: it marks the folder as holding a run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(output_dir / RUN_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise UsageError(
+            f"--output_dir {output_dir} was just claimed by another run ({RUN_CLAIM}); pass a new --output_dir, or "
+            "--resume_from_checkpoint latest to continue that run."
+        ) from None
+    with os.fdopen(descriptor, "w") as claim:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, claim)
+
+
+def release_unused_claim(output_dir: Path) -> None:
+    """Give the folder back after a new run failed before writing its record (e.g. a flag error found while
+    planning); a run that recorded itself keeps its claim: the folder holds that run, to be resumed."""
+    if not (output_dir / RUN_SETTINGS).exists():
+        (output_dir / RUN_CLAIM).unlink(missing_ok=True)
+
+
+def _difference(key: str, saved, now, flags: set[str]) -> str:
+    """One differing setting; for a mapping (the model config, the attention method) only the fields that differ."""
+    name = f"{'--' * (key in flags)}{key}"
+    if isinstance(saved, dict) and isinstance(now, dict):
+        fields = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        return f"{name}: " + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in fields)
+    return f"{name}: checkpoint {saved!r}, now {now!r}"
 
 
 def resume_run(
@@ -97,9 +139,7 @@ def resume_run(
     exempt = {*ADJUSTABLE_ON_RESUME, *FREE_ON_RESUME}
     fixed = [key for key in sorted(set(saved) | set(now)) if key not in exempt and saved.get(key) != now.get(key)]
     if fixed:
-        listing = "; ".join(
-            f"{'--' * (key in flags)}{key}: checkpoint {saved.get(key)!r}, now {now.get(key)!r}" for key in fixed
-        )
+        listing = "; ".join(_difference(key, saved.get(key), now.get(key), flags) for key in fixed)
         raise UsageError(
             f"{checkpoint} was written with other settings that cannot change on resume ({listing}); resume with "
             "the checkpoint's values, or start a new run in a new --output_dir."
