@@ -26,9 +26,9 @@ def parse_softmax(method: str) -> tuple[float, float]:
     return softmax_variant(method).clip or (0.0, 1.0)
 
 
-def reads_train_seq_length(softmax: str, alpha: float | None) -> bool:
+def reads_train_seq_length(spec: SoftmaxSpec, alpha: float | None) -> bool:
     """Whether the method is fixed by T_train when the model is built (the alpha form, sigmoid attention)."""
-    return alpha is not None or SOFTMAX_VARIANTS[softmax_variant(softmax).normaliser].needs_seq_length
+    return alpha is not None or SOFTMAX_VARIANTS[spec.normaliser].needs_seq_length
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class AttentionConfig:
 
     @property
     def needs_seq_length(self) -> bool:
-        return self.alpha is not None or SOFTMAX_VARIANTS[self.normaliser].needs_seq_length
+        return reads_train_seq_length(self.spec, self.alpha)
 
     @property
     def plain_softmax(self) -> bool:
@@ -261,7 +261,7 @@ def attention_config_from_args(flags: AttentionArgs, train_seq_length: int | Non
     return AttentionConfig(
         softmax=softmax,
         alpha=flags.alpha,
-        train_seq_length=train_seq_length if reads_train_seq_length(softmax, flags.alpha) else None,
+        train_seq_length=train_seq_length if reads_train_seq_length(softmax_variant(softmax), flags.alpha) else None,
         bias_kv=flags.attn_bias_kv,
         gate_type=gate_type,
         gate_network=network_flags[chosen[0]][0] if chosen else DEFAULT_GATE_NETWORK,
