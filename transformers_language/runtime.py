@@ -1,6 +1,6 @@
-"""Process-level helpers shared by the entry points and the streaming statistics: log setup (quiet libraries
-on all but the main process), the launch check, the `--dry_run` report, and one-collective reductions of many
-accumulators across processes."""
+"""Process-level helpers shared by the entry points and the streaming statistics: a fresh accelerator per job,
+log setup (quiet libraries on all but the main process), the launch check, the `--dry_run` report, and
+one-collective reductions of many accumulators across processes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,20 @@ import os
 import datasets
 import torch
 import transformers
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from .errors import UsageError
+
+
+def start_accelerator(mixed_precision: str | None = None, **options) -> Accelerator:
+    """The accelerator of one job. accelerate keeps its settings (mixed precision among them) in a process-wide
+    singleton, so a second job in one process (the demo, the comparison, the tests) would silently run at the
+    first job's precision, or be refused another one: its accelerator-level state is cleared first (the
+    process group and device, in PartialState, are kept). `mixed_precision` None: the accelerate config's or
+    ACCELERATE_MIXED_PRECISION's (no)."""
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, **options)
 
 
 def setup_logging(accelerator) -> None:

@@ -28,6 +28,9 @@ from ..training.optim import OPTIMIZERS, SCHEDULES
 CHECKPOINT_EVERY = Check("be a positive integer or 'epoch'", lambda v: v == "epoch" or (v.isdigit() and int(v) > 0))
 
 
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class TrainingArgs:
     """How a pre-training run trains, where it writes, and how it resumes."""
@@ -65,6 +68,12 @@ class TrainingArgs:
     adam_beta1: float = arg(0.9, "AdamW beta1.", OPEN_UNIT_INTERVAL, type=float)
     adam_beta2: float = arg(0.999, "AdamW beta2 (OPT: 0.95).", OPEN_UNIT_INTERVAL, type=float)
     adam_epsilon: float = arg(1e-8, "AdamW epsilon.", FINITE_POSITIVE, type=float)
+    mixed_precision: str | None = arg(
+        None,
+        "bf16: bf16 autocast with fp32 master weights and optimizer state (CPUs with AVX512-BF16 or AMX, GPUs); "
+        "fp16 (GPUs, with a loss scaler); no: fp32. Default: the accelerate config's, or ACCELERATE_MIXED_PRECISION.",
+        choices=MIXED_PRECISIONS,
+    )
     output_dir: str = arg(None, "Where checkpoints, the model and results go.", required=True)
     checkpointing_steps: str | None = arg(None, "Save a checkpoint every N steps, or 'epoch'.", CHECKPOINT_EVERY)
     checkpoints_total_limit: int = arg(3, "Checkpoints kept (newest).", POSITIVE, type=int)
@@ -105,6 +114,12 @@ class EvaluationArgs:
 
     seed: int = arg(42, "Seed of the evaluation masks (MLM).", type=int)
     per_device_eval_batch_size: int = arg(8, "Sequences per batch.", POSITIVE, type=int)
+    mixed_precision: str | None = arg(
+        None,
+        "bf16 / fp16: the FP evaluation runs under autocast; the W8A8 simulation (--quantize) always runs in fp32. "
+        "Default: the accelerate config's, or ACCELERATE_MIXED_PRECISION.",
+        choices=MIXED_PRECISIONS,
+    )
     output_dir: str = arg(None, "Where all_results.json (and the plots) go.", required=True)
     kurtosis_max_batches: int | None = arg(
         None, "Kurtosis over the first N batches of each process only (default: all batches).", POSITIVE, type=int

@@ -25,7 +25,7 @@ from ..families import family_of_objective
 from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from ..models.loading import load_model
 from ..objectives import Objective, get_objective
-from ..runtime import check_launch, print_dry_run, setup_logging
+from ..runtime import check_launch, print_dry_run, setup_logging, start_accelerator
 from ..training.checkpoints import (
     RUN_SETTINGS,
     TrainingProgress,
@@ -72,7 +72,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
     if training.resume_from_checkpoint and not training.dry_run:
         checkpoint = resolve_resume(training.resume_from_checkpoint, output_dir)
     log_with = tracking.report_to if tracking.with_tracking else None
-    accelerator = Accelerator(log_with=log_with, project_dir=str(output_dir))
+    accelerator = start_accelerator(training.mixed_precision, log_with=log_with, project_dir=str(output_dir))
     setup_logging(accelerator)
     check_launch(accelerator)
     claimed = new_run and accelerator.is_main_process

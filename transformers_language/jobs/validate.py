@@ -14,7 +14,6 @@ import logging
 
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from quantization.decomposition import OutlierDecomposition
@@ -32,7 +31,7 @@ from ..objectives import Objective, get_objective
 from ..ptq.quant_args import add_quantization_args
 from ..ptq.quantized_model import llm_int8_shares
 from ..ptq.validation import calibration_batches, quantize_for_validation
-from ..runtime import check_launch, print_dry_run, setup_logging, sum_across_processes
+from ..runtime import check_launch, print_dry_run, setup_logging, start_accelerator, sum_across_processes
 from .job_args import EvaluationArgs, job_parser
 from .plan import resolve_validation
 
@@ -70,8 +69,13 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     flags = build_parser(objective).parse(argv)
     evaluation = flags.evaluation
     output_dir = check_output_dir(evaluation.output_dir)
-    accelerator = Accelerator()
+    # The W8A8 simulation runs in fp32 (its ranges and grids are fp32 arithmetic; bf16 would round the values it
+    # quantizes first): --mixed_precision applies to the float model's evaluation only.
+    quantize = flags.quantization.quantize
+    accelerator = start_accelerator("no" if quantize else evaluation.mixed_precision)
     setup_logging(accelerator)
+    if quantize and evaluation.mixed_precision not in (None, "no"):
+        logger.info("--quantize: the W8A8 simulation runs in fp32; --mixed_precision applies to FP evaluations only")
     check_launch(accelerator)
     set_seed(evaluation.seed)
 
