@@ -124,19 +124,7 @@ def build_config(model_args: ModelArgs) -> tuple[PretrainedConfig, str | None]:
         config = AutoConfig.for_model(model_args.model_type)
     else:
         flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
-        try:
-            config = AutoConfig.from_pretrained(base, cache_dir=model_args.model_cache_dir)
-        except (OSError, ValueError, KeyError) as error:  # no config, or a model_type transformers does not know
-            raise InputFileError(
-                f"{flag} {base}: no {model_args.model_type} model config there ({str(error).splitlines()[0]}); pass "
-                f"a folder written by the training script or a hub id of a {model_args.model_type} model."
-            ) from error
-    if config.model_type != model_args.model_type:
-        other = FAMILIES.get(config.model_type)
-        fix = f"use {other.train_script} for it" if other else f"valid model types: {', '.join(FAMILIES)}"
-        raise UsageError(
-            f"{base} is a {config.model_type!r} model; this script trains {model_args.model_type!r} models ({fix})."
-        )
+        config = read_model_config(base, flag, model_args, training=True)
     unknown = sorted(set(overrides) - set(config.to_dict()) - {CONFIG_KEY} - set(EXTRA_CONFIG_KEYS))
     if unknown:
         raise UsageError(
@@ -205,6 +193,32 @@ def describe_model(config: PretrainedConfig) -> dict:
     }
 
 
+def read_model_config(
+    name: str, flag: str, model_args: ModelArgs, training: bool, script: str | None = None
+) -> PretrainedConfig:
+    """The model config at `name` (a folder or hub id, given by `flag`) for a script that trains (`training`) or
+    evaluates `model_args.model_type` models: one line for no config there, a model_type transformers does not
+    know, or another family's model (naming the script for it)."""
+    family = model_args.model_type
+    try:
+        config = AutoConfig.from_pretrained(name, cache_dir=model_args.model_cache_dir)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputFileError(
+            f"{flag} {name}: no {family} model config there ({str(error).splitlines()[0]}); pass a directory "
+            f"written by the training script (save_pretrained) or a hub id of a {family} model."
+        ) from error
+    if config.model_type != family:
+        other = FAMILIES.get(config.model_type)
+        if other is None:
+            fix = f"valid model types: {', '.join(FAMILIES)}"
+        else:
+            fix = f"use {other.train_script if training else other.validate_script} for it"
+        job = script or get_family(family).train_script
+        verb = "trains" if training else "evaluates"
+        raise UsageError(f"{name} holds a {config.model_type!r} model, but {job} {verb} {family!r} models; {fix}.")
+    return config
+
+
 def load_checkpoint_config(model_args: ModelArgs, script: str) -> PretrainedConfig:
     """The config of the checkpoint to evaluate, with one clear error for a missing one or the wrong family."""
     name = model_args.model_name_or_path
@@ -214,21 +228,7 @@ def load_checkpoint_config(model_args: ModelArgs, script: str) -> PretrainedConf
             f"--model_name_or_path {name} does not exist; pass a directory written by the training script "
             "(save_pretrained) or a hub model id."
         )
-    try:
-        config = AutoConfig.from_pretrained(name, cache_dir=model_args.model_cache_dir)
-    except (OSError, ValueError) as error:
-        raise InputFileError(
-            f"--model_name_or_path {name}: no checkpoint config found ({error}); pass a directory written by the "
-            "training script (save_pretrained) or a hub model id."
-        ) from error
-    if config.model_type != model_args.model_type:
-        other = FAMILIES.get(config.model_type)
-        fix = f"use {other.validate_script} for it" if other else f"valid model types: {', '.join(FAMILIES)}"
-        raise UsageError(
-            f"{name} holds a {config.model_type!r} model, but {script} evaluates {model_args.model_type!r} models; "
-            f"{fix}."
-        )
-    return config
+    return read_model_config(name, "--model_name_or_path", model_args, training=False, script=script)
 
 
 # Weights a checkpoint may carry only when its config.json says so (else they would be dropped without a word).
