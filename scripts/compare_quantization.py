@@ -76,7 +76,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if len(set(names)) != len(names):
         raise UsageError(f"The checkpoints' folder names label the columns and must differ: {', '.join(names)}.")
     passed = argv[split + 1 :]
-    owned = [flag for flag in passed if flag.split("=")[0] in owned_flags(args.reduced)]
+    refused = owned_flags(args.reduced)
+    owned = [flag for flag in passed if flag.split("=")[0] in refused]
     if owned:
         raise UsageError(
             f"{', '.join(dict.fromkeys(owned))} after -- would override what the comparison sets for each run; name "

@@ -4,7 +4,8 @@ import pytest
 
 from transformers_language import AttentionConfig, add_attention_args, attention_config_from_args
 from transformers_language.arguments import FlagParser
-from transformers_language.models.attention_config import CONFIG_KEY, parse_softmax
+from transformers_language.models.attention_config import CONFIG_KEY
+from transformers_language.models.softmax import softmax_variant
 
 from .conftest import tiny_config
 
@@ -23,8 +24,9 @@ from .conftest import tiny_config
         ("clipped_sink(-0.05:1)", (-0.05, 1.0)),
     ],
 )
-def test_parse_softmax_accepts_any_decimals(method, expected):
-    assert parse_softmax(method) == pytest.approx(expected)
+def test_softmax_forms_accept_any_decimals(method, expected):
+    config = AttentionConfig(softmax=method)
+    assert (config.gamma, config.zeta) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -32,13 +34,13 @@ def test_parse_softmax_accepts_any_decimals(method, expected):
 )
 def test_unknown_softmax_method_lists_accepted_forms(method):
     with pytest.raises(ValueError, match=r"accepted forms: 'vanilla' or 'softmax1' .* 'clipped\(GAMMA:ZETA\)'"):
-        parse_softmax(method)
+        softmax_variant(method)
 
 
 @pytest.mark.parametrize("method", ["clipped_softpick(-0.1:1)", "clipped_sigmoid(-0.1:1)", "clipped_vanilla(-0.1:1)"])
 def test_only_clippable_normalisers_clip(method):
     with pytest.raises(ValueError, match="not clippable; clippable: vanilla, softmax1, sink"):
-        parse_softmax(method)
+        softmax_variant(method)
 
 
 def test_sigmoid_needs_the_training_length_and_the_flags_give_it():

@@ -121,12 +121,12 @@ def check_image_sources(data: ImageDataArgs, splits: tuple[str, ...]) -> tuple[I
             raise UsageError(f"No {split} images: pass --dataset_name or --{split}_dir.")
         if folder is not None and not Path(folder).is_dir():
             raise InputFileError(f"--{split}_dir {folder} is not a folder; pass a folder of class sub-folders.")
-    classes = {data.folder(split): folder_classes(data.folder(split)) for split in splits if data.folder(split)}
+    flags = {data.folder(split): f"--{split}_dir" for split in splits if data.folder(split)}
+    classes = {folder: folder_classes(folder) for folder in flags}
     for folder, names in classes.items():
         if not names:
-            flag = "--train_dir" if folder == data.train_dir else "--validation_dir"
             raise InputFileError(
-                f"{flag} {folder} has no class sub-folders; put each class's images in its own folder."
+                f"{flags[folder]} {folder} has no class sub-folders; put each class's images in its own folder."
             )
     if len(classes) == 2:
         (train_dir, train_names), (validation_dir, validation_names) = classes.items()
@@ -137,7 +137,6 @@ def check_image_sources(data: ImageDataArgs, splits: tuple[str, ...]) -> tuple[I
                 f"--train_dir {train_dir} and --validation_dir {validation_dir} hold different classes "
                 f"({', '.join(only[:5])} only in one); give both the same class sub-folders."
             )
-    flags = {data.train_dir: "--train_dir", data.validation_dir: "--validation_dir"}
     broken = [
         path
         for folder, names in classes.items()

@@ -22,6 +22,7 @@ from ..families import Family
 from ..models.loading import ModelArgs, check_sequence_length, check_tokenizer_fits, load_tokenizer
 from .block_layouts import layout_record, resolve_block_layout
 from .images import (
+    LABEL_COLUMNS,
     ImageDataArgs,
     SeededImages,
     add_image_data_args,
@@ -204,7 +205,7 @@ def hub_class_names(data: ImageDataArgs) -> list[str]:
 
     builder = load_dataset_builder(data.dataset_name, data.dataset_config_name)
     features = builder.info.features
-    label = data.label_column or next((c for c in ("label", "labels", "fine_label") if c in (features or {})), None)
+    label = data.label_column or next((c for c in LABEL_COLUMNS if c in (features or {})), None)
     if features is None or label is None or not hasattr(features[label], "names"):
         return class_names(load_image_split(data, "validation"))
     return list(features[label].names)

@@ -1,6 +1,7 @@
 """The job flags as typed argument groups, each flag with its range check: training and tracking (run_*.py),
-evaluation (validate_*.py). The model, attention, data, objective and W8A8 groups live with what they configure
-(model_loading.py, attention_config.py, data.py / image_data.py, the objectives, quant_args.py)."""
+evaluation (validate_*.py); and the parser frame every job shares. The model, attention, data, objective and
+W8A8 groups live with what they configure (models/loading.py, models/attention_config.py, data/text.py and
+data/images.py, the objectives, ptq/quant_args.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ CHECKPOINT_EVERY = Check("be a positive integer or 'epoch'", lambda v: v == "epo
 
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+_PRECISION_DEFAULT = "Default: the accelerate config's, or ACCELERATE_MIXED_PRECISION."
+
+
+def mixed_precision_flag(help: str):
+    """The `--mixed_precision` field of a job's group, with that job's meaning of it."""
+    return arg(None, f"{help} {_PRECISION_DEFAULT}", choices=MIXED_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,9 @@ class TrainingArgs:
     adam_beta1: float = arg(0.9, "AdamW beta1.", OPEN_UNIT_INTERVAL, type=float)
     adam_beta2: float = arg(0.999, "AdamW beta2 (OPT: 0.95).", OPEN_UNIT_INTERVAL, type=float)
     adam_epsilon: float = arg(1e-8, "AdamW epsilon.", FINITE_POSITIVE, type=float)
-    mixed_precision: str | None = arg(
-        None,
+    mixed_precision: str | None = mixed_precision_flag(
         "bf16: bf16 autocast with fp32 master weights and optimizer state (CPUs with AVX512-BF16 or AMX, GPUs); "
-        "fp16 (GPUs, with a loss scaler); no: fp32. Default: the accelerate config's, or ACCELERATE_MIXED_PRECISION.",
-        choices=MIXED_PRECISIONS,
+        "fp16 (GPUs, with a loss scaler); no: fp32."
     )
     output_dir: str = arg(None, "Where checkpoints, the model and results go.", required=True)
     checkpointing_steps: str | None = arg(None, "Save a checkpoint every N steps, or 'epoch'.", CHECKPOINT_EVERY)
@@ -114,11 +119,8 @@ class EvaluationArgs:
 
     seed: int = arg(42, "Seed of the evaluation masks (MLM).", type=int)
     per_device_eval_batch_size: int = arg(8, "Sequences per batch.", POSITIVE, type=int)
-    mixed_precision: str | None = arg(
-        None,
-        "bf16 / fp16: the FP evaluation runs under autocast; the W8A8 simulation (--quantize) always runs in fp32. "
-        "Default: the accelerate config's, or ACCELERATE_MIXED_PRECISION.",
-        choices=MIXED_PRECISIONS,
+    mixed_precision: str | None = mixed_precision_flag(
+        "bf16 / fp16: the FP evaluation runs under autocast; the W8A8 simulation (--quantize) always runs in fp32."
     )
     output_dir: str = arg(None, "Where all_results.json (and the plots) go.", required=True)
     kurtosis_max_batches: int | None = arg(

@@ -21,11 +21,6 @@ CONFIG_KEY = "attention_variant"
 DEFAULT_GATE_NETWORK = "linear"  # the network without a flag
 
 
-def parse_softmax(method: str) -> tuple[float, float]:
-    """Return (gamma, zeta) for a softmax method string; unclipped is (0, 1)."""
-    return softmax_variant(method).clip or (0.0, 1.0)
-
-
 def reads_train_seq_length(spec: SoftmaxSpec, alpha: float | None) -> bool:
     """Whether the method is fixed by T_train when the model is built (the alpha form, sigmoid attention)."""
     return alpha is not None or SOFTMAX_VARIANTS[spec.normaliser].needs_seq_length
