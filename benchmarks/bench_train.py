@@ -8,7 +8,13 @@ cached before any run is timed. The baseline is the loop of the paper's scripts 
 stock HF model with eager attention, `DataCollatorForLanguageModeling` / default collation, full-vocabulary
 logits and `model(**batch).loss`. The paper's own figures on this machine class are printed beside.
 
+Precision: our training at the demo's batch (32) in fp32 eager, `--mixed_precision bf16`, and bf16 with
+`--torch_compile`, alternating within one process (each mode once per round, so drift hits all alike); the
+ratio of median tokens/s to fp32 eager (compile time excluded: steps 1..10 are dropped), and each mode's peak
+RSS from a run in its own process.
+
     python benchmarks/bench_train.py [--steps 60] [--rounds 1] [--models bert opt] [--json out.json]
+    python benchmarks/bench_train.py --precision [--steps 40] [--rounds 2]   # the precision rows only
 """
 
 from __future__ import annotations
@@ -104,10 +110,64 @@ def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
     return {"step_seconds": seconds, "peak_rss_gib": _peak_rss_gib()}
 
 
-def _run_child(kind: str, model: str, steps: int, cache: str) -> dict:
+PRECISION_MODES = {
+    "fp32": [],
+    "bf16": ["--mixed_precision", "bf16"],
+    "bf16+compile": ["--mixed_precision", "bf16", "--torch_compile"],
+}
+PRECISION_BATCH = 32  # the demo's
+
+
+def _precision_argv(model: str, mode: str, steps: int, output_dir: str, cache: str) -> list[str]:
+    batch = ["--per_device_train_batch_size", str(PRECISION_BATCH)]  # the last occurrence wins
+    return [*train_argv(model, steps, output_dir, cache), *PRECISION_MODES[mode], *batch]
+
+
+def child_modes(model: str, steps: int, rounds: int, cache: str) -> dict:
+    """Every precision mode once per round, in this process: each mode's per-step seconds (steps 11..N)."""
+    sys.path.insert(0, str(REPO))
+    from transformers_language.jobs.pretrain import pretrain
+
+    seconds = {mode: [] for mode in PRECISION_MODES}
+    tokens = PRECISION_BATCH * SEQ_LENGTH
+    for _ in range(rounds):
+        for mode in PRECISION_MODES:
+            with tempfile.TemporaryDirectory() as output_dir:
+                pretrain(SETUPS[model]["script"], _precision_argv(model, mode, steps, output_dir, cache))
+                log = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
+                seconds[mode] += [tokens / json.loads(line)["tokens_per_s"] for line in log[10:]]
+    return {"step_seconds": seconds}
+
+
+def child_mode_rss(model: str, mode: str, steps: int, output_dir: str, cache: str) -> dict:
+    sys.path.insert(0, str(REPO))
+    from transformers_language.jobs.pretrain import pretrain
+
+    pretrain(SETUPS[model]["script"], _precision_argv(model, mode, steps, output_dir, cache))
+    return {"peak_rss_gib": _peak_rss_gib()}
+
+
+def precision_rows(model: str, steps: int, rounds: int, cache: str) -> dict:
+    timed = _run_child("modes", model, steps, cache, ["--rounds", str(rounds)])["step_seconds"]
+    tokens = PRECISION_BATCH * SEQ_LENGTH
+    fp32 = statistics.median(timed["fp32"])
+    rows = {}
+    for mode, seconds in timed.items():
+        rss = _run_child("mode_rss", model, 20, cache, ["--mode", mode])["peak_rss_gib"]
+        median = statistics.median(seconds)
+        rows[mode] = {
+            "median_s_per_step": median,
+            "tokens_per_s": tokens / median,
+            "vs_fp32": fp32 / median,
+            "peak_rss_gib": rss,
+        }
+    return rows
+
+
+def _run_child(kind: str, model: str, steps: int, cache: str, extra: tuple = ()) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, __file__, "--child", kind, "--models", model, "--steps", str(steps)]
-        command += ["--cache", cache, "--output_dir", output_dir]
+        command += ["--cache", cache, "--output_dir", output_dir, *extra]
         done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{kind} {model} failed:\n{done.stderr[-4000:]}")
@@ -120,25 +180,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="Alternating ours/baseline pairs per model.")
     parser.add_argument("--models", nargs="+", default=["bert", "opt"], choices=list(SETUPS))
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
-    parser.add_argument("--child", default=None, choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", action="store_true", help="Only the precision rows (fp32, bf16, compile).")
+    children = ["ours", "baseline", "modes", "mode_rss"]
+    parser.add_argument("--child", default=None, choices=children, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default=None, choices=list(PRECISION_MODES), help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        runner = child_ours if args.child == "ours" else child_baseline
-        print(json.dumps(runner(args.models[0], args.steps, args.output_dir, args.cache)))
+        model = args.models[0]
+        if args.child == "modes":
+            result = child_modes(model, args.steps, args.rounds, args.cache)
+        elif args.child == "mode_rss":
+            result = child_mode_rss(model, args.mode, args.steps, args.output_dir, args.cache)
+        else:
+            runner = child_ours if args.child == "ours" else child_baseline
+            result = runner(model, args.steps, args.output_dir, args.cache)
+        print(json.dumps(result))
         return
 
     figures = {}
     with tempfile.TemporaryDirectory() as cache:
         for model in args.models:
             _run_child("ours", model, 1, cache)  # tokenizes and caches the data; not timed
-            runs = {"ours": [], "baseline": []}
-            for _ in range(args.rounds):
-                for kind in ("ours", "baseline"):
-                    runs[kind].append(_run_child(kind, model, args.steps, cache))
-                    print(f"  {model} {kind}: done", file=sys.stderr)
-            figures[model] = _summarise(model, runs)
+            if not args.precision:
+                runs = {"ours": [], "baseline": []}
+                for _ in range(args.rounds):
+                    for kind in ("ours", "baseline"):
+                        runs[kind].append(_run_child(kind, model, args.steps, cache))
+                        print(f"  {model} {kind}: done", file=sys.stderr)
+                figures[model] = _summarise(model, runs)
+            figures.setdefault(model, {})["precision"] = precision_rows(model, args.steps, args.rounds, cache)
+            print(f"  {model} precision: done", file=sys.stderr)
     _report(figures)
     if args.json:
         write_json_atomic(Path(args.json), figures)
@@ -164,12 +237,17 @@ def _summarise(model: str, runs: dict) -> dict:
 
 
 def _report(figures: dict) -> None:
-    print(f"{'model':6} {'run':9} {'s/step':>7} {'tokens/s':>9} {'peak RSS GiB':>13}")
+    print(f"{'model':6} {'run':12} {'s/step':>7} {'tokens/s':>9} {'peak RSS GiB':>13} {'x fp32':>7}")
     for model, result in figures.items():
+        for mode, row in result["precision"].items():
+            figures_text = f"{row['median_s_per_step']:7.3f} {row['tokens_per_s']:9.0f} {row['peak_rss_gib']:13.2f}"
+            print(f"{model:6} {mode:12} {figures_text} {row['vs_fp32']:7.2f}")
+        if "ours" not in result:
+            continue
         for kind in ("ours", "baseline"):
             row = result[kind]
             figures_text = f"{row['median_s_per_step']:7.3f} {row['tokens_per_s']:9.0f} {row['peak_rss_gib']:13.2f}"
-            print(f"{model:6} {kind:9} {figures_text}")
+            print(f"{model:6} {kind:12} {figures_text}")
         paper = PAPER[model]
         print(
             f"{model:6} paper     {paper['s_per_step'][0]:.2f}-{paper['s_per_step'][1]:.2f} s/step, "

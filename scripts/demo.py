@@ -1,6 +1,9 @@
 """The demo: pre-train OPT-small once per method (default: vanilla softmax, clipped softmax, gated attention;
-`--methods` takes any of METHODS below) on WikiText-2, validate each model in floating point and in
-simulated W8A8, and print one side-by-side table with plots.
+`--methods` takes any of METHODS below) on the enwiki slice (9.0M words of Wikipedia: half a pass at the full
+length, so the model learns instead of memorising), validate each model in floating point (on the slice's
+valid split, with the zero-out intervention, and on WikiText-2 valid, the paper-comparable figure) and in
+simulated W8A8, and print one side-by-side table with plots. Training runs in bf16 autocast with
+torch.compile (`--mixed_precision no --no_torch_compile`: fp32 eager); validation runs in fp32.
 
 Training uses the `bos_first` block layout (every block is `</s>` + 127 tokens of one stream, so a fixed,
 content-free first key is there for heads that want to do nothing) and logs the outlier figures every few
@@ -11,12 +14,14 @@ it, so each stage can be repeated by hand. Data and tokenizer come from local fi
 there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from the HF hub.
 
     python scripts/demo.py            # the whole pipeline, about 8 minutes on 2 CPU cores
-    python scripts/demo.py --full     # 1500 steps per method (about 71 minutes on 2 cores)
+    python scripts/demo.py --full     # 2400 steps per method (about 75 minutes on 2 cores)
     python scripts/demo.py --full --seed 0 --methods vanilla gated_attention   # another seed
     python scripts/demo.py --full --resume --methods vanilla softmax1 muon     # keep finished methods
 
 With `--resume`, a method whose three stages finished with the same flags is read back instead of rerun, and
 an interrupted training continues from its last checkpoint (the full size saves one every 250 steps).
+Without the enwiki slice in the shared folder, training uses WikiText-2's test split there; without the shared
+folder, the hub's WikiText-2.
 """
 
 from __future__ import annotations
@@ -56,13 +61,15 @@ METHODS = {
     "muon": ["--optimizer", "muon"],
 }
 DEFAULT_METHODS = ["vanilla", "clipped_softmax", "gated_attention"]
+SECOND_EVAL = "eval-second"  # the FP validation on the second data (WikiText-2 valid)
 RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of them finished
 # Flags (each with one value) that change where training state is saved, never what is trained (a run with and
 # without them gives the same weights bit for bit): `--resume` ignores them when it compares a method's stages.
 BOOKKEEPING_FLAGS = ("--checkpointing_steps", "--checkpoints_total_limit")
-# The two sizes. `full` follows the reference probe (shared/reference): lr 1e-3 decaying linearly towards 0 at
-# step 3000, stopped at step 1500 (the learning rate then stands at 1500 / 2900 of its peak, the
-# final_lr_fraction below); blocks drawn at random with replacement; figures logged every 50 steps.
+# The two sizes. `full` follows the reference probe's schedule (shared/reference): lr 1e-3 decaying linearly
+# towards 0 at twice the run's length, i.e. step 4800, stopped at step 2400 (the learning rate then stands at
+# 2400 / 4700 of its peak, the final_lr_fraction below); blocks drawn at random with replacement; figures logged
+# every 50 steps. 2400 steps of the three default methods fit in about 75 minutes on 2 cores (bf16 + compile).
 SIZES = {
     "default": {
         "max_train_steps": 150,
@@ -73,9 +80,9 @@ SIZES = {
         "checkpointing_steps": 50,
     },
     "full": {
-        "max_train_steps": 1500,
+        "max_train_steps": 2400,
         "num_warmup_steps": 100,
-        "final_lr_fraction": 0.517,
+        "final_lr_fraction": 0.511,
         "validation_percentage": 100,
         "log_interval": 50,
         "checkpointing_steps": 250,
@@ -90,19 +97,22 @@ GROWTH = {"kurtosis": "residual kurtosis", "sink_ratio": "sink ratio"}
 GROWTH_BASELINES = {"kurtosis": 3.0, "sink_ratio": 1.0}  # a Gaussian's kurtosis; uniform attention
 
 
-def data_flags() -> tuple[list[str], list[str], list[str]]:
-    """(tokenizer, training data, validation data) flags: local WikiText-2 and the 8k OPT tokenizer when the
-    shared folder exists, else the hub's (where `--dataset_setup` gives both splits)."""
+def data_flags() -> tuple[list[str], list[str], list[str], list[str]]:
+    """(tokenizer, training data, validation data, second validation data) flags: the local enwiki slice (else
+    WikiText-2's test split) and the 8k OPT tokenizer when the shared folder exists, with WikiText-2 valid as
+    the second figure; else the hub's WikiText-2 (no second figure)."""
     shared = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
-    text = shared / "data" / "wikitext-2"
-    if (text / "test.txt").is_file():
-        return (
-            ["--tokenizer_name", str(shared / "tokenizers" / "opt-bpe-8k")],
-            ["--train_file", str(text / "test.txt")],
-            ["--validation_file", str(text / "valid.txt")],
-        )
+    wikitext, enwiki = shared / "data" / "wikitext-2", shared / "data" / "enwiki-slice"
+    tokenizer = ["--tokenizer_name", str(shared / "tokenizers" / "opt-bpe-8k")]
+    second = ["--validation_file", str(wikitext / "valid.txt")]
+    if (enwiki / "train.txt").is_file():
+        train, valid = ["--train_file", str(enwiki / "train.txt")], ["--validation_file", str(enwiki / "valid.txt")]
+        return tokenizer, train, valid, second
+    if (wikitext / "test.txt").is_file():
+        print(f"No enwiki slice under {shared}: training on WikiText-2's test split.", flush=True)
+        return tokenizer, ["--train_file", str(wikitext / "test.txt")], second, []
     print(f"No WikiText-2 under {shared} (set OFT_SHARED): using the HF hub.", flush=True)
-    return ["--tokenizer_name", "facebook/opt-125m"], [], ["--dataset_setup", "wikitext_2"]
+    return ["--tokenizer_name", "facebook/opt-125m"], [], ["--dataset_setup", "wikitext_2"], []
 
 
 def parse_args() -> argparse.Namespace:
@@ -121,6 +131,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--est_num_batches", type=int, default=16, help="W8A8 calibration batches.")
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42, help="Seed of init, data order and dropout.")
+    parser.add_argument(
+        "--mixed_precision", default="bf16", choices=["no", "bf16"], help="Training precision (no: fp32)."
+    )
+    parser.add_argument(
+        "--no_torch_compile", action="store_true", help="Train eagerly (default: torch.compile the training)."
+    )
+    parser.add_argument("--train_percentage", type=float, default=None, help="Train on the first P%% of the texts.")
+    parser.add_argument(
+        "--zero_out_top_k", type=int, default=4, help="Entries of the zero-out intervention in the FP validation."
+    )
     return parser.parse_args()
 
 
@@ -140,10 +160,16 @@ def method_stages(
     evaluation: list[str],
     quantize: list[str],
     fp_extra: tuple[str, ...] = (),
+    second: tuple[str, ...] = (),
 ) -> tuple:
-    """A method's three stages (title, job, argv): train into `run_dir`, validate the model there in floating
-    point (eval-fp/, with `fp_extra`) and in W8A8 (eval-w8a8/, with `quantize`); `read_stage_results` reads
-    them back."""
+    """A method's stages (title, job, argv): train into `run_dir`, validate the model there in floating point
+    (eval-fp/, with `fp_extra`) and in W8A8 (eval-w8a8/, with `quantize`), and with `second` (a validation's
+    arguments on other data), in floating point on that data (eval-second/); `read_stage_results` reads them
+    back."""
+    extra = ()
+    if second:
+        argv = [*second, "--output_dir", str(run_dir / SECOND_EVAL)]
+        extra = ((f"validate {method} (FP, second data)", validate, argv),)
     return (
         (f"{train_title}, {method}", pretrain, [*training, "--output_dir", str(run_dir)]),
         (f"validate {method} (FP)", validate, [*evaluation, *fp_extra, "--output_dir", str(run_dir / "eval-fp")]),
@@ -152,6 +178,7 @@ def method_stages(
             validate,
             [*evaluation, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
         ),
+        *extra,
     )
 
 
@@ -161,11 +188,12 @@ def head_means(results: dict, key: str) -> list[float]:
     return [sum(layer[key]) / len(layer[key]) for layer in layers]
 
 
-def read_stage_results(run_dir: Path, missing_ok: bool = False) -> list[dict | None]:
-    """The written results of a finished method: training, FP and W8A8 evaluation (`missing_ok`: None for a
-    stage whose results are missing or torn, which is then re-run)."""
+def read_stage_results(run_dir: Path, stages: int = 3, missing_ok: bool = False) -> list[dict | None]:
+    """The written results of a finished method's `stages` stages: training, FP and W8A8 evaluation, and the
+    FP evaluation on the second data (`missing_ok`: None for a stage whose results are missing or torn, which
+    is then re-run)."""
     results = []
-    for path in (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8"):
+    for path in (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8", run_dir / SECOND_EVAL)[:stages]:
         try:
             results.append(json.loads((path / "all_results.json").read_text()))
         except (OSError, ValueError):
@@ -199,10 +227,11 @@ def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> tuple[s
     except ValueError:  # a torn record: start over
         record = None
     if record is not None and record["finished"] and _results_flags(record["stages"][0]) == _results_flags(stages[0]):
-        changed = [
+        before = record["stages"]
+        changed = [  # a stage added since (the second data's validation) counts as changed
             number
-            for number, (before, now) in enumerate(zip(record["stages"], stages, strict=True))
-            if number > 0 and _results_flags(before) != _results_flags(now)
+            for number in range(1, len(stages))
+            if number >= len(before) or _results_flags(before[number]) != _results_flags(stages[number])
         ]
         return ("validate", changed) if changed else ("done", [])
     if record is not None and record["stages"] == stages and any(run_dir.glob("step_*")):
@@ -221,11 +250,11 @@ def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool,
     state, changed = plan_method(run_dir, argvs, resume)
     if state == "done":
         print(f"\n=== {method}: finished earlier with these flags, read back from {run_dir}", flush=True)
-        return read_stage_results(run_dir)
+        return read_stage_results(run_dir, len(stages))
     done, total = counter
     if state == "validate":
         print(f"\n=== {method}: the trained model is kept; re-running only the changed validations", flush=True)
-        results = read_stage_results(run_dir, missing_ok=True)
+        results = read_stage_results(run_dir, len(stages), missing_ok=True)
         for number in sorted(set(changed) | {n for n, stage in enumerate(results) if n > 0 and stage is None}):
             title, job, argv = stages[number]
             results[number] = run_stage(done + number + 1, total, title, job, objective, argv)
@@ -262,18 +291,27 @@ def read_growth(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / GROWTH_FILE).read_text().splitlines() if line]
 
 
+def _figure(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(rows: dict[str, dict]) -> str:
     """The side-by-side comparison as a Markdown table."""
     header = (
-        "| method | FP ppl | W8A8 ppl | W8A8 gap | max inf-norm | avg kurtosis | residual kurtosis per layer "
+        "| method | FP ppl | W8A8 ppl | W8A8 gap | WikiText-2 ppl | max inf-norm | top-1 / median | Sink^0.3 "
+        "| max attn logit | zero-out ppl (zero / mean) | avg kurtosis | residual kurtosis per layer "
         "| sink ratio per layer |"
     )
-    lines = [header, "|" + " --- |" * 8]
+    lines = [header, "|" + " --- |" * 13]
     for method, row in rows.items():
         gap = row["w8a8_perplexity"] / row["fp_perplexity"] - 1 if math.isfinite(row["w8a8_perplexity"]) else math.inf
+        zero_out = row.get("zero_out")
+        intervention = "-" if zero_out is None else f"{zero_out['zero']:.2f} / {zero_out['mean']:.2f}"
         lines.append(
             f"| {method} | {row['fp_perplexity']:.2f} | {row['w8a8_perplexity']:.2f} | {gap:+.1%} "
-            f"| {row['max_inf_norm']:.1f} | {row['avg_kurtosis']:.1f} "
+            f"| {_figure(row['second_perplexity'])} | {row['max_inf_norm']:.1f} | {row['max_top1_median']:.0f} "
+            f"| {row['sink_percent']:.0f}% | {row['max_attention_logit']:.1f} | {intervention} "
+            f"| {row['avg_kurtosis']:.1f} "
             f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['kurtosis'])} "
             f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['sink_ratio'])} |"
         )
@@ -288,8 +326,13 @@ def main() -> None:
             size[key] = getattr(args, key)
     size["log_interval"] = min(size["log_interval"], size["max_train_steps"])  # a short run logs its last step
     output_dir = Path(args.output_dir or REPO / "runs" / ("demo-full" if args.full else "demo"))
-    tokenizer, train_data, validation_data = data_flags()
+    tokenizer, train_data, validation_data, second_data = data_flags()
     validation_data += ["--validation_percentage", str(size["validation_percentage"])]
+    if second_data:
+        second_data += ["--validation_percentage", str(size["validation_percentage"])]
+    if args.train_percentage is not None:
+        train_data += ["--train_percentage", str(args.train_percentage)]
+    precision = ["--mixed_precision", args.mixed_precision] + ([] if args.no_torch_compile else ["--torch_compile"])
     common_train = [
         "--config_path", str(REPO / "model_configs" / "opt-small.yaml"),
         "--block_size", "128",
@@ -308,6 +351,7 @@ def main() -> None:
         "--tb_hist_log_interval", str(size["max_train_steps"]),
         "--checkpointing_steps", str(size["checkpointing_steps"]),
         "--checkpoints_total_limit", "1",
+        *precision,
     ]  # fmt: skip
     # The paper's OPT protocol: MSE weight ranges; running min-max activation ranges from 16 training batches of
     # the training batch size, each quantizer observing the quantized values upstream (validate's defaults).
@@ -315,20 +359,33 @@ def main() -> None:
     quantize += ["--per_device_train_batch_size", str(args.per_device_train_batch_size)]
 
     start = time.perf_counter()
-    total, stage, rows = 3 * len(args.methods), 0, {}
+    total, stage, rows = (4 if second_data else 3) * len(args.methods), 0, {}
+    fp_extra = ("--plot", "--zero_out_top_k", str(args.zero_out_top_k))
     for method in args.methods:
         run_dir = output_dir / method
         training = [*common_train, *tokenizer, *train_data, *validation_data, *METHODS[method]]
         evaluation = ["--model_name_or_path", str(run_dir), "--block_size", "128", "--per_device_eval_batch_size", "16"]
-        evaluation += validation_data
         stages = method_stages(
-            method, run_dir, "pre-train OPT-small", training, evaluation, [*train_data, *quantize], fp_extra=("--plot",)
+            method,
+            run_dir,
+            "pre-train OPT-small",
+            training,
+            [*evaluation, *validation_data],
+            [*train_data, *quantize],
+            fp_extra=fp_extra,
+            second=(*evaluation, *second_data) if second_data else (),
         )
-        _, fp, w8a8 = run_method(method, run_dir, stages, "clm", args.resume, (stage, total))
+        _, fp, w8a8, *second = run_method(method, run_dir, stages, "clm", args.resume, (stage, total))
         stage += len(stages)
         rows[method] = {
             "fp_perplexity": fp["perplexity"],
             "w8a8_perplexity": w8a8["perplexity"],
+            "second_perplexity": second[0]["perplexity"] if second else None,
+            "sink_percent": fp["sink_percent"],
+            "max_top1_median": fp["max_top1_median"],
+            "max_attention_logit": fp["max_attention_logit"],
+            "zero_out": {k: fp["zero_out"][k]["perplexity"] for k in ("zero", "mean")} if "zero_out" in fp else None,
+            "literature": fp["literature"],
             "max_inf_norm": fp["max_inf_norm"],
             "avg_kurtosis": fp["avg_kurtosis"],
             "max_kurtosis_layers": fp["max_kurtosis_layers"],
@@ -345,6 +402,7 @@ def main() -> None:
     )
     minutes = (time.perf_counter() - start) / 60
     settings = {"size": "full" if args.full else "default", **size, "seed": args.seed, "methods": args.methods}
+    settings |= {"mixed_precision": args.mixed_precision, "torch_compile": not args.no_torch_compile}
     settings["minutes"] = minutes
     write_json_atomic(output_dir / "summary.json", {"methods": rows, "settings": settings})
     write_text_atomic(output_dir / "summary.md", markdown)

@@ -16,6 +16,8 @@ from accelerate.state import AcceleratorState
 
 from .errors import UsageError
 
+logger = logging.getLogger(__name__)
+
 
 def start_accelerator(mixed_precision: str | None = None, **options) -> Accelerator:
     """The accelerator of one job. accelerate keeps its settings (mixed precision among them) in a process-wide
@@ -25,6 +27,14 @@ def start_accelerator(mixed_precision: str | None = None, **options) -> Accelera
     ACCELERATE_MIXED_PRECISION's (no)."""
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, **options)
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(module)`: a callable that shares `module`'s weights, buffers and RNG use. Sequence lengths
+    and masked counts that vary between batches recompile once as dynamic shapes; what dynamo cannot trace
+    runs eagerly between compiled graphs (a graph break costs speed, never a wrong number)."""
+    logger.info("torch.compile: the first batches compile (a minute or more on a CPU)")
+    return torch.compile(module)
 
 
 def setup_logging(accelerator) -> None:

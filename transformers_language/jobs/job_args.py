@@ -38,6 +38,11 @@ def mixed_precision_flag(help: str):
     return arg(None, f"{help} {_PRECISION_DEFAULT}", choices=MIXED_PRECISIONS)
 
 
+def torch_compile_flag(help: str):
+    """The `--torch_compile` switch of a job's group, with that job's meaning of it."""
+    return arg(False, help, action="store_true")
+
+
 @dataclass(frozen=True)
 class TrainingArgs:
     """How a pre-training run trains, where it writes, and how it resumes."""
@@ -78,6 +83,10 @@ class TrainingArgs:
     mixed_precision: str | None = mixed_precision_flag(
         "bf16: bf16 autocast with fp32 master weights and optimizer state (CPUs with AVX512-BF16 or AMX, GPUs); "
         "fp16 (GPUs, with a loss scaler); no: fp32."
+    )
+    torch_compile: bool = torch_compile_flag(
+        "Compile the loss module's forward and backward with torch.compile (inductor); steps that log "
+        "statistics (--extra_tb_stats) run eagerly, as compiled code does not see hooks added after tracing."
     )
     output_dir: str = arg(None, "Where checkpoints, the model and results go.", required=True)
     checkpointing_steps: str | None = arg(None, "Save a checkpoint every N steps, or 'epoch'.", CHECKPOINT_EVERY)
@@ -122,11 +131,22 @@ class EvaluationArgs:
     mixed_precision: str | None = mixed_precision_flag(
         "bf16 / fp16: the FP evaluation runs under autocast; the W8A8 simulation (--quantize) always runs in fp32."
     )
+    torch_compile: bool = torch_compile_flag(
+        "Compile the float model's evaluation with torch.compile (inductor), statistics hooks traced in; "
+        "the W8A8 simulation (--quantize) runs eagerly."
+    )
     output_dir: str = arg(None, "Where all_results.json (and the plots) go.", required=True)
     kurtosis_max_batches: int | None = arg(
         None, "Kurtosis over the first N batches of each process only (default: all batches).", POSITIVE, type=int
     )
     outlier_top_k: int = arg(TOP_K, "Dimensions and tokens listed per tensor.", POSITIVE, type=int)
+    zero_out_top_k: int = arg(
+        0,
+        "The zero-out intervention (Sun et al.): set the K (position, channel) entries of largest mean |x| in the "
+        "massive-activation layer's output to zero, then to their mean, and re-measure (2 more passes; 0: off).",
+        NON_NEGATIVE,
+        type=int,
+    )
     plot: bool = arg(False, "Also write PNG plots of the figures to --output_dir.", action="store_true")
     dry_run: bool = arg(
         False,

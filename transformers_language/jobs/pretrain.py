@@ -25,7 +25,7 @@ from ..families import family_of_objective
 from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from ..models.loading import load_model
 from ..objectives import Objective, get_objective
-from ..runtime import check_launch, print_dry_run, setup_logging, start_accelerator
+from ..runtime import check_launch, compile_module, print_dry_run, setup_logging, start_accelerator
 from ..training.checkpoints import (
     RUN_SETTINGS,
     TrainingProgress,
@@ -188,6 +188,7 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
         checkpoints_total_limit=training.checkpoints_total_limit,
         run_settings=settings,
     )
+    compiled_loss = compile_module(loss_module) if training.torch_compile else None
     summary = train(
         accelerator,
         loss_module,
@@ -200,6 +201,7 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
         progress,
         loop,
         telemetry,
+        compiled_loss,
     )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     results = evaluate(

@@ -21,6 +21,8 @@ from quantization.decomposition import OutlierDecomposition
 from ..arguments import FlagParser, add_group
 from ..data.modalities import get_modality, probe_inputs
 from ..evaluation.attention_stats import AttentionStatistics
+from ..evaluation.intervention import zero_out
+from ..evaluation.literature_metrics import LiteratureStatistics, literature_results
 from ..evaluation.loop import evaluate
 from ..evaluation.metrics import OUTLIER_SIGMAS, ActivationStatistics
 from ..evaluation.outlier_report import log_results, outlier_results
@@ -31,7 +33,14 @@ from ..objectives import Objective, get_objective
 from ..ptq.quant_args import add_quantization_args
 from ..ptq.quantized_model import llm_int8_shares
 from ..ptq.validation import calibration_batches, quantize_for_validation
-from ..runtime import check_launch, print_dry_run, setup_logging, start_accelerator, sum_across_processes
+from ..runtime import (
+    check_launch,
+    compile_module,
+    print_dry_run,
+    setup_logging,
+    start_accelerator,
+    sum_across_processes,
+)
 from .job_args import EvaluationArgs, job_parser
 from .plan import resolve_validation
 
@@ -111,18 +120,27 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
         model, sites, hidden, inputs.token_space, evaluation.kurtosis_max_batches, token_ids=inputs.token_ids
     )
     attention_stats = AttentionStatistics(model, inputs)
+    zero_out_k = evaluation.zero_out_top_k
+    positions = get_modality(plan.family).tokens(plan.seq_length, config) if zero_out_k else None
+    literature = LiteratureStatistics(model, positions)
+    forward = compile_module(loss_module) if evaluation.torch_compile and quant_config is None else loss_module
     results = evaluate(
         accelerator,
-        loss_module,
+        forward,
         dataset,
         objective,
         evaluation.per_device_eval_batch_size,
-        probes=(activations, attention_stats),
+        probes=(activations, attention_stats, literature),
     )
-    figures = activations.synced(accelerator)
-    results |= outlier_results(
-        figures, attention_stats.synced(accelerator), model.headlines, inputs.token_name, evaluation.outlier_top_k
-    )
+    figures, attention = activations.synced(accelerator), attention_stats.synced(accelerator)
+    results |= outlier_results(figures, attention, model.headlines, inputs.token_name, evaluation.outlier_top_k)
+    literature_figures = literature.synced(accelerator)
+    results |= literature_results(literature_figures, attention)
+    if zero_out_k:
+        batch_size = evaluation.per_device_eval_batch_size
+        results["zero_out"] = zero_out(
+            accelerator, forward, model, dataset, objective, batch_size, literature_figures, zero_out_k
+        )
     shares = llm_int8_shares(model, lambda counts: sum_across_processes(accelerator, [counts])[0])
     if shares:
         results["llm_int8_float_channel_share"] = shares

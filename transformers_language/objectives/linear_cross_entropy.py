@@ -57,7 +57,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits.index_fill_(0, ignored, 0.0)
             grad_logits = logits.to(compute_dtype)
             grads[0][start : start + rows] = grad_logits @ w
-            grads[1].addmm_(grad_logits.t().float(), h.float())
+            if compute_dtype == torch.float32:
+                grads[1].addmm_(grad_logits.t(), h)
+            else:  # the matmul in bf16 / fp16 (3x faster on a CPU), summed over chunks in fp32
+                grads[1].add_(grad_logits.t() @ h)
             if bias is not None:
                 grads[2].add_(logits.sum(0))
         if grads is not None:

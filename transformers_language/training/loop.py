@@ -108,8 +108,12 @@ def train(
     progress: TrainingProgress,
     settings: LoopSettings,
     telemetry=None,
+    compiled_loss: torch.nn.Module | None = None,
 ) -> dict:
-    """Run optimizer steps from `progress.step` to `settings.max_train_steps`; returns summary figures."""
+    """Run optimizer steps from `progress.step` to `settings.max_train_steps`; returns summary figures.
+
+    `compiled_loss` (torch.compile of `loss_module`, sharing its weights) runs every step whose statistics are
+    not measured; a measured step runs `loss_module` eagerly, so every telemetry hook fires."""
     log_path = settings.output_dir / "train_log.jsonl"
     if accelerator.is_main_process:
         settings.output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,14 +155,16 @@ def train(
                 inputs, labels = targets(batch, generator)
                 num_targets = accelerator.reduce(objective.count_targets(labels), "sum").clamp_min(1)
                 nll_sum = torch.zeros((), device=device, dtype=torch.float32)
-                measuring = telemetry.measure(step) if telemetry is not None else nullcontext()
+                measured = telemetry is not None and telemetry.measures(step)
+                forward = loss_module if compiled_loss is None or measured else compiled_loss
+                measuring = telemetry.measure(step) if measured else nullcontext()
                 with measuring:
                     sizes = [len(part[objective.input_key]) for part in micro]
                     chunks = list(zip(inputs.split(sizes), labels.split(sizes), strict=True))
                     for index, (chunk_inputs, chunk_labels) in enumerate(chunks):
                         sync = index == len(chunks) - 1
                         with nullcontext() if sync else accelerator.no_sync(loss_module):
-                            nll = loss_module(chunk_inputs, chunk_labels)
+                            nll = forward(chunk_inputs, chunk_labels)
                             # DDP averages gradients over processes; the step loss is a sum over all of them.
                             accelerator.backward(nll * (world / num_targets))
                         nll_sum += nll.detach().float()

@@ -3,12 +3,14 @@
 Every step: loss, learning rate, grad norm, tokens/s. Every `scalar_interval` steps: the inf-norm of each
 module's weight, the inf-norm and kurtosis of the residual stream after each layer (mean over the step's
 sequences, plus the maximum), the attention on the first token and its sink ratio (attention_stats.py) per
-layer, with the variant's own figures where it has them (row sum, sink mass, exact zeros), and the mean gate
-probability per layer and head of gated models. The same per-layer figures go, one
-JSON line per measured step, to `growth.jsonl` in the run directory: outlier growth over training without
-TensorBoard. Every `hist_interval` steps: histograms of the weights and of each layer's residual stream.
-Hooks exist only while a measured step runs; each reduces its output at once into a few device tensors, and
-those are synced once, when the step is logged. No activation outlives its micro-batch.
+layer, with the variant's own figures where it has them (row sum, sink mass, exact zeros), the literature's
+figures (literature_metrics.py: channel and per-token kurtosis, top-1 / median, massive activations, the max
+attention logit, Sink^0.3), and the mean gate probability per layer and head of gated models. The same
+per-layer figures go, one JSON line per measured step, to `growth.jsonl` in the run directory: outlier
+growth over training without TensorBoard. Every `hist_interval` steps: histograms of the weights and of
+each layer's residual stream. Hooks exist only while a measured step runs (which runs eagerly under
+--torch_compile); each reduces its output at once into a few device tensors, and those are synced once,
+when the step is logged. No activation outlives its micro-batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from ..data.modalities import probe_inputs
 from ..evaluation.attention_stats import AttentionStatistics
+from ..evaluation.literature_metrics import LAYER_FIGURES, LiteratureStatistics, sink_percent
 from ..evaluation.metrics import per_sequence_stats
 from ..files import strict_json, truncate_jsonl
 from ..models.gates import AttentionGate
@@ -30,6 +33,8 @@ HISTOGRAM_BINS = 64
 GROWTH_FILE = "growth.jsonl"
 # Per-layer attention figures (means over heads) logged when the layer's variant reports them.
 ATTENTION_FIGURES = ("first_token_mass", "sink_ratio", "row_sum", "sink_mass", "exact_zero_fraction")
+# The literature's per-layer figures (literature_metrics.py), Sink^0.3 per layer among them.
+GROWTH_LITERATURE = (*LAYER_FIGURES, "sink_percent")
 
 
 def _weight_modules(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,6 +81,7 @@ class Telemetry:
         self._sums: dict[str, torch.Tensor] = {}
         self._histograms: dict[str, dict] = {}
         self._attention: AttentionStatistics | None = None
+        self._literature: LiteratureStatistics | None = None
         # Only the first-key figures are logged: no tokenizer, so no delimiter tokens are marked.
         self._inputs = probe_inputs(model.family, None, model.config)
         self.growth_path = Path(output_dir) / GROWTH_FILE
@@ -114,10 +120,14 @@ class Telemetry:
 
         return hook
 
+    def measures(self, step: int) -> bool:
+        """Whether `step` is measured (its forward runs with hooks)."""
+        return self._scalar_step(step) or self._hist_step(step)
+
     @contextmanager
     def measure(self, step: int):
         """Hooks on the residual stream and the gates, only while a measured step runs."""
-        if not self._scalar_step(step) and not self._hist_step(step):
+        if not self.measures(step):
             yield
             return
         handles = []
@@ -129,6 +139,8 @@ class Telemetry:
             if self._scalar_step(step):
                 self._attention = AttentionStatistics(self.model, self._inputs)
                 stack.enter_context(self._attention.attached())
+                self._literature = LiteratureStatistics(self.model)
+                stack.enter_context(self._literature.attached())
                 embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids / pixels
                 handles.append(embeddings.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True))
             try:
@@ -175,6 +187,12 @@ class Telemetry:
                 for key in ATTENTION_FIGURES:
                     if key in figures:  # the variant's own figures only where it has them
                         stats[f"attention/{layer}/{key}"] = _mean(figures[key])
+            literature, self._literature = self._literature.synced(self.accelerator), None
+            literature["sink_percent"] = sink_percent(attention)[1] if attention else []
+            for key, per_layer in literature.items():
+                for layer, value in enumerate(per_layer):
+                    if value is not None:
+                        stats[f"literature/layer_{layer}/{key}"] = value
             scalars |= stats
             if self.accelerator.is_main_process:
                 self._write_growth(step, stats)
@@ -197,6 +215,7 @@ class Telemetry:
             ("inf_norm", "activations/layer_{layer}/inf_norm"),
             ("inf_norm_max", "activations/layer_{layer}/inf_norm_max"),
             *((key, f"attention/layer_{{layer}}/{key}") for key in ATTENTION_FIGURES),
+            *((key, f"literature/layer_{{layer}}/{key}") for key in GROWTH_LITERATURE),
         ):
             if (values := per_layer(template)) is not None:
                 record[name] = values
