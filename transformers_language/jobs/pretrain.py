@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,7 +26,14 @@ from ..families import family_of_objective
 from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from ..models.loading import load_model
 from ..objectives import Objective, get_objective
-from ..runtime import check_launch, compile_module, print_dry_run, setup_logging, start_accelerator
+from ..runtime import (
+    check_launch,
+    compile_module,
+    print_dry_run,
+    reproducible_compilation,
+    setup_logging,
+    start_accelerator,
+)
 from ..training.checkpoints import (
     RUN_SETTINGS,
     TrainingProgress,
@@ -189,20 +197,21 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
         run_settings=settings,
     )
     compiled_loss = compile_module(loss_module) if training.torch_compile else None
-    summary = train(
-        accelerator,
-        loss_module,
-        optimizer,
-        scheduler,
-        train_loader,
-        sampler,
-        objective,
-        targets,
-        progress,
-        loop,
-        telemetry,
-        compiled_loss,
-    )
+    with reproducible_compilation() if compiled_loss is not None else nullcontext():
+        summary = train(
+            accelerator,
+            loss_module,
+            optimizer,
+            scheduler,
+            train_loader,
+            sampler,
+            objective,
+            targets,
+            progress,
+            loop,
+            telemetry,
+            compiled_loss,
+        )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     results = evaluate(
         accelerator,
