@@ -20,7 +20,7 @@ def test_demo_prints_the_comparison_table(tmp_path):
     output_dir = tmp_path / "demo"
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output_dir)]
     command += ["--max_train_steps", "2", "--validation_percentage", "1", "--est_num_batches", "1"]
-    command += ["--checkpointing_steps", "2"]
+    command += ["--checkpointing_steps", "2", "--train_percentage", "1", "--no_torch_compile", "--zero_out_top_k", "2"]
     env = os.environ | {"OFT_SHARED": str(SHARED), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,25 +29,34 @@ def test_demo_prints_the_comparison_table(tmp_path):
     assert sorted(summary["methods"]) == sorted(methods) and summary["settings"]["max_train_steps"] == 2
     table = (output_dir / "summary.md").read_text()
     assert table in result.stdout
-    header = "| method | FP ppl | W8A8 ppl | W8A8 gap | max inf-norm | avg kurtosis | residual kurtosis per layer |"
-    assert table.startswith(header + " sink ratio per layer |")
+    header = (
+        "| method | FP ppl | W8A8 ppl | W8A8 gap | WikiText-2 ppl | max inf-norm | top-1 / median | Sink^0.3 "
+        "| max attn logit | zero-out ppl (zero / mean) | avg kurtosis | residual kurtosis per layer "
+    )
+    assert table.startswith(header + "| sink ratio per layer |")
+    assert summary["settings"]["mixed_precision"] == "bf16" and summary["settings"]["torch_compile"] is False
     for method in methods:
         row = summary["methods"][method]
         assert len(row["per_layer"]["kurtosis"]) == len(row["per_layer"]["sink_ratio"]) == 4  # OPT-small's layers
         line = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
         assert f"| {row['fp_perplexity']:.2f} | {row['w8a8_perplexity']:.2f} |" in line
+        second = json.loads((output_dir / method / "eval-second" / "all_results.json").read_text())
+        assert f"| {second['perplexity']:.2f} |" in line and "wikitext-2" in second["settings"]["validation_file"]
+        assert f"| {row['zero_out']['zero']:.2f} / {row['zero_out']['mean']:.2f} |" in line
         assert line.endswith(f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['sink_ratio'])} |")
         assert [record["step"] for record in row["growth"]] == [2]  # logged at the run's last step
         assert len(row["growth"][0]["kurtosis"]) == len(row["growth"][0]["sink_ratio"]) == 4
         fp = json.loads((output_dir / method / "eval-fp" / "all_results.json").read_text())
         w8a8 = json.loads((output_dir / method / "eval-w8a8" / "all_results.json").read_text())
         assert fp["perplexity"] == row["fp_perplexity"] and w8a8["perplexity"] == row["w8a8_perplexity"]
+        assert "enwiki-slice" in fp["settings"]["validation_file"] and fp["sink_percent"] == row["sink_percent"]
+        assert len(row["growth"][0]["top1_median"]) == len(fp["literature"]["channel_kurtosis"]) == 4
         assert w8a8["settings"]["quantization"]["ranges_weights"] == "MSE"
         assert fp["settings"]["block_layout"] == w8a8["settings"]["block_layout"] == "bos_first"  # the checkpoint's
         assert (output_dir / method / "eval-fp" / "kurtosis_per_layer.png").stat().st_size > 0
     assert (output_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "growth.png").read_bytes()[:4] == b"\x89PNG"
-    assert "=== [9/9]" in result.stdout
+    assert "=== [12/12]" in result.stdout
 
     # Resume with more methods: vanilla and clipped are read back; gated attention, marked as interrupted after
     # its last checkpoint, continues from it; softpick and Muon are trained.
