@@ -89,8 +89,11 @@ class LiteratureStatistics:
     """Streams the figures of the module docstring for every layer of `model` (a model of model_classes.py):
     `attached()`, `start_batch(inputs, index)` per batch, then `synced(accelerator)`, like the other probes."""
 
-    def __init__(self, model: nn.Module, positions: int | None = None):
+    def __init__(self, model: nn.Module, positions: int | None = None, logits: bool = True):
         self.model = model
+        # The logit hook sits on `scores`, which moves attention to the explicit path: training leaves it out,
+        # so a measured step trains exactly as an unmeasured one.
+        self.logits = logits
         self.layers = list(model.transformer_layers())
         self.variants = list(model.attention_variants().values())
         wiring = model.family.wiring
@@ -165,7 +168,7 @@ class LiteratureStatistics:
             if self.ffn_activation is not None:
                 ffn = module.get_submodule(self.ffn_activation)
                 handles.append(ffn.register_forward_hook(self._ffn_hook(layer)))
-        for layer, variant in enumerate(self.variants):
+        for layer, variant in enumerate(self.variants if self.logits else ()):
             handles.append(variant.scores.register_forward_hook(self._logit_hook(layer, variant.is_causal)))
         try:
             yield self

@@ -139,7 +139,7 @@ class Telemetry:
             if self._scalar_step(step):
                 self._attention = AttentionStatistics(self.model, self._inputs)
                 stack.enter_context(self._attention.attached())
-                self._literature = LiteratureStatistics(self.model)
+                self._literature = LiteratureStatistics(self.model, logits=False)
                 stack.enter_context(self._literature.attached())
                 embeddings = self.model.get_input_embeddings()  # its input is each forward's token ids / pixels
                 handles.append(embeddings.register_forward_pre_hook(self._start_batch_hook, with_kwargs=True))
