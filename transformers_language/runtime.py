@@ -68,11 +68,6 @@ class CompiledModule(torch.nn.Module):
             return self.compiled(*args, **kwargs)
 
 
-def compile_module(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` compiled (CompiledModule)."""
-    return CompiledModule(module)
-
-
 def setup_logging(accelerator) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:

@@ -51,7 +51,8 @@ def channel_kurtosis(mean_squares: torch.Tensor) -> float:
 
 def token_excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
     """Per token of a (..., d) tensor, the excess kurtosis over its d channels (population variance)."""
-    centered = x.float() - x.float().mean(dim=-1, keepdim=True)
+    x = x.float()
+    centered = x - x.mean(dim=-1, keepdim=True)
     variance = centered.square().mean(dim=-1)
     return centered.pow(4).mean(dim=-1) / variance.square().clamp_min(torch.finfo(torch.float32).tiny) - 3.0
 
@@ -104,15 +105,15 @@ class LiteratureStatistics:
         self._sums: dict[str, torch.Tensor] = {}
         self._peaks: dict[str, torch.Tensor] = {}
         for layer in range(len(self.layers)):
-            # [token kurtosis: first sum, first count, rest sum, rest count, tokens]
-            self._sums[f"stream_{layer}"] = torch.zeros(5, dtype=torch.float64, device=device)
+            # [token kurtosis summed over first tokens, over the rest; sequences, tokens after the first]
+            self._sums[f"stream_{layer}"] = torch.zeros(4, dtype=torch.float64, device=device)
             self._sums[f"squares_{layer}"] = torch.zeros(hidden, dtype=torch.float64, device=device)
             self._sums[f"histogram_{layer}"] = torch.zeros(LOG_BINS, dtype=torch.float64, device=device)
             self._peaks[f"peak_{layer}"] = torch.zeros(1, dtype=torch.float32, device=device)
             self._peaks[f"logit_{layer}"] = torch.full((1,), -1.0, dtype=torch.float32, device=device)
-            if self.ffn_activation is not None:  # [sum of squares per FFN channel, tokens]
+            if self.ffn_activation is not None:  # per FFN channel, over the layer's tokens
                 width = self.layers[layer].get_submodule(wiring.ffn_in).out_features
-                self._sums[f"ffn_squares_{layer}"] = torch.zeros(width + 1, dtype=torch.float64, device=device)
+                self._sums[f"ffn_squares_{layer}"] = torch.zeros(width, dtype=torch.float64, device=device)
             if positions is not None:
                 self._sums[f"position_sum_{layer}"] = torch.zeros(positions, hidden, device=device)
                 self._sums[f"position_abs_{layer}"] = torch.zeros(positions, hidden, device=device)
@@ -123,12 +124,10 @@ class LiteratureStatistics:
     def _stream_hook(self, layer: int):
         def hook(module, args, output):
             x = (output[0] if isinstance(output, tuple) else output).detach().float()  # (B, T, d)
-            tokens = x.shape[0] * x.shape[1]
             kurtosis = token_excess_kurtosis(x)  # (B, T)
-            first, rest = kurtosis[:, 0].sum(), kurtosis[:, 1:].sum()
-            counts = [x.shape[0], x.shape[0] * (x.shape[1] - 1), tokens]
-            values = torch.stack([first, first.new_tensor(float(counts[0])), rest, rest.new_tensor(float(counts[1]))])
-            self._sums[f"stream_{layer}"] += torch.cat([values, values.new_tensor([float(counts[2])])]).double()
+            sequences, rest_tokens = x.shape[0], x.shape[0] * (x.shape[1] - 1)
+            sums = torch.stack([kurtosis[:, 0].sum(), kurtosis[:, 1:].sum()])
+            self._sums[f"stream_{layer}"] += torch.cat([sums, sums.new_tensor([sequences, rest_tokens])]).double()
             self._sums[f"squares_{layer}"] += x.square().sum(dim=(0, 1)).double()
             magnitude = x.abs()
             self._peaks[f"peak_{layer}"] = torch.maximum(self._peaks[f"peak_{layer}"], magnitude.amax().view(1))
@@ -143,8 +142,7 @@ class LiteratureStatistics:
     def _ffn_hook(self, layer: int):
         def hook(module, args, output):
             x = output.detach().float().flatten(0, -2)  # (tokens, ffn width)
-            tokens = x.new_tensor([float(x.shape[0])])
-            self._sums[f"ffn_squares_{layer}"] += torch.cat([x.square().sum(dim=0), tokens]).double()
+            self._sums[f"ffn_squares_{layer}"] += x.square().sum(dim=0).double()
 
         return hook
 
@@ -184,13 +182,14 @@ class LiteratureStatistics:
         figures = {name: [] for name in LAYER_FIGURES}
         means = []
         for layer in range(len(self.layers)):
-            first, first_count, rest, rest_count, tokens = sums[f"stream_{layer}"].tolist()
+            first, rest, sequences, rest_count = sums[f"stream_{layer}"].tolist()
+            tokens = sequences + rest_count
             if not tokens:
                 return {}
             figures["channel_kurtosis"].append(channel_kurtosis(sums[f"squares_{layer}"] / tokens))
             ffn = sums.get(f"ffn_squares_{layer}")
-            figures["ffn_channel_kurtosis"].append(channel_kurtosis(ffn[:-1] / ffn[-1]) if ffn is not None else None)
-            figures["token_kurtosis_first"].append(first / first_count)
+            figures["ffn_channel_kurtosis"].append(channel_kurtosis(ffn / tokens) if ffn is not None else None)
+            figures["token_kurtosis_first"].append(first / sequences)
             figures["token_kurtosis_rest"].append(rest / rest_count if rest_count else float("nan"))
             histogram = sums[f"histogram_{layer}"]
             median, peak = histogram_median(histogram), peaks[f"peak_{layer}"].item()
@@ -199,7 +198,6 @@ class LiteratureStatistics:
             logit = peaks[f"logit_{layer}"].item()
             figures["max_attention_logit"].append(logit if logit >= 0 else None)  # None: no attention computed
             if self.positions is not None:
-                sequences = first_count
                 means.append((sums[f"position_sum_{layer}"] / sequences, sums[f"position_abs_{layer}"] / sequences))
         if not any(v is not None for v in figures["ffn_channel_kurtosis"]):
             del figures["ffn_channel_kurtosis"]

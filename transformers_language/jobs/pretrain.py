@@ -27,8 +27,8 @@ from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from ..models.loading import load_model
 from ..objectives import Objective, get_objective
 from ..runtime import (
+    CompiledModule,
     check_launch,
-    compile_module,
     print_dry_run,
     reproducible_compilation,
     setup_logging,
@@ -196,7 +196,7 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
         checkpoints_total_limit=training.checkpoints_total_limit,
         run_settings=settings,
     )
-    compiled_loss = compile_module(loss_module) if training.torch_compile else None
+    compiled_loss = CompiledModule(loss_module) if training.torch_compile else None
     with reproducible_compilation() if compiled_loss is not None else nullcontext():
         summary = train(
             accelerator,

@@ -34,8 +34,8 @@ from ..ptq.quant_args import add_quantization_args
 from ..ptq.quantized_model import llm_int8_shares
 from ..ptq.validation import calibration_batches, quantize_for_validation
 from ..runtime import (
+    CompiledModule,
     check_launch,
-    compile_module,
     print_dry_run,
     setup_logging,
     start_accelerator,
@@ -123,7 +123,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     zero_out_k = evaluation.zero_out_top_k
     positions = get_modality(plan.family).tokens(plan.seq_length, config) if zero_out_k else None
     literature = LiteratureStatistics(model, positions)
-    forward = compile_module(loss_module) if evaluation.torch_compile and quant_config is None else loss_module
+    forward = CompiledModule(loss_module) if evaluation.torch_compile and quant_config is None else loss_module
     results = evaluate(
         accelerator,
         forward,

@@ -88,7 +88,11 @@ class AttentionVariant(nn.Module):
         self.key_mass = nn.Identity()
         self.marked_keys: torch.Tensor | None = None
 
-    def uses_fused_path(self, output_attentions: bool = False) -> bool:
+    def uses_fused_path(self, output_attentions: bool = False, query: torch.Tensor | None = None) -> bool:
+        """Whether attention runs through torch's fused kernel (for `query`, when given: not in half precision
+        on a CPU, see `fused_kernel_is_slower`)."""
+        if query is not None and fused_kernel_is_slower(query):
+            return False
         return self.softmax.fused and not (output_attentions or is_attached(self.scores) or is_attached(self.probs))
 
     def forward(
@@ -119,7 +123,7 @@ class AttentionVariant(nn.Module):
                 )
             gate = self.gate(gate_input, attention_mask, kv_length=key.shape[2])
 
-        fused = self.uses_fused_path(output_attentions) and not fused_kernel_is_slower(query)
+        fused = self.uses_fused_path(output_attentions, query)
         null_logit = self.softmax.null_logit() if fused else None  # softmax1 / learned sink in fused form
         # Same convention as HF's SDPA path: upper-left causal, so query i sees keys 0..i (a static-cache prefill
         # has more keys than queries; the unwritten slots are masked, and explicit weights keep one column per

@@ -4,13 +4,14 @@ Every step: loss, learning rate, grad norm, tokens/s. Every `scalar_interval` st
 module's weight, the inf-norm and kurtosis of the residual stream after each layer (mean over the step's
 sequences, plus the maximum), the attention on the first token and its sink ratio (attention_stats.py) per
 layer, with the variant's own figures where it has them (row sum, sink mass, exact zeros), the literature's
-figures (literature_metrics.py: channel and per-token kurtosis, top-1 / median, massive activations, the max
-attention logit, Sink^0.3), and the mean gate probability per layer and head of gated models. The same
-per-layer figures go, one JSON line per measured step, to `growth.jsonl` in the run directory: outlier
-growth over training without TensorBoard. Every `hist_interval` steps: histograms of the weights and of
-each layer's residual stream. Hooks exist only while a measured step runs (which runs eagerly under
---torch_compile); each reduces its output at once into a few device tensors, and those are synced once,
-when the step is logged. No activation outlives its micro-batch.
+figures (literature_metrics.py: channel and per-token kurtosis, top-1 / median, massive activations,
+Sink^0.3; not the max attention logit, whose hook would move attention off the fused path), and the mean
+gate probability per layer and head of gated models. The same per-layer figures go, one JSON line per
+measured step, to `growth.jsonl` in the run directory: outlier growth over training without TensorBoard.
+Every `hist_interval` steps: histograms of the weights and of each layer's residual stream. Hooks exist only
+while a measured step runs (which runs eagerly under --torch_compile); each reduces its output at once into a
+few device tensors, and those are synced once, when the step is logged. No activation outlives its
+micro-batch.
 """
 
 from __future__ import annotations
