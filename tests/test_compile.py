@@ -1,6 +1,6 @@
-"""`--torch_compile`: a resumed compiled bf16 run repeats the uninterrupted one bit for bit, its measured steps
-run with every statistics hook (growth.jsonl holds every figure of every layer), and a compiled validation gives
-the eager one's perplexity and statistics (so no hook was dropped by tracing)."""
+"""`--torch_compile`: a resumed compiled bf16 run repeats the uninterrupted one (every loss bit for bit), its
+measured steps run with every statistics hook (growth.jsonl holds every figure of every layer), and a compiled
+validation gives the eager one's figures, the zero-out intervention's compiled passes included."""
 
 import json
 import math
@@ -63,5 +63,4 @@ def test_a_compiled_validation_gives_the_eager_figures(model_type, checkpoints, 
     for key in measured:
         a, b = eager_numbers[key], compiled_numbers[key]
         assert (math.isnan(a) and math.isnan(b)) or b == pytest.approx(a, rel=1e-4, abs=1e-5), key
-    assert set(eager["zero_out"]) == {"layer", "entries", "means", "zero", "mean"}
-    assert len(eager["zero_out"]["entries"]) == 2
+    assert eager["zero_out"]["zero"]["perplexity"] != eager["perplexity"]  # the intervention changed the model

@@ -137,7 +137,7 @@ def test_zero_out_chooses_the_massive_layer_and_sets_exactly_its_entries():
     ids = torch.randint(5, 90, (2, 6))
     with torch.no_grad():
         model(input_ids=ids)
-        with entries_set(first, [(0, 2), (3, 1)], [0.0, 7.0]):
+        with entries_set(first, [(0, 2), (3, 1)], torch.tensor([0.0, 7.0])):
             model(input_ids=ids)
     probe.remove()
     before, after = seen

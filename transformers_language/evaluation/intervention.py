@@ -32,17 +32,17 @@ def choose_entries(figures: dict, top_k: int) -> tuple[int, list[tuple[int, int]
 
 
 @contextmanager
-def entries_set(layer: nn.Module, entries: list[tuple[int, int]], values: list[float]):
-    """While inside, the layer's output has `values` at (position, channel) `entries` of every sequence."""
+def entries_set(layer: nn.Module, entries: list[tuple[int, int]], values: torch.Tensor):
+    """While inside, the layer's output has `values` (read at each call, so the caller may change them in place
+    between passes: one hook, one compiled graph) at (position, channel) `entries` of every sequence."""
     positions = torch.tensor([p for p, _ in entries])
     channels = torch.tensor([c for _, c in entries])
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         replaced = hidden.clone()
-        replaced[:, positions.to(hidden.device), channels.to(hidden.device)] = torch.tensor(
-            values, dtype=hidden.dtype, device=hidden.device
-        )
+        device = hidden.device
+        replaced[:, positions.to(device), channels.to(device)] = values.to(device=device, dtype=hidden.dtype)
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
     handle = layer.register_forward_hook(hook)
@@ -58,7 +58,9 @@ def zero_out(accelerator, loss_module, model, dataset, objective, batch_size: in
     layer, entries, means = choose_entries(figures, top_k)
     module = model.transformer_layers()[layer]
     result = {"layer": layer, "entries": [{"position": p, "channel": c} for p, c in entries], "means": means}
-    for name, values in (("zero", [0.0] * len(entries)), ("mean", means)):
-        with entries_set(module, entries, values):
-            result[name] = evaluate(accelerator, loss_module, dataset, objective, batch_size)
+    values = torch.zeros(len(entries))
+    with entries_set(module, entries, values):
+        result["zero"] = evaluate(accelerator, loss_module, dataset, objective, batch_size)
+        values.copy_(torch.tensor(means))
+        result["mean"] = evaluate(accelerator, loss_module, dataset, objective, batch_size)
     return result

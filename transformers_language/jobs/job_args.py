@@ -132,8 +132,8 @@ class EvaluationArgs:
         "bf16 / fp16: the FP evaluation runs under autocast; the W8A8 simulation (--quantize) always runs in fp32."
     )
     torch_compile: bool = torch_compile_flag(
-        "Compile the float model's evaluation with torch.compile (inductor), statistics hooks traced in; "
-        "the W8A8 simulation (--quantize) runs eagerly."
+        "Run the zero-out intervention's passes (--zero_out_top_k) compiled with torch.compile (inductor); the "
+        "statistics pass stays eager (its hooks would recompile the model every batch), as does W8A8 (--quantize)."
     )
     output_dir: str = arg(None, "Where all_results.json (and the plots) go.", required=True)
     kurtosis_max_batches: int | None = arg(

@@ -123,10 +123,9 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     zero_out_k = evaluation.zero_out_top_k
     positions = get_modality(plan.family).tokens(plan.seq_length, config) if zero_out_k else None
     literature = LiteratureStatistics(model, positions)
-    forward = CompiledModule(loss_module) if evaluation.torch_compile and quant_config is None else loss_module
     results = evaluate(
         accelerator,
-        forward,
+        loss_module,
         dataset,
         objective,
         evaluation.per_device_eval_batch_size,
@@ -137,6 +136,10 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     literature_figures = literature.synced(accelerator)
     results |= literature_results(literature_figures, attention)
     if zero_out_k:
+        # The statistics pass above runs eagerly: its hooks keep Python state that changes every batch, so a
+        # compiled model would recompile batch after batch. The intervention's passes have no such hooks.
+        compiled = evaluation.torch_compile and quant_config is None
+        forward = CompiledModule(loss_module) if compiled else loss_module
         batch_size = evaluation.per_device_eval_batch_size
         results["zero_out"] = zero_out(
             accelerator, forward, model, dataset, objective, batch_size, literature_figures, zero_out_k
