@@ -20,7 +20,7 @@ def test_demo_prints_the_comparison_table(tmp_path):
     output_dir = tmp_path / "demo"
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output_dir)]
     command += ["--max_train_steps", "2", "--validation_percentage", "1", "--est_num_batches", "1"]
-    command += ["--checkpointing_steps", "2", "--train_percentage", "1", "--no_torch_compile", "--zero_out_top_k", "2"]
+    command += ["--checkpointing_steps", "2", "--train_percentage", "1", "--zero_out_top_k", "2"]
     env = os.environ | {"OFT_SHARED": str(SHARED), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
