@@ -11,7 +11,7 @@ logits and `model(**batch).loss`. The paper's own figures on this machine class 
 Precision: our training at the demo's batch (32) in fp32 eager, `--mixed_precision bf16`, and bf16 with
 `--torch_compile`, alternating within one process (each mode once per round, so drift hits all alike); the
 ratio of median tokens/s to fp32 eager (compile time excluded: steps 1..10 are dropped), and each mode's peak
-RSS from a run in its own process.
+RSS from a run in its own process (and peak GPU memory where a CUDA device runs the training).
 
     python benchmarks/bench_train.py [--steps 60] [--rounds 1] [--models bert opt] [--json out.json]
     python benchmarks/bench_train.py --precision [--steps 40] [--rounds 2]   # the precision rows only
@@ -141,10 +141,13 @@ def child_modes(model: str, steps: int, rounds: int, cache: str) -> dict:
 
 def child_mode_rss(model: str, mode: str, steps: int, output_dir: str, cache: str) -> dict:
     sys.path.insert(0, str(REPO))
+    import torch
+
     from transformers_language.jobs.pretrain import pretrain
 
     pretrain(SETUPS[model]["script"], _precision_argv(model, mode, steps, output_dir, cache))
-    return {"peak_rss_gib": _peak_rss_gib()}
+    gpu = {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+    return {"peak_rss_gib": _peak_rss_gib(), **gpu}
 
 
 def precision_rows(model: str, steps: int, rounds: int, cache: str) -> dict:
@@ -153,14 +156,10 @@ def precision_rows(model: str, steps: int, rounds: int, cache: str) -> dict:
     fp32 = statistics.median(timed["fp32"])
     rows = {}
     for mode, seconds in timed.items():
-        rss = _run_child("mode_rss", model, 20, cache, ["--mode", mode])["peak_rss_gib"]
+        memory = _run_child("mode_rss", model, 20, cache, ["--mode", mode])  # RSS, and GPU memory on CUDA
         median = statistics.median(seconds)
-        rows[mode] = {
-            "median_s_per_step": median,
-            "tokens_per_s": tokens / median,
-            "vs_fp32": fp32 / median,
-            "peak_rss_gib": rss,
-        }
+        rows[mode] = {"median_s_per_step": median, "tokens_per_s": tokens / median, "vs_fp32": fp32 / median}
+        rows[mode] |= memory
     return rows
 
 
@@ -237,11 +236,12 @@ def _summarise(model: str, runs: dict) -> dict:
 
 
 def _report(figures: dict) -> None:
-    print(f"{'model':6} {'run':12} {'s/step':>7} {'tokens/s':>9} {'peak RSS GiB':>13} {'x fp32':>7}")
+    print(f"{'model':6} {'run':12} {'s/step':>7} {'tokens/s':>9} {'peak RSS GiB':>13} {'x fp32':>7} {'GPU GiB':>8}")
     for model, result in figures.items():
         for mode, row in result["precision"].items():
             figures_text = f"{row['median_s_per_step']:7.3f} {row['tokens_per_s']:9.0f} {row['peak_rss_gib']:13.2f}"
-            print(f"{model:6} {mode:12} {figures_text} {row['vs_fp32']:7.2f}")
+            gpu = f" {row['peak_gpu_gib']:8.2f}" if "peak_gpu_gib" in row else ""
+            print(f"{model:6} {mode:12} {figures_text} {row['vs_fp32']:7.2f}{gpu}")
         if "ours" not in result:
             continue
         for kind in ("ours", "baseline"):

@@ -61,6 +61,16 @@ METHODS = {
     "elementwise_gate": ["--attn_gate_type", "elementwise"],
     "muon": ["--optimizer", "muon"],
 }
+# The knobs the literature names as growing outliers (issue 31's study), each a vanilla run with one training
+# flag changed from the demo's settings (a later flag wins): weight decay 0.1 -> 0.5 (Gu et al.: the strongest
+# sink), Adam beta2 0.95 -> 0.999, learning rate 1e-3 -> 2e-3, and blocks cut from the stream without `</s>` first.
+KNOBS = {
+    "weight_decay_0.5": ["--weight_decay", "0.5"],
+    "adam_beta2_0.999": ["--adam_beta2", "0.999"],
+    "learning_rate_2e-3": ["--learning_rate", "2e-3"],
+    "stream_layout": ["--block_layout", "stream"],
+}
+RUNS = METHODS | KNOBS
 DEFAULT_METHODS = ["vanilla", "clipped_softmax", "gated_attention"]
 SECOND_EVAL = "eval-second"  # the FP validation on the second data (WikiText-2 valid)
 RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of them finished
@@ -120,7 +130,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="The long run (1500 steps per method).")
     parser.add_argument("--output_dir", default=None, help="Default: runs/demo (runs/demo-full with --full).")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(RUNS))
+    parser.add_argument(
+        "--table",
+        default="summary",
+        help="Name of the table's files in the output folder (NAME.md, NAME.json, NAME-growth.png, "
+        "NAME-comparison.png), so another set of methods (the knob study) shares the trained models.",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -364,7 +380,7 @@ def main() -> None:
     fp_extra = ("--plot", "--zero_out_top_k", str(args.zero_out_top_k))
     for method in args.methods:
         run_dir = output_dir / method
-        training = [*common_train, *tokenizer, *train_data, *validation_data, *METHODS[method]]
+        training = [*common_train, *tokenizer, *train_data, *validation_data, *RUNS[method]]
         evaluation = ["--model_name_or_path", str(run_dir), "--block_size", "128", "--per_device_eval_batch_size", "16"]
         stages = method_stages(
             method,
@@ -395,21 +411,20 @@ def main() -> None:
         }
 
     markdown = table(rows)
-    plot = write_method_comparison(
-        {m: r["per_layer"] for m, r in rows.items()}, PER_LAYER, output_dir / "comparison.png"
-    )
-    growth = write_growth(
-        {m: r["growth"] for m, r in rows.items()}, GROWTH, output_dir / "growth.png", GROWTH_BASELINES
-    )
+    prefix = "" if args.table == "summary" else f"{args.table}-"  # the demo's own plots keep their names
+    per_layer = {m: r["per_layer"] for m, r in rows.items()}
+    plot = write_method_comparison(per_layer, PER_LAYER, output_dir / f"{prefix}comparison.png")
+    growth_curves = {m: r["growth"] for m, r in rows.items()}
+    growth = write_growth(growth_curves, GROWTH, output_dir / f"{prefix}growth.png", GROWTH_BASELINES)
     minutes = (time.perf_counter() - start) / 60
     settings = {"size": "full" if args.full else "default", **size, "seed": args.seed, "methods": args.methods}
     settings |= {"mixed_precision": args.mixed_precision, "torch_compile": args.torch_compile}
     settings["minutes"] = minutes
-    write_json_atomic(output_dir / "summary.json", {"methods": rows, "settings": settings})
-    write_text_atomic(output_dir / "summary.md", markdown)
+    write_json_atomic(output_dir / f"{args.table}.json", {"methods": rows, "settings": settings})
+    write_text_atomic(output_dir / f"{args.table}.md", markdown)
     print(f"\nOPT-small after {size['max_train_steps']} steps per method ({minutes:.1f} min in all):\n")
     print(markdown)
-    print(f"Table: {output_dir / 'summary.md'}; figures: {output_dir / 'summary.json'}; plots: {plot}, {growth}")
+    print(f"Table: {output_dir / args.table}.md; figures: {output_dir / args.table}.json; plots: {plot}, {growth}")
     print(f"Per-model plots and every statistic: {output_dir}/<method>/eval-fp/")
 
 

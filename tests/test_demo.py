@@ -85,7 +85,17 @@ def test_demo_prints_the_comparison_table(tmp_path):
     figures = json.loads((output_dir / "softpick" / "eval-fp" / "all_results.json").read_text())["attention"]
     assert "exact_zero_fraction" in figures["layer_0"] and "row_sum" in figures["layer_0"]
 
-    # Run again into the same folder: the demo replaces its own earlier runs (training alone would refuse them).
-    again = subprocess.run([*command, "--methods", "vanilla"], env=env, capture_output=True, text=True, timeout=600)
+    # Run again into the same folder as another table (a knob of the study beside vanilla): the demo replaces its
+    # own earlier runs (training alone would refuse them), the knob's flag wins over the demo's setting, and the
+    # table goes to its own files, leaving the demo's summary as it was.
+    summary_before = (output_dir / "summary.md").read_text()
+    again = [*command, "--table", "knobs", "--methods", "vanilla", "weight_decay_0.5"]
+    again = subprocess.run(again, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"Replacing the earlier demo run in {output_dir / 'vanilla'}" in again.stdout
+    knobs = json.loads((output_dir / "knobs.json").read_text())["methods"]
+    assert list(knobs) == ["vanilla", "weight_decay_0.5"] and (output_dir / "knobs.md").read_text() in again.stdout
+    assert (output_dir / "knobs-growth.png").read_bytes()[:4] == b"\x89PNG"
+    for method, decay in (("vanilla", 0.1), ("weight_decay_0.5", 0.5)):
+        assert json.loads((output_dir / method / "all_results.json").read_text())["settings"]["weight_decay"] == decay
+    assert (output_dir / "summary.md").read_text() == summary_before
