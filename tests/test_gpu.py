@@ -1,8 +1,8 @@
 """On a CUDA device: a few bf16 + compiled training steps of each family (every statistics hook still seen), an
-interrupted bf16 run resumed on CUDA, FP and W8A8 validation on CUDA against the same validation on the CPU, and
-the fused SDPA attention path against the explicit one. Marked `gpu`: deselected by default, run with
-`pytest -m gpu` (skipped where torch sees no CUDA device); `scripts/gpu_check.sh` runs them with the training
-benchmark on CUDA and prints one table.
+interrupted bf16 run resumed on CUDA, FSDP (sharded checkpoints, exact resume, gathered weights), FP and W8A8
+validation on CUDA against the same validation on the CPU, and the fused SDPA attention path against the
+explicit one. Marked `gpu`: deselected by default, run with `pytest -m gpu` (skipped where torch sees no CUDA
+device); `scripts/gpu_check.sh` runs them with the training benchmark on CUDA and prints one table.
 
 Tolerances (CUDA against CPU, both fp32; torch keeps TF32 off for matmuls unless asked): FP perplexity and
 outlier figures within 1e-4 relative (summation order differs); W8A8 perplexity within 1e-2 relative (a value
@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, PartialState
+from safetensors.torch import load_file
 
 from tests.conftest import (
     assert_resume_repeats_run,
@@ -40,6 +44,15 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
+REPO = Path(__file__).resolve().parents[1]
+# accelerate's FSDP switches, as `accelerate launch --use_fsdp` sets them: FSDP2, one shard unit per layer.
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+}
 COMPILED = ("--mixed_precision", "bf16", "--torch_compile")
 TRACKED = ("--with_tracking", "--extra_tb_stats", "--tb_scalar_log_interval", "2")
 FP_RTOL, W8A8_RTOL = 1e-4, 1e-2
@@ -97,6 +110,34 @@ def test_a_resumed_bf16_run_on_cuda_repeats_the_straight_one(tmp_path, data_cach
         text_trainer("opt", data_cache), tmp_path, monkeypatch, "--mixed_precision", "bf16",
         "--checkpointing_steps", "3",
     )  # fmt: skip
+
+
+def test_fsdp_on_cuda_resumes_exactly_and_gathers_the_weights_of_a_plain_run(tmp_path, data_cache):
+    """FSDP2 over up to two GPUs (one process on one GPU still runs every FSDP path: sharded checkpoints, gathered
+    weights): a run resumed from its step-2 checkpoint repeats its last steps' losses bit for bit, and its losses
+    and gathered weights match one plain process with the same total batch (no dropout)."""
+    processes = min(2, torch.cuda.device_count())
+    plain = ["--attn_dropout", "0", "--hidden_dropout", "0", "--checkpointing_steps", "2"]
+
+    def launch(out, *extra):
+        argv = train_argv("opt", out, data_cache, *plain, "--per_device_train_batch_size", str(8 // processes), *extra)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "run_clm.py"]
+        done = subprocess.run([*command, *argv], cwd=REPO, env=os.environ | FSDP_ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [record["loss"] for record in read_log(out)]
+
+    sharded = launch(tmp_path / "fsdp")
+    assert any("fsdp" in path.name for path in (tmp_path / "fsdp" / "step_2").iterdir())  # sharded state on disk
+    assert launch(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "fsdp" / "step_2")) == sharded[2:]
+    run_main("opt", train_argv("opt", tmp_path / "one", data_cache, *plain, "--per_device_train_batch_size", "8"))
+    assert sharded == pytest.approx([record["loss"] for record in read_log(tmp_path / "one")], rel=1e-5)
+    gathered, one = (
+        load_file(tmp_path / "fsdp" / "model.safetensors"),
+        load_file(tmp_path / "one" / "model.safetensors"),
+    )
+    assert gathered.keys() == one.keys()
+    for key in one:
+        torch.testing.assert_close(gathered[key], one[key], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp", "w8a8"])
