@@ -8,9 +8,14 @@ run_clm: the weights do not change the cost) and validates them on WikiText-2 va
   overhead  in one process, the evaluation loop alone with and without the statistics (activation
             statistics + attention diagnostics, their sync and the report), alternating, after a warm-up:
             the ratio of the medians is what the statistics add to a plain perplexity pass.
+  precision `--precision`: the whole validation job (load, evaluate with the statistics, report) in fp32, with
+            `--mixed_precision bf16`, and as the W8A8 simulation (`--quantize`: fp32, 16 calibration batches of
+            test.txt, MSE weight ranges for OPT), alternating within one process after an untimed round; the
+            ratio of median seconds to fp32's, and each mode's peak RSS from a run in its own process.
 The tokenized data is cached before anything is timed.
 
     python benchmarks/bench_validate.py [--rounds 2] [--models bert opt] [--json out.json]
+    python benchmarks/bench_validate.py --precision [--rounds 2]   # the precision rows only
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ RSS_WRAPPER = (
     "import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
     "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 )
+
+
+PRECISION_MODES = {
+    "fp32": [],
+    "bf16": ["--mixed_precision", "bf16"],
+    "w8a8": ["--quantize", "--train_file", str(DATA / "test.txt")],
+}
+W8A8_EXTRA = {"bert": [], "opt": ["--ranges_weights", "MSE"]}  # the paper's recipes (validate_*_w8a8.sh)
 
 
 def validate_argv(model: str, checkpoint: str, output_dir: str, cache: str) -> list[str]:
@@ -138,19 +151,64 @@ def child_overhead(model: str, checkpoint: str, cache: str, rounds: int) -> dict
     return times | {"blocks": len(dataset)}
 
 
+def _mode_flags(model: str, mode: str) -> list[str]:
+    return [*PRECISION_MODES[mode], *(W8A8_EXTRA[model] if mode == "w8a8" else [])]
+
+
+def child_modes(model: str, checkpoint: str, cache: str, rounds: int) -> dict:
+    """Each precision mode's whole validation job, alternating in this process after an untimed round."""
+    sys.path.insert(0, str(REPO))
+    from transformers_language.jobs.validate import validate
+
+    seconds = {mode: [] for mode in PRECISION_MODES}
+    for round_number in range(rounds + 1):
+        for mode in PRECISION_MODES:
+            with tempfile.TemporaryDirectory() as output_dir:
+                argv = [*validate_argv(model, checkpoint, output_dir, cache), *_mode_flags(model, mode)]
+                start = time.perf_counter()
+                validate(SETUPS[model]["script"], argv)
+                if round_number:  # round 0 caches the calibration data and warms up
+                    seconds[mode].append(time.perf_counter() - start)
+    return seconds
+
+
+def precision_rows(model: str, checkpoint: str, cache: str, rounds: int) -> dict:
+    command = [sys.executable, __file__, "--rounds", str(rounds), "--precision_child", model, checkpoint, cache]
+    done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"precision {model} failed:\n{done.stderr[-4000:]}")
+    timed = json.loads(done.stdout.strip().splitlines()[-1])
+    fp32 = statistics.median(timed["fp32"])
+    rows = {}
+    for mode, seconds in timed.items():
+        median = statistics.median(seconds)
+        rss = _process_run(model, checkpoint, cache, tuple(_mode_flags(model, mode)))["peak_rss_gib"]
+        rows[mode] = {"median_seconds": median, "vs_fp32": fp32 / median, "peak_rss_gib": rss}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="Process runs, and loop pairs, per model.")
     parser.add_argument("--models", nargs="+", default=["bert", "opt"], choices=list(SETUPS))
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--precision", action="store_true", help="Only the precision rows (fp32, bf16, W8A8).")
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # model checkpoint cache
+    parser.add_argument("--precision_child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child_overhead(*args.child, rounds=args.rounds)))
         return
+    if args.precision_child:
+        print(json.dumps(child_modes(*args.precision_child, rounds=args.rounds)))
+        return
 
     figures = {}
     for model, checkpoint, cache in prepared_checkpoints(args.models):
+        precision = precision_rows(model, checkpoint, cache, args.rounds)
+        if args.precision:
+            figures[model] = {"precision": precision}
+            continue
         processes = []
         for _ in range(args.rounds):
             processes.append(_process_run(model, checkpoint, cache))
@@ -160,7 +218,7 @@ def main() -> None:
         if done.returncode != 0:
             raise RuntimeError(f"overhead {model} failed:\n{done.stderr[-4000:]}")
         loops = json.loads(done.stdout.strip().splitlines()[-1])
-        figures[model] = _summarise(model, processes, loops)
+        figures[model] = _summarise(model, processes, loops) | {"precision": precision}
     _report(figures)
     if args.json:
         write_json_atomic(Path(args.json), figures)
@@ -185,7 +243,13 @@ def _summarise(model: str, processes: list[dict], loops: dict) -> dict:
 
 
 def _report(figures: dict) -> None:
+    print(f"{'model':6} {'validation':11} {'seconds':>8} {'x fp32':>7} {'peak RSS GiB':>13}")
     for model, r in figures.items():
+        for mode, row in r["precision"].items():
+            print(f"{model:6} {mode:11} {row['median_seconds']:8.2f} {row['vs_fp32']:7.2f} {row['peak_rss_gib']:13.2f}")
+    for model, r in figures.items():
+        if "process_seconds" not in r:
+            continue
         paper = PAPER[model]
         print(
             f"{model}: validate process {r['process_seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "

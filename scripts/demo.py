@@ -104,7 +104,12 @@ PER_LAYER = {
     "inf_norm": "Residual-stream inf-norm (FP)",
     "sink_ratio": "First-token attention / uniform (FP)",
 }
-GROWTH = {"kurtosis": "residual kurtosis", "sink_ratio": "sink ratio"}
+GROWTH = {
+    "inf_norm": "residual inf-norm",
+    "top1_median": "top-1 / median |x|",
+    "kurtosis": "residual kurtosis",
+    "sink_ratio": "sink ratio",
+}
 GROWTH_BASELINES = {"kurtosis": 3.0, "sink_ratio": 1.0}  # a Gaussian's kurtosis; uniform attention
 
 
