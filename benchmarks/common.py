@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers_language.data.text import shared_folder
 from transformers_language.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
+SHARED = shared_folder()
 DATA = SHARED / "data" / "wikitext-2"
 SETUPS = {
     "bert": {"config": "bert-small.yaml", "tokenizer": "bert-base-uncased", "batch": 32},

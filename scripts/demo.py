@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
+from transformers_language.data.text import shared_folder  # noqa: E402
 from transformers_language.evaluation.plots import write_growth, write_method_comparison  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.jobs.pretrain import pretrain  # noqa: E402
@@ -117,7 +117,7 @@ def data_flags() -> tuple[list[str], list[str], list[str], list[str]]:
     """(tokenizer, training data, validation data, second validation data) flags: the local enwiki slice (else
     WikiText-2's test split) and the 8k OPT tokenizer when the shared folder exists, with WikiText-2 valid as
     the second figure; else the hub's WikiText-2 (no second figure)."""
-    shared = Path(os.environ.get("OFT_SHARED", REPO.parent / "shared"))
+    shared = shared_folder()
     wikitext, enwiki = shared / "data" / "wikitext-2", shared / "data" / "enwiki-slice"
     tokenizer = ["--tokenizer_name", str(shared / "tokenizers" / "opt-bpe-8k")]
     second = ["--validation_file", str(wikitext / "valid.txt")]

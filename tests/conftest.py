@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, OPTConfig
 
 from transformers_language import AttentionConfig
+from transformers_language.data.text import shared_folder
 from transformers_language.families import FAMILIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the test log
@@ -82,7 +83,7 @@ def model_type(request) -> str:
 
 
 # Local data and tokenizers (never copied into the project): ../shared beside the checkout, or $OFT_SHARED.
-SHARED = Path(os.environ.get("OFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = shared_folder()
 TRAIN_TEXT = SHARED / "data" / "wikitext-2" / "test.txt"
 VALID_TEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
 TOKENIZERS = {"bert": SHARED / "tokenizers" / "bert-base-uncased", "opt": SHARED / "tokenizers" / "opt-bpe-8k"}

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 import transformers_language.data.text as data
 from tests.conftest import TOKENIZERS, TRAIN_TEXT, VALID_TEXT
 from transformers_language.arguments import typed_group
+from transformers_language.errors import InputFileError
 
 
 def data_args(tmp_path, **overrides) -> data.DataArgs:
@@ -146,8 +147,29 @@ def test_data_errors_name_the_fix(tokenizers, tmp_path):
         data.load_split(data_args(tmp_path, validation_file=str(tiny)), "validation", tokenizers["opt"], 128)
 
 
-def test_hub_setups_name_existing_script_free_datasets():
-    assert set(data.DATASET_SETUPS) == {"wikitext_2", "wikitext_103", "bookcorpus_and_wiki"}
+def test_setups_name_existing_script_free_hub_datasets_and_the_shared_enwiki_slice():
+    assert set(data.DATASET_SETUPS) == {"wikitext_2", "wikitext_103", "bookcorpus_and_wiki", "enwiki_slice"}
     for splits in data.DATASET_SETUPS.values():
         assert set(splits) == {"train", "validation"}
-        assert all("/" in source.path for sources in splits.values() for source in sources)
+    hub = [source for splits in data.DATASET_SETUPS.values() for sources in splits.values() for source in sources]
+    assert all("/" in source.path for source in hub if isinstance(source, data.HubSource))
+    assert all(source.path.is_file() for sources in data.DATASET_SETUPS["enwiki_slice"].values() for source in sources)
+
+
+def test_the_enwiki_slice_setup_reads_the_shared_folder_and_names_it_when_missing(tokenizers, tmp_path, monkeypatch):
+    corpus = tmp_path / "shared" / "data" / "enwiki-slice"
+    corpus.mkdir(parents=True)
+    lines = {"train": [f"= Article {i} =\n" + f"word {i} " * 40 for i in range(3)], "validation": ["a text " * 60]}
+    (corpus / "train.txt").write_text("\n".join(lines["train"]) + "\n")
+    (corpus / "valid.txt").write_text("\n".join(lines["validation"]) + "\n")
+    monkeypatch.setenv("OFT_SHARED", str(tmp_path / "shared"))
+    args = data_args(tmp_path, dataset_setup="enwiki_slice", train_file=None, validation_file=None)
+    args = data.DataArgs(**(vars(args) | {"validation_percentage": None}))
+    data.check_data_sources(args, ("train", "validation"))
+    for split in ("train", "validation"):
+        text = (corpus / ("train.txt" if split == "train" else "valid.txt")).read_text().splitlines()
+        blocks = data.load_split(args, split, tokenizers["opt"], 32)
+        assert [list(b) for b in blocks["input_ids"]] == reference_blocks(text, tokenizers["opt"], 32)
+    (corpus / "valid.txt").unlink()
+    with pytest.raises(InputFileError, match=f"reads {corpus / 'valid.txt'}, which does not exist; set OFT_SHARED"):
+        data.check_data_sources(args, ("validation",))

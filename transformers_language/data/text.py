@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -52,12 +52,38 @@ class HubSource:
     split: str
     text_column: str = "text"
 
+    def fingerprint(self) -> dict:
+        return asdict(self)
+
     def load(self) -> Dataset:
         dataset = load_dataset(self.path, self.name, split=self.split)
         return dataset.select_columns([self.text_column]).rename_column(self.text_column, "text")
 
 
-DATASET_SETUPS: dict[str, dict[str, tuple[HubSource, ...]]] = {
+def shared_folder() -> Path:
+    """The shared data folder beside the checkout (`../shared`), or `$OFT_SHARED`."""
+    return Path(os.environ.get("OFT_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+
+
+@dataclass(frozen=True)
+class SharedFileSource:
+    """One split of a corpus kept as a text file (one paragraph per line) in the shared data folder."""
+
+    relative_path: str
+
+    @property
+    def path(self) -> Path:
+        return shared_folder() / self.relative_path
+
+    def fingerprint(self) -> dict:
+        stat = self.path.stat()
+        return {"file": str(self.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+
+    def load(self) -> Dataset:
+        return load_dataset("text", data_files={"split": str(self.path)}, split="split")
+
+
+DATASET_SETUPS: dict[str, dict[str, tuple[HubSource | SharedFileSource, ...]]] = {
     "wikitext_2": {
         "train": (HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),),
         "validation": (HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "validation"),),
@@ -73,6 +99,11 @@ DATASET_SETUPS: dict[str, dict[str, tuple[HubSource, ...]]] = {
             HubSource("wikimedia/wikipedia", "20231101.en", "train[:99%]"),
         ),
         "validation": (HubSource("wikimedia/wikipedia", "20231101.en", "train[99%:]"),),
+    },
+    # 9.0M words of English Wikipedia in local files (its test split: --validation_file .../test.txt).
+    "enwiki_slice": {
+        "train": (SharedFileSource("data/enwiki-slice/train.txt"),),
+        "validation": (SharedFileSource("data/enwiki-slice/valid.txt"),),
     },
 }
 SPLITS = ("train", "validation")
@@ -92,7 +123,8 @@ class DataArgs:
     blocks, and where the tokenized blocks are cached."""
 
     dataset_setup: str | None = arg(
-        help=f"Hub dataset setup, one of {', '.join(DATASET_SETUPS)} (alternative: --train_file/--validation_file)."
+        help=f"Named dataset, one of {', '.join(DATASET_SETUPS)} (enwiki_slice: local files under $OFT_SHARED, "
+        "default ../shared; the others: the HF hub). Alternative: --train_file/--validation_file."
     )
     train_file: str | None = arg(help="Local text file for training (one text per line).")
     validation_file: str | None = arg(help="Local text file for validation.")
@@ -152,6 +184,13 @@ def check_data_sources(data: DataArgs, splits: tuple[str, ...]) -> None:
         local = [f"--{split}_file" for split in SPLITS if data.file(split)]
         if local:
             raise UsageError(f"--dataset_setup and {', '.join(local)} both choose the data; use one of them.")
+        for split in splits:
+            for source in DATASET_SETUPS[data.dataset_setup][split]:
+                if isinstance(source, SharedFileSource) and not source.path.is_file():
+                    raise InputFileError(
+                        f"--dataset_setup {data.dataset_setup} reads {source.path}, which does not exist; set "
+                        f"OFT_SHARED to the folder that holds {source.relative_path}."
+                    )
     for split in splits:
         path = data.file(split)
         if data.dataset_setup is None and path is None:
@@ -164,7 +203,8 @@ def check_data_sources(data: DataArgs, splits: tuple[str, ...]) -> None:
 
 def _source_fingerprint(data: DataArgs, split: str) -> dict:
     if data.dataset_setup is not None:
-        return {"setup": data.dataset_setup, "sources": [vars(s) for s in DATASET_SETUPS[data.dataset_setup][split]]}
+        sources = DATASET_SETUPS[data.dataset_setup][split]
+        return {"setup": data.dataset_setup, "sources": [source.fingerprint() for source in sources]}
     path = Path(data.file(split)).resolve()
     stat = path.stat()
     return {"file": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
