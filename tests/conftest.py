@@ -138,9 +138,7 @@ class _Interrupted(Exception):
     pass
 
 
-def assert_resume_repeats_run(
-    train: Callable[..., dict], tmp_path: Path, monkeypatch, *extra: str, weights_atol: float = 0.0
-) -> Path:
+def assert_resume_repeats_run(train: Callable[..., dict], tmp_path: Path, monkeypatch, *extra: str) -> Path:
     """`train(output_dir, *flags)` runs a training script. Train 6 steps straight; train again, killed right after
     the step-3 checkpoint, and resume from it: the resumed run must log the same losses and end with the same
     weights, bit for bit. `extra` must checkpoint every 3 steps. Returns the straight run's directory."""
@@ -165,10 +163,7 @@ def assert_resume_repeats_run(
     train(resumed, *extra, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
     assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(straight)]  # bit for bit
     first, second = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    if weights_atol == 0.0:
-        assert all(torch.equal(first[key], second[key]) for key in first)
-    else:
-        assert all(torch.allclose(first[key], second[key], rtol=0.0, atol=weights_atol) for key in first)
+    assert all(torch.equal(first[key], second[key]) for key in first)
     return straight
 
 
