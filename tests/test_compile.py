@@ -1,4 +1,4 @@
-"""`--torch_compile`: a resumed compiled bf16 run repeats the uninterrupted one (every loss bit for bit), its
+"""`--torch_compile`: a resumed compiled bf16 run repeats the uninterrupted one (losses and weights bit for bit), its
 measured steps run with every statistics hook (growth.jsonl holds every figure of every layer), and a compiled
 validation gives the eager one's figures, the zero-out intervention's compiled passes included."""
 
@@ -15,7 +15,8 @@ COMPILED = ("--mixed_precision", "bf16", "--torch_compile")
 TRACKED = ("--with_tracking", "--extra_tb_stats", "--tb_scalar_log_interval", "2")
 
 
-def test_a_resumed_compiled_run_repeats_the_straight_one_with_every_hook(tmp_path, data_cache, monkeypatch):
+def test_a_resumed_compiled_run_repeats_the_straight_one_with_every_hook(tmp_path, data_cache, monkeypatch, caplog):
+    caplog.set_level("INFO")
     straight = assert_resume_repeats_run(
         text_trainer("opt", data_cache),
         tmp_path,
@@ -33,6 +34,7 @@ def test_a_resumed_compiled_run_repeats_the_straight_one_with_every_hook(tmp_pat
                 assert len(record[key]) == 2 and all(v is not None for v in record[key]), key
     settings = json.loads((straight / "run_settings.json").read_text())
     assert settings["torch_compile"] is True
+    assert "--torch_compile: the steps that log statistics (every 2) run eagerly, so every hook is seen" in caplog.text
 
 
 def _numbers(value, path=""):
@@ -45,7 +47,9 @@ def _numbers(value, path=""):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "opt"])
-def test_a_compiled_validation_gives_the_eager_figures(model_type, checkpoints, tmp_path, data_cache):  # noqa: F811
+def test_a_compiled_validation_gives_the_eager_figures(model_type, checkpoints, tmp_path, data_cache, caplog):  # noqa: F811
+    caplog.set_level("INFO")
+
     def figures(name, *extra):
         out = tmp_path / name
         argv = validate_argv(model_type, checkpoints[model_type], out, data_cache, "--zero_out_top_k", "2", *extra)
@@ -54,6 +58,7 @@ def test_a_compiled_validation_gives_the_eager_figures(model_type, checkpoints, 
 
     eager, compiled = figures("eager"), figures("compiled", "--torch_compile")
     assert compiled["settings"]["torch_compile"] is True
+    assert "--torch_compile: the statistics pass and W8A8 run eagerly; compiled: the zero-out passes" in caplog.text
     eager_numbers, compiled_numbers = _numbers(eager), _numbers(compiled)
     measured = {k for k in eager_numbers if not k.startswith("/settings")}
     assert measured <= set(compiled_numbers)  # every figure is there

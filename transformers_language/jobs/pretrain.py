@@ -197,6 +197,11 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
         run_settings=settings,
     )
     compiled_loss = CompiledModule(loss_module) if training.torch_compile else None
+    if compiled_loss is not None and tracking.with_tracking and tracking.extra_tb_stats:
+        logger.info(
+            "--torch_compile: the steps that log statistics (every %d) run eagerly, so every hook is seen",
+            tracking.tb_scalar_log_interval,
+        )
     with reproducible_compilation() if compiled_loss is not None else nullcontext():
         summary = train(
             accelerator,

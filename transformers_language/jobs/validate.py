@@ -121,6 +121,9 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     )
     attention_stats = AttentionStatistics(model, inputs)
     zero_out_k = evaluation.zero_out_top_k
+    if evaluation.torch_compile:
+        compiles = "the zero-out passes" if zero_out_k and quant_config is None else "nothing here"
+        logger.info("--torch_compile: the statistics pass and W8A8 run eagerly; compiled: %s", compiles)
     positions = get_modality(plan.family).tokens(plan.seq_length, config) if zero_out_k else None
     literature = LiteratureStatistics(model, positions)
     results = evaluate(
