@@ -19,8 +19,14 @@ there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from t
     python scripts/demo.py --full --seed 0 --methods vanilla gated_attention   # another seed
     python scripts/demo.py --full --resume --methods vanilla softmax1 muon     # keep finished methods
 
-With `--resume`, a method whose three stages finished with the same flags is read back instead of rerun, and
+With `--resume`, a method whose stages finished with the same flags is read back instead of rerun, and
 an interrupted training continues from its last checkpoint (the full size saves one every 250 steps).
+
+The knob study (vanilla with one training setting changed, KNOBS below) trains beside the methods in the same
+folder and writes its own table (`--table knobs`: knobs.md, knobs.json, knobs-growth.png):
+
+    python scripts/demo.py --full --resume --table knobs --methods vanilla weight_decay_0.5 adam_beta2_0.999 \
+        learning_rate_2e-3 stream_layout
 Without the enwiki slice in the shared folder, training uses WikiText-2's test split there; without the shared
 folder, the hub's WikiText-2.
 """
@@ -133,7 +139,7 @@ def data_flags() -> tuple[list[str], list[str], list[str], list[str]]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="The long run (1500 steps per method).")
+    parser.add_argument("--full", action="store_true", help="The long run (2400 steps per method).")
     parser.add_argument("--output_dir", default=None, help="Default: runs/demo (runs/demo-full with --full).")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(RUNS))
     parser.add_argument(
