@@ -1,5 +1,5 @@
 """The demo: pre-train OPT-small once per method (default: vanilla softmax, clipped softmax, gated attention;
-`--methods` takes any of METHODS below) on the enwiki slice (9.0M words of Wikipedia: half a pass at the full
+`--methods` takes any of METHODS below) on the enwiki slice (9.0M words of Wikipedia: 0.6 of a pass at the full
 length, so the model learns instead of memorising), validate each model in floating point (on the slice's
 valid split, with the zero-out intervention, and on WikiText-2 valid, the paper-comparable figure) and in
 simulated W8A8, and print one side-by-side table with plots. Training runs in bf16 autocast with
