@@ -60,6 +60,27 @@ class HubSource:
         return dataset.select_columns([self.text_column]).rename_column(self.text_column, "text")
 
 
+def file_fingerprint(path: Path) -> dict:
+    """What decides a local text file's tokenized blocks, as a cache key: its resolved path, size and mtime."""
+    stat = path.stat()
+    return {"file": str(path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def read_text_file(path: Path, label: str) -> Dataset:
+    """A local text file as a dataset of lines (`text` column); `label` names it in the one-line error for a file
+    that is not UTF-8 or cannot be read."""
+    try:
+        return load_dataset("text", data_files={"split": str(path)}, split="split")
+    except DatasetGenerationError as error:
+        cause = error.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            raise InputFileError(
+                f"{label} is not UTF-8 text ({cause.reason} in byte {cause.start} of a chunk); "
+                "convert it to UTF-8 (e.g. iconv -t UTF-8)."
+            ) from error
+        raise InputFileError(f"{label} cannot be read as text ({cause!r}).") from error
+
+
 def shared_folder() -> Path:
     """The shared data folder beside the checkout (`../shared`), or `$OFT_SHARED`."""
     return Path(os.environ.get("OFT_SHARED", Path(__file__).resolve().parents[3] / "shared"))
@@ -76,11 +97,10 @@ class SharedFileSource:
         return shared_folder() / self.relative_path
 
     def fingerprint(self) -> dict:
-        stat = self.path.stat()
-        return {"file": str(self.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+        return file_fingerprint(self.path)
 
     def load(self) -> Dataset:
-        return load_dataset("text", data_files={"split": str(self.path)}, split="split")
+        return read_text_file(self.path, str(self.path))
 
 
 DATASET_SETUPS: dict[str, dict[str, tuple[HubSource | SharedFileSource, ...]]] = {
@@ -205,9 +225,7 @@ def _source_fingerprint(data: DataArgs, split: str) -> dict:
     if data.dataset_setup is not None:
         sources = DATASET_SETUPS[data.dataset_setup][split]
         return {"setup": data.dataset_setup, "sources": [source.fingerprint() for source in sources]}
-    path = Path(data.file(split)).resolve()
-    stat = path.stat()
-    return {"file": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
+    return file_fingerprint(Path(data.file(split)))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -224,16 +242,7 @@ def _load_raw(data: DataArgs, split: str) -> Dataset:
         dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     else:
         path = data.file(split)
-        try:
-            dataset = load_dataset("text", data_files={split: path}, split=split)
-        except DatasetGenerationError as error:
-            cause = error.__cause__
-            if isinstance(cause, UnicodeDecodeError):
-                raise InputFileError(
-                    f"--{split}_file {path} is not UTF-8 text ({cause.reason} in byte {cause.start} of a chunk); "
-                    "convert it to UTF-8 (e.g. iconv -t UTF-8)."
-                ) from error
-            raise InputFileError(f"--{split}_file {path} cannot be read as text ({cause!r}).") from error
+        dataset = read_text_file(Path(path), f"--{split}_file {path}")
     percentage = data.percentage(split)
     if percentage is not None:
         dataset = dataset.select(range(math.ceil(len(dataset) * percentage / 100)))

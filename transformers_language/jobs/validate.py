@@ -121,8 +121,11 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     )
     attention_stats = AttentionStatistics(model, inputs)
     zero_out_k = evaluation.zero_out_top_k
+    # The statistics pass runs eagerly: its hooks keep Python state that changes every batch, so a compiled model
+    # would recompile batch after batch. The zero-out intervention's passes have no such hooks.
+    compile_zero_out = evaluation.torch_compile and quant_config is None and zero_out_k > 0
     if evaluation.torch_compile:
-        compiles = "the zero-out passes" if zero_out_k and quant_config is None else "nothing here"
+        compiles = "the zero-out passes" if compile_zero_out else "nothing here"
         logger.info("--torch_compile: the statistics pass and W8A8 run eagerly; compiled: %s", compiles)
     positions = get_modality(plan.family).tokens(plan.seq_length, config) if zero_out_k else None
     literature = LiteratureStatistics(model, positions)
@@ -139,10 +142,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     literature_figures = literature.synced(accelerator)
     results |= literature_results(literature_figures, attention)
     if zero_out_k:
-        # The statistics pass above runs eagerly: its hooks keep Python state that changes every batch, so a
-        # compiled model would recompile batch after batch. The intervention's passes have no such hooks.
-        compiled = evaluation.torch_compile and quant_config is None
-        forward = CompiledModule(loss_module) if compiled else loss_module
+        forward = CompiledModule(loss_module) if compile_zero_out else loss_module
         batch_size = evaluation.per_device_eval_batch_size
         results["zero_out"] = zero_out(
             accelerator, forward, model, dataset, objective, batch_size, literature_figures, zero_out_k
