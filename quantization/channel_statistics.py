@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .token_mask import real_values
+
 
 class ChannelStatistics:
     def __init__(self, sample_per_batch: int = 0):
@@ -20,7 +22,7 @@ class ChannelStatistics:
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = real_values(x.detach()).reshape(-1, x.shape[-1]).float()  # padding never counts
         low, high = rows.amin(dim=0), rows.amax(dim=0)
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)

@@ -98,6 +98,9 @@ def batch_extremes(x: torch.Tensor, axis: int | None, percentile: float | None =
 class RangeEstimator(CalibratedState):
     """Observes tensors and proposes a (low, high) range, per tensor or per channel along `axis`."""
 
+    reads_rows = False
+    """Whether it needs the rows of the last dimension (per-token statistics) rather than any set of values."""
+
     def __init__(
         self,
         n_bits: int,

@@ -90,12 +90,12 @@ class GroupQuantizer(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "order":
             with hidden_from_sums():
-                self.estimator.observe(x.detach())
+                self.estimator.observe(self.observed(x))
             return x
         if self.mode != "observe":
             return super().forward(x)
         self._check_channels(x)
-        values = x.detach()
+        values = self.observed(x)
         with hidden_from_sums():
             for estimator, members in zip(self.group_estimators, self.members(), strict=True):
                 estimator.observe(values.index_select(-1, members))

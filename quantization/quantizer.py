@@ -25,6 +25,7 @@ from .affine import check_bits, scale_and_zero_point
 from .buffers import CalibratedState
 from .estimators import RangeEstimator, build_estimator
 from .sums import hidden_from_sums
+from .token_mask import real_rows, real_values
 
 MODES = ("off", "observe", "quantize", "learn")
 
@@ -153,6 +154,11 @@ class Quantizer(CalibratedState):
             zero = self.zero_point.float()
             self.channel_grid = (1.0 / self.scale, self.scale, self.q_range[0] - zero, self.q_range[1] - zero)
 
+    def observed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the estimator sees of `x`: the values of real tokens (token_mask.py), as rows when it reads rows."""
+        values = x.detach()
+        return real_rows(values) if self.estimator.reads_rows else real_values(values)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
             return x
@@ -161,7 +167,7 @@ class Quantizer(CalibratedState):
                 return self.learnable_range(x)
         if self.mode == "observe":
             with hidden_from_sums():
-                self.estimator.observe(x.detach())
+                self.estimator.observe(self.observed(x))
             if not self.quantize_while_observing:
                 return x
             scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)

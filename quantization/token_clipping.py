@@ -7,7 +7,8 @@ interpolation). A few tokens carry the largest outliers, so clipping them costs 
 other token gets finer. It is not in the estimator registry: the points that use it are chosen with
 `QuantConfig.token_clipping_points`, and its quantile is searched, not set. `search_quantile` picks q on a grid:
 for each candidate it re-freezes every such quantizer from the statistics already kept (no recalibration) and
-scores the model's final output against the float model's; the q with the least loss wins.
+scores the model's final output against the float model's; the q with the least loss wins, and when that is the
+grid's lowest, the search goes on below it until the loss rises.
 
 Fine stage. `learn_ranges` starts from the coarse ranges and learns each quantizer's two ends with
 straight-through gradients of the same loss (LSQ+-style), then freezes them. The ends are learnt as
@@ -31,6 +32,8 @@ DEFAULT_QUANTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99)
 
 class TokenQuantileEstimator(RangeEstimator):
     """Quantiles of the per-token maxima / minima (per tensor only: a token's extremes span its channels)."""
+
+    reads_rows = True
 
     def __init__(self, *args, quantile: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,21 +75,33 @@ def token_clipping_quantizers(quantizers: Sequence[nn.Module]) -> list[Quantizer
     return [q for q in quantizers if isinstance(getattr(q, "estimator", None), TokenQuantileEstimator)]
 
 
+def widened_quantile(quantile: float) -> float | None:
+    """The next quantile below `quantile` when the best one sits at the grid's low edge: twice the clipped tail
+    (0.99 -> 0.98 -> 0.96 -> ...), None once that would reach 0.5 (a range that clips half of the tokens)."""
+    candidate = 1.0 - 2.0 * (1.0 - quantile)
+    return candidate if candidate > 0.5 else None
+
+
 @torch.no_grad()
 def search_quantile(
     quantizers: Sequence[Quantizer], quantiles: Sequence[float], loss: Callable[[], float]
 ) -> tuple[float, dict[float, float]]:
     """Freeze `quantizers` (calibrated, with TokenQuantileEstimator) at each of `quantiles`, score `loss()` (the
-    quantized model's final output against the float one), and leave them frozen at the best. Returns (q, losses
-    by q)."""
+    quantized model's final output against the float one), and leave them frozen at the best. While the best is
+    the lowest quantile tried, the search goes on below it (`widened_quantile`) until the loss rises. Returns
+    (q, losses by q: every candidate scored)."""
     if not quantizers:
         raise ValueError("No token-wise clipping quantizer to search (QuantConfig.token_clipping_points).")
     losses = {}
-    for quantile in quantiles:
+
+    def score(quantile: float) -> None:
         for quantizer in quantizers:
             quantizer.estimator.quantile = quantile
             quantizer.freeze()
         losses[quantile] = loss()
+
+    for quantile in quantiles:
+        score(quantile)
     finite = [q for q in losses if math.isfinite(losses[q])]
     if not finite:
         raise FloatingPointError(
@@ -95,6 +110,11 @@ def search_quantile(
             "widths."
         )
     best = min(finite, key=lambda q: (losses[q], -q))  # ties: the least clipping
+    while best == min(losses) and (candidate := widened_quantile(best)) is not None:
+        score(candidate)
+        if not losses[candidate] < losses[best]:  # risen (or not finite): the best stays
+            break
+        best = candidate
     for quantizer in quantizers:
         quantizer.estimator.quantile = best
         quantizer.freeze()

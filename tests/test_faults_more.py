@@ -26,7 +26,7 @@ from transformers_language.errors import InputFileError, UsageError
 @pytest.fixture
 def compared(checkpoints, tmp_path, data_cache):  # noqa: F811
     """A finished one-recipe comparison: (output folder, its rows, a function that resumes it)."""
-    out, flags = tmp_path / "compare", ("--bits", "W8A8", "--recipes", "per_tensor")
+    out, flags = tmp_path / "compare", ("--bits", "W8A8", "--recipes", "per_tensor", "--draws", "1")
     rows = _compare([checkpoints["opt"]], out, tmp_path, data_cache, *flags)
 
     def resume():
@@ -35,31 +35,32 @@ def compared(checkpoints, tmp_path, data_cache):  # noqa: F811
     return out / checkpoints["opt"].name, rows, resume
 
 
-def _count_validations(monkeypatch, rows):
+def _count_validations(monkeypatch, run_dir):
     import transformers_language.jobs.validate
 
     calls = []
-    monkeypatch.setattr(transformers_language.jobs.validate, "validate", lambda *a, **k: calls.append(a) or rows[0])
+    results = json.loads((run_dir / "FP" / "fp" / "all_results.json").read_text())
+    monkeypatch.setattr(transformers_language.jobs.validate, "validate", lambda *a, **k: calls.append(a) or results)
     return calls
 
 
 def test_resume_reads_a_run_back_from_its_own_record_never_a_foreign_result(compared, monkeypatch):
     run_dir, rows, resume = compared
     # An interrupted run with other flags rewrote the folder's all_results.json but never finished its record.
-    (run_dir / "W8A8" / "per_tensor" / "all_results.json").write_text(json.dumps({"perplexity": 1.0}))
-    calls = _count_validations(monkeypatch, rows)
+    (run_dir / "W8A8" / "per_tensor" / "draw_0" / "all_results.json").write_text(json.dumps({"perplexity": 1.0}))
+    calls = _count_validations(monkeypatch, run_dir)
     assert resume() == rows and not calls
 
 
 def test_resume_redoes_a_run_whose_record_is_missing_or_torn_and_reads_a_nan_perplexity(compared, monkeypatch):
-    run_dir, rows, resume = compared
-    record = run_dir / "W8A8" / "per_tensor" / "compare_run.json"
+    run_dir, _, resume = compared
+    record = run_dir / "W8A8" / "per_tensor" / "draw_0" / "compare_run.json"
     values = json.loads(record.read_text())
     values["results"]["perplexity"] = None  # a non-finite perplexity, as strict JSON writes it
     record.write_text(json.dumps(values))
-    calls = _count_validations(monkeypatch, rows)
+    calls = _count_validations(monkeypatch, run_dir)
     resumed = resume()
-    assert not calls and math.isnan(resumed[1]["perplexity"]) and math.isnan(resumed[1]["gap_percent"])
+    assert not calls and math.isnan(resumed[1]["value"]) and math.isnan(resumed[1]["gap"])
     record.write_text(record.read_text()[:20])  # torn
     (run_dir / "FP" / "fp" / "compare_run.json").unlink()  # missing
     resume()

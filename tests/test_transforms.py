@@ -100,7 +100,7 @@ def test_post_ln_shortcuts_need_their_affine(tmp_path):
 
 
 def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items() if "shortcut_affine" not in k}
+    return {k: v.clone() for k, v in model.state_dict().items() if "_affine." not in k}
 
 
 def _assert_unchanged(before, model):

@@ -9,7 +9,7 @@ model class (models.py) that names it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UsageError
 
@@ -66,7 +66,8 @@ class NormReaders:
 class Wiring:
     """Where the W8A8 points of a family are (paths relative to the model or to a layer)."""
 
-    head: str
+    head: tuple[str, ...]
+    """The head's modules (model paths), which the preset may leave in floating point."""
     final_layernorm: str
     """The LayerNorm feeding the head ('{last}' is the index of the last layer)."""
     ffn_in: str
@@ -91,14 +92,12 @@ class Wiring:
     """Post-LN: the LayerNorm (model path) whose output is the first layer's input."""
     layer_output_norm: str | None = None
     """Post-LN: the LayerNorm (layer path) whose output is the layer's output, read by the next layer."""
-    head_readers: tuple[str, ...] = ()
-    """Post-LN: the Linears (model paths) that read the last layer's output."""
     transform_requires: tuple[str, bool] | None = None
     """(config key, value) without which the sites above are not the model's (e.g. OPT's pre-LN switch)."""
 
     def in_head(self, path: str) -> bool:
         """Whether the module at `path` belongs to the head (which the preset may leave in floating point)."""
-        return path == self.head or path.startswith(self.head + ".")
+        return any(path == head or path.startswith(head + ".") for head in self.head)
 
 
 @dataclass(frozen=True)
@@ -145,6 +144,19 @@ class Family:
     """What the model reads (modalities.py): 'text' (token ids) or 'image' (pixels)."""
     scripts: str = ""
     """The entry scripts' suffix: run_<scripts>.py and validate_<scripts>.py."""
+    name: str = ""
+    """The family's key in FAMILIES (default: the model type; a model type's first family pre-trains it)."""
+    config_marker: str | None = None
+    """A config key that only this family's saved models carry (a fine-tuned model's task)."""
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.model_type)
+
+    @property
+    def train_verb(self) -> str:
+        """What its training script does: fine-tune (a task family) or pre-train."""
+        return "Fine-tune" if self.config_marker else "Pre-train"
 
     @property
     def train_script(self) -> str:
@@ -205,7 +217,7 @@ FAMILIES: dict[str, Family] = {
         head_transform="cls.predictions.transform",
         head_projection="cls.predictions.decoder",
         wiring=Wiring(
-            head="cls",
+            head=("cls",),
             final_layernorm="bert.encoder.layer.{last}.output.LayerNorm",
             ffn_in="intermediate.dense",
             ffn_activation="intermediate.intermediate_act_fn",
@@ -224,7 +236,6 @@ FAMILIES: dict[str, Family] = {
             ),
             input_norm="bert.embeddings.LayerNorm",
             layer_output_norm="output.LayerNorm",
-            head_readers=("cls.predictions.transform.dense",),
         ),
         weight_ranges="minmax",
         scripts="mlm",
@@ -247,7 +258,7 @@ FAMILIES: dict[str, Family] = {
         body="model",
         head_projection="lm_head",
         wiring=Wiring(
-            head="lm_head",
+            head=("lm_head",),
             final_layernorm="model.decoder.final_layer_norm",
             ffn_in="fc1",
             ffn_activation="activation_fn",
@@ -283,7 +294,7 @@ FAMILIES: dict[str, Family] = {
         body="vit",
         head_projection="classifier",
         wiring=Wiring(
-            head="classifier",
+            head=("classifier",),
             final_layernorm="vit.layernorm",
             ffn_in="mlp.fc1",
             ffn_activation="mlp.activation_fn",
@@ -307,13 +318,34 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def get_family(model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        raise UsageError(f"Unknown model type {model_type!r}; valid model types: {', '.join(FAMILIES)}.")
-    return FAMILIES[model_type]
+# GLUE (sentence-pair classification and regression): BERT with the pooler and a classifier on [CLS] instead of
+# the masked-LM head; the body, its sites and its wiring are BERT's.
+FAMILIES["bert_glue"] = replace(
+    FAMILIES["bert"],
+    name="bert_glue",
+    objective="glue",
+    sequence=SequenceFlag(
+        "max_seq_length",
+        None,
+        "Longest tokenized sentence (pair); longer ones are truncated (default: 128, at most the position table).",
+    ),
+    head_transform=None,
+    head_projection="classifier",
+    wiring=replace(FAMILIES["bert"].wiring, head=("bert.pooler", "classifier")),
+    modality="sentence_pairs",
+    scripts="glue",
+    config_marker="glue_task",
+)
+
+
+def get_family(name: str) -> Family:
+    """A family by its key; a model type names the family that pre-trains it."""
+    if name not in FAMILIES:
+        raise UsageError(f"Unknown model type {name!r}; valid model types: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
 
 
 def family_of_objective(objective: str) -> Family:
     """The family an objective's scripts train (run_mlm / validate_mlm: BERT; run_clm / validate_clm: OPT;
-    run_vit / validate_vit: ViT)."""
+    run_vit / validate_vit: ViT; run_glue / validate_glue: BERT with a classifier)."""
     return next(family for family in FAMILIES.values() if family.objective == objective)

@@ -1,5 +1,6 @@
-"""What a family reads, and everything that follows from it: text (token ids, BERT / OPT) or images (pixels,
-ViT). `Family.modality` picks one; the jobs (pretrain.py, validate.py, plan.py) ask it instead of branching.
+"""What a family reads, and everything that follows from it: text (token ids, BERT / OPT), images (pixels,
+ViT) or sentence pairs (GLUE examples, sentence_pairs.py). `Family.modality` picks one; the jobs (pretrain.py,
+validate.py, plan.py) ask it instead of branching.
 
 A modality supplies the data flags and their checks, the preprocessor (tokenizer or image processor, saved with
 every checkpoint), the from-scratch config values that come from the preprocessor and the data (vocabulary and
@@ -33,6 +34,7 @@ from .images import (
     train_transform,
     with_eval_transform,
 )
+from .sentence_pairs import SentencePairModality
 from .text import DataArgs, add_data_args, check_data_sources, prepare_splits
 
 logger = logging.getLogger(__name__)
@@ -211,10 +213,11 @@ def hub_class_names(data: ImageDataArgs) -> list[str]:
     return list(features[label].names)
 
 
-MODALITIES = {"text": TextModality(), "image": ImageModality()}  # keyed by `Family.modality`
+# Keyed by `Family.modality`.
+MODALITIES = {"text": TextModality(), "image": ImageModality(), "sentence_pairs": SentencePairModality()}
 
 
-def get_modality(family: Family) -> TextModality | ImageModality:
+def get_modality(family: Family) -> TextModality | ImageModality | SentencePairModality:
     return MODALITIES[family.modality]
 
 

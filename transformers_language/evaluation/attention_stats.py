@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from quantization.token_mask import current_mask
+
 from ..runtime import sum_across_processes
 
 DELIMITER_STRINGS = (".", ",")
@@ -78,6 +80,16 @@ def has_sink(variant) -> bool:
     return (variant.softmax.sink or variant.bias_kv is not None) and not variant.settings.clipped
 
 
+def gate_mean_per_head(probability: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(H,) mean gate probability of a (1|B, H, 1|T, 1|d) gate output, each sequence weighted alike; per-token
+    gates of a padded batch (`mask`: its real tokens) average each sequence's real tokens only."""
+    if mask is None or probability.shape[0] != mask.shape[0] or probability.shape[2] != mask.shape[1]:
+        return probability.mean(dim=(0, 2, 3))
+    weights = mask.to(probability.dtype)
+    per_sequence = (probability * weights[:, None, :, None]).sum(dim=2) / weights.sum(dim=1)[:, None, None]
+    return per_sequence.mean(dim=(0, 2))
+
+
 class AttentionStatistics:
     """Streams the attention diagnostics of every attention layer of `model` (see the module docstring).
 
@@ -101,11 +113,19 @@ class AttentionStatistics:
             if variant.gate is not None:
                 self._sums[f"gate_{layer}"] = torch.zeros(heads + 1, dtype=torch.float64, device=device)
         self._batch = 0
+        self._mask: torch.Tensor | None = None
+        self._lengths: list[int] = []
 
-    def start_batch(self, inputs: torch.Tensor, index: int) -> None:
+    def start_batch(self, inputs, index: int) -> None:
+        """Mark the keys of the batch about to run; inside a padded batch's scope (quantization/token_mask.py),
+        only its real queries and keys count."""
         marks = self.inputs.marks(inputs)
         marked = torch.cat([marks, torch.ones_like(marks[..., :1])], dim=-1)  # (B, S, [first, second, all])
         self._batch = marked.shape[0]
+        self._mask = current_mask()
+        if self._mask is not None:
+            marked = marked * self._mask.unsqueeze(-1).to(marked.dtype)  # a padded key is no mark
+            self._lengths = self._mask.sum(dim=1).tolist()  # one sync per batch, for the uniform masses
         for variant in self.variants:
             variant.marked_keys = marked
 
@@ -116,10 +136,16 @@ class AttentionStatistics:
         variant = self.variants[layer]
 
         def hook(module, args, output):
-            mass = output.detach().float().sum(dim=(0, 1))  # (H, MARKS): summed over sequences and queries
+            values = output.detach().float()  # (B, T, H, MARKS)
             batch, queries, keys = output.shape[0], output.shape[1], variant.marked_keys.shape[1]
-            uniform = batch * uniform_first_key_mass(queries, keys, variant.is_causal)
-            counts = mass.new_tensor([batch * queries, uniform])
+            if self._mask is None:
+                uniform = batch * uniform_first_key_mass(queries, keys, variant.is_causal)
+                counts = values.new_tensor([batch * queries, uniform])
+            else:  # real queries only; each attends its sequence's real keys
+                values = values * self._mask[:, :, None, None].to(values.dtype)
+                uniform = sum(uniform_first_key_mass(n, n, variant.is_causal) for n in self._lengths)
+                counts = values.new_tensor([sum(self._lengths), uniform])
+            mass = values.sum(dim=(0, 1))  # (H, MARKS): summed over sequences and queries
             self._add(f"mass_{layer}", torch.cat([mass.t().flatten(), counts]).double())
 
         return hook
@@ -128,12 +154,15 @@ class AttentionStatistics:
         def hook(module, args, output):
             batch, _, queries, keys = output.shape  # (B, H, T, S)
             zero = output == 0
+            allowed = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=output.device)
             if is_causal:  # only keys a query may attend to count (bottom-right aligned, as with a cache)
-                allowed = torch.ones(queries, keys, dtype=torch.bool, device=output.device).tril(keys - queries)
-                zero &= allowed
-                pairs = batch * allowed.sum()
-            else:
-                pairs = torch.tensor(batch * queries * keys, device=output.device)
+                allowed = allowed.tril(keys - queries)
+            if self._mask is not None:  # real queries and real keys (prepended keys are real)
+                mask = self._mask.to(output.device)
+                real_keys = torch.cat([mask.new_ones(batch, keys - queries), mask], dim=1)
+                allowed = allowed & (mask[:, None, :, None] & real_keys[:, None, None, :])
+            zero &= allowed
+            pairs = allowed.expand(batch, 1, queries, keys).sum()
             zeros = zero.sum(dim=(0, 2, 3))
             self._add(f"zeros_{layer}", torch.cat([zeros.double(), pairs.double().view(1)]))
 
@@ -143,7 +172,7 @@ class AttentionStatistics:
         def hook(module, args, output):
             probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1)
             batch = self._batch  # weight by sequences (per-head gates have no batch axis)
-            per_head = probability.mean(dim=(0, 2, 3)).double() * batch
+            per_head = gate_mean_per_head(probability, self._mask).double() * batch
             self._add(f"gate_{layer}", torch.cat([per_head, per_head.new_full((1,), batch)]))
 
         return hook

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from quantization.token_mask import real_values, token_weights
+
 from ..runtime import max_across_processes, sum_across_processes
 
 SINK_EPS = 0.3  # Gu et al.'s threshold on a head's mean attention to the first token
@@ -117,6 +119,7 @@ class LiteratureStatistics:
             if positions is not None:
                 self._sums[f"position_sum_{layer}"] = torch.zeros(positions, hidden, device=device)
                 self._sums[f"position_abs_{layer}"] = torch.zeros(positions, hidden, device=device)
+                self._sums[f"position_count_{layer}"] = torch.zeros(positions, dtype=torch.float64, device=device)
 
     def start_batch(self, inputs: torch.Tensor, index: int) -> None:
         """Nothing per batch: the figures need no token ids."""
@@ -125,23 +128,33 @@ class LiteratureStatistics:
         def hook(module, args, output):
             x = (output[0] if isinstance(output, tuple) else output).detach().float()  # (B, T, d)
             kurtosis = token_excess_kurtosis(x)  # (B, T)
-            sequences, rest_tokens = x.shape[0], x.shape[0] * (x.shape[1] - 1)
+            weights = token_weights(*x.shape[:2], x.device)  # a padded batch: its real tokens only
+            if weights is None:
+                counts = kurtosis.new_tensor([x.shape[0], x.shape[0] * (x.shape[1] - 1)])
+            else:
+                kurtosis = kurtosis * weights
+                counts = torch.stack([weights[:, 0].sum(), weights[:, 1:].sum()])
             sums = torch.stack([kurtosis[:, 0].sum(), kurtosis[:, 1:].sum()])
-            self._sums[f"stream_{layer}"] += torch.cat([sums, sums.new_tensor([sequences, rest_tokens])]).double()
-            self._sums[f"squares_{layer}"] += x.square().sum(dim=(0, 1)).double()
-            magnitude = x.abs()
+            self._sums[f"stream_{layer}"] += torch.cat([sums, counts]).double()
+            rows = real_values(x).reshape(-1, x.shape[-1])  # (real tokens, d)
+            self._sums[f"squares_{layer}"] += rows.square().sum(dim=0).double()
+            magnitude = rows.abs()
             self._peaks[f"peak_{layer}"] = torch.maximum(self._peaks[f"peak_{layer}"], magnitude.amax().view(1))
             logs = magnitude.clamp_min(10 ** LOG_RANGE[0]).log10()
             self._sums[f"histogram_{layer}"] += torch.histc(logs, LOG_BINS, *LOG_RANGE).double()
-            if self.positions is not None and x.shape[1] == self.positions:
-                self._sums[f"position_sum_{layer}"] += x.sum(dim=0)
-                self._sums[f"position_abs_{layer}"] += magnitude.sum(dim=0)
+            if self.positions is not None:  # per position, over the sequences that reach it
+                length = min(x.shape[1], self.positions)
+                real = torch.ones(x.shape[:2], device=x.device) if weights is None else weights
+                part = x[:, :length] * real[:, :length, None]
+                self._sums[f"position_sum_{layer}"][:length] += part.sum(dim=0)
+                self._sums[f"position_abs_{layer}"][:length] += part.abs().sum(dim=0)
+                self._sums[f"position_count_{layer}"][:length] += real[:, :length].sum(dim=0).double()
 
         return hook
 
     def _ffn_hook(self, layer: int):
         def hook(module, args, output):
-            x = output.detach().float().flatten(0, -2)  # (tokens, ffn width)
+            x = real_values(output.detach().float()).flatten(0, -2)  # (real tokens, ffn width)
             self._sums[f"ffn_squares_{layer}"] += x.square().sum(dim=0).double()
 
         return hook
@@ -153,6 +166,7 @@ class LiteratureStatistics:
                 queries, keys = magnitude.shape[-2:]
                 allowed = torch.ones(queries, keys, dtype=torch.bool, device=magnitude.device).tril(keys - queries)
                 magnitude = magnitude.masked_fill(~allowed, 0.0)
+            magnitude = real_values(magnitude)  # a padded batch: real queries and keys only
             key = f"logit_{layer}"
             self._peaks[key] = torch.maximum(self._peaks[key], magnitude.amax().view(1))
 
@@ -198,7 +212,10 @@ class LiteratureStatistics:
             logit = peaks[f"logit_{layer}"].item()
             figures["max_attention_logit"].append(logit if logit >= 0 else None)  # None: no attention computed
             if self.positions is not None:
-                means.append((sums[f"position_sum_{layer}"] / sequences, sums[f"position_abs_{layer}"] / sequences))
+                count = (
+                    sums[f"position_count_{layer}"].clamp_min(1).unsqueeze(1).to(sums[f"position_sum_{layer}"].dtype)
+                )
+                means.append((sums[f"position_sum_{layer}"] / count, sums[f"position_abs_{layer}"] / count))
         if not any(v is not None for v in figures["ffn_channel_kurtosis"]):
             del figures["ffn_channel_kurtosis"]
         if means:

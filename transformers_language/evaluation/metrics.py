@@ -6,7 +6,8 @@ For one tensor of one sequence, flattened to a vector v (T x d values):
             gives 3). The paper's code used the unbiased std plus 1e-6 in the denominator; with T x d in the
             thousands the two differ by well under 0.1%.
   outliers  the values with |v - mean v| > 6 std(v) (population std), the paper's definition.
-Both per-sequence figures are averaged over the validation sequences, per tensor. Beyond those, each tensor
+Both per-sequence figures are averaged over the validation sequences, per tensor. In a padded batch, a sequence is
+its real tokens (T_b x d values): padding enters no figure. Beyond those, each tensor
 keeps its true maximum, its >6 sigma count per hidden dimension (the last axis), the largest magnitude per
 hidden dimension, and per token id how often a sequence's maximum sat on that token and how many >6 sigma
 values it carried: the channel and token views of outlier studies.
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantization.token_mask import token_weights
+
 from ..families import Site
 from ..runtime import max_across_processes, sum_across_processes
+from .literature_metrics import LOG_BINS, LOG_RANGE, histogram_median
 
 OUTLIER_SIGMAS = 6.0
 # Layout of the per-site vectors of running sums (device) and counts (host).
@@ -31,12 +35,25 @@ _COUNTS = ("sequences", "kurtosis_sequences", "values")
 
 
 def per_sequence_stats(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inf-norm, kurtosis) per sequence of a (B, ...) activation, as float32 tensors of shape (B,)."""
-    values = activation.detach().flatten(1).float()
-    inf_norm = values.abs().amax(dim=1)
-    centered = values - values.mean(dim=1, keepdim=True)
-    variance = centered.square().mean(dim=1)
-    kurtosis = centered.pow(4).mean(dim=1) / variance.square().clamp_min(torch.finfo(torch.float32).tiny)
+    """(inf-norm, kurtosis) per sequence of a (B, T, ...) activation, as float32 tensors of shape (B,); in a
+    padded batch's scope (quantization/token_mask.py), over each sequence's real tokens."""
+    values = activation.detach().float()
+    weights = token_weights(*values.shape[:2], values.device) if values.dim() >= 3 else None
+    if weights is None:
+        values = values.flatten(1)
+        inf_norm = values.abs().amax(dim=1)
+        centered = values - values.mean(dim=1, keepdim=True)
+        variance = centered.square().mean(dim=1)
+        fourth = centered.pow(4).mean(dim=1)
+    else:
+        real = weights.reshape(*weights.shape, *[1] * (values.dim() - 2)).expand_as(values).flatten(1)
+        values = values.flatten(1)
+        count = real.sum(dim=1)
+        inf_norm = (values.abs() * real).amax(dim=1)
+        centered = (values - (values * real).sum(dim=1, keepdim=True) / count.unsqueeze(1)) * real
+        variance = centered.square().sum(dim=1) / count
+        fourth = centered.pow(4).sum(dim=1) / count
+    kurtosis = fourth / variance.square().clamp_min(torch.finfo(torch.float32).tiny)
     return inf_norm, kurtosis
 
 
@@ -58,6 +75,8 @@ class SiteFigures:
     dim_peak: torch.Tensor
     token_maxima: torch.Tensor
     token_outliers: torch.Tensor
+    median_abs: float = float("nan")
+    """The median |value| over the whole evaluation (of a log-magnitude histogram: to about 1%)."""
 
 
 class _Accumulator:
@@ -70,17 +89,31 @@ class _Accumulator:
         self.token_maxima = torch.zeros(vocab_size, dtype=torch.float64, device=device)
         self.token_outliers = torch.zeros(vocab_size, dtype=torch.float64, device=device)
         self.dim_peak = torch.zeros(hidden, dtype=torch.float32, device=device)
+        self.histogram = torch.zeros(LOG_BINS, dtype=torch.float64, device=device)  # of log10 |x|: the median
 
     def summed(self) -> list[torch.Tensor]:
         counts = torch.tensor(self.counts, dtype=torch.float64, device=self.sums.device)
-        return [torch.cat([self.sums, counts]), self.dim_outliers, self.token_maxima, self.token_outliers]
+        return [
+            torch.cat([self.sums, counts]),
+            self.dim_outliers,
+            self.token_maxima,
+            self.token_outliers,
+            self.histogram,
+        ]
 
     @torch.no_grad()
     def add(
-        self, activation: torch.Tensor, token_ids: torch.Tensor, with_kurtosis: bool, scratch: torch.Tensor
+        self,
+        activation: torch.Tensor,
+        token_ids: torch.Tensor,
+        with_kurtosis: bool,
+        scratch: torch.Tensor,
+        real: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> None:
         """Fold one batch in. `scratch` is reusable fp32 memory of at least the activation's size: a fresh
-        multi-MiB tensor per call would cost page faults that exceed the arithmetic on CPU."""
+        multi-MiB tensor per call would cost page faults that exceed the arithmetic on CPU. `real` (a padded
+        batch): the (B, T) 0 / 1 weights of its real tokens, their count per sequence (B,) and in all; every
+        figure is then over real tokens only."""
         # Sequences come from the tokens: OPT's FFN sees its input flattened to (B * T, d).
         (batch, length), hidden = token_ids.shape, self.dim_peak.numel()
         if activation.numel() != batch * length * hidden:
@@ -91,23 +124,35 @@ class _Accumulator:
         x = activation.detach().float().reshape(batch, length, hidden)
         values = x.view(batch, -1)
         work = scratch[: values.numel()].view_as(values)
+        weights = None if real is None else real[0].unsqueeze(-1)  # (B, T, 1)
         # Few ops, each one cheap pass into reused memory. On CPU, per-op overhead and memory passes are the
         # cost: max-with-indices over T x d, var_mean, pow(4) and bool-mask sums take 2-15x longer than the
         # forms below. Everything stays on the device, without a host sync.
         magnitude = torch.abs(values, out=work).view_as(x)
+        if weights is not None:  # a padded token's |x| becomes 0: never a maximum
+            magnitude.mul_(weights)
+        real_magnitudes = magnitude if weights is None else magnitude[real[0].bool()]
+        logs = real_magnitudes.clamp_min(10 ** LOG_RANGE[0]).log10_()
+        self.histogram += torch.histc(logs, LOG_BINS, *LOG_RANGE).double()
         peak, where = magnitude.amax(dim=2).max(dim=1)  # per sequence, and the position where it sits
         torch.maximum(self.dim_peak, magnitude.view(-1, hidden).amax(dim=0), out=self.dim_peak)
         self.token_maxima.index_add_(
             0, token_ids.gather(1, where.unsqueeze(1)).squeeze(1), torch.ones_like(peak, dtype=torch.float64)
         )
 
-        squares = torch.sub(values, values.mean(dim=1, keepdim=True), out=work)
-        count = values.shape[1]
+        if weights is None:
+            count = values.shape[1]
+            squares = torch.sub(values, values.mean(dim=1, keepdim=True), out=work)
+        else:  # mean and moments over each sequence's real tokens; a padded token's deviation is 0
+            count = (real[1] * hidden).unsqueeze(1)  # (B, 1)
+            mean = (x * weights).view(batch, -1).sum(dim=1, keepdim=True) / count
+            squares = torch.sub(values, mean, out=work)
+            squares.view_as(x).mul_(weights)
         variance = torch.linalg.vector_norm(squares, dim=1, keepdim=True).square_().div_(count)
         squares.square_()
         kurtosis = peak.new_zeros(())
         if with_kurtosis:  # mean((x - mean)^4) / var^2, the 4th moment as the squared 2-norm of the squares
-            fourth = torch.linalg.vector_norm(squares, dim=1).square_().div_(count)
+            fourth = torch.linalg.vector_norm(squares, dim=1, keepdim=True).square_().div_(count).squeeze(1)
             kurtosis = (fourth / variance.squeeze(1).square().clamp_min(torch.finfo(torch.float32).tiny)).sum()
         # 1.0 where (x - mean)^2 > 36 var, else 0.0, written over the squares in one pass.
         outlier = torch.gt(squares, OUTLIER_SIGMAS**2 * variance, out=squares).view_as(x)
@@ -118,7 +163,7 @@ class _Accumulator:
         # Counts are known on the host: no device round trip per batch.
         self.counts[0] += batch
         self.counts[1] += batch if with_kurtosis else 0
-        self.counts[2] += values.numel()
+        self.counts[2] += values.numel() if real is None else real[2] * hidden
 
 
 class ActivationStatistics:
@@ -147,18 +192,22 @@ class ActivationStatistics:
         device = next(model.parameters()).device
         self._accumulators = {site.name: _Accumulator(hidden_size, vocab_size, device) for site in sites}
         self._token_ids: torch.Tensor | None = None
+        self._real: tuple | None = None
         self._with_kurtosis = True
         self._scratch: torch.Tensor | None = None
 
-    def start_batch(self, inputs: torch.Tensor, index: int) -> None:
-        """The inputs of the batch about to run (for the token analysis) and its index in this process."""
+    def start_batch(self, inputs, index: int) -> None:
+        """The inputs of the batch about to run (for the token analysis) and its index in this process; inside a
+        padded batch's scope (quantization/token_mask.py), its real tokens."""
         self._token_ids = inputs if self.to_token_ids is None else self.to_token_ids(inputs)
         self._with_kurtosis = self.kurtosis_max_batches is None or index < self.kurtosis_max_batches
+        weights = token_weights(*self._token_ids.shape, self._token_ids.device)
+        self._real = None if weights is None else (weights, weights.sum(dim=1), int(weights.sum()))
 
     def _observe(self, site: Site, activation: torch.Tensor) -> None:
         if self._scratch is None or self._scratch.numel() < activation.numel():
             self._scratch = torch.empty(activation.numel(), dtype=torch.float32, device=activation.device)
-        self._accumulators[site.name].add(activation, self._token_ids, self._with_kurtosis, self._scratch)
+        self._accumulators[site.name].add(activation, self._token_ids, self._with_kurtosis, self._scratch, self._real)
 
     @contextmanager
     def attached(self):
@@ -185,7 +234,7 @@ class ActivationStatistics:
         peaks = max_across_processes(accelerator, [acc.dim_peak for acc in accumulators])
         figures = {}
         for index, (site, dim_peak) in enumerate(zip(self.sites, peaks, strict=True)):
-            totals, dim_outliers, token_maxima, token_outliers = summed[4 * index : 4 * index + 4]
+            totals, dim_outliers, token_maxima, token_outliers, histogram = summed[5 * index : 5 * index + 5]
             totals = dict(zip(_SUMS + _COUNTS, totals.tolist(), strict=True))
             kurtosis_sequences = totals["kurtosis_sequences"]
             figures[site.name] = SiteFigures(
@@ -201,5 +250,6 @@ class ActivationStatistics:
                 dim_peak=dim_peak,
                 token_maxima=token_maxima,
                 token_outliers=token_outliers,
+                median_abs=histogram_median(histogram) if histogram.sum() > 0 else float("nan"),
             )
         return figures

@@ -66,6 +66,8 @@ def site_record(figures: SiteFigures, token_name: Callable[[int], str], k: int =
         "layer": figures.site.layer,
         "inf_norm": figures.inf_norm,
         "inf_norm_max": figures.inf_norm_max,
+        "median_abs": figures.median_abs,
+        "max_over_median": figures.inf_norm_max / figures.median_abs if figures.median_abs > 0 else None,
         "kurtosis": figures.kurtosis,
         "outliers": figures.outliers,
         "outlier_fraction": figures.outliers / max(figures.values, 1),

@@ -115,9 +115,12 @@ def write_growth(
     return path
 
 
-def write_quantization_comparison(gaps: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
-    """One panel per bit width, the perplexity gap to FP (%) of every recipe, one bar per checkpoint:
-    `gaps[bits][recipe][checkpoint]`. A symmetric-log axis keeps a fraction of a percent and a collapse readable."""
+def write_quantization_comparison(
+    gaps: dict[str, dict[str, dict[str, tuple[float, list[float]]]]], path: Path, axis: str
+) -> Path:
+    """One panel per bit width, the gap to FP (`axis` names it) of every recipe, one bar per checkpoint at the mean
+    over calibration draws with a whisker over the draws' range: `gaps[bits][recipe][checkpoint] = (mean, draws)`.
+    A symmetric-log axis keeps a fraction of a point and a collapse readable."""
     panels = list(gaps)
     recipes = list(dict.fromkeys(recipe for bits in panels for recipe in gaps[bits]))
     checkpoints = list(dict.fromkeys(c for bits in panels for recipe in gaps[bits] for c in gaps[bits][recipe]))
@@ -126,15 +129,18 @@ def write_quantization_comparison(gaps: dict[str, dict[str, dict[str, float]]], 
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
     for ax, bits in zip(axes, panels, strict=True):
         for offset, checkpoint in enumerate(checkpoints):
-            values = [gaps[bits].get(recipe, {}).get(checkpoint, np.nan) for recipe in recipes]
+            cells = [gaps[bits].get(recipe, {}).get(checkpoint, (np.nan, [np.nan])) for recipe in recipes]
+            means = np.array([mean for mean, _ in cells])
+            low = np.array([mean - min(draws) for mean, draws in cells])
+            high = np.array([max(draws) - mean for mean, draws in cells])
             x = np.arange(len(recipes)) + (offset - (len(checkpoints) - 1) / 2) * width
-            ax.bar(x, values, width=width, label=checkpoint)
+            ax.bar(x, means, width=width, label=checkpoint, yerr=np.stack([low, high]), capsize=2, ecolor="black")
         ax.set_xticks(range(len(recipes)), recipes, rotation=45, ha="right", fontsize="small")
         ax.set_yscale("symlog", linthresh=1.0)
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(bits, fontsize="medium")
-    axes[0].set_ylabel("perplexity gap to FP (%)")
+    axes[0].set_ylabel(axis)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

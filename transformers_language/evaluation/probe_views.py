@@ -11,6 +11,8 @@ background). Both kinds give the first key's mass and its sink ratio the same me
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -36,11 +38,13 @@ class TextInputs:
         self.token_space = config.vocab_size
         self.delimiter_ids = [] if tokenizer is None else delimiter_token_ids(tokenizer)
 
-    def token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids
+    def token_ids(self, inputs) -> torch.Tensor:
+        """The (B, T) ids of a batch's inputs (the ids, or a padded batch's mapping of columns)."""
+        return inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
 
-    def marks(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def marks(self, inputs) -> torch.Tensor:
         """(B, T, 2) indicators over the keys: [first token, delimiters]."""
+        input_ids = self.token_ids(inputs)
         marked = torch.zeros(*input_ids.shape, 2, device=input_ids.device)
         marked[:, 0, 0] = 1.0
         delimiters = torch.tensor(self.delimiter_ids, dtype=torch.long, device=input_ids.device)

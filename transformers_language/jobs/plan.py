@@ -29,6 +29,7 @@ from ..families import Family
 from ..models.attention_config import AttentionConfig
 from ..models.loading import ModelArgs, build_config, describe_model, load_checkpoint_config
 from ..models.method import check_method_flags, resolve_method
+from ..models.model_classes import family_of_config
 from ..ptq.equivalent_transforms import check_transformable
 from ..ptq.quant_args import calibration_batch_size, quant_config_from_args
 from ..ptq.quantized_model import planned_points
@@ -81,7 +82,7 @@ class Plan:
             "block_layout": getattr(self.data, "block_layout", None),
             "block_layout_source": self.block_layout_source,
             "preprocessor": getattr(self.preprocessor, "name_or_path", type(self.preprocessor).__name__),
-            **describe_model(self.config),
+            **describe_model(self.config, self.family.name),
         }
         if self.job == "train":
             values["sequences_per_step"] = self.sequences_per_step
@@ -144,7 +145,8 @@ def resolve_training(flags: Flags, family: Family, num_processes: int) -> Plan:
 def _check_calibration_flags(data, quantization) -> None:
     """Training data only calibrates --quantize on the training split."""
     if not quantization.quantize or quantization.calibration_split != "train":
-        unused = [f"--{name}" for name in ("train_file", "train_dir", "train_percentage") if getattr(data, name, None)]
+        only_train = ("train_file", "train_dir", "train_percentage", "max_train_samples")
+        unused = [f"--{name}" for name in only_train if getattr(data, name, None)]
         if unused:
             raise UsageError(f"{', '.join(unused)} only choose calibration data for --quantize; drop them.")
 
@@ -161,6 +163,12 @@ def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
     splits = ("train", "validation") if calibrate_on_train else ("validation",)
     data, classes = (flags.data, None) if listing else modality.check_sources(flags.data, splits)
     config = load_checkpoint_config(flags.model, script)
+    saved = family_of_config(config)
+    if saved is not family:
+        raise UsageError(
+            f"{checkpoint} holds a model of {saved.train_script}, but {script} evaluates models of "
+            f"{family.train_script}; use {saved.validate_script} for it."
+        )
     data, layout_source = modality.resolve_layout(data, checkpoint)
     seq_length = modality.sequence_length(data, flags.model, config, family.sequence.name)
     attention = AttentionConfig.from_model_config(config)
@@ -172,10 +180,11 @@ def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
     if quantization is not None:
         if quantization.transforms:
             check_transformable(family, config)
-        points = tuple(planned_points(config, quantization))
+        points = tuple(planned_points(config, quantization, family.name))
         batch = calibration_batch_size(flags_q, flags.evaluation.per_device_eval_batch_size)
         calibration = {
             "calibration_split": flags_q.calibration_split,
+            "calibration_seed": flags.evaluation.seed if flags_q.calibration_seed is None else flags_q.calibration_seed,
             "calibration_batch_size": batch,
             "calibration_sequences": flags_q.est_num_batches * batch,
             "context_point": "after_gate",  # (the paper's BERT; its OPT code quantized per head before the gate)

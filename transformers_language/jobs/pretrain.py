@@ -1,6 +1,7 @@
-"""The pre-training job behind `run_mlm.py` and `run_clm.py`: parse, build, train, evaluate, save.
+"""The training job behind `run_mlm.py`, `run_clm.py`, `run_vit.py` and `run_glue.py` (fine-tuning): parse, build,
+train, evaluate, save.
 
-Both scripts call `pretrain(objective, argv)`; the objective decides the model family, the sequence-length
+Every script calls `pretrain(objective, argv)`; the objective decides the model family, the sequence-length
 flag and the few settings that differ. Flags keep the names and meaning of the paper's scripts, and each
 script accepts only the flags it uses.
 """
@@ -58,7 +59,8 @@ def build_parser(objective: Objective) -> FlagParser:
         family,
         objective,
         training=True,
-        description=f"Pre-train {family.model_type.upper()} ({objective.name.upper()}) with an attention variant.",
+        description=f"{family.train_verb} {family.model_type.upper()} ({objective.name.upper()}) with an attention "
+        "variant.",
     )
     betas = {"adam_beta1": {"default": family.adam_betas[0]}, "adam_beta2": {"default": family.adam_betas[1]}}
     add_group(parser, "training", TrainingArgs, "training", betas)
@@ -105,9 +107,10 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
     plan = resolve_training(flags, family_of_objective(objective.name), accelerator.num_processes)
     if training.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
+    objective = objective.bound(plan.config)
     preprocessor, config, seq_length = plan.preprocessor, plan.config, plan.seq_length
     modality = get_modality(plan.family)
-    model = load_model(plan.model, config, accelerator.device)
+    model = load_model(plan.model, config, accelerator.device, plan.family.name)
 
     splits = modality.prepare_splits(plan, accelerator, training=True)
     targets = objective.targets(preprocessor, config, flags.get("objective"), training=True)
@@ -122,6 +125,7 @@ def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_
         sampler=sampler,
         generator=torch.Generator(),
         num_workers=getattr(plan.data, "dataloader_num_workers", 0),
+        collate_fn=objective.collate,
     )
     loss_module = objective.loss_class(model)
     optimizer = build_optimizer(

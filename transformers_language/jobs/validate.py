@@ -93,8 +93,9 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
         return print_dry_run(accelerator, plan.to_dict())
     if flags.quantization.list_quant_points:
         return print_points(accelerator, plan.quant_points)
+    objective = objective.bound(plan.config)
     config, preprocessor, quant_config = plan.config, plan.preprocessor, plan.quantization
-    model = load_checkpoint(plan.model, config, accelerator.device)
+    model = load_checkpoint(plan.model, config, accelerator.device, plan.family.name)
     loss_module = objective.loss_class(model).to(accelerator.device).eval()
 
     splits = get_modality(plan.family).prepare_splits(plan, accelerator, training=False)
@@ -107,7 +108,8 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
                 "Calibrating on the validation split (as the paper's BERT runs did): ranges see the test data."
             )
         source = splits.get("train", splits["validation"])
-        batches = calibration_batches(source, targets, plan.calibration, evaluation.seed)
+        seed = plan.calibration["calibration_seed"]
+        batches = calibration_batches(source, targets, plan.calibration, seed, objective.collate)
         post_training = quantize_for_validation(
             accelerator, model, loss_module, quant_config, batches, statistics_cache
         )

@@ -21,7 +21,7 @@ from ..arguments import FlagParser, add_group, arg
 from ..errors import InputFileError, UsageError
 from ..families import FAMILIES, get_family
 from .attention_config import CONFIG_KEY, add_attention_args
-from .model_classes import EXTRA_CONFIG_KEYS, model_class
+from .model_classes import EXTRA_CONFIG_KEYS, family_of_config, model_class
 from .norm_sites import CONFIG_KEY as TRANSFORMS_KEY
 
 logger = logging.getLogger(__name__)
@@ -144,9 +144,10 @@ def build_config(model_args: ModelArgs) -> tuple[PretrainedConfig, str | None]:
     return config, model_args.model_name_or_path
 
 
-def load_model(model_args: ModelArgs, config: PretrainedConfig, device: torch.device):
-    """Build (or load) the model of `config`, which holds the resolved attention method (`resolve_method`)."""
-    cls = model_class(model_args.model_type)
+def load_model(model_args: ModelArgs, config: PretrainedConfig, device: torch.device, family: str | None = None):
+    """Build (or load) the model of `config`, which holds the resolved attention method (`resolve_method`), as
+    `family`'s class (default: the model type's)."""
+    cls = model_class(family or model_args.model_type)
     if model_args.model_name_or_path is not None:
         device_map = {"": device} if model_args.low_cpu_mem_usage else None
         model = _from_pretrained(
@@ -180,11 +181,11 @@ def _from_pretrained(cls, name: str, **options):
         raise InputFileError(f"--model_name_or_path {name}: the weights cannot be loaded ({error}).") from error
 
 
-def describe_model(config: PretrainedConfig) -> dict:
-    """What `--dry_run` reports of a model: its class, parameter count and config, from a build on the meta
-    device (shapes only, no memory)."""
+def describe_model(config: PretrainedConfig, family: str | None = None) -> dict:
+    """What `--dry_run` reports of a model of `family` (default: the config's): its class, parameter count and
+    config, from a build on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
-        model = model_class(config.model_type)(config)
+        model = model_class(family or family_of_config(config).name)(config)
     return {
         "model_class": type(model).__name__,
         "parameters": model.num_parameters(),
@@ -249,12 +250,13 @@ def check_finite_weights(model: torch.nn.Module, source: str) -> None:
             )
 
 
-def load_checkpoint(model_args: ModelArgs, config: PretrainedConfig, device: torch.device):
-    """The checkpoint's model exactly as saved: every weight must come from the checkpoint (a gate that its
-    config.json names but its weights lack would otherwise be freshly initialised without a word)."""
+def load_checkpoint(model_args: ModelArgs, config: PretrainedConfig, device: torch.device, family: str | None = None):
+    """The checkpoint's model exactly as saved, as `family`'s class (default: the config's): every weight must come
+    from the checkpoint (a gate that its config.json names but its weights lack would otherwise be freshly
+    initialised without a word)."""
     device_map = {"": device} if model_args.low_cpu_mem_usage else None
     model, info = _from_pretrained(
-        model_class(config.model_type),
+        model_class(family or family_of_config(config).name),
         model_args.model_name_or_path,
         config=config,
         device_map=device_map,

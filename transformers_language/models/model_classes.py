@@ -11,9 +11,17 @@ no missing or unexpected keys.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
-from transformers import BertForMaskedLM, OPTForCausalLM, PretrainedConfig, ViTForImageClassification
+from transformers import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    OPTForCausalLM,
+    PretrainedConfig,
+    ViTForImageClassification,
+)
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.opt.modeling_opt import OPTAttention
 from transformers.models.vit.modeling_vit import ViTAttention
@@ -96,9 +104,11 @@ class AttentionVariantMixin:
                 module.reset_parameters()
                 module._variant_initialized = True
 
-    def body_output(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The transformer body's last hidden state (what the head reads), without a KV cache."""
-        return self.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def body_output(self, inputs) -> torch.Tensor:
+        """The transformer body's last hidden state (what the head reads), without a KV cache. `inputs`: the
+        token ids, or a mapping of the body's inputs (a padded batch: input_ids, attention_mask, ...)."""
+        kwargs = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
+        return self.base_model(**kwargs, use_cache=False).last_hidden_state
 
     def transformer_layers(self) -> nn.ModuleList:
         """The encoder (BERT) or decoder (OPT) layers, in order."""
@@ -126,6 +136,16 @@ class BertForMaskedLMWithVariants(AttentionVariantMixin, BertForMaskedLM):
     attention_class = BertSelfAttention
     family = FAMILIES["bert"]
     _no_split_modules = ("BertLayer",)  # one shard unit per layer under FSDP (stock BERT names none)
+
+
+class BertForSequenceClassificationWithVariants(AttentionVariantMixin, BertForSequenceClassification):
+    """BERT sentence(-pair) classifier or regressor (GLUE) whose self-attention uses `config.attention_variant`.
+    It loads any BERT checkpoint: this project's masked LMs of any variant, or a stock `BertModel` (the pooler and
+    classifier a checkpoint lacks are initialised)."""
+
+    attention_class = BertSelfAttention
+    family = FAMILIES["bert_glue"]
+    _no_split_modules = ("BertLayer",)
 
 
 class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
@@ -163,17 +183,32 @@ class ViTForImageClassificationWithVariants(AttentionVariantMixin, ViTForImageCl
 
 # Keyed by the family each class names (families.py holds the list of families).
 MODEL_CLASSES: dict[str, type] = {
-    cls.family.model_type: cls
-    for cls in (BertForMaskedLMWithVariants, OPTForCausalLMWithVariants, ViTForImageClassificationWithVariants)
+    cls.family.name: cls
+    for cls in (
+        BertForMaskedLMWithVariants,
+        BertForSequenceClassificationWithVariants,
+        OPTForCausalLMWithVariants,
+        ViTForImageClassificationWithVariants,
+    )
 }
 
 
-def model_class(model_type: str) -> type:
-    return MODEL_CLASSES[get_family(model_type).model_type]
+def model_class(family: str) -> type:
+    """The class of a family (families.py; a model type names its pre-training family)."""
+    return MODEL_CLASSES[get_family(family).name]
 
 
-def build_model(config: PretrainedConfig, attention: AttentionConfig | None = None):
-    """A freshly initialised model of `config.model_type`; `attention` (if given) is stored in the config."""
+def family_of_config(config: PretrainedConfig) -> Family:
+    """The family of a saved model: a GLUE task in its config makes a BERT the GLUE family's."""
+    task_family = next((f for f in FAMILIES.values() if f.config_marker and hasattr(config, f.config_marker)), None)
+    if task_family is not None and task_family.model_type == config.model_type:
+        return task_family
+    return get_family(config.model_type)
+
+
+def build_model(config: PretrainedConfig, attention: AttentionConfig | None = None, family: str | None = None):
+    """A freshly initialised model of `family` (default: the config's); `attention` (if given) is stored in the
+    config."""
     if attention is not None:
         attention.apply_to(config)
-    return model_class(config.model_type)(config)
+    return model_class(family or family_of_config(config).name)(config)

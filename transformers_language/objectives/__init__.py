@@ -1,5 +1,6 @@
-"""The objectives wing: masked LM, causal LM (language.py) and image classification (image_classification.py)
-in one table, with the interface every job talks to (base.py). Importing the wing gives its public names."""
+"""The objectives wing: masked LM, causal LM (language.py), image classification (image_classification.py) and
+GLUE sentence(-pair) classification (sequence_classification.py) in one table, with the interface every job
+talks to (base.py). Importing the wing gives its public names."""
 
 from ..errors import UsageError
 from .base import LossModule, Objective, Targets, derive_seed, safe_exp
@@ -13,11 +14,13 @@ from .language import (
     mask_eval_dataset,
 )
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum
+from .sequence_classification import GLUE, SequenceClassification, SequenceClassificationLoss
 
 OBJECTIVES = {
     "mlm": MaskedLM("mlm", MaskedLMLoss, label_shift=0),
     "clm": Objective("clm", CausalLMLoss),
     IMAGE_CLASSIFICATION.name: IMAGE_CLASSIFICATION,
+    GLUE.name: GLUE,
 }
 
 
@@ -28,6 +31,7 @@ def get_objective(name: str) -> Objective:
 
 
 __all__ = [
+    "GLUE",
     "IGNORE_INDEX",
     "IMAGE_CLASSIFICATION",
     "OBJECTIVES",
@@ -41,6 +45,8 @@ __all__ = [
     "MixTargets",
     "MixingArgs",
     "Objective",
+    "SequenceClassification",
+    "SequenceClassificationLoss",
     "Targets",
     "derive_seed",
     "get_objective",

@@ -76,7 +76,21 @@ class Objective:
         ("perplexity", "perplexity"),
         ("perplexity_mean_of_batch_losses", "perplexity (paper: mean of batch losses)"),
     )
-    """The evaluation figures the log shows first: (key, label)."""
+    """The evaluation figures the log shows first: (key, label); the first is the objective's headline."""
+    higher_is_better: bool = False
+    """Whether a larger headline figure is better (an accuracy) or worse (a perplexity)."""
+    rows_width: int = 0
+    """Columns of the per-example rows `evaluation_batch` returns (0: none)."""
+    collate: Callable[[list[dict]], dict] | None = None
+    """How a list of examples becomes a batch (a padded batch's collate; None: torch's default)."""
+
+    def bound(self, config) -> Objective:
+        """The objective for a model of `config` (a fine-tuning objective takes its task from it)."""
+        return self
+
+    def inputs_of(self, batch: dict):
+        """The model inputs of a batch of the dataset's columns: the input column (or a mapping of columns)."""
+        return batch[self.input_key]
 
     def count_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Number of predicted tokens: masked positions (MLM) or next tokens (CLM)."""
@@ -92,7 +106,12 @@ class Objective:
         count = self.count_targets(labels).double()
         return torch.stack([nll, count, nll / count.clamp_min(1), torch.ones_like(nll)])
 
-    def evaluation_results(self, sums: list[float]) -> dict:
+    def evaluation_batch(self, loss_module: nn.Module, inputs, labels: torch.Tensor):
+        """(sums, rows) of one evaluation batch: `evaluation_sums`, and per-example rows for figures that sums
+        cannot give (None here: every figure of this objective is a sum)."""
+        return self.evaluation_sums(loss_module, inputs, labels), None
+
+    def evaluation_results(self, sums: list[float], rows: torch.Tensor | None = None) -> dict:
         """The figures of the summed `evaluation_sums`: token-weighted perplexity, and the paper's mean over
         batches beside it."""
         total_nll, tokens, batch_loss_sum, batches = sums

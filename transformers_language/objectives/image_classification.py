@@ -107,7 +107,7 @@ class ImageClassification(Objective):
         loss, top1, top5 = loss_module(inputs, labels, with_accuracy=True).double()
         return torch.stack([loss, torch.ones_like(loss) * labels.shape[0], top1, top5])
 
-    def evaluation_results(self, sums: list[float]) -> dict:
+    def evaluation_results(self, sums: list[float], rows: torch.Tensor | None = None) -> dict:
         loss_sum, images, top1, top5 = sums
         images = max(images, 1.0)
         return {
@@ -129,4 +129,5 @@ IMAGE_CLASSIFICATION = ImageClassification(
     input_key="pixel_values",
     throughput="images_per_s",
     reported=(("accuracy", "top-1 accuracy"), ("top5_accuracy", "top-5 accuracy"), ("eval_loss", "loss")),
+    higher_is_better=True,
 )

@@ -5,7 +5,8 @@ Where they apply is the family's table (families.py `Wiring.norm_readers`): each
 attention gate and the shortcut that read its output. A transform computes one per-channel (scale, shift) per
 LayerNorm and folds it into all of them; a post-LN shortcut (BERT: the LayerNorm output is the next residual)
 gets a `ChannelAffine` that adds back scale and shift, run by a forward pre-hook on the module that adds the
-residual. The transforms applied are recorded in `config.equivalent_transforms`, so a saved transformed model
+residual, and so does the body's last output (BERT's last LayerNorm), so a head of any kind reads FP-equal
+values. The transforms applied are recorded in `config.equivalent_transforms`, so a saved transformed model
 rebuilds its shortcut affines (as identities, then loaded) and reloads as itself.
 
 Statistics (SmoothQuant's and OS+'s) come from one pass of the float model over the calibration batches;
@@ -21,11 +22,13 @@ from torch import nn
 
 from quantization.channel_statistics import ChannelStatistics
 from quantization.config import QuantConfig
+from quantization.token_mask import real_tokens
 from quantization.transforms import TRANSFORMS, TransformSite, fold_into_linear, fold_into_norm
 
 from ..errors import UsageError
 from ..families import Family
 from ..models.norm_sites import CONFIG_KEY, NormSite, install_shortcut_affines, norm_sites
+from ..objectives.inputs import attention_mask
 
 SAMPLE_TOKENS_PER_BATCH = 256  # OS+ searches its threshold on this many tokens of each calibration batch
 
@@ -43,17 +46,18 @@ def check_transformable(family: Family, config) -> None:
 
 
 @torch.no_grad()
-def collect_statistics(model: nn.Module, norms: list[str], batches: Iterable[torch.Tensor]) -> dict:
+def collect_statistics(model: nn.Module, norms: list[str], batches: Iterable) -> dict:
     """Per-channel statistics (ChannelStatistics, with a token sample) of each LayerNorm output in `norms` over
-    the float model's pass on `batches` (input ids; the transformer body alone runs)."""
+    the float model's pass on `batches` (model inputs; the transformer body alone runs; padding never counts)."""
     statistics = {name: ChannelStatistics(SAMPLE_TOKENS_PER_BATCH) for name in norms}
     handles = [
         model.get_submodule(name).register_forward_hook(lambda _m, _a, out, s=stats: s.observe(out))
         for name, stats in statistics.items()
     ]
     try:
-        for input_ids in batches:
-            model.body_output(input_ids)
+        for inputs in batches:
+            with real_tokens(attention_mask(inputs)):
+                model.body_output(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -90,13 +94,19 @@ def _site(model: nn.Module, site: NormSite, quant: QuantConfig, statistics: dict
         return quant.weight_quantizer(f"{path}.weight", rows=True)
 
     point, bits = f"{site.norm}.output", 16 if site.norm in int16 else None
+    weights = [model.get_submodule(path).weight for path in site.linears]
+    quantize_weights = [_simulated(lambda path=path: weight_quantizer(path)) for path in site.linears]
+    if site.restores_output:  # its float output-affine reads it as an identity Linear would
+        gamma = model.get_submodule(site.norm).weight
+        weights.append(torch.eye(gamma.numel(), dtype=gamma.dtype, device=gamma.device))
+        quantize_weights.append(lambda weight: weight)
     return TransformSite(
         name=site.norm,
         gamma=model.get_submodule(site.norm).weight,
-        weights=[model.get_submodule(path).weight for path in site.linears],
+        weights=weights,
         statistics=None if statistics is None else statistics[site.norm],
         quantize_activation=_simulated(lambda: quant.act_quantizer(point, bits) if quant.act_quant else None),
-        quantize_weights=[_simulated(lambda path=path: weight_quantizer(path)) for path in site.linears],
+        quantize_weights=quantize_weights,
     )
 
 
@@ -133,6 +143,8 @@ def apply_transforms(
                 model.get_submodule(path).fold_input_affine(scale, shift)
             if site.shortcut is not None:
                 model.get_submodule(site.shortcut).shortcut_affine.compose(scale, shift)
+            if site.restores_output:
+                model.get_submodule(site.norm).output_affine.compose(scale, shift)
             records[name][site.norm] = record
         applied.append(name)
     earlier = getattr(model.config, CONFIG_KEY, None) or []

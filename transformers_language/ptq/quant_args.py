@@ -52,6 +52,16 @@ def _flag_only_fields() -> tuple[list[tuple], list[tuple]]:
                 choices=CALIBRATION_SPLITS,
             ),
         ),
+        (
+            "calibration_seed",
+            int | None,
+            arg(
+                None,
+                "Seed of the calibration sample (default: --seed); draws of several seeds show how much a result "
+                "depends on the calibration batches.",
+                type=int,
+            ),
+        ),
         ("no_weight_quant", bool, switch("Keep the weights FP.")),
         ("no_act_quant", bool, switch("Keep the activations FP.")),
         (

@@ -36,7 +36,7 @@ from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
 from ..errors import UsageError
-from ..models.model_classes import model_class
+from ..models.model_classes import family_of_config, model_class
 
 ATTENTION_POINTS = ("scores", "probs", "context")
 ATTENTION_CHANNELLESS = (".scores", ".probs")  # their last dimension is the key positions, not channels
@@ -182,12 +182,12 @@ def _channels(model, point: str) -> int:
     return model.config.hidden_size
 
 
-def planned_points(config, quantization: QuantConfig) -> list[dict]:
+def planned_points(config, quantization: QuantConfig, family: str | None = None) -> list[dict]:
     """The quantization points (describe_points) of the model of `config` under `quantization`, from a build on
     the meta device; a --point_bits or --peg_points pattern that matches no point, or PEG on a tensor that has
     no channels to group, is an error here, before any weights load."""
     with torch.device("meta"):
-        model = model_class(config.model_type)(config)
+        model = model_class(family or family_of_config(config).name)(config)
     rows = describe_points(quantize_model(model, quantization))
     names = [row["name"] for row in rows]
     activations = [row["name"] for row in rows if row["kind"] == "activation"]

@@ -6,7 +6,8 @@ stage (quantization/token_clipping.py). Returns what each step chose, for all_re
 Calibration batches are `--est_num_batches` batches of the calibration split's blocks, sampled by `--seed` (the
 objective's targets, e.g. MLM masks, drawn from the same generator), identical in every process and in every
 step above, so each step sees the same data. Token-wise clipping scores the quantized model's final hidden state
-(what the head reads) against the float model's on those batches, by mean squared error.
+(what the head reads) against the float model's on those batches, by mean squared error. Every pass runs with
+its batch's attention mask (quantization/token_mask.py): padding never enters a range, a statistic or the loss.
 """
 
 from __future__ import annotations
@@ -15,33 +16,51 @@ import logging
 import time
 
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from quantization.calibration import activation_quantizers, calibration_passes, set_quantization
 from quantization.config import QuantConfig
 from quantization.token_clipping import learn_ranges, search_quantile, token_clipping_quantizers
+from quantization.token_mask import real_tokens, token_weights
 
 from ..objectives import Targets, derive_seed
+from ..objectives.inputs import ModelInputs, attention_mask, batch_size, to_device
 from .equivalent_transforms import apply_transforms
 from .quantized_model import high_precision_layernorms, quantize_model
 
 logger = logging.getLogger(__name__)
 CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[ModelInputs, torch.Tensor]
 
 
-def calibration_batches(examples, targets: Targets, calibration: dict, seed: int) -> list[Batch]:
-    """The plan's calibration batches of `examples` (blocks or images): (inputs, labels) pairs, on the CPU."""
+def calibration_batches(examples, targets: Targets, calibration: dict, seed: int, collate=None) -> list[Batch]:
+    """The plan's calibration batches of `examples` (blocks, images or sentence pairs): (inputs, labels) pairs,
+    on the CPU. `collate` (a padded batch's) makes a batch of a list of examples; without it the sample's columns
+    are sliced."""
     size = calibration["calibration_batch_size"]
     count = min(len(examples), calibration["calibration_sequences"])
     generator = torch.Generator().manual_seed(derive_seed(seed, CALIBRATION_STREAM))
-    sample = examples[torch.randperm(len(examples), generator=generator)[:count].tolist()]
+    indices = torch.randperm(len(examples), generator=generator)[:count].tolist()
+    if collate is not None:
+        return [
+            targets(collate([examples[i] for i in indices[start : start + size]]), generator)
+            for start in range(0, count, size)
+        ]
+    sample = examples[indices]
     return [
         targets({key: column[start : start + size] for key, column in sample.items()}, generator)
         for start in range(0, count, size)
     ]
+
+
+def masked_mse(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real tokens of the scope (token_mask.py): padding never enters the loss."""
+    weights = token_weights(*output.shape[:2], output.device)
+    error = (output.float() - reference.float()).square()
+    if weights is None:
+        return error.mean()
+    return (error * weights.unsqueeze(-1)).sum() / (weights.sum() * error.shape[-1])
 
 
 def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: list[Batch]) -> int:
@@ -57,29 +76,35 @@ def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: lis
                 desc="Calibrating" if index == len(passes) - 1 else "Ordering channels",
                 disable=not accelerator.is_local_main_process,
             ):
-                with accelerator.autocast():
+                inputs = to_device(inputs, device)
+                with accelerator.autocast(), real_tokens(attention_mask(inputs)):
                     if quant.preset.quantize_head:
-                        loss_module(inputs.to(device), labels.to(device))
+                        loss_module(inputs, labels.to(device))
                     else:
-                        model.body_output(inputs.to(device))
+                        model.body_output(inputs)
     return len(passes)
 
 
 def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -> dict:
     """Token-wise clipping: the quantile search over `quant.token_clipping_quantiles`, then the fine stage."""
     quantizers = token_clipping_quantizers(activation_quantizers(model))
-    inputs = [batch_inputs.to(accelerator.device) for batch_inputs, _ in batches]
+    inputs = [to_device(batch_inputs, accelerator.device) for batch_inputs, _ in batches]
+
+    def batch_loss(index: int, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """The quantized body's output error on batch `index` over its real tokens (or, without `reference`,
+        the output itself)."""
+        with real_tokens(attention_mask(inputs[index])):
+            output = model.body_output(inputs[index])
+            return output if reference is None else masked_mse(output, reference)
+
     with torch.no_grad():
         set_quantization(model, weights=False, activations=False)
-        references = [model.body_output(ids) for ids in inputs]
+        references = [batch_loss(index) for index in range(len(inputs))]
         set_quantization(model, weights=quant.weight_quant, activations=quant.act_quant)
 
     def mean_loss() -> float:
         with torch.no_grad(), accelerator.autocast():
-            losses = [
-                F.mse_loss(model.body_output(ids).float(), ref.float())
-                for ids, ref in zip(inputs, references, strict=True)
-            ]
+            losses = [batch_loss(index, reference) for index, reference in enumerate(references)]
         return float(torch.stack(losses).mean())
 
     quantile, losses = search_quantile(quantizers, quant.token_clipping_quantiles, mean_loss)
@@ -92,7 +117,7 @@ def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -
         def step_loss(step: int) -> torch.Tensor:
             index = step % len(inputs)
             with accelerator.autocast():
-                return F.mse_loss(model.body_output(inputs[index]).float(), references[index].float())
+                return batch_loss(index, references[index])
 
         try:
             history = learn_ranges(
@@ -117,7 +142,7 @@ def quantize_for_validation(
     if quant.transforms:
         with torch.no_grad():
             record["equivalent_transforms"] = apply_transforms(
-                model, quant, lambda: (ids.to(device) for ids, _ in batches), int16, statistics_cache
+                model, quant, lambda: (to_device(inputs, device) for inputs, _ in batches), int16, statistics_cache
             )
     quantize_model(model, quant)
     passes = _calibrate(accelerator, model, loss_module, quant, batches)
@@ -128,7 +153,7 @@ def quantize_for_validation(
     logger.info(
         "Calibrated %d activation quantizers on %d calibration blocks in %.1f s (%d passes%s)",
         len(static),
-        sum(len(ids) for ids, _ in batches) if passes else 0,
+        sum(batch_size(inputs) for inputs, _ in batches) if passes else 0,
         record["calibration_seconds"],
         passes,
         "; " + ", ".join(quant.transforms) if quant.transforms else "",

@@ -26,9 +26,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from quantization.token_mask import real_tokens
+
 from ..errors import UserError
 from ..files import strict_json, truncate_jsonl
 from ..objectives import Objective, Targets, derive_seed
+from ..objectives.inputs import attention_mask, concat_batches, split_inputs
 from .checkpoints import (
     RUN_SETTINGS,
     TRAINING_STATE,
@@ -147,7 +150,7 @@ def train(
                     break
                 start = time.perf_counter()
                 step = progress.step + 1
-                batch = {key: torch.cat([part[key] for part in micro]) for key in micro[0]}
+                batch = concat_batches(micro)
                 device = batch[objective.input_key].device
                 generator = torch.Generator(device).manual_seed(
                     derive_seed(settings.seed, step, accelerator.process_index)
@@ -160,11 +163,12 @@ def train(
                 measuring = telemetry.measure(step) if measured else nullcontext()
                 with measuring:
                     sizes = [len(part[objective.input_key]) for part in micro]
-                    chunks = list(zip(inputs.split(sizes), labels.split(sizes), strict=True))
+                    chunks = list(zip(split_inputs(inputs, sizes), labels.split(sizes), strict=True))
                     for index, (chunk_inputs, chunk_labels) in enumerate(chunks):
                         sync = index == len(chunks) - 1
                         with nullcontext() if sync else accelerator.no_sync(loss_module):
-                            nll = forward(chunk_inputs, chunk_labels)
+                            with real_tokens(attention_mask(chunk_inputs)):  # for the telemetry's statistics
+                                nll = forward(chunk_inputs, chunk_labels)
                             # DDP averages gradients over processes; the step loss is a sum over all of them.
                             accelerator.backward(nll * (world / num_targets))
                         nll_sum += nll.detach().float()

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantization.token_mask import current_mask, real_values
+
 from ..data.modalities import probe_inputs
-from ..evaluation.attention_stats import AttentionStatistics
+from ..evaluation.attention_stats import AttentionStatistics, gate_mean_per_head
 from ..evaluation.literature_metrics import LAYER_FIGURES, LiteratureStatistics, sink_percent
 from ..evaluation.metrics import per_sequence_stats
 from ..files import strict_json, truncate_jsonl
@@ -109,14 +111,14 @@ class Telemetry:
             key = f"layer_{index}_max"
             self._sums[key] = peak if key not in self._sums else torch.maximum(self._sums[key], peak)
             if histogram and f"activations/layer_{index}" not in self._histograms:  # first micro-batch only
-                self._histograms[f"activations/layer_{index}"] = _device_histogram(hidden)
+                self._histograms[f"activations/layer_{index}"] = _device_histogram(real_values(hidden))
 
         return hook
 
     def _gate_hook(self, index: int):
         def hook(module: AttentionGate, args, output):
             probability = output.detach().float() / module.scale  # (1|B, H, 1|T, 1|d_head)
-            per_head = probability.mean(dim=(0, 2, 3)).double()
+            per_head = gate_mean_per_head(probability, current_mask()).double()
             self._add(f"gate_{index}", torch.cat([per_head, per_head.new_ones(1)]))
 
         return hook
