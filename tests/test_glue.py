@@ -237,3 +237,36 @@ def test_the_external_minilm_checkpoint_loads_with_hidden_states_equal_to_stock_
     real = batch["attention_mask"].bool()
     assert torch.allclose(hidden[real], expected[real], atol=1e-5)
     assert float(expected[real].abs().max()) > 5  # its outliers: the reason this model is here
+
+
+def test_the_glue_study_fine_tunes_compares_and_locates_the_outliers(tmp_path):
+    import importlib.util
+    import sys
+
+    from tests.test_ptq_validate import REPO
+
+    pretrained = tmp_path / "pretrained"
+    run_glue.main(glue_argv("rte", pretrained, steps=1))  # any BERT checkpoint will do as the starting point
+    spec = importlib.util.spec_from_file_location("glue_study", REPO / "scripts" / "glue_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    flags = [
+        "--checkpoint",
+        str(pretrained),
+        "--name",
+        "tiny",
+        "--tasks",
+        "rte",
+        "--output_dir",
+        str(tmp_path / "study"),
+    ]
+    summary = module.main([*flags, "--bits", "W8A8", "--recipes", "per_tensor", "--draws", "1"])
+    row = summary["finetune"][0]
+    assert row["task"] == "rte" and 0.0 <= row["score"] <= 1.0 and "run_glue.py" in row["command"]
+    layers = summary["outliers"]["rte"]["ffn_output"]
+    assert sorted(layers) == [0, 1] and all(v["max"] > v["median"] > 0 for v in layers.values())
+    compared = json.loads((tmp_path / "study" / "compare" / "comparison.json").read_text())
+    assert [r["bits"] for r in compared["rows"]] == ["FP", "W8A8"]
+    again = module.main([*flags, "--bits", "W8A8", "--recipes", "per_tensor", "--draws", "1"])  # read back
+    assert again["finetune"][0]["minutes"] == row["minutes"]
