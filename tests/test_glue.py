@@ -270,3 +270,24 @@ def test_the_glue_study_fine_tunes_compares_and_locates_the_outliers(tmp_path):
     assert [r["bits"] for r in compared["rows"]] == ["FP", "W8A8"]
     again = module.main([*flags, "--bits", "W8A8", "--recipes", "per_tensor", "--draws", "1"])  # read back
     assert again["finetune"][0]["minutes"] == row["minutes"]
+
+
+def test_a_tsv_file_without_the_tasks_columns_or_with_a_bad_label_is_one_clear_line(tmp_path):
+    from transformers_language.data.glue import check_glue_sources
+    from transformers_language.errors import InputFileError
+
+    wrong = tmp_path / "dev.tsv"
+    wrong.write_text("sentence\tlabel\nfine\t1\n")
+    with pytest.raises(InputFileError, match=r"has no column 'sentence1', 'sentence2'.*--task_name rte"):
+        check_glue_sources(GlueDataArgs(task_name="rte", validation_file=str(wrong)), ("validation",))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(InputFileError, match=r"line 2: label 'maybe' is not entailment, not_entailment"):
+        read_tsv(GLUE_TASKS["rte"], bad)
+
+
+def test_zero_out_intervention_runs_on_padded_batches(tmp_path):
+    tuned = tmp_path / "tuned"
+    run_glue.main(glue_argv("rte", tuned, steps=1))
+    results = validate_glue.main(validate_argv("rte", tuned, tmp_path / "fp", "--zero_out_top_k", "3"))
+    assert math.isfinite(results["zero_out"]["zero"]["score"]) and len(results["zero_out"]["entries"]) == 3

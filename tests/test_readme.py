@@ -21,7 +21,8 @@ README_MAX_LINES = 300
 OTHER_TOOLS = {
     "--config_file", "--multi_gpu", "--num_processes", "--nproc_per_node", "--index-url", "--gpus", "--build-arg",
     "--accelerate_config", "--full", "--methods", "--rounds", "--json", "--steps", "--models", "--write", "--cpu",
-    "--bits", "--recipes", "--reduced", "--resume", "--device", "--precision", "--table",
+    "--bits", "--recipes", "--reduced", "--resume", "--device", "--precision", "--table", "--draws", "--glue_dir",
+    "--checkpoint", "--name", "--tasks",
 }  # fmt: skip
 
 

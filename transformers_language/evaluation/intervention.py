@@ -42,7 +42,9 @@ def entries_set(layer: nn.Module, entries: list[tuple[int, int]], values: torch.
         hidden = output[0] if isinstance(output, tuple) else output
         replaced = hidden.clone()
         device = hidden.device
-        replaced[:, positions.to(device), channels.to(device)] = values.to(device=device, dtype=hidden.dtype)
+        reached = positions < hidden.shape[1]  # a padded batch shorter than a position leaves it alone
+        entry_values = values.to(device=device, dtype=hidden.dtype)[reached.to(device)]
+        replaced[:, positions[reached].to(device), channels[reached].to(device)] = entry_values
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
     handle = layer.register_forward_hook(hook)
