@@ -54,11 +54,10 @@ sys.path.insert(0, str(REPO))
 
 from transformers import AutoConfig  # noqa: E402
 
-from transformers_language.data.sentence_pairs import TASK_KEY  # noqa: E402
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.families import Family  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
-from transformers_language.glue_tasks import GLUE_TASKS  # noqa: E402
+from transformers_language.glue_tasks import GLUE_TASKS, TASK_KEY  # noqa: E402
 from transformers_language.models.model_classes import family_of_config  # noqa: E402
 from transformers_language.objectives import get_objective  # noqa: E402
 from transformers_language.ptq.quant_args import QuantizationArgs  # noqa: E402

@@ -291,3 +291,38 @@ def test_zero_out_intervention_runs_on_padded_batches(tmp_path):
     run_glue.main(glue_argv("rte", tuned, steps=1))
     results = validate_glue.main(validate_argv("rte", tuned, tmp_path / "fp", "--zero_out_top_k", "3"))
     assert math.isfinite(results["zero_out"]["zero"]["score"]) and len(results["zero_out"]["entries"]) == 3
+
+
+def test_a_pretrained_masked_lm_fine_tunes_with_its_variant_or_an_added_gate(tmp_path):
+    """From this project's MLM checkpoint: the clipped softmax stays; on a vanilla one, --fine_tuning adds a gate
+    and keeps every pre-trained encoder weight."""
+    from safetensors.torch import load_file
+
+    import run_mlm
+    from tests.conftest import train_argv
+
+    for name, method in (("clipped", ["--attn_softmax", "clipped(-0.1:1.05)"]), ("vanilla", [])):
+        run_mlm.main(train_argv("bert", tmp_path / name, tmp_path / "cache", *method, steps=1))
+    argv = glue_argv("rte", tmp_path / "tuned-clipped", steps=1)
+    argv[argv.index("--config_path") : argv.index("--config_path") + 2] = [
+        "--model_name_or_path",
+        str(tmp_path / "clipped"),
+    ]
+    run_glue.main(argv)
+    tuned = json.loads((tmp_path / "tuned-clipped" / "config.json").read_text())
+    assert tuned["attention_variant"]["softmax"].startswith("clipped")
+    gate = ["--attn_gate_type", "conditional_per_token", "--fine_tuning", "--learning_rate", "0"]
+    argv = glue_argv("rte", tmp_path / "tuned-gated", *gate, steps=1)
+    argv[argv.index("--config_path") : argv.index("--config_path") + 2] = [
+        "--model_name_or_path",
+        str(tmp_path / "vanilla"),
+    ]
+    argv.remove("--learning_rate"), argv.remove("1e-3")
+    run_glue.main(argv)
+    before, after = (
+        load_file(tmp_path / "vanilla" / "model.safetensors"),
+        load_file(tmp_path / "tuned-gated" / "model.safetensors"),
+    )
+    encoder = [key for key in before if key.startswith("bert.encoder.")]
+    assert encoder and all(torch.equal(before[key], after[key]) for key in encoder)
+    assert any(".gate." in key for key in after) and not any(".gate." in key for key in before)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .errors import UsageError
+from .glue_tasks import TASK_KEY
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ FAMILIES["bert_glue"] = replace(
     wiring=replace(FAMILIES["bert"].wiring, head=("bert.pooler", "classifier")),
     modality="sentence_pairs",
     scripts="glue",
-    config_marker="glue_task",
+    config_marker=TASK_KEY,
 )
 
 

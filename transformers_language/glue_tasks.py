@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
+TASK_KEY = "glue_task"
+"""The config.json key of a model fine-tuned on a GLUE task: the task's name (the GLUE family's config marker)."""
+
 
 @dataclass(frozen=True)
 class GlueTask:

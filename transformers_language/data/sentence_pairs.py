@@ -9,11 +9,11 @@ from transformers import PretrainedConfig
 from ..errors import UsageError
 from ..evaluation.probe_views import TextInputs
 from ..families import Family
+from ..glue_tasks import TASK_KEY
 from ..models.loading import ModelArgs, check_sequence_length, check_tokenizer_fits, load_tokenizer
 from .glue import GlueDataArgs, add_glue_data_args, check_glue_sources, get_task, load_examples, tokenize_examples
 
 DEFAULT_MAX_SEQ_LENGTH = 128  # HF run_glue's
-TASK_KEY = "glue_task"  # config.json: the GLUE task a model was fine-tuned on (families.py `config_marker`)
 
 
 class SentencePairModality:

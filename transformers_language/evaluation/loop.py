@@ -68,18 +68,14 @@ def evaluate(
             if batch_rows is not None:
                 rows.append(batch_rows)
     if lockstep_batches > len(loader):  # after the probes detach, so they never see the uncounted batches
-        first = [shard[0]] if objective.collate is not None else dataset[:1]
-        inputs, labels = _inputs_and_labels(_batch_of(first, objective), objective, device)
+        first = objective.collate([dataset[0]]) if objective.collate is not None else dataset[:1]
+        inputs, labels = _inputs_and_labels(first, objective, device)
         for _ in range(lockstep_batches - len(loader)):
             with accelerator.autocast():
                 loss_module(inputs, labels)
     loss_module.train(was_training)
     gathered = _gather_rows(accelerator, rows, objective.rows_width) if objective.rows_width else None
     return objective.evaluation_results(accelerator.reduce(totals, "sum").tolist(), gathered)
-
-
-def _batch_of(examples, objective: Objective) -> dict:
-    return objective.collate(examples) if objective.collate is not None else examples
 
 
 def _gather_rows(accelerator, rows: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from datasets import Dataset
 from torch import nn
 from torch.nn import functional as F
 
-from ..glue_tasks import GlueTask, get_task
+from ..glue_tasks import TASK_KEY, GlueTask, get_task
 from .base import LossModule, Objective, Targets
 from .glue_metrics import glue_figures
 from .inputs import pad_batch
@@ -49,7 +49,7 @@ class SequenceClassification(Objective):
     """The task the objective is bound to (None: unbound, before the model's config is known)."""
 
     def bound(self, config) -> SequenceClassification:
-        task = get_task(config.glue_task)
+        task = get_task(getattr(config, TASK_KEY))
         reported = (("score", "GLUE score"), *((name, name) for name in task.metrics), ("eval_loss", "loss"))
         return replace(self, task=task, reported=reported)
 
