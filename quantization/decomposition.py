@@ -1,7 +1,7 @@
 """LLM.int8()-style mixed-precision decomposition of a Linear's matmul (Dettmers et al., 2022).
 
-The input channels whose |x| reaches the threshold anywhere in the current batch go through the matmul in
-floating point (with the float weight columns); the rest of the input is quantized per token (a dynamic
+The input channels whose |x| reaches the threshold anywhere in the current batch (at a real token: padding never
+counts, token_mask.py) go through the matmul in floating point (with the float weight columns); the rest of the input is quantized per token (a dynamic
 quantizer) and multiplied with the quantized weight (per output channel, set up by the caller). With no
 outlier channel this is exactly the plain quantized Linear, and with every channel an outlier exactly the
 float one. The share of channels kept in floating point is accumulated on the device (read once, after the
@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from .dynamic import TokenQuantizer
 from .sums import hidden_from_sums
+from .token_mask import real_values
 
 DEFAULT_THRESHOLD = 6.0
 
@@ -46,7 +47,8 @@ class OutlierDecomposition(nn.Module):
     ) -> torch.Tensor:
         if self.input_quantizer.mode == "off":
             return F.linear(x, quantized_weight, bias)
-        outliers = (x.detach().abs() >= self.threshold).flatten(0, -2).any(dim=0)  # (in,)
+        # (in,); of the real tokens only: a padded token never decides which channels stay in floating point
+        outliers = (real_values(x.detach()).abs() >= self.threshold).flatten(0, -2).any(dim=0)
         count = outliers.sum()
         self.counts += torch.stack([count.to(self.counts.dtype), self.counts.new_ones(())])
         if not bool(count):

@@ -109,8 +109,11 @@ def test_calibration_transforms_and_clipping_never_see_the_padding():
         assert torch.equal(zero, loud[1][name][1]), name
 
 
-def _figures(fill: int) -> dict:
+def _figures(fill: int, llm_int8: bool = False) -> dict:
     model = glue_model({"gate_type": "conditional_per_token", "softmax": "clipped(-0.1:1.05)"})
+    if llm_int8:  # its outlier channels are chosen per batch: by real tokens only
+        quant = QuantConfig(llm_int8_threshold=2.0, weight_granularity="per_channel")
+        quantize_for_validation(Accelerator(cpu=True), model, None, quant, [])
     batch = padded_batch(fill)
     rows = [{key: value[row, : LENGTHS[row] if key != "labels" else None].tolist() for key, value in batch.items()}
             for row in range(len(LENGTHS))]  # fmt: skip
@@ -131,7 +134,9 @@ def _figures(fill: int) -> dict:
     accelerator = Accelerator(cpu=True)
     results = evaluate(accelerator, loss, examples, objective, 4, probes=(activations, attention, literature))
     sites = activations.synced(accelerator)
+    shares = {name: m.decomposition.counts.tolist() for name, m in model.named_modules() if hasattr(m, "decomposition")}
     return {
+        "llm_int8_counts": shares,
         "results": results,
         "sites": {name: (f.inf_norm, f.kurtosis, f.outliers, f.values) for name, f in sites.items()},
         "attention": attention.synced(accelerator),
@@ -148,8 +153,10 @@ def _numbers(value) -> list[float]:
     return [math.nan if value is None else float(value)]
 
 
-def test_evaluation_figures_never_see_the_padding():
-    quiet, loud = _figures(fill=0), _figures(fill=LOUD)
+@pytest.mark.parametrize("llm_int8", [False, True], ids=["fp", "llm_int8"])
+def test_evaluation_figures_never_see_the_padding(llm_int8):
+    quiet, loud = _figures(fill=0, llm_int8=llm_int8), _figures(fill=LOUD, llm_int8=llm_int8)
+    assert bool(quiet["llm_int8_counts"]) == llm_int8
     assert quiet["sites"]["bert.encoder.layer.0.output.dense"][3] == sum(LENGTHS) * 32  # real values only
     assert quiet.keys() == loud.keys() and quiet["attention"].keys() == loud["attention"].keys()
     assert _numbers(quiet) == pytest.approx(_numbers(loud), rel=1e-5, nan_ok=True)
