@@ -113,7 +113,8 @@ def _label(task: GlueTask, value: str, where: str) -> float | int:
             raise ValueError(value)
         return label
     except ValueError as error:
-        expected = "a number" if task.labels is None else ", ".join(task.tsv_label_names or map(str, range(2)))
+        names = task.tsv_label_names or [str(index) for index in range(task.num_labels)]
+        expected = "a number" if task.labels is None else ", ".join(names)
         raise InputFileError(f"{where}: label {value!r} is not {expected}.") from error
 
 
@@ -143,11 +144,8 @@ def load_examples(data: GlueDataArgs, split: str) -> Dataset:
     """The raw examples of `split` (texts and `label`), the first --max_*_samples of them."""
     task = get_task(data.task_name)
     path = data.file(split)
-    if path is not None:
-        dataset = read_tsv(task, path)
-    else:
-        hub_split = {"train": "train", "validation": "validation"}[split]
-        dataset = load_dataset(HUB_DATASET, data.task_name, split=hub_split)
+    # (the hub's split names are ours)
+    dataset = read_tsv(task, path) if path is not None else load_dataset(HUB_DATASET, data.task_name, split=split)
     limit = data.limit(split)
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
