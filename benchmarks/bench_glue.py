@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, SHARED
+from common import REPO, SHARED, stock_step_seconds
 
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -78,19 +78,9 @@ def baseline(steps: int) -> list[float]:
     encoded = tokenizer(examples["sentence1"], examples["sentence2"], truncation=True, max_length=128)
     dataset = Dataset.from_dict(dict(encoded) | {"labels": examples["label"]})
     torch.manual_seed(0)
-    net = BertForSequenceClassification.from_pretrained(_minilm(), num_labels=2, attn_implementation="sdpa").train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-5)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, collate_fn=pad_batch))
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = net(**next(loader)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        loss.item()
-        seconds.append(time.perf_counter() - start)
+    net = BertForSequenceClassification.from_pretrained(_minilm(), num_labels=2, attn_implementation="sdpa")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, collate_fn=pad_batch)
+    seconds = stock_step_seconds(net, loader, 2e-5, steps)
     return seconds[1:]
 
 

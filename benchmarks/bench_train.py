@@ -26,10 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import CHILD_ENV, REPO, SEQ_LENGTH, SETUPS, train_argv
+from common import CHILD_ENV, REPO, SEQ_LENGTH, SETUPS, stock_step_seconds, train_argv
 
 from transformers_language.files import write_json_atomic
 
@@ -95,18 +94,7 @@ def child_baseline(model: str, steps: int, output_dir: str, cache: str) -> dict:
             return batch
 
     loader = torch.utils.data.DataLoader(blocks, batch_size=SETUPS[model]["batch"], shuffle=True, collate_fn=collate)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    net.train()
-    seconds, batches = [], iter(loader)
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = net(**next(batches)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        loss.item()
-        seconds.append(time.perf_counter() - start)
+    seconds = stock_step_seconds(net, loader, 1e-4, steps)
     return {"step_seconds": seconds, "peak_rss_gib": _peak_rss_gib()}
 
 

@@ -42,3 +42,25 @@ def train_argv(model: str, steps: int, output_dir: str, cache: str) -> list[str]
         "--output_dir", output_dir,
         "--data_cache_dir", cache,
     ]  # fmt: skip
+
+
+def stock_step_seconds(net, loader, learning_rate: float, steps: int) -> list[float]:
+    """Seconds of each of `steps` plain AdamW steps (clip 1.0) of a stock HF model on `loader`'s batches: the
+    HF-example loop the benchmarks compare against."""
+    import time
+
+    import torch
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate)
+    net.train()
+    seconds, batches = [], iter(loader)
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = net(**next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        seconds.append(time.perf_counter() - start)
+    return seconds

@@ -3,10 +3,9 @@
 The input channels whose |x| reaches the threshold anywhere in the current batch (at a real token: padding
 never counts, token_mask.py) go through the matmul in floating point (with the float weight columns); the rest
 of the input is quantized per token (a dynamic quantizer) and multiplied with the quantized weight (per output
-channel, set up by the caller). With no
-outlier channel this is exactly the plain quantized Linear, and with every channel an outlier exactly the
-float one. The share of channels kept in floating point is accumulated on the device (read once, after the
-evaluation) for the report.
+channel, set up by the caller). With no outlier channel this is exactly the plain quantized Linear, and with
+every channel an outlier exactly the float one. The share of channels kept in floating point is accumulated on
+the device (read once, after the evaluation) for the report.
 """
 
 from __future__ import annotations

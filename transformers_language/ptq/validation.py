@@ -16,12 +16,13 @@ import logging
 import time
 
 import torch
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from quantization.calibration import activation_quantizers, calibration_passes, set_quantization
 from quantization.config import QuantConfig
 from quantization.token_clipping import learn_ranges, search_quantile, token_clipping_quantizers
-from quantization.token_mask import real_tokens, token_weights
+from quantization.token_mask import real_tokens, real_values
 
 from ..objectives import Targets, derive_seed
 from ..objectives.inputs import ModelInputs, attention_mask, batch_size, to_device
@@ -52,15 +53,6 @@ def calibration_batches(examples, targets: Targets, calibration: dict, seed: int
         targets({key: column[start : start + size] for key, column in sample.items()}, generator)
         for start in range(0, count, size)
     ]
-
-
-def masked_mse(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real tokens of the scope (token_mask.py): padding never enters the loss."""
-    weights = token_weights(*output.shape[:2], output.device)
-    error = (output.float() - reference.float()).square()
-    if weights is None:
-        return error.mean()
-    return (error * weights.unsqueeze(-1)).sum() / (weights.sum() * error.shape[-1])
 
 
 def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: list[Batch]) -> int:
@@ -95,7 +87,9 @@ def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -
         the output itself)."""
         with real_tokens(attention_mask(inputs[index])):
             output = model.body_output(inputs[index])
-            return output if reference is None else masked_mse(output, reference)
+            if reference is None:
+                return output
+            return F.mse_loss(real_values(output).float(), real_values(reference).float())
 
     with torch.no_grad():
         set_quantization(model, weights=False, activations=False)
