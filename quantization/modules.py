@@ -1,4 +1,4 @@
-"""Quantized Linear / LayerNorm / Embedding, made from float modules and sharing their parameters.
+"""Quantized Linear / LayerNorm / RMSNorm / Embedding, made from float modules and sharing their parameters.
 
 Each is a subclass of the float module whose parameters are the float module's own Parameter objects, so
 a swap changes no weight, the state dict keeps the float keys (plus the quantizers' buffers), and an
@@ -42,16 +42,18 @@ class _QuantizedWeight:
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _adopt(cls: type, source: nn.Module) -> nn.Module:
+def _adopt(cls: type, source: nn.Module, own_forward: bool = False) -> nn.Module:
     """Turn a copy of `source` into `cls` sharing every parameter and buffer (no tensor is copied). A source
     of a subclass (e.g. OPT's learned positional embedding, whose forward offsets the positions and then
-    calls nn.Embedding.forward) becomes a subclass of both, so its own forward runs and reaches ours."""
+    calls nn.Embedding.forward) becomes a subclass of both, so its own forward runs and reaches ours; with
+    `own_forward`, `cls`'s forward runs instead (a module of another library computing the same function)."""
     source_type = type(source)
     target = cls
     if source_type not in cls.__mro__[1:]:
         key = (source_type, cls)
         if key not in _SUBCLASSES:
-            _SUBCLASSES[key] = type(f"Quant{source_type.__name__}", (source_type, cls), {})
+            bases = (cls, source_type) if own_forward else (source_type, cls)
+            _SUBCLASSES[key] = type(f"Quant{source_type.__name__}", bases, {})
         target = _SUBCLASSES[key]
     quantized = target.__new__(target)
     quantized.__dict__ = dict(source.__dict__)
@@ -107,6 +109,31 @@ class QuantLayerNorm(_QuantizedWeight, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight() if self.weight is not None else None
         y = F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+
+class QuantRMSNorm(_QuantizedWeight, nn.Module):
+    """An RMSNorm as T5 and Llama compute it (normalised in fp32, cast back to the input dtype, then times the
+    weight), made from any module with a `weight` and a `variance_epsilon` (e.g. HF's LlamaRMSNorm), which it
+    stays an instance of."""
+
+    weight_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    @classmethod
+    def from_float(
+        cls, norm: nn.Module, weight_quantizer: Quantizer | None, output_quantizer: Quantizer | None
+    ) -> QuantRMSNorm:
+        module = _adopt(cls, norm, own_forward=True)
+        module.weight_quantizer = weight_quantizer
+        module.output_quantizer = output_quantizer
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        hidden = x.float()
+        hidden = hidden * torch.rsqrt(hidden.square().mean(-1, keepdim=True) + self.variance_epsilon)
+        y = self.quantized_weight() * hidden.to(dtype)
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
 

@@ -29,18 +29,20 @@ SMOOTHQUANT_FLOOR = 1e-5  # SmoothQuant's clamp on the scales (its code's), so n
 
 
 @torch.no_grad()
-def fold_into_norm(norm: nn.LayerNorm, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
-    """Make `norm` output (LN(x) - shift) / scale: gamma / scale, (beta - shift) / scale."""
+def fold_into_norm(norm: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    """Make `norm` (a LayerNorm, or an RMSNorm: no bias) output (norm(x) - shift) / scale: gamma / scale,
+    (beta - shift) / scale."""
     scale64 = scale.double()
-    gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(scale64)
-    beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale64)
+    weight, bias = norm.weight, getattr(norm, "bias", None)
+    gamma = weight.double() if weight is not None else torch.ones_like(scale64)
+    beta = bias.double() if bias is not None else torch.zeros_like(scale64)
     if shift is not None:
         beta = beta - shift.double()
-    if norm.weight is None or (norm.bias is None and bool(beta.ne(0).any())):
-        raise ValueError("Folding a scale into a LayerNorm needs its affine weight (and a bias for a shift).")
-    norm.weight.copy_(gamma / scale64)
-    if norm.bias is not None:
-        norm.bias.copy_(beta / scale64)
+    if weight is None or (bias is None and bool(beta.ne(0).any())):
+        raise ValueError("Folding a scale into a norm needs its affine weight (and a bias for a shift).")
+    weight.copy_(gamma / scale64)
+    if bias is not None:
+        bias.copy_(beta / scale64)
 
 
 @torch.no_grad()

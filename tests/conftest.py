@@ -1,4 +1,4 @@
-"""Tiny BERT / OPT configs and helpers shared by the tests (CPU, 2 layers, hidden 32)."""
+"""Tiny BERT / OPT / Llama configs and helpers shared by the tests (CPU, 2 layers, hidden 32)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, OPTConfig
+from transformers import BertConfig, LlamaConfig, OPTConfig
 
 from transformers_language import AttentionConfig
 from transformers_language.data.text import shared_folder
@@ -22,6 +22,8 @@ VOCAB = 97
 TINY_CONFIGS = {
     "bert": (BertConfig, dict(intermediate_size=64)),
     "opt": (OPTConfig, dict(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1)),
+    # Grouped-query attention (2 key-value heads for 4 query heads), untied head, as the llama presets.
+    "llama": (LlamaConfig, dict(intermediate_size=64, num_key_value_heads=2, pad_token_id=1)),
 }
 
 
@@ -86,11 +88,17 @@ def model_type(request) -> str:
 SHARED = shared_folder()
 TRAIN_TEXT = SHARED / "data" / "wikitext-2" / "test.txt"
 VALID_TEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
-TOKENIZERS = {"bert": SHARED / "tokenizers" / "bert-base-uncased", "opt": SHARED / "tokenizers" / "opt-bpe-8k"}
+TOKENIZERS = {
+    "bert": SHARED / "tokenizers" / "bert-base-uncased",
+    "opt": SHARED / "tokenizers" / "opt-bpe-8k",
+    "llama": SHARED / "tokenizers" / "opt-bpe-8k",
+}
 TINY_YAML = {
     "bert": "hidden_size: 32\nnum_hidden_layers: 2\nnum_attention_heads: 4\nintermediate_size: 64\n"
     "max_position_embeddings: 64\n",
     "opt": "hidden_size: 32\nnum_hidden_layers: 2\nnum_attention_heads: 4\nffn_dim: 64\nmax_position_embeddings: 64\n",
+    "llama": "hidden_size: 32\nnum_hidden_layers: 2\nnum_attention_heads: 4\nnum_key_value_heads: 2\n"
+    "intermediate_size: 64\nmax_position_embeddings: 64\n",
 }
 
 
@@ -125,9 +133,10 @@ def train_argv(model_type: str, output_dir: Path, data_cache: Path, *extra: str,
 
 def run_main(model_type: str, argv: list[str]) -> dict:
     import run_clm
+    import run_llama
     import run_mlm
 
-    return (run_mlm if model_type == "bert" else run_clm).main(argv)
+    return {"bert": run_mlm, "opt": run_clm, "llama": run_llama}[model_type].main(argv)
 
 
 def read_log(output_dir: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""W8A8 wiring of BERT and OPT: exact when off, every point on the grid when on, the head FP under fp32_head,
+"""W8A8 wiring of BERT, OPT and Llama: exact when off, every point on the grid when on, the head FP under fp32_head,
 16-bit LayerNorms under the int16 presets, residual sums quantized exactly, and a calibrated model reloads."""
 
 import pytest
@@ -7,7 +7,7 @@ from torch import nn
 
 from quantization.calibration import activation_quantizers, calibration, set_quantization, weight_quantizers
 from quantization.config import QuantConfig
-from quantization.modules import QuantLayerNorm, QuantLinear
+from quantization.modules import QuantLayerNorm, QuantLinear, QuantRMSNorm
 from quantization.quantizer import Quantizer
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig, build_model
@@ -18,6 +18,12 @@ METHODS = {
     "clipped": {"softmax": "clipped(-0.05:1)"},
     "gated": {"gate_type": "conditional_per_token", "init_prob": 0.25},
 }
+
+
+@pytest.fixture(params=["bert", "opt", "llama"])
+def model_type(request) -> str:
+    """Every family with a text wiring (overrides conftest's BERT / OPT)."""
+    return request.param
 
 
 def _pair(model_type: str, method: str = "vanilla"):
@@ -68,10 +74,12 @@ def test_w8a8_every_point_holds_at_most_256_values(model_type, method):
     expected_points = 3 * layers  # scores, probs, context
     if model_type == "bert":  # Q K V out dense FFN-in FFN-out, 2 LN, 2 residual sums per layer; embeddings
         expected_points += layers * (6 + 2 + 2) + 2 + 1
+    elif model_type == "llama":  # keys; Q K V O gate up down, 2 RMSNorms, 2 residual sums, SwiGLU product; final
+        expected_points += layers * (1 + 7 + 2 + 2 + 1) + 1
     else:  # Q K V out_proj fc1 fc2, 2 LN, 2 residual sums per layer; final LN; embedding sum
         expected_points += layers * (6 + 2 + 2) + 1 + 1
     assert len(acts) == expected_points
-    gates = [m for n, m in model.named_modules() if ".gate" in n and isinstance(m, QuantLinear | Quantizer)]
+    gates = [m for n, m in model.named_modules() if ".attention_variant.gate" in n and isinstance(m, QuantLinear | Quantizer)]
     assert not gates  # the gate stays FP
 
 
@@ -88,8 +96,9 @@ def test_fp32_head_keeps_the_head_float_and_all_quantizes_it(model_type):
 def test_int16_presets_put_layernorms_at_16_bits(model_type, setup):
     _, model = _pair(model_type)
     quantize_model(model, QuantConfig(quant_setup=setup))
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerNorm)}
-    final = "bert.encoder.layer.1.output.LayerNorm" if model_type == "bert" else "model.decoder.final_layer_norm"
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerNorm | QuantRMSNorm)}
+    assert len(norms) == 2 * 2 + 1  # two per layer, and the final one (BERT: the embeddings')
+    final = model.family.wiring.final_layernorm.format(last=1)
     for name, norm in norms.items():
         sixteen = setup.endswith("all_LN") or name == final
         assert norm.output_quantizer.n_bits == norm.weight_quantizer.n_bits == (16 if sixteen else 8), name

@@ -1,4 +1,4 @@
-"""The model families (BERT, OPT, ViT): every fact that makes one family differ from the other, in one table.
+"""The model families (BERT, OPT, ViT, Llama): every fact that makes one family differ from the other, in one table.
 
 A family names its pre-training objective, its sequence-length flag, its Adam betas, its dropout config keys
 and from-scratch config defaults, where its layers and measured tensors are and which headline figures the
@@ -9,6 +9,7 @@ model class (models.py) that names it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .errors import UsageError
@@ -25,6 +26,8 @@ class Site:
     """What the tensor is, the same for every layer (e.g. 'ffn_output'); headline figures select by kind."""
     layer: int | None
     tap: str = "output"
+    width: int | None = None
+    """The tensor's last dimension when it is not the hidden size (Llama's SwiGLU product: the FFN width)."""
 
     @property
     def name(self) -> str:
@@ -39,7 +42,8 @@ class Headline:
     label: str
     """The paper's name for it, used in the log line."""
     statistic: str
-    """'inf_norm' or 'kurtosis' (each the mean over validation sequences)."""
+    """'inf_norm', 'kurtosis', 'first_token_inf_norm' or 'later_tokens_inf_norm' (each the mean over validation
+    sequences; the last two: max |x| at the first position, and over every later one)."""
     kinds: tuple[str, ...] | None
     """Site kinds it covers; None: every site."""
     reduce: str = "max"
@@ -84,9 +88,16 @@ class Wiring:
     embedding_sum_consumer: str | None = None
     """The module whose only input is the embedding sum (OPT: the first decoder layer, also behind a
     `project_in`, whose own input is a lookup in the quantized table and so already on the weight grid)."""
+    product_inputs: tuple[str, ...] = ()
+    """Modules (layer paths) whose only input is a product made for them (Llama: the SwiGLU product, the down
+    projection's input), quantized by a forward pre-hook as `<module>.input`."""
+    attention_points: tuple[str, ...] = ("scores", "probs", "context")
+    """The attention points quantized (attention.py): Llama adds `keys`, the RoPE'd keys as the key cache holds
+    them (its k_proj output is not what the cache stores)."""
     outlier_points: tuple[str, ...] = ()
-    """The seed's three outlier tensors of each layer, as point names relative to the layer: the FFN input,
-    the FFN output and the residual sum after the FFN (where PEG and MP-PTQ apply by default)."""
+    """The FFN's outlier tensors of each layer, as point names relative to the layer: the FFN input, the FFN
+    output and the residual sum after the FFN (Llama: also the SwiGLU product), where PEG and MP-PTQ apply by
+    default."""
     norm_readers: tuple[NormReaders, ...] = ()
     """Each layer's LayerNorms with their readers (the equivalent transforms' sites)."""
     input_norm: str | None = None
@@ -95,6 +106,9 @@ class Wiring:
     """Post-LN: the LayerNorm (layer path) whose output is the layer's output, read by the next layer."""
     transform_requires: tuple[str, bool] | None = None
     """(config key, value) without which the sites above are not the model's (e.g. OPT's pre-LN switch)."""
+    norm_bias: bool = True
+    """Whether the norms and their readers carry biases: without them (RMSNorm, bias-free Linears) OS+'s shift
+    has nowhere to go."""
 
     def in_head(self, path: str) -> bool:
         """Whether the module at `path` belongs to the head (which the preset may leave in floating point)."""
@@ -117,17 +131,19 @@ class Family:
     """The pre-training objective (objectives.py) of this family's scripts."""
     sequence: SequenceFlag
     adam_betas: tuple[float, float]
-    dropout_keys: tuple[str, str]
-    """(attention dropout, hidden dropout) config keys."""
-    scratch_defaults: dict = field(default_factory=dict)
-    """Config values of a from-scratch model unless the config or YAML sets them; 'hidden_size' means the
-    config's hidden size."""
+    dropout_keys: tuple[str, str | None]
+    """(attention dropout, hidden dropout) config keys (None: the family has no such dropout)."""
+    scratch_defaults: dict[str, Callable] = field(default_factory=dict)
+    """Config values of a from-scratch model unless the config or YAML sets them, each computed from the config
+    (after the YAML overrides)."""
     layers_path: str = ""
     """Where the transformer layers (whose outputs are the residual stream) live in the model."""
     layer_sites: tuple[tuple[str, str, str], ...] = ()
     """Per layer, the measured tensors: (kind, module path inside the layer, 'output' or 'input')."""
     model_sites: tuple[tuple[str, str, str], ...] = ()
     """Measured tensors outside the layers: (kind, module path, tap)."""
+    site_widths: dict[str, str] = field(default_factory=dict)
+    """Site kinds whose last dimension is not the hidden size, with the config key that gives it."""
     stream_kind: str = ""
     """The kind of the residual stream after each layer (the rows of the outlier-dimension heatmap)."""
     headlines: tuple[Headline, ...] = ()
@@ -247,7 +263,7 @@ FAMILIES: dict[str, Family] = {
         sequence=SequenceFlag("block_size", None, "Tokens per CLM block (default: positions, at most 1024)."),
         adam_betas=(0.9, 0.95),  # OPT's, as in the paper
         dropout_keys=("attention_dropout", "dropout"),
-        scratch_defaults={"word_embed_proj_dim": "hidden_size"},  # no project_in / project_out layers
+        scratch_defaults={"word_embed_proj_dim": lambda config: config.hidden_size},  # no project_in / project_out
         layers_path="model.decoder.layers",
         layer_sites=pre_ln_layer_sites("self_attn_layer_norm", "self_attn.out_proj", "final_layer_norm", "fc2"),
         model_sites=(("final_layernorm", "model.decoder.final_layer_norm", "output"),),
@@ -316,6 +332,64 @@ FAMILIES: dict[str, Family] = {
         modality="image",
         scripts="vit",
     ),
+    "llama": Family(
+        model_type="llama",
+        objective="clm",
+        sequence=SequenceFlag("block_size", None, "Tokens per CLM block (default: positions, at most 1024)."),
+        adam_betas=(0.9, 0.95),  # Llama's
+        dropout_keys=("attention_dropout", None),  # Llama has no hidden-state dropout
+        # HF's defaults are Llama-2 7B's (head_dim 128, 32 key-value heads): a smaller YAML size gets heads of
+        # hidden / heads and one key-value head per query head unless it says otherwise.
+        scratch_defaults={
+            "head_dim": lambda config: config.hidden_size // config.num_attention_heads,
+            "num_key_value_heads": lambda config: config.num_attention_heads,
+        },
+        layers_path="model.layers",
+        layer_sites=(
+            *pre_ln_layer_sites("input_layernorm", "self_attn.o_proj", "post_attention_layernorm", "mlp.down_proj"),
+            ("ffn_product", "mlp.down_proj", "input"),  # act(gate) * up: the largest activations of SwiGLU models
+        ),
+        model_sites=(("final_layernorm", "model.norm", "output"),),
+        site_widths={"ffn_product": "intermediate_size"},
+        stream_kind="layer_output",
+        headlines=(
+            *PRE_LN_HEADLINES,
+            Headline("max_ffn_product_inf_norm", "Max down-proj input inf norm", "inf_norm", ("ffn_product",)),
+            Headline(
+                "max_first_token_inf_norm", "Max first-token inf norm", "first_token_inf_norm", ("layer_output",)
+            ),
+            Headline(
+                "max_later_tokens_inf_norm", "Max later-token inf norm", "later_tokens_inf_norm", ("layer_output",)
+            ),
+        ),
+        body="model",
+        head_projection="lm_head",
+        wiring=Wiring(
+            head=("lm_head",),
+            final_layernorm="model.norm",
+            ffn_in="mlp.gate_proj",  # SiLU fused into it: the gate's activation is quantized, its pre-activation not
+            ffn_activation="mlp.act_fn",
+            residual_sums=("attn_residual_sum", "ffn_residual_sum"),
+            product_inputs=("mlp.down_proj",),
+            attention_points=("keys", "scores", "probs", "context"),
+            # FFN input, SwiGLU product, FFN output, residual sum: the product is where SwiGLU's outliers peak.
+            outlier_points=(
+                "post_attention_layernorm.output", "mlp.down_proj.input", "mlp.down_proj.output", "ffn_residual_sum"
+            ),
+            # The final norm is left alone, as OPT's: the LM head reads it (tied to the embeddings or not).
+            norm_readers=(
+                NormReaders(
+                    "input_layernorm",
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    gated_attention="self_attn",
+                ),
+                NormReaders("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ),
+            norm_bias=False,
+        ),
+        weight_ranges="MSE",
+        scripts="llama",
+    ),
 }
 
 
@@ -347,6 +421,7 @@ def get_family(name: str) -> Family:
 
 
 def family_of_objective(objective: str) -> Family:
-    """The family an objective's scripts train (run_mlm / validate_mlm: BERT; run_clm / validate_clm: OPT;
-    run_vit / validate_vit: ViT; run_glue / validate_glue: BERT with a classifier)."""
+    """The first family of an objective, the one its scripts are named for (run_mlm / validate_mlm: BERT; run_clm
+    / validate_clm: OPT; run_vit / validate_vit: ViT; run_glue / validate_glue: BERT with a classifier); Llama,
+    also causal LM, has its own scripts (run_llama / validate_llama)."""
     return next(family for family in FAMILIES.values() if family.objective == objective)

@@ -6,7 +6,8 @@ For one tensor of one sequence, flattened to a vector v (T x d values):
             gives 3). The paper's code used the unbiased std plus 1e-6 in the denominator; with T x d in the
             thousands the two differ by well under 0.1%.
   outliers  the values with |v - mean v| > 6 std(v) (population std), the paper's definition.
-Both per-sequence figures are averaged over the validation sequences, per tensor. In a padded batch, a sequence is
+Both per-sequence figures are averaged over the validation sequences, per tensor, as are the first token's max |x|
+and the later tokens' (where "massive activations" sit: the first token of decoders). In a padded batch, a sequence is
 its real tokens (T_b x d values): padding enters no figure. Beyond those, each tensor
 keeps its true maximum, its >6 sigma count per hidden dimension (the last axis), the largest magnitude per
 hidden dimension, and per token id how often a sequence's maximum sat on that token and how many >6 sigma
@@ -30,7 +31,7 @@ from .literature_metrics import LOG_BINS, LOG_RANGE, histogram_median
 
 OUTLIER_SIGMAS = 6.0
 # Layout of the per-site vectors of running sums (device) and counts (host).
-_SUMS = ("inf_norm", "kurtosis", "outliers")
+_SUMS = ("inf_norm", "kurtosis", "outliers", "first_token", "later_tokens")
 _COUNTS = ("sequences", "kurtosis_sequences", "values")
 
 
@@ -77,6 +78,10 @@ class SiteFigures:
     token_outliers: torch.Tensor
     median_abs: float = float("nan")
     """The median |value| over the whole evaluation (of a log-magnitude histogram: to about 1%)."""
+    first_token_inf_norm: float = float("nan")
+    """Mean over sequences of max |x| at the first position."""
+    later_tokens_inf_norm: float = float("nan")
+    """Mean over sequences of max |x| over every later position (NaN for one-token sequences)."""
 
 
 class _Accumulator:
@@ -134,7 +139,10 @@ class _Accumulator:
         real_magnitudes = magnitude if weights is None else magnitude[real[0].bool()]
         logs = real_magnitudes.clamp_min(10 ** LOG_RANGE[0]).log10_()
         self.histogram += torch.histc(logs, LOG_BINS, *LOG_RANGE).double()
-        peak, where = magnitude.amax(dim=2).max(dim=1)  # per sequence, and the position where it sits
+        per_position = magnitude.amax(dim=2)  # (B, T): padded positions are 0
+        peak, where = per_position.max(dim=1)  # per sequence, and the position where it sits
+        first_token = per_position[:, 0].sum()
+        later_tokens = per_position[:, 1:].amax(dim=1).sum() if length > 1 else peak.new_zeros(())
         torch.maximum(self.dim_peak, magnitude.view(-1, hidden).amax(dim=0), out=self.dim_peak)
         self.token_maxima.index_add_(
             0, token_ids.gather(1, where.unsqueeze(1)).squeeze(1), torch.ones_like(peak, dtype=torch.float64)
@@ -156,10 +164,12 @@ class _Accumulator:
             kurtosis = (fourth / variance.squeeze(1).square().clamp_min(torch.finfo(torch.float32).tiny)).sum()
         # 1.0 where (x - mean)^2 > 36 var, else 0.0, written over the squares in one pass.
         outlier = torch.gt(squares, OUTLIER_SIGMAS**2 * variance, out=squares).view_as(x)
-        per_position = outlier.sum(dim=2)  # (B, T)
+        outlier_count = outlier.sum(dim=2)  # (B, T)
         self.dim_outliers += outlier.view(-1, hidden).sum(dim=0)  # exact in fp32 below 2^24 rows
-        self.token_outliers.index_add_(0, token_ids.flatten(), per_position.flatten().double())
-        self.sums += torch.stack([peak.sum().double(), kurtosis.double(), per_position.sum().double()])
+        self.token_outliers.index_add_(0, token_ids.flatten(), outlier_count.flatten().double())
+        self.sums += torch.stack(
+            [peak.sum(), kurtosis, outlier_count.sum(), first_token, later_tokens]
+        ).double()
         # Counts are known on the host: no device round trip per batch.
         self.counts[0] += batch
         self.counts[1] += batch if with_kurtosis else 0
@@ -173,6 +183,7 @@ class ActivationStatistics:
     `stats.synced(accelerator)`. Hooks exist only inside `attached()`, each reduces its tensor at once into the
     site's device accumulators, and one sum plus one max across processes happen in `synced`. Kurtosis uses
     the first `kurtosis_max_batches` batches of each process (None: all); everything else uses all batches.
+    Every site's last dimension is `hidden_size` unless the site names its own width (`Site.width`).
     """
 
     def __init__(
@@ -190,7 +201,9 @@ class ActivationStatistics:
         self.kurtosis_max_batches = kurtosis_max_batches
         # Allocated up front, so a process whose shard is empty still joins the sync with the same shapes.
         device = next(model.parameters()).device
-        self._accumulators = {site.name: _Accumulator(hidden_size, vocab_size, device) for site in sites}
+        self._accumulators = {
+            site.name: _Accumulator(site.width or hidden_size, vocab_size, device) for site in sites
+        }
         self._token_ids: torch.Tensor | None = None
         self._real: tuple | None = None
         self._with_kurtosis = True
@@ -251,5 +264,7 @@ class ActivationStatistics:
                 token_maxima=token_maxima,
                 token_outliers=token_outliers,
                 median_abs=histogram_median(histogram) if histogram.sum() > 0 else float("nan"),
+                first_token_inf_norm=totals["first_token"] / max(totals["sequences"], 1.0),
+                later_tokens_inf_norm=totals["later_tokens"] / max(totals["sequences"], 1.0),
             )
         return figures

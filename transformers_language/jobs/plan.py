@@ -179,7 +179,7 @@ def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
     calibration, points = None, ()
     if quantization is not None:
         if quantization.transforms:
-            check_transformable(family, config)
+            check_transformable(family, config, quantization.transforms)
         points = tuple(planned_points(config, quantization, family.name))
         batch = calibration_batch_size(flags_q, flags.evaluation.per_device_eval_batch_size)
         calibration = {

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..arguments import FlagParser, Flags, add_group
 from ..data.modalities import get_modality
 from ..evaluation.loop import evaluate
-from ..families import family_of_objective
+from ..families import Family, family_of_objective, get_family
 from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from ..models.loading import load_model
 from ..objectives import Objective, get_objective
@@ -53,8 +53,8 @@ from .plan import resolve_training
 logger = logging.getLogger(__name__)
 
 
-def build_parser(objective: Objective) -> FlagParser:
-    family = family_of_objective(objective.name)
+def build_parser(objective: Objective, family: Family | None = None) -> FlagParser:
+    family = family or family_of_objective(objective.name)
     parser = job_parser(
         family,
         objective,
@@ -68,11 +68,13 @@ def build_parser(objective: Objective) -> FlagParser:
     return parser
 
 
-def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
-    """Run the pre-training job of `objective_name` ('mlm' or 'clm') with command-line `argv`; returns the
-    figures written to `all_results.json`."""
+def pretrain(objective_name: str, argv: list[str] | None = None, family_name: str | None = None) -> dict:
+    """Run the training job of `objective_name` ('mlm', 'clm', 'glue', 'image_classification') for `family_name`
+    (default: the objective's first family, families.py) with command-line `argv`; returns the figures written
+    to `all_results.json`."""
     objective = get_objective(objective_name)
-    flags = build_parser(objective).parse(argv)
+    family = get_family(family_name) if family_name else family_of_objective(objective_name)
+    flags = build_parser(objective, family).parse(argv)
     training, tracking = flags.training, flags.tracking
     output_dir = check_output_dir(training.output_dir)
     new_run = not training.resume_from_checkpoint and not training.dry_run
@@ -90,21 +92,23 @@ def pretrain(objective_name: str, argv: list[str] | None = None) -> dict:
         claim_run_folder(output_dir)
     accelerator.wait_for_everyone()
     try:
-        return _train(objective, flags, accelerator, output_dir, checkpoint)
+        return _train(objective, family, flags, accelerator, output_dir, checkpoint)
     except BaseException:
         if claimed:  # a run that fails before it records itself leaves the folder free for the next attempt
             release_unused_claim(output_dir)
         raise
 
 
-def _train(objective: Objective, flags: Flags, accelerator: Accelerator, output_dir: Path, checkpoint) -> dict:
+def _train(
+    objective: Objective, family: Family, flags: Flags, accelerator: Accelerator, output_dir: Path, checkpoint
+) -> dict:
     """The run itself, once its folder is claimed (or resumed from `checkpoint`)."""
     training, tracking = flags.training, flags.tracking
     if checkpoint is not None:  # before any weights or data are loaded
         check_checkpoint_files(checkpoint, accelerator.process_index)
     set_seed(training.seed)
 
-    plan = resolve_training(flags, family_of_objective(objective.name), accelerator.num_processes)
+    plan = resolve_training(flags, family, accelerator.num_processes)
     if training.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
     objective = objective.bound(plan.config)

@@ -26,7 +26,7 @@ from ..evaluation.literature_metrics import LiteratureStatistics, literature_res
 from ..evaluation.loop import evaluate
 from ..evaluation.metrics import OUTLIER_SIGMAS, ActivationStatistics
 from ..evaluation.outlier_report import log_results, outlier_results
-from ..families import family_of_objective
+from ..families import Family, family_of_objective, get_family
 from ..files import check_output_dir, write_json_atomic
 from ..models.loading import load_checkpoint
 from ..objectives import Objective, get_objective
@@ -47,8 +47,8 @@ from .plan import resolve_validation
 logger = logging.getLogger(__name__)
 
 
-def build_parser(objective: Objective) -> FlagParser:
-    family = family_of_objective(objective.name)
+def build_parser(objective: Objective, family: Family | None = None) -> FlagParser:
+    family = family or family_of_objective(objective.name)
     parser = job_parser(
         family,
         objective,
@@ -69,13 +69,20 @@ def print_points(accelerator, points) -> dict:
     return {"points": list(points)}
 
 
-def validate(objective_name: str, argv: list[str] | None = None, statistics_cache: dict | None = None) -> dict:
-    """Evaluate the checkpoint of `argv` for `objective_name` ('mlm' or 'clm'); returns the figures written to
-    `all_results.json`. `statistics_cache` (a dict kept by the caller) shares the float calibration statistics
+def validate(
+    objective_name: str,
+    argv: list[str] | None = None,
+    statistics_cache: dict | None = None,
+    family_name: str | None = None,
+) -> dict:
+    """Evaluate the checkpoint of `argv` for `objective_name` ('mlm', 'clm', 'glue', 'image_classification') and
+    `family_name` (default: the objective's first family); returns the figures written to `all_results.json`.
+    `statistics_cache` (a dict kept by the caller) shares the float calibration statistics
     of the equivalent transforms between runs on the same checkpoint and calibration flags."""
     objective = get_objective(objective_name)
-    script = family_of_objective(objective.name).validate_script
-    flags = build_parser(objective).parse(argv)
+    family = get_family(family_name) if family_name else family_of_objective(objective_name)
+    script = family.validate_script
+    flags = build_parser(objective, family).parse(argv)
     evaluation = flags.evaluation
     output_dir = check_output_dir(evaluation.output_dir)
     # The W8A8 simulation runs in fp32 (its ranges and grids are fp32 arithmetic; bf16 would round the values it
@@ -88,7 +95,7 @@ def validate(objective_name: str, argv: list[str] | None = None, statistics_cach
     check_launch(accelerator)
     set_seed(evaluation.seed)
 
-    plan = resolve_validation(flags, family_of_objective(objective.name), script)
+    plan = resolve_validation(flags, family, script)
     if evaluation.dry_run:
         return print_dry_run(accelerator, plan.to_dict())
     if flags.quantization.list_quant_points:

@@ -1,6 +1,7 @@
 """The one attention function of this project, plugged into transformers' attention seam.
 
-HF's BERT and OPT attention modules compute Q, K, V and then call
+HF's BERT, OPT, ViT and Llama attention modules compute Q, K, V (Llama: with RoPE applied and the KV cache
+updated) and then call
 `ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, query, key, value, mask, ...)`. We register
 `attention_variant_forward` under ATTENTION_FUNCTION_NAME in `AttentionInterface` and the boolean SDPA
 mask builder under the same name in `AttentionMaskInterface` (a name missing there gets no mask at all).
@@ -10,10 +11,15 @@ the named points), so their parameters live in the state dict and `from_pretrain
 loading. A learned key/value (`bias_kv`) is prepended to the keys, so in `scores` and `probs` it is key 0 and
 the sequence's keys follow. The points are `nn.Identity` modules where metrics and quantizers attach (hooks or
 module swaps):
+  keys     the keys as they arrive, per key-value head             (B, S, H_kv, d)
+           (Llama: RoPE'd, the key cache; quantized for Llama only, as elsewhere k_proj's output is the same)
   scores   attention scores after scaling, before the mask      (B, H, T, S)
   probs    probabilities after the softmax, before dropout       (B, H, T, S)
   context  gated context before the output projection           (B, T, H * d_head)
   key_mass attention mass on marked keys, before the gate       (B, T, H, K)
+Under grouped-query attention (Llama with fewer key-value heads than query heads) the keys and values of a group
+are repeated for its query heads after the learned key/value (one per key-value head, like a real token's) is
+prepended; the gate, softmax1's and the sink's logits are per query head.
 `key_mass` runs only while `marked_keys` (B, S, K) holds K indicator columns over the sequence's keys (set
 by the attention diagnostics): they ride along as K extra value channels, so the fused kernel computes
 probabilities @ indicators together with the context and the fast path stays fast (the learned key of
@@ -37,6 +43,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import repeat_kv
 from transformers.utils.output_capturing import _active_collector
 
 from .attention_config import AttentionConfig
@@ -75,13 +82,16 @@ class AttentionVariant(nn.Module):
     """Normaliser, optional gate, optional learned key/value and the named points of one self-attention
     layer."""
 
-    def __init__(self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool):
+    def __init__(
+        self, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool, num_kv_heads: int | None = None
+    ):
         super().__init__()
         self.settings = config
         self.is_causal = is_causal
         self.softmax = build_softmax(config, num_heads)
         self.gate = AttentionGate(config, num_heads, head_dim, is_causal) if config.gated else None
-        self.bias_kv = BiasKeyValue(num_heads, head_dim) if config.bias_kv else None
+        self.bias_kv = BiasKeyValue(num_kv_heads or num_heads, head_dim) if config.bias_kv else None
+        self.keys = nn.Identity()
         self.scores = nn.Identity()
         self.probs = nn.Identity()
         self.context = nn.Identity()
@@ -108,8 +118,10 @@ class AttentionVariant(nn.Module):
         gate_input: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, H, T, d) query and (B, H, S, d) key/value -> context (B, T, H, d), probabilities or None."""
+        """(B, H, T, d) query and (B, H_kv, S, d) key/value (H_kv divides H) -> context (B, T, H, d), probabilities
+        or None."""
         batch, num_heads, q_length, head_dim = query.shape
+        key = self.keys(key.transpose(1, 2)).transpose(1, 2)  # token-major, as padding masks and caches see it
         if self.settings.skip_attn:
             context = query.new_zeros(batch, q_length, num_heads * head_dim)
             return self.context(context).view(batch, q_length, num_heads, head_dim), None
@@ -138,6 +150,8 @@ class AttentionVariant(nn.Module):
             key, value, attention_mask, marked = prepend_key(
                 key, value, attention_mask, marked, *self.bias_kv.rows(batch, key.dtype)
             )
+        if key.shape[1] != num_heads:  # grouped-query attention: each query head reads its group's keys
+            key, value = repeat_kv(key, num_heads // key.shape[1]), repeat_kv(value, num_heads // value.shape[1])
         if null_logit is not None:
             query, key, value, null_key, null_value = with_null_key(query, key, value, null_logit, scaling)
             key, value, attention_mask, marked = prepend_key(key, value, attention_mask, marked, null_key, null_value)
@@ -204,8 +218,9 @@ def attention_variant_forward(
     variant = getattr(module, "attention_variant", None)
     if variant is None:
         raise ValueError(
-            f"{type(module).__name__} has no attention_variant: load the model with BertForMaskedLMWithVariants "
-            "or OPTForCausalLMWithVariants (transformers_language.models.model_classes) instead of the stock HF class."
+            f"{type(module).__name__} has no attention_variant: load the model with this project's class of its "
+            "family (transformers_language.models.model_classes, e.g. LlamaForCausalLMWithVariants) instead of the "
+            "stock HF class."
         )
     return variant(
         query,
@@ -228,10 +243,15 @@ def _pass_gate_input(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def install_attention_variant(
-    attention: nn.Module, config: AttentionConfig, num_heads: int, head_dim: int, is_causal: bool
+    attention: nn.Module,
+    config: AttentionConfig,
+    num_heads: int,
+    head_dim: int,
+    is_causal: bool,
+    num_kv_heads: int | None = None,
 ) -> AttentionVariant:
     """Attach an `AttentionVariant` as `attention.attention_variant` (and the gate-input hook if needed)."""
-    variant = AttentionVariant(config, num_heads, head_dim, is_causal)
+    variant = AttentionVariant(config, num_heads, head_dim, is_causal, num_kv_heads)
     attention.attention_variant = variant
     if variant.gate is not None and variant.gate.needs_input:
         attention.register_forward_pre_hook(_pass_gate_input, with_kwargs=True)

@@ -134,13 +134,17 @@ def build_config(model_args: ModelArgs) -> tuple[PretrainedConfig, str | None]:
         setattr(config, key, value)
     if model_args.model_name_or_path is None and not model_args.config_name:
         # The family's from-scratch defaults, unless the YAML sets them.
-        for key, value in get_family(model_args.model_type).scratch_defaults.items():
+        for key, default in get_family(model_args.model_type).scratch_defaults.items():
             if key not in overrides:
-                setattr(config, key, getattr(config, value) if value == "hidden_size" else value)
+                setattr(config, key, default(config))
     dropout_keys = get_family(model_args.model_type).dropout_keys
-    for key, value in zip(dropout_keys, (model_args.attn_dropout, model_args.hidden_dropout), strict=True):
-        if value is not None:
-            setattr(config, key, value)
+    flags = ("--attn_dropout", "--hidden_dropout")
+    for key, flag, value in zip(dropout_keys, flags, (model_args.attn_dropout, model_args.hidden_dropout), strict=True):
+        if value is None:
+            continue
+        if key is None:
+            raise UsageError(f"{flag}: {model_args.model_type} models have no such dropout; drop {flag}.")
+        setattr(config, key, value)
     return config, model_args.model_name_or_path
 
 

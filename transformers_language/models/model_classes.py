@@ -1,4 +1,5 @@
-"""HF BERT masked-LM and OPT causal-LM classes that carry the attention variant of their config.
+"""HF BERT (masked LM, GLUE), OPT and Llama (causal LM) and ViT classes that carry the attention variant of their
+config.
 
 The classes subclass the stock HF ones and change three things: every self-attention module gets an
 `AttentionVariant` child built from `config.attention_variant`, the attention implementation is always
@@ -18,14 +19,17 @@ from torch import nn
 from transformers import (
     BertForMaskedLM,
     BertForSequenceClassification,
+    LlamaForCausalLM,
     OPTForCausalLM,
     PretrainedConfig,
     ViTForImageClassification,
 )
 from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.models.opt.modeling_opt import OPTAttention
 from transformers.models.vit.modeling_vit import ViTAttention
 
+from ..errors import UsageError
 from ..families import FAMILIES, Family, Headline, Site, get_family
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
@@ -66,11 +70,17 @@ class AttentionVariantMixin:
         self.attention_config = AttentionConfig.from_model_config(config)
         self.attention_config.apply_to(config)
         num_heads = config.num_attention_heads
-        head_dim = config.hidden_size // num_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        if self.attention_config.gated and head_dim * num_heads != config.hidden_size:
+            raise UsageError(
+                f"The attention gates read the attention input in {num_heads} slices of head_dim={head_dim}, but the "
+                f"hidden size is {config.hidden_size}; use a config with head_dim x heads = hidden size, or no gate."
+            )
         for module in self.modules():
             if isinstance(module, self.attention_class):
                 install_attention_variant(
-                    module, self.attention_config, num_heads, head_dim, is_causal=bool(module.is_causal)
+                    module, self.attention_config, num_heads, head_dim, bool(module.is_causal), num_kv_heads
                 )
         self.add_family_modules(config)
         if getattr(config, TRANSFORMS_KEY, None):  # a transformed model: its shortcut affines load with it
@@ -122,10 +132,11 @@ class AttentionVariantMixin:
     def outlier_sites(self) -> list[Site]:
         """The tensors whose inf-norm, kurtosis and outliers are reported, layer by layer, in forward order."""
         sites = []
+        widths = {kind: getattr(self.config, key) for kind, key in self.family.site_widths.items()}
         for index in range(len(self.transformer_layers())):
             for kind, path, tap in self.family.layer_sites:
                 module_path = ".".join(p for p in (self.layers_path, str(index), path) if p)
-                sites.append(Site(module_path, kind, index, tap))
+                sites.append(Site(module_path, kind, index, tap, widths.get(kind)))
         sites += [Site(path, kind, None, tap) for kind, path, tap in self.family.model_sites]
         return sites
 
@@ -153,6 +164,15 @@ class OPTForCausalLMWithVariants(AttentionVariantMixin, OPTForCausalLM):
 
     attention_class = OPTAttention
     family = FAMILIES["opt"]
+
+
+class LlamaForCausalLMWithVariants(AttentionVariantMixin, LlamaForCausalLM):
+    """Llama-style causal LM (pre-RMSNorm, SwiGLU, RoPE, grouped-query attention) whose self-attention uses
+    `config.attention_variant`. The gates and the softmax's logits are per query head; the learned key/value is
+    per key-value head (attention.py)."""
+
+    attention_class = LlamaAttention
+    family = FAMILIES["llama"]
 
 
 PATCH_LAYERNORM_KEY = "patch_embedding_layernorm"  # config.json: a LayerNorm after the patch embedding
@@ -189,6 +209,7 @@ MODEL_CLASSES: dict[str, type] = {
         BertForSequenceClassificationWithVariants,
         OPTForCausalLMWithVariants,
         ViTForImageClassificationWithVariants,
+        LlamaForCausalLMWithVariants,
     )
 }
 

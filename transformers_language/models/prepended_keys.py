@@ -16,8 +16,10 @@ NULL_CHANNELS = 8  # channels added for the fused null key: kernels keep their f
 
 
 class BiasKeyValue(nn.Module):
-    """A learned key and value per head (Sun et al. 2024, "explicit attention bias"), prepended to the keys
-    and values of every sequence: a head can park its attention there instead of on a real token."""
+    """A learned key and value per key-value head (Sun et al. 2024, "explicit attention bias"), prepended to the
+    keys and values of every sequence: a head can park its attention there instead of on a real token. Under
+    grouped-query attention the heads of a group share it, as they share a real token's key and value: it is
+    one more slot of the KV cache's layout, and the extra parameters stay 2 x H_kv x d_head."""
 
     def __init__(self, num_heads: int, head_dim: int):
         super().__init__()

@@ -1,5 +1,5 @@
 """The equivalent transforms of quantization/transforms.py (gamma migration, SmoothQuant, OS+) on this project's
-BERT / OPT models, before quantization.
+BERT / OPT / ViT / Llama models, before quantization (Llama's RMSNorms take scales only: no OS+).
 
 Where they apply is the family's table (families.py `Wiring.norm_readers`): each LayerNorm with the Linears, the
 attention gate and the shortcut that read its output. A transform computes one per-channel (scale, shift) per
@@ -33,8 +33,14 @@ from ..objectives.inputs import attention_mask
 SAMPLE_TOKENS_PER_BATCH = 256  # OS+ searches its threshold on this many tokens of each calibration batch
 
 
-def check_transformable(family: Family, config) -> None:
-    """One clear error, before any weights load, for a model whose LayerNorms the table does not describe."""
+def check_transformable(family: Family, config, transforms: tuple[str, ...] = ()) -> None:
+    """One clear error, before any weights load, for a model whose LayerNorms the table does not describe, or
+    a shift (OS+) where the norms and their readers have no bias to take it."""
+    if "os_plus" in transforms and not family.wiring.norm_bias:
+        raise UsageError(
+            f"--os_plus shifts each channel into the norm's bias and its readers' biases, and {family.model_type} "
+            "has neither (RMSNorm, bias-free Linears); use --smoothquant or --gamma_migration for this model."
+        )
     requirement = family.wiring.transform_requires
     if requirement is not None and getattr(config, requirement[0], None) != requirement[1]:
         key, value = requirement
@@ -120,6 +126,7 @@ def apply_transforms(
     """Apply `quant.transforms` to the float `model` in place (registry order); returns, per transform and
     LayerNorm, what it chose. `calibration_batches()` yields the input ids of the calibration batches (a fresh
     iterable per call); `int16_norms`: LayerNorms whose outputs the preset keeps at 16 bits."""
+    check_transformable(model.family, model.config, quant.transforms)
     sites = norm_sites(model)
     install_shortcut_affines(model)
     records, applied = {}, []

@@ -1,24 +1,28 @@
-"""W8A8 simulation of this project's BERT / OPT models: the quantization points of quantization.md, in place.
+"""W8A8 simulation of this project's BERT / OPT / ViT / Llama models: the quantization points of quantization.md,
+in place.
 
 No HF forward is copied. The wiring uses four mechanisms:
-- module swaps that share the float parameters: every Linear, LayerNorm and Embedding (quantization/
-  modules.py). The FFN activation (GELU / ReLU) is fused into the FFN-in Linear, so the pre-activation
-  stays FP;
-- quantizers swapped into the attention points `scores`, `probs` and `context` (attention.py);
-- a forward pre-hook where a sum is a module's only input: BERT's two residual sums are the inputs of
-  their LayerNorms, and OPT's embedding sum is the input of the first decoder layer;
-- `SumQuantizers` where a sum feeds two consumers inside one forward: OPT's two residual sums per layer,
-  and BERT's embedding sums (word + token type, then + position).
+- module swaps that share the float parameters: every Linear, LayerNorm / RMSNorm and Embedding
+  (quantization/modules.py). The FFN activation (GELU / ReLU; Llama: the SiLU of the gate projection) is
+  fused into the FFN-in Linear, so the pre-activation stays FP;
+- quantizers swapped into the attention points `scores`, `probs` and `context` (attention.py), and for Llama
+  `keys` (the RoPE'd keys the KV cache holds);
+- a forward pre-hook where a sum or product is a module's only input: BERT's two residual sums are the inputs
+  of their LayerNorms, OPT's embedding sum is the input of the first decoder layer, and Llama's SwiGLU
+  product act(gate) * up is the input of the down projection;
+- `SumQuantizers` where a sum feeds two consumers inside one forward: OPT's and Llama's two residual sums per
+  layer, and BERT's embedding sums (word + token type, then + position).
 Gate networks stay FP, as do softmax arithmetic, mask addition, LayerNorm statistics, biases and the loss.
 The preset decides whether the LM head (`cls` / `lm_head`) is quantized and which LayerNorms run at 16 bits.
 
 Every quantizer has a public point name, which the per-point flags match and the results use:
   <module>.weight          a Linear's, LayerNorm's (gamma) or Embedding's weight
-  <module>.output          a Linear's output (after a fused FFN activation) or a LayerNorm's output
-  <module>.input           a residual or embedding sum that is the module's only input; under LLM.int8(),
-                           a Linear's input, quantized inside it
+  <module>.output          a Linear's output (after a fused FFN activation) or a norm's output
+  <module>.input           a residual or embedding sum, or the SwiGLU product, that is the module's only input;
+                           under LLM.int8(), a Linear's input, quantized inside it
   <attention>.scores / .probs / .context   the attention points (<attention> ends in `attention_variant`)
-  <layer>.attn_residual_sum / .ffn_residual_sum   OPT's residual sums
+  <attention>.keys         Llama: the RoPE'd keys, the key cache (with v_proj.output, the value cache)
+  <layer>.attn_residual_sum / .ffn_residual_sum   OPT's and Llama's residual sums
   bert.embeddings.word_type_sum / .embedding_sum  BERT's embedding sums
 `validate_*.py --list_quant_points` prints them for a checkpoint.
 """
@@ -31,14 +35,14 @@ from torch import nn
 from quantization.config import HIGH_PRECISION_BITS, PER_EMBEDDING_GROUP, QuantConfig, point_matches
 from quantization.dynamic import TokenQuantizer
 from quantization.groups import GroupQuantizer
-from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear
+from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear, QuantRMSNorm
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
 
 from ..errors import UsageError
 from ..models.model_classes import family_of_config, model_class
+from ..models.norms import is_norm, is_rms_norm
 
-ATTENTION_POINTS = ("scores", "probs", "context")
 ATTENTION_CHANNELLESS = (".scores", ".probs")  # their last dimension is the key positions, not channels
 
 
@@ -60,7 +64,7 @@ def high_precision_layernorms(model: nn.Module, preset) -> set[str]:
     if preset.int16_layernorms == "final":
         return {model.family.wiring.final_layernorm.format(last=len(model.transformer_layers()) - 1)}
     if preset.int16_layernorms == "all":
-        return {name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
+        return {name for name, module in model.named_modules() if is_norm(module)}
     return set()
 
 
@@ -109,8 +113,9 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             )
         elif decomposed:  # LLM.int8() quantizes the Linears alone, as bitsandbytes does
             continue
-        elif isinstance(module, nn.LayerNorm):
-            swapped = QuantLayerNorm.from_float(module, weight_q(name, bits, rows=False), act_q(f"{name}.output", bits))
+        elif is_norm(module):
+            norm_class = QuantRMSNorm if is_rms_norm(module) else QuantLayerNorm
+            swapped = norm_class.from_float(module, weight_q(name, bits, rows=False), act_q(f"{name}.output", bits))
         elif isinstance(module, nn.Embedding):
             swapped = QuantEmbedding.from_float(module, weight_q(name))
         else:
@@ -119,11 +124,11 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     if config.act_quant and not decomposed:
         for path, variant in model.attention_variants().items():
-            for point in ATTENTION_POINTS:
+            for point in wiring.attention_points:
                 setattr(variant, point, act_q(f"{path}.{point}"))
         hidden = model.config.hidden_size
         for index, layer in enumerate(layers):
-            for path in wiring.residual_layernorms:
+            for path in (*wiring.residual_layernorms, *wiring.product_inputs):
                 _quantize_input(layer.get_submodule(path), act_q(f"{prefix}.{index}.{path}.input"))
             if wiring.residual_sums:
                 sums = [act_q(f"{prefix}.{index}.{sum_name}") for sum_name in wiring.residual_sums]
@@ -175,10 +180,15 @@ def llm_int8_shares(model: nn.Module, reduce=None) -> dict[str, float]:
 
 
 def _channels(model, point: str) -> int:
-    """The last dimension of the activation at `point`: a Linear's or LayerNorm's width, else the hidden size."""
+    """The last dimension of the activation at `point`: a Linear's or norm's width (a Linear's input: its input
+    width), else the hidden size."""
     if point.endswith(".output"):
         module = model.get_submodule(point.removesuffix(".output"))
-        return getattr(module, "out_features", None) or module.normalized_shape[-1]
+        return getattr(module, "out_features", None) or module.weight.shape[-1]
+    if point.endswith(".input"):
+        module = model.get_submodule(point.removesuffix(".input"))
+        if isinstance(module, nn.Linear):
+            return module.in_features
     return model.config.hidden_size
 
 

@@ -1,0 +1,168 @@
+"""The Llama family against stock HF: parity (eager and SDPA, logits and cached generation), every variant with
+grouped-query attention, checkpoints round-trip, and a stock checkpoint loads unchanged."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from transformers_language import AttentionConfig, build_model, model_class
+from transformers_language.models.attention import AttentionVariant
+
+from .conftest import VARIANTS, batch, tiny_config
+
+# The variants the issue names for this family, plus the paper's gate and clipped softmax.
+LLAMA_VARIANTS = (
+    "vanilla", "clipped", "alpha", "conditional_per_token", "headwise", "elementwise", "softmax1", "sink", "bias_kv",
+    "softpick", "sink+bias_kv+elementwise",
+)  # fmt: skip
+
+
+def make(seed=0, **attention):
+    torch.manual_seed(seed)
+    return build_model(tiny_config("llama"), AttentionConfig(**attention)).eval()
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def force_explicit(model):
+    return [v.probs.register_forward_hook(lambda *a: None) for v in model.attention_variants().values()]
+
+
+@pytest.mark.parametrize("left_padding", [False, True])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_vanilla_equals_stock_hf_on_both_paths(implementation, left_padding):
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(tiny_config("llama", attn_implementation=implementation)).eval()
+    ours = model_class("llama")(tiny_config("llama")).eval()
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    ids, mask = batch("llama", left_padding=left_padding)
+    valid = mask.bool()
+    expected = logits(stock, ids, mask)
+    for explicit in (False, True):
+        hooks = force_explicit(ours) if explicit else []
+        torch.testing.assert_close(logits(ours, ids, mask)[valid], expected[valid], rtol=1e-5, atol=1e-5)
+        for hook in hooks:
+            hook.remove()
+
+
+def test_cached_generation_equals_stock_hf():
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(tiny_config("llama")).eval()
+    ours = model_class("llama")(tiny_config("llama")).eval()
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    prompt = torch.randint(3, 90, (2, 5))
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=1)
+    expected = stock.generate(prompt, **options)
+    assert torch.equal(ours.generate(prompt, **options), expected)
+    assert torch.equal(ours.generate(prompt, use_cache=False, **options), expected)
+
+
+def test_stock_checkpoint_saved_and_reloaded_through_our_class(tmp_path):
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(tiny_config("llama")).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    ours, info = model_class("llama").from_pretrained(tmp_path / "stock", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids, mask = batch("llama")
+    torch.testing.assert_close(logits(ours.eval(), ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(tmp_path / "ours")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, ids, mask), logits(stock, ids, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", LLAMA_VARIANTS)
+def test_every_variant_round_trips_and_is_causal(tmp_path, name):
+    model = make(**VARIANTS[name])
+    for module in model.modules():  # non-trivial values in every variant parameter
+        if isinstance(module, AttentionVariant):
+            for parameter in module.parameters():
+                parameter.data.normal_(0, 0.5)
+    ids, mask = batch("llama")
+    before = logits(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    loaded, info = model_class("llama").from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.attention_config == model.attention_config
+    torch.testing.assert_close(logits(loaded.eval(), ids, mask), before, rtol=0, atol=0)
+    changed = ids.clone()
+    changed[:, 8:] = 5  # a later token never moves an earlier position's logits
+    torch.testing.assert_close(logits(model, changed, None)[:, :8], logits(model, ids, None)[:, :8])
+
+
+@pytest.mark.parametrize("name", ["vanilla", "headwise", "elementwise", "softmax1", "sink", "bias_kv"])
+def test_fused_path_equals_explicit_path_and_the_cache_repeats_the_full_forward(name):
+    model = make(**VARIANTS[name])
+    for module in model.modules():
+        if isinstance(module, AttentionVariant):
+            for parameter in module.parameters():
+                parameter.data.normal_(0, 0.5)
+    ids, mask = batch("llama")
+    fused = logits(model, ids, mask)
+    hooks = force_explicit(model)
+    torch.testing.assert_close(logits(model, ids, mask), fused, rtol=1e-5, atol=1e-5)
+    for hook in hooks:
+        hook.remove()
+    prompt = ids[:1, :6]
+    generated = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=1)
+    uncached = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=1, use_cache=False)
+    assert torch.equal(generated, uncached)
+
+
+def test_learned_key_is_per_key_value_head_and_gates_per_query_head():
+    model = make(**VARIANTS["sink+bias_kv+elementwise"])
+    variant = next(iter(model.attention_variants().values()))
+    config = model.config
+    assert variant.bias_kv.key.shape == (config.num_key_value_heads, 1, config.hidden_size // 4)
+    assert variant.softmax.sink_logit.numel() == config.num_attention_heads
+    assert variant.gate.network.proj.out_features == config.hidden_size  # H x d_head gate values per token
+
+
+def test_every_variant_trains_in_bfloat16_with_gradients_into_its_parameters():
+    for name in ("headwise", "softmax1", "bias_kv", "clipped"):
+        model = make(**VARIANTS[name]).train()
+        ids, _ = batch("llama")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        for parameter in model.parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
+
+
+def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
+    """run_llama trains a gated GQA model; validate_llama lists its points and evaluates it FP and W8A8 (with
+    SmoothQuant and a 4-bit KV cache) from its saved config; OS+ is refused in one line before loading."""
+    import validate_llama
+
+    from transformers_language.errors import UsageError
+
+    from .conftest import TRAIN_TEXT, VALID_TEXT, run_main, train_argv
+
+    run = tmp_path / "run"
+    run_main("llama", train_argv("llama", run, data_cache, "--attn_gate_type", "headwise", steps=3))
+    saved = model_class("llama").from_pretrained(run)
+    assert saved.attention_config.gate_type == "headwise" and saved.config.num_key_value_heads == 2
+    common = ["--model_name_or_path", str(run), "--validation_file", str(VALID_TEXT), "--block_size", "32"]
+    common += ["--validation_percentage", "1", "--per_device_eval_batch_size", "16", "--data_cache_dir", str(data_cache)]
+    calibration = ["--quantize", "--train_file", str(TRAIN_TEXT), "--train_percentage", "10", "--est_num_batches", "1"]
+    listing = validate_llama.main([*common, *calibration, "--list_quant_points", "--output_dir", str(tmp_path / "l")])
+    names = [point["name"] for point in listing["points"]]
+    assert "model.layers.0.mlp.down_proj.input" in names and "model.layers.1.ffn_residual_sum" in names
+    assert "model.layers.0.self_attn.attention_variant.keys" in names
+    fp = validate_llama.main([*common, "--output_dir", str(tmp_path / "fp")])
+    assert fp["max_ffn_product_inf_norm"] > 0 and fp["max_first_token_inf_norm"] > 0
+    sites = fp["activations"]
+    assert sites["model.layers.0.mlp.down_proj[input]"]["kind"] == "ffn_product"
+    kv4 = ["--point_bits", "**.attention_variant.keys=4", "**.v_proj.output=4"]
+    quantized = validate_llama.main([*common, *calibration, "--smoothquant", *kv4, "--output_dir", str(tmp_path / "q")])
+    written = json.loads((tmp_path / "q" / "all_results.json").read_text())
+    assert written["settings"]["quantization"]["points"]["activation 4 bits per_tensor"] == 2 * 2
+    assert math.isfinite(quantized["perplexity"]) and quantized["perplexity"] != fp["perplexity"]
+    with pytest.raises(UsageError, match="--os_plus.*RMSNorm"):
+        validate_llama.main([*common, *calibration, "--os_plus", "--output_dir", str(tmp_path / "os")])
