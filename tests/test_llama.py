@@ -139,7 +139,6 @@ def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
     """run_llama trains a gated GQA model; validate_llama lists its points and evaluates it FP and W8A8 (with
     SmoothQuant and a 4-bit KV cache) from its saved config; OS+ is refused in one line before loading."""
     import validate_llama
-
     from transformers_language.errors import UsageError
 
     from .conftest import TRAIN_TEXT, VALID_TEXT, run_main, train_argv
@@ -149,7 +148,8 @@ def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
     saved = model_class("llama").from_pretrained(run)
     assert saved.attention_config.gate_type == "headwise" and saved.config.num_key_value_heads == 2
     common = ["--model_name_or_path", str(run), "--validation_file", str(VALID_TEXT), "--block_size", "32"]
-    common += ["--validation_percentage", "1", "--per_device_eval_batch_size", "16", "--data_cache_dir", str(data_cache)]
+    common += ["--validation_percentage", "1", "--per_device_eval_batch_size", "16"]
+    common += ["--data_cache_dir", str(data_cache)]
     calibration = ["--quantize", "--train_file", str(TRAIN_TEXT), "--train_percentage", "10", "--est_num_batches", "1"]
     listing = validate_llama.main([*common, *calibration, "--list_quant_points", "--output_dir", str(tmp_path / "l")])
     names = [point["name"] for point in listing["points"]]
@@ -164,5 +164,5 @@ def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
     written = json.loads((tmp_path / "q" / "all_results.json").read_text())
     assert written["settings"]["quantization"]["points"]["activation 4 bits per_tensor"] == 2 * 2
     assert math.isfinite(quantized["perplexity"]) and quantized["perplexity"] != fp["perplexity"]
-    with pytest.raises(UsageError, match="--os_plus.*RMSNorm"):
+    with pytest.raises(UsageError, match=r"--os_plus.*RMSNorm"):
         validate_llama.main([*common, *calibration, "--os_plus", "--output_dir", str(tmp_path / "os")])

@@ -79,7 +79,9 @@ def test_w8a8_every_point_holds_at_most_256_values(model_type, method):
     else:  # Q K V out_proj fc1 fc2, 2 LN, 2 residual sums per layer; final LN; embedding sum
         expected_points += layers * (6 + 2 + 2) + 1 + 1
     assert len(acts) == expected_points
-    gates = [m for n, m in model.named_modules() if ".attention_variant.gate" in n and isinstance(m, QuantLinear | Quantizer)]
+    gates = [
+        m for n, m in model.named_modules() if ".attention_variant.gate" in n and isinstance(m, QuantLinear | Quantizer)
+    ]
     assert not gates  # the gate stays FP
 
 

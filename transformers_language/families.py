@@ -355,9 +355,7 @@ FAMILIES: dict[str, Family] = {
         headlines=(
             *PRE_LN_HEADLINES,
             Headline("max_ffn_product_inf_norm", "Max down-proj input inf norm", "inf_norm", ("ffn_product",)),
-            Headline(
-                "max_first_token_inf_norm", "Max first-token inf norm", "first_token_inf_norm", ("layer_output",)
-            ),
+            Headline("max_first_token_inf_norm", "Max first-token inf norm", "first_token_inf_norm", ("layer_output",)),
             Headline(
                 "max_later_tokens_inf_norm", "Max later-token inf norm", "later_tokens_inf_norm", ("layer_output",)
             ),
@@ -374,7 +372,10 @@ FAMILIES: dict[str, Family] = {
             attention_points=("keys", "scores", "probs", "context"),
             # FFN input, SwiGLU product, FFN output, residual sum: the product is where SwiGLU's outliers peak.
             outlier_points=(
-                "post_attention_layernorm.output", "mlp.down_proj.input", "mlp.down_proj.output", "ffn_residual_sum"
+                "post_attention_layernorm.output",
+                "mlp.down_proj.input",
+                "mlp.down_proj.output",
+                "ffn_residual_sum",
             ),
             # The final norm is left alone, as OPT's: the LM head reads it (tied to the embeddings or not).
             norm_readers=(

@@ -167,9 +167,7 @@ class _Accumulator:
         outlier_count = outlier.sum(dim=2)  # (B, T)
         self.dim_outliers += outlier.view(-1, hidden).sum(dim=0)  # exact in fp32 below 2^24 rows
         self.token_outliers.index_add_(0, token_ids.flatten(), outlier_count.flatten().double())
-        self.sums += torch.stack(
-            [peak.sum(), kurtosis, outlier_count.sum(), first_token, later_tokens]
-        ).double()
+        self.sums += torch.stack([peak.sum(), kurtosis, outlier_count.sum(), first_token, later_tokens]).double()
         # Counts are known on the host: no device round trip per batch.
         self.counts[0] += batch
         self.counts[1] += batch if with_kurtosis else 0
@@ -201,9 +199,7 @@ class ActivationStatistics:
         self.kurtosis_max_batches = kurtosis_max_batches
         # Allocated up front, so a process whose shard is empty still joins the sync with the same shapes.
         device = next(model.parameters()).device
-        self._accumulators = {
-            site.name: _Accumulator(site.width or hidden_size, vocab_size, device) for site in sites
-        }
+        self._accumulators = {site.name: _Accumulator(site.width or hidden_size, vocab_size, device) for site in sites}
         self._token_ids: torch.Tensor | None = None
         self._real: tuple | None = None
         self._with_kurtosis = True

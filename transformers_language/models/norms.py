@@ -1,6 +1,6 @@
 """The normalisation layers of the families, in one place: LayerNorm (BERT, OPT, ViT) and RMSNorm (Llama's, which
-quantization/modules.py's QuantRMSNorm computes exactly). Code that treats norms alike (weight decay, telemetry, 16-bit norms, the W8A8 swap) asks
-here instead of naming nn.LayerNorm."""
+quantization/modules.py's QuantRMSNorm computes exactly). Code that treats norms alike (weight decay, telemetry,
+16-bit norms, the W8A8 swap) asks here instead of naming nn.LayerNorm."""
 
 from __future__ import annotations
 

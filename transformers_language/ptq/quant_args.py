@@ -80,8 +80,8 @@ def _flag_only_fields() -> tuple[list[tuple], list[tuple]]:
             arg(
                 None,
                 "Per-point bit widths: POINT=BITS rules (names or patterns: * one name segment, ** any; the last "
-                "match wins) or MP-PTQ (the FFN input, FFN output and FFN residual sum of every layer at 16 bits; Llama: also the "
-                "SwiGLU product). A KV-cache bit width: '**.attention_variant.keys=4' "
+                "match wins) or MP-PTQ (the FFN input, FFN output and FFN residual sum of every layer at 16 bits; "
+                "Llama: also the SwiGLU product). A KV-cache bit width: '**.attention_variant.keys=4' "
                 "'**.v_proj.output=4'.",
                 nargs="+",
                 metavar="RULE",
