@@ -1,15 +1,24 @@
 """The Llama family against stock HF: parity (eager and SDPA, logits and cached generation), every variant with
 grouped-query attention, checkpoints round-trip, and a stock checkpoint loads unchanged."""
 
+import copy
 import json
 import math
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from quantization.calibration import calibration
+from quantization.config import QuantConfig
+from quantization.modules import QuantRMSNorm
 from transformers_language import AttentionConfig, build_model, model_class
+from transformers_language.errors import UsageError
 from transformers_language.models.attention import AttentionVariant
+from transformers_language.models.norm_sites import norm_sites
+from transformers_language.ptq.equivalent_transforms import apply_transforms
+from transformers_language.ptq.quantized_model import quantize_model
 
 from .conftest import VARIANTS, batch, tiny_config
 
@@ -166,3 +175,73 @@ def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
     assert math.isfinite(quantized["perplexity"]) and quantized["perplexity"] != fp["perplexity"]
     with pytest.raises(UsageError, match=r"--os_plus.*RMSNorm"):
         validate_llama.main([*common, *calibration, "--os_plus", "--output_dir", str(tmp_path / "os")])
+
+
+TRANSFORM_SETS = [("gamma_migration",), ("smoothquant",), ("gamma_migration", "smoothquant")]
+GATED = ["vanilla", "conditional_per_token", "headwise", "elementwise", "sink+bias_kv+elementwise"]
+
+
+def _wide_norms(model):
+    """Random, wide RMSNorm gammas, so no transform is near the identity."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LlamaRMSNorm):
+                module.weight.copy_(torch.randn_like(module.weight) * 2)
+    return model
+
+
+@pytest.mark.parametrize("transforms", TRANSFORM_SETS, ids="+".join)
+@pytest.mark.parametrize(
+    "name", ["vanilla", "conditional_per_token", "headwise", "elementwise", "sink+bias_kv+elementwise"]
+)
+def test_a_transform_folds_into_rmsnorm_and_readers_leaving_the_float_model_unchanged(tmp_path, name, transforms):
+    model = _wide_norms(make(**VARIANTS[name]))
+    original = copy.deepcopy(model)
+    ids, mask = batch("llama")
+    reference = logits(model, ids, mask)
+    calibration = [torch.randint(3, 90, (4, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    apply_transforms(model, QuantConfig(transforms=transforms), lambda: calibration)
+    changed = logits(model, ids, mask)
+    assert float((changed - reference).abs().max() / reference.abs().max()) < 1e-5
+    for site in norm_sites(model):  # every RMSNorm of the table moved, and its readers with it
+        assert not torch.allclose(model.get_submodule(site.norm).weight, original.get_submodule(site.norm).weight)
+        for path in site.linears:
+            assert not torch.allclose(model.get_submodule(path).weight, original.get_submodule(path).weight)
+    assert {site.norm for site in norm_sites(model)} == {
+        f"model.layers.{i}.{norm}" for i in range(2) for norm in ("input_layernorm", "post_attention_layernorm")
+    }
+    model.save_pretrained(tmp_path)
+    reloaded = model_class("llama").from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded, ids, mask), changed)
+
+
+def test_os_plus_is_refused_in_one_line_where_rmsnorm_has_no_bias():
+    model = make()
+    with pytest.raises(UsageError, match=r"--os_plus .* \(RMSNorm, bias-free Linears\); use --smoothquant"):
+        apply_transforms(model, QuantConfig(transforms=("os_plus",)), lambda: [])
+
+
+def test_the_quantized_rmsnorm_is_the_float_one_and_the_swiglu_product_is_quantized_alone():
+    """Off, the W8A8 model is the float model bit for bit; on, the down projection reads the quantized product
+    act(gate) * up (the gate's SiLU fused into its Linear), and the KV-cache point sees (B, S, H_kv, d)."""
+    reference = make()
+    model = copy.deepcopy(reference)
+    quantize_model(model, QuantConfig())
+    ids, _ = batch("llama")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        with calibration(model):
+            model(input_ids=ids)
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, QuantRMSNorm) and isinstance(layer.input_layernorm, LlamaRMSNorm)
+    seen = {}
+    layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.setdefault("product", args[0]))
+    variant = layer.self_attn.attention_variant
+    variant.keys.register_forward_hook(lambda m, args, out: seen.setdefault("keys", out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    product_quantizer = layer.mlp.down_proj.input_quantizer
+    assert torch.equal(product_quantizer(seen["product"]), seen["product"])  # already on its grid
+    assert len(torch.unique(seen["product"])) <= 256
+    assert seen["keys"].shape == (3, 12, 2, 8)
+    assert layer.mlp.gate_proj.activation is not None and isinstance(layer.mlp.act_fn, torch.nn.Identity)

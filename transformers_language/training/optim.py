@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from ..errors import UsageError
+from ..models.norms import is_norm
 
 _FUSED_DEVICES = ("cpu", "cuda")
 
@@ -41,12 +42,10 @@ SCHEDULES = (
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float, decay_layernorm_weight: bool) -> list[dict]:
-    """Two parameter groups: decayed (matrices, embeddings; LayerNorm gamma with `decay_layernorm_weight`)
-    and not decayed (biases, LayerNorm parameters, gate logits)."""
+    """Two parameter groups: decayed (matrices, embeddings; LayerNorm / RMSNorm gamma with
+    `decay_layernorm_weight`) and not decayed (biases, norm parameters, gate logits)."""
     layernorm_weights = {
-        id(module.weight)
-        for module in model.modules()
-        if isinstance(module, nn.LayerNorm) and module.weight is not None
+        id(module.weight) for module in model.modules() if is_norm(module) and module.weight is not None
     }
     decay, no_decay, seen = [], [], set()
     for name, param in model.named_parameters():

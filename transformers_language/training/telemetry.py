@@ -30,6 +30,7 @@ from ..evaluation.literature_metrics import LAYER_FIGURES, LiteratureStatistics,
 from ..evaluation.metrics import per_sequence_stats
 from ..files import strict_json, truncate_jsonl
 from ..models.gates import AttentionGate
+from ..models.norms import is_norm
 from ..runtime import max_across_processes, sum_across_processes
 
 HISTOGRAM_BINS = 64
@@ -44,7 +45,7 @@ def _weight_modules(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: module.weight
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear | nn.LayerNorm | nn.Embedding) and module.weight is not None
+        if (isinstance(module, nn.Linear | nn.Embedding) or is_norm(module)) and module.weight is not None
     }
 
 
