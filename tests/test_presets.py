@@ -58,6 +58,15 @@ VIT_PRESETS = {
     "vit_s16_gated_attention": ({"gate_type": "conditional_per_token", "init_prob": 0.5}, True),
 }
 VIT_VALIDATION_PRESETS = {"validate_vit": False, "validate_vit_w8a8": True}
+# Llama-60M presets (Gu et al.'s model): the attention settings that differ from vanilla.
+LLAMA_PRESETS = {
+    "llama_60m_vanilla": {},
+    "llama_60m_gated_headwise": {"gate_type": "headwise"},
+    "llama_60m_gated_elementwise": {"gate_type": "elementwise"},
+    "llama_60m_softmax1": {"softmax": "softmax1"},
+    "llama_60m_clipped_softmax": {"alpha": 12.0, "train_seq_length": 2048},
+}
+LLAMA_VALIDATION_PRESETS = {"validate_llama": False, "validate_llama_w8a8": True}
 STAND_IN = """#!/usr/bin/env bash
 # Test stand-in for accelerate: record the arguments, one per line, and succeed.
 printf '%s\\n' "$@" > "$ACCELERATE_RECORD"
@@ -66,7 +75,14 @@ printf '%s\\n' "$@" > "$ACCELERATE_RECORD"
 
 def test_every_preset_is_covered():
     presets = {p.stem for p in SCRIPTS.glob("*.sh")} - {"demo", "gpu_check"}
-    assert presets == set(TRAINING_PRESETS) | set(VALIDATION_PRESETS) | set(VIT_PRESETS) | set(VIT_VALIDATION_PRESETS)
+    assert presets == (
+        set(TRAINING_PRESETS)
+        | set(VALIDATION_PRESETS)
+        | set(VIT_PRESETS)
+        | set(VIT_VALIDATION_PRESETS)
+        | set(LLAMA_PRESETS)
+        | set(LLAMA_VALIDATION_PRESETS)
+    )
 
 
 def launch_preset(tmp_path: Path, name: str, *args: str) -> tuple[Path, str, list[str]]:
@@ -195,6 +211,44 @@ def test_vit_validation_preset_resolves(name, tmp_path, image_dataset):
     assert (summary["quantization"] is not None) == VIT_VALIDATION_PRESETS[name]
 
 
+@pytest.mark.parametrize("name", sorted(LLAMA_PRESETS))
+def test_llama_preset_resolves_to_the_60m_sink_study_run(name, tmp_path):
+    tokenizer = str(TOKENIZERS["llama"])
+    config_file, script, flags = launch_preset(
+        tmp_path, name, "--tokenizer_name", tokenizer, "--output_dir", str(tmp_path / "out")
+    )
+    assert config_file == REPO / "accelerate_configs" / "1gpu_bf16.yaml"
+    assert script == str(REPO / "run_llama.py")
+    summary = pretrain("clm", [*flags, "--dry_run"], family_name="llama")
+    config, settings = summary["config"], summary["settings"]
+    shape = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size")
+    assert tuple(config[key] for key in shape) == (10, 8, 8, 768, 1536)
+    assert summary["model_class"] == "LlamaForCausalLMWithVariants" and not config["tie_word_embeddings"]
+    assert summary["seq_length"] == 2048 and summary["sequences_per_step"] == 512
+    recipe = ("learning_rate", "num_warmup_steps", "max_train_steps", "lr_scheduler_type", "weight_decay")
+    assert tuple(settings[key] for key in recipe) == (4e-4, 500, 5000, "cosine", 0.1)
+    assert (settings["adam_beta1"], settings["adam_beta2"], settings["final_lr_fraction"]) == (0.9, 0.95, 0.1)
+    assert AttentionConfig.from_dict(summary["attention"]) == AttentionConfig(**LLAMA_PRESETS[name])
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_VALIDATION_PRESETS))
+def test_llama_validation_preset_resolves(name, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS["llama"])
+    checkpoint = tmp_path / "llama"
+    model = build_model(tiny_config("llama", vocab_size=len(tokenizer), max_position_embeddings=2048))
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    cpu = ["--accelerate_config", str(REPO / "accelerate_configs" / "cpu.yaml")]
+    _, script, flags = launch_preset(tmp_path, name, str(checkpoint), *cpu)
+    assert script == str(REPO / "validate_llama.py")
+    summary = validate("clm", [*flags, "--dry_run"], family_name="llama")
+    quantized = LLAMA_VALIDATION_PRESETS[name]
+    assert summary["settings"]["output_dir"] == str(checkpoint / ("eval-w8a8" if quantized else "eval-fp"))
+    assert summary["seq_length"] == 2048 and (summary["quantization"] is not None) == quantized
+    if quantized:
+        assert (summary["quantization"]["ranges_weights"], summary["quantization"]["percentile"]) == ("MSE", 99.999)
+
+
 def test_preset_usage_errors(tmp_path):
     for args, message in (
         ((), "usage: "),
@@ -220,8 +274,12 @@ def test_model_config_loads(path):
         assert decoder.project_in is None and decoder.project_out is None
         assert config.do_layer_norm_before and config.init_std == 0.006 and config.dropout == 0.1
     if path.stem.endswith("-small"):
-        ffn = overrides["intermediate_size" if model_type == "bert" else "ffn_dim"]
-        assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, ffn) == (4, 256, 4, 1024)
+        ffn = overrides["ffn_dim" if model_type == "opt" else "intermediate_size"]
+        swiglu = model_type == "llama"  # three FFN matrices: 2/3 of 4 x hidden, rounded to 64, keeps the size
+        layout = (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, ffn)
+        assert layout == (4, 256, 4, 704 if swiglu else 1024)
+    if model_type == "llama":
+        assert config.head_dim * config.num_attention_heads == config.hidden_size
 
 
 ACCELERATE_CONFIGS = {
