@@ -1,5 +1,6 @@
 """The demo: pre-train OPT-small once per method (default: vanilla softmax, clipped softmax, gated attention;
-`--methods` takes any of METHODS below) on the enwiki slice (9.0M words of Wikipedia: 0.6 of a pass at the full
+`--methods` takes any of METHODS below; `--family llama`: Llama-small, default vanilla, headwise output gate,
+softmax1 and clipped softmax) on the enwiki slice (9.0M words of Wikipedia: 0.6 of a pass at the full
 length, so the model learns instead of memorising), validate each model in floating point (on the slice's
 valid split, with the zero-out intervention, and on WikiText-2 valid, the paper-comparable figure) and in
 simulated W8A8, and print one side-by-side table with plots. Training runs in bf16 autocast with
@@ -10,7 +11,8 @@ Training uses the `bos_first` block layout (every block is `</s>` + 127 tokens o
 content-free first key is there for heads that want to do nothing) and logs the outlier figures every few
 steps to each run's `growth.jsonl`; `growth.png` draws them, one line per method.
 
-Every stage is a call of the library behind `run_clm.py` / `validate_clm.py` with the flags printed before
+Every stage is a call of the library behind `run_clm.py` / `validate_clm.py` (Llama: `run_llama.py` /
+`validate_llama.py`) with the flags printed before
 it, so each stage can be repeated by hand. Data and tokenizer come from local files when the shared folder is
 there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from the HF hub.
 
@@ -18,6 +20,7 @@ there (`$OFT_SHARED`, default `../shared` beside the checkout), otherwise from t
     python scripts/demo.py --full     # 2400 steps per method (about 75 minutes on 2 cores)
     python scripts/demo.py --full --seed 0 --methods vanilla gated_attention   # another seed
     python scripts/demo.py --full --resume --methods vanilla softmax1 muon     # keep finished methods
+    python scripts/demo.py --full --family llama      # Llama-small: runs/demo-llama-full
 
 With `--resume`, a method whose stages finished with the same flags is read back instead of rerun, and
 an interrupted training continues from its last checkpoint (the full size saves one every 250 steps).
@@ -40,6 +43,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,12 +84,34 @@ KNOBS = {
 }
 RUNS = METHODS | KNOBS
 DEFAULT_METHODS = ["vanilla", "clipped_softmax", "gated_attention"]
+
+
+@dataclass(frozen=True)
+class DemoFamily:
+    """A decoder family the demo trains: its CPU-size config, its name in titles, its default methods and the
+    output folder's name."""
+
+    config: str
+    label: str
+    methods: tuple[str, ...]
+    folder: str
+
+
+# The decoders of the demo (families.py has their wiring): OPT-small, and Llama-small with the methods the
+# modern literature compares on it (Qiu et al.'s headwise output gate, softmax1) beside the paper's clipped softmax.
+DEMO_FAMILIES = {
+    "opt": DemoFamily("opt-small.yaml", "OPT-small", tuple(DEFAULT_METHODS), "demo"),
+    "llama": DemoFamily(
+        "llama-small.yaml", "Llama-small", ("vanilla", "headwise_gate", "softmax1", "clipped_softmax"), "demo-llama"
+    ),
+}
 SECOND_EVAL = "eval-second"  # the FP validation on the second data (WikiText-2 valid)
 RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of them finished
 # Flags (each with one value) that change where training state is saved, never what is trained (a run with and
 # without them gives the same weights bit for bit): `--resume` ignores them when it compares a method's stages.
 BOOKKEEPING_FLAGS = ("--checkpointing_steps", "--checkpoints_total_limit")
-OPT_ADAM_BETA2 = FAMILIES["opt"].adam_betas[1]  # run_clm's default (OPT's 0.95)
+LLAMA_FIGURES = ("max_ffn_product_inf_norm", "max_first_token_inf_norm", "max_later_tokens_inf_norm")
+OPT_ADAM_BETA2 = FAMILIES["opt"].adam_betas[1]  # run_clm's default (OPT's 0.95; run_llama's too)
 # The two sizes. `full` follows the reference probe's schedule (shared/reference): lr 1e-3 decaying linearly
 # towards 0 at twice the run's length, i.e. step 4800, stopped at step 2400 (the learning rate then stands at
 # 2400 / 4700 of its peak, the final_lr_fraction below); blocks drawn at random with replacement; figures logged
@@ -147,8 +173,20 @@ def data_flags() -> tuple[list[str], list[str], list[str], list[str]]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="The long run (2400 steps per method).")
-    parser.add_argument("--output_dir", default=None, help="Default: runs/demo (runs/demo-full with --full).")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(RUNS))
+    parser.add_argument(
+        "--family",
+        default="opt",
+        choices=list(DEMO_FAMILIES),
+        help="The decoder: opt (OPT-small) or llama (Llama-small: RMSNorm, SwiGLU, RoPE, grouped-query attention).",
+    )
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="Default: runs/demo (runs/demo-full with --full; Llama: runs/demo-llama, runs/demo-llama-full).",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, choices=list(RUNS), help="Default: the family's (see DEMO_FAMILIES)."
+    )
     parser.add_argument(
         "--table",
         default="summary",
@@ -182,10 +220,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_stage(number: int, total: int, title: str, job, objective: str, argv: list[str]) -> dict:
-    print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}('{objective}', {' '.join(argv)})", flush=True)
+def run_stage(
+    number: int, total: int, title: str, job, objective: str, argv: list[str], family: str | None = None
+) -> dict:
+    which = f"'{objective}'" + (f", family_name='{family}'" if family else "")
+    print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}({which}, {' '.join(argv)})", flush=True)
     start = time.perf_counter()
-    results = job(objective, argv)
+    results = job(objective, argv, family_name=family)
     print(f"=== [{number}/{total}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return results
 
@@ -280,10 +321,18 @@ def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> tuple[s
     return "fresh", []
 
 
-def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool, counter: tuple[int, int]) -> list:
-    """Run a method's stages (title, job, argv) in `run_dir` (stage numbers from `counter`: done so far, total),
-    or read back their results when `resume` finds them finished with the same flags; returns each stage's
-    results."""
+def run_method(
+    method: str,
+    run_dir: Path,
+    stages,
+    objective: str,
+    resume: bool,
+    counter: tuple[int, int],
+    family: str | None = None,
+) -> list:
+    """Run a method's stages (title, job, argv) in `run_dir` (stage numbers from `counter`: done so far, total)
+    for `objective` and `family` (None: the objective's first), or read back their results when `resume` finds
+    them finished with the same flags; returns each stage's results."""
     argvs = [argv for _, _, argv in stages]
     state, changed = plan_method(run_dir, argvs, resume)
     if state == "done":
@@ -295,7 +344,7 @@ def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool,
         results = read_stage_results(run_dir, len(stages), missing_ok=True)
         for number in sorted(set(changed) | {n for n, stage in enumerate(results) if n > 0 and stage is None}):
             title, job, argv = stages[number]
-            results[number] = run_stage(done + number + 1, total, title, job, objective, argv)
+            results[number] = run_stage(done + number + 1, total, title, job, objective, argv, family)
         write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
         return results
     if state == "continue":
@@ -304,7 +353,7 @@ def run_method(method: str, run_dir: Path, stages, objective: str, resume: bool,
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": False})
     results = [
-        run_stage(done + number, total, title, job, objective, argv)
+        run_stage(done + number, total, title, job, objective, argv, family)
         for number, (title, job, argv) in enumerate(stages, start=1)
     ]
     write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
@@ -358,12 +407,14 @@ def table(rows: dict[str, dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    family = DEMO_FAMILIES[args.family]
+    args.methods = args.methods or list(family.methods)
     size = dict(SIZES["full" if args.full else "default"])
     for key in ("max_train_steps", "validation_percentage", "checkpointing_steps", "adam_beta2"):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     size["log_interval"] = min(size["log_interval"], size["max_train_steps"])  # a short run logs its last step
-    output_dir = Path(args.output_dir or REPO / "runs" / ("demo-full" if args.full else "demo"))
+    output_dir = Path(args.output_dir or REPO / "runs" / (f"{family.folder}-full" if args.full else family.folder))
     tokenizer, train_data, validation_data, second_data = data_flags()
     validation_data += ["--validation_percentage", str(size["validation_percentage"])]
     if second_data:
@@ -372,7 +423,7 @@ def main() -> None:
         train_data += ["--train_percentage", str(args.train_percentage)]
     precision = ["--mixed_precision", args.mixed_precision] + (["--torch_compile"] if args.torch_compile else [])
     common_train = [
-        "--config_path", str(REPO / "model_configs" / "opt-small.yaml"),
+        "--config_path", str(REPO / "model_configs" / family.config),
         "--block_size", "128",
         "--per_device_train_batch_size", str(args.per_device_train_batch_size),
         "--per_device_eval_batch_size", "16",
@@ -408,14 +459,15 @@ def main() -> None:
         stages = method_stages(
             method,
             run_dir,
-            "pre-train OPT-small",
+            f"pre-train {family.label}",
             training,
             [*evaluation, *validation_data],
             [*train_data, *quantize],
             fp_extra=fp_extra,
             second=(*evaluation, *second_data) if second_data else (),
         )
-        _, fp, w8a8, *second = run_method(method, run_dir, stages, "clm", args.resume, (stage, total))
+        counter = (stage, total)
+        _, fp, w8a8, *second = run_method(method, run_dir, stages, "clm", args.resume, counter, args.family)
         stage += len(stages)
         rows[method] = {
             "fp_perplexity": fp["perplexity"],
@@ -429,6 +481,8 @@ def main() -> None:
             "max_inf_norm": fp["max_inf_norm"],
             "avg_kurtosis": fp["avg_kurtosis"],
             "max_kurtosis_layers": fp["max_kurtosis_layers"],
+            # Llama's own figures (families.py): the SwiGLU product's max, the first token's and the later ones'
+            **{key: fp[key] for key in LLAMA_FIGURES if key in fp},
             "per_layer": per_layer_figures(fp),
             "growth": read_growth(run_dir),
         }
@@ -441,11 +495,12 @@ def main() -> None:
     growth = write_growth(growth_curves, GROWTH, output_dir / f"{prefix}growth.png", GROWTH_BASELINES)
     minutes = (time.perf_counter() - start) / 60
     settings = {"size": "full" if args.full else "default", **size, "seed": args.seed, "methods": args.methods}
+    settings["family"] = args.family
     settings |= {"mixed_precision": args.mixed_precision, "torch_compile": args.torch_compile}
     settings["minutes"] = minutes
     write_json_atomic(output_dir / f"{args.table}.json", {"methods": rows, "settings": settings})
     write_text_atomic(output_dir / f"{args.table}.md", markdown)
-    print(f"\nOPT-small after {size['max_train_steps']} steps per method ({minutes:.1f} min in all):\n")
+    print(f"\n{family.label} after {size['max_train_steps']} steps per method ({minutes:.1f} min in all):\n")
     print(markdown)
     print(f"Table: {output_dir / args.table}.md; figures: {output_dir / args.table}.json; plots: {plot}, {growth}")
     print(f"Per-model plots and every statistic: {output_dir}/<method>/eval-fp/")

@@ -101,3 +101,28 @@ def test_demo_prints_the_comparison_table(tmp_path):
     for method, decay in (("vanilla", 0.1), ("weight_decay_0.5", 0.5)):
         assert json.loads((output_dir / method / "all_results.json").read_text())["settings"]["weight_decay"] == decay
     assert (output_dir / "summary.md").read_text() == summary_before
+
+
+@pytest.mark.slow
+def test_the_demo_trains_llama_small_with_its_figures(tmp_path):
+    """`--family llama`: Llama-small through run_llama / validate_llama, the same table, and Llama's own figures
+    (the SwiGLU product's max, the first token's and the later tokens') in summary.json."""
+    output_dir = tmp_path / "demo-llama"
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--family", "llama", "--output_dir", str(output_dir)]
+    command += ["--max_train_steps", "2", "--validation_percentage", "1", "--est_num_batches", "1"]
+    command += ["--checkpointing_steps", "2", "--train_percentage", "1", "--zero_out_top_k", "2"]
+    command += ["--methods", "vanilla", "headwise_gate"]
+    env = os.environ | {"OFT_SHARED": str(SHARED), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pre-train Llama-small, headwise_gate" in result.stdout and "family_name='llama'" in result.stdout
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["settings"]["family"] == "llama" and sorted(summary["methods"]) == ["headwise_gate", "vanilla"]
+    for method, row in summary["methods"].items():
+        config = json.loads((output_dir / method / "config.json").read_text())
+        assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+        fp = json.loads((output_dir / method / "eval-fp" / "all_results.json").read_text())
+        assert row["max_ffn_product_inf_norm"] == fp["max_ffn_product_inf_norm"] > 0
+        assert row["max_first_token_inf_norm"] > 0 and row["max_later_tokens_inf_norm"] > 0
+        assert f"| {method} | {row['fp_perplexity']:.2f} |" in (output_dir / "summary.md").read_text()
+    assert len(summary["methods"]["headwise_gate"]["per_layer"]["kurtosis"]) == 4  # Llama-small's layers

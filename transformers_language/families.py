@@ -354,6 +354,7 @@ FAMILIES: dict[str, Family] = {
         stream_kind="layer_output",
         headlines=(
             *PRE_LN_HEADLINES,
+            Headline("max_kurtosis_layers", "Max Kurtosis layers", "kurtosis", ("layer_output",)),
             Headline("max_ffn_product_inf_norm", "Max down-proj input inf norm", "inf_norm", ("ffn_product",)),
             Headline("max_first_token_inf_norm", "Max first-token inf norm", "first_token_inf_norm", ("layer_output",)),
             Headline(
