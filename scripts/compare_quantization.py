@@ -249,7 +249,7 @@ def table(rows: list[dict], columns: dict[str, str], headline: Headline) -> str:
         for checkpoint in columns:
             row = cells.get((bits, recipe, checkpoint))
             if row is None:
-                values.append("")
+                values.append("n/a")  # a recipe the checkpoint's family cannot take (OS+ on Llama)
             elif bits == "FP":
                 values.append(headline.cell(row["value"]))
             else:
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     objectives = {checkpoint: family.objective for checkpoint, (family, _) in kinds.items()}
     if len(set(objectives.values())) > 1:
         raise UsageError(
-            "Compare checkpoints of one model family (their figures are of different tasks): "
-            + ", ".join(f"{c} ({objective})" for c, objective in objectives.items())
+            "Compare checkpoints of one objective (OPT and Llama may share a table; other figures are of different "
+            "tasks): " + ", ".join(f"{c} ({objective})" for c, objective in objectives.items())
         )
     objective = get_objective(next(iter(objectives.values())))
     headline = Headline(objective.reported[0][0], objective.higher_is_better)
@@ -282,7 +282,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for bits in args.bits
         for recipe in args.recipes
         for draw in range(args.draws)
+        if applies(recipe, kinds[c][0])
     ]
+    for checkpoint in args.checkpoints:
+        skipped = [recipe for recipe in args.recipes if not applies(recipe, kinds[checkpoint][0])]
+        if skipped:
+            print(f"{checkpoint}: {', '.join(skipped)} not run (OS+'s shift needs norm and Linear biases: n/a).")
     draws, caches = {}, {}
     fingerprints = {c: fingerprint(c) for c in args.checkpoints}
     start_all = time.perf_counter()
@@ -310,7 +315,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             done.unlink(missing_ok=True)  # the run's folder is being rewritten: no stale record may pair with it
             # The transforms' float statistics depend on the calibration sample: one cache per checkpoint and draw.
             cache = caches.setdefault((checkpoint, draw), {})
-            results = validate(objectives[checkpoint], argv_run, statistics_cache=cache)
+            family = kinds[checkpoint][0]
+            results = validate(family.objective, argv_run, statistics_cache=cache, family_name=family.name)
             elapsed = time.perf_counter() - start
             write_json_atomic(done, identity | {"figure": headline.key, "seconds": elapsed, "results": results})
         draws.setdefault((checkpoint, bits, recipe), []).append(
@@ -357,6 +363,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(markdown)
     print(f"{len(runs)} runs in {seconds / 60:.1f} min; wrote {output / 'comparison.md'}, .json and .png")
     return rows
+
+
+def applies(recipe: str, family: Family) -> bool:
+    """Whether `family` can take `recipe`: OS+'s shift needs biases in the norms and their readers."""
+    return "--os_plus" not in PTQ_METHODS[recipe].flags or family.wiring.norm_bias
 
 
 def task_flags(kind: tuple[Family, str | None], glue_dir: str | None) -> list[str]:

@@ -253,9 +253,30 @@ def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints,
     assert [call[1][1] for call in calls] == [str(twin)] * 3
 
 
+def test_compare_quantization_puts_opt_and_llama_in_one_table(checkpoints, tmp_path, data_cache):  # noqa: F811
+    """OPT and Llama share the causal-LM figure: one table, each through its own validation script; OS+ is not
+    run on Llama (no biases for its shift) and its cell says so."""
+    from tests.conftest import run_main, train_argv
+
+    llama = tmp_path / "llama"
+    run_main("llama", train_argv("llama", llama, data_cache, "--attn_softmax", "softmax1", steps=2))
+    out = tmp_path / "compare"
+    flags = ("--bits", "W8A8", "--recipes", "os_plus", "smoothquant", "--draws", "1")
+    rows = _compare([checkpoints["opt"], llama], out, tmp_path, data_cache, *flags)
+    opt = checkpoints["opt"].name
+    assert [(r["checkpoint"], r["recipe"]) for r in rows] == [
+        (opt, "fp"), ("llama", "fp"), (opt, "os_plus"), (opt, "smoothquant"), ("llama", "smoothquant")
+    ]  # fmt: skip
+    results = json.loads((out / "llama" / "W8A8" / "smoothquant" / "draw_0" / "all_results.json").read_text())
+    assert results["settings"]["script"] == "validate_llama.py" and "max_ffn_product_inf_norm" in results
+    assert all(math.isfinite(r["value"]) for r in rows)
+    os_plus = next(line for line in (out / "comparison.md").read_text().splitlines() if "| OS+ |" in line)
+    assert os_plus.endswith("| n/a |")
+
+
 def test_compare_quantization_refuses_checkpoints_of_two_families(checkpoints, tmp_path):  # noqa: F811
     module = _compare_module()
-    with pytest.raises(ValueError, match="one model family"):
+    with pytest.raises(ValueError, match="one objective"):
         module.main([str(checkpoints["opt"]), str(checkpoints["bert"]), "--output_dir", str(tmp_path / "out")])
 
 
