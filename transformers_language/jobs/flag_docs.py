@@ -18,13 +18,13 @@ SKIPPED_GROUPS = ("options", "positional arguments")  # -h/--help only
 FLAGS_PAGE = "docs/flags.md"
 
 
-def _entry_points() -> dict[str, tuple[str, str]]:
-    """Each entry script: (job, objective), training scripts first, in the families' order."""
+def _entry_points() -> dict[str, tuple[str, str, str]]:
+    """Each entry script: (job, objective, family), training scripts first, in the families' order."""
     from ..families import FAMILIES
 
     families = list(FAMILIES.values())
-    return {f.train_script: ("train", f.objective) for f in families} | {
-        f.validate_script: ("validate", f.objective) for f in families
+    return {f.train_script: ("train", f.objective, f.name) for f in families} | {
+        f.validate_script: ("validate", f.objective, f.name) for f in families
     }
 
 
@@ -50,12 +50,16 @@ SCRIPT_GROUPS = _short_names()
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
+    from ..families import get_family
     from ..objectives import get_objective
     from .pretrain import build_parser as training_parser
     from .validate import build_parser as validation_parser
 
     build = {"train": training_parser, "validate": validation_parser}
-    return {script: build[job](get_objective(objective)) for script, (job, objective) in _entry_points().items()}
+    return {
+        script: build[job](get_objective(objective), get_family(family))
+        for script, (job, objective, family) in _entry_points().items()
+    }
 
 
 def _default(action: argparse.Action) -> str:

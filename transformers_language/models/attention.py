@@ -150,8 +150,13 @@ class AttentionVariant(nn.Module):
             key, value, attention_mask, marked = prepend_key(
                 key, value, attention_mask, marked, *self.bias_kv.rows(batch, key.dtype)
             )
-        if key.shape[1] != num_heads:  # grouped-query attention: each query head reads its group's keys
-            key, value = repeat_kv(key, num_heads // key.shape[1]), repeat_kv(value, num_heads // value.shape[1])
+        # Grouped-query attention: each query head reads its group's keys. The fused kernel shares them itself
+        # (HF's SDPA path reads `num_key_value_groups`); per-head null keys, marked keys and the explicit path
+        # need them repeated.
+        groups = num_heads // key.shape[1]
+        if groups > 1 and (not fused or null_logit is not None or marked is not None):
+            key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
+        self.num_key_value_groups = groups
         if null_logit is not None:
             query, key, value, null_key, null_value = with_null_key(query, key, value, null_logit, scaling)
             key, value, attention_mask, marked = prepend_key(key, value, attention_mask, marked, null_key, null_value)
