@@ -7,9 +7,9 @@ training    model_configs/llama-small.yaml (4 layers, hidden 256, 4 query / 2 ke
             round, the models alternate round by round in one process after an untimed round, and the figure is
             the ratio of median step times (>1: ours faster). Vanilla's target is parity (0.97-1.03x); a
             variant's ratio is its overhead.
-validation  the whole validate_llama.py job (load, tokenize, evaluate every statistic, report) on 5% of the
+validation  the whole validate_llama.py job (load, tokenize, evaluate every statistic, report) on all of the
             enwiki slice's valid.txt (128-token blocks) in FP and as the W8A8 simulation (--quantize: 16 calibration
-            batches of 16 blocks of train.txt, MSE weight ranges), alternating after an untimed round; the ratio
+            batches of 8 blocks of train.txt, MSE weight ranges), alternating after an untimed round; the ratio
             of medians (target: W8A8 within 1.2x of FP).
 
   python benchmarks/bench_llama.py [--rounds 3] [--steps 10] [--json out.json]
@@ -109,11 +109,11 @@ def training(rounds: int, steps: int) -> dict:
 
 def validation_argv(checkpoint: str, output_dir: str, quantize: bool) -> list[str]:
     argv = ["--model_name_or_path", checkpoint, "--validation_file", str(ENWIKI / "valid.txt")]
-    argv += ["--validation_percentage", "5", "--block_size", str(LENGTH), "--per_device_eval_batch_size", "16"]
+    argv += ["--validation_percentage", "100", "--block_size", str(LENGTH), "--per_device_eval_batch_size", "16"]
     argv += ["--output_dir", output_dir]
     if quantize:
         argv += ["--quantize", "--train_file", str(ENWIKI / "train.txt"), "--train_percentage", "2"]
-        argv += ["--ranges_weights", "MSE", "--per_device_train_batch_size", "16"]
+        argv += ["--ranges_weights", "MSE"]
     return argv
 
 

@@ -87,7 +87,7 @@ def assert_every_hook_seen(output_dir, layers: int):
             assert len(record[key]) == layers and all(v is not None for v in record[key]), key
 
 
-@pytest.mark.parametrize("model_type", ["bert", "opt"])
+@pytest.mark.parametrize("model_type", ["bert", "opt", "llama"])
 def test_bf16_compiled_text_training_on_cuda(model_type, tmp_path, data_cache):
     out = tmp_path / "run"
     argv = train_argv(model_type, out, data_cache, *COMPILED, *TRACKED)
@@ -161,7 +161,7 @@ def test_validation_on_cuda_equals_the_cpu(model_type, quantize, checkpoints, tm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("model_type", ["bert", "opt"])
+@pytest.mark.parametrize("model_type", ["bert", "opt", "llama"])
 def test_sdpa_on_cuda_equals_the_explicit_path_and_stock_hf(model_type, dtype):
     atol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.manual_seed(0)

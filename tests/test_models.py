@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from transformers import BertForMaskedLM, OPTForCausalLM
+from transformers import BertForMaskedLM, LlamaForCausalLM, OPTForCausalLM
 
 from transformers_language import AttentionConfig, build_model, model_class
 from transformers_language.models.attention_config import logit
 
 from .conftest import VARIANTS, batch, tiny_config
 
-STOCK = {"bert": BertForMaskedLM, "opt": OPTForCausalLM}
+STOCK = {"bert": BertForMaskedLM, "opt": OPTForCausalLM, "llama": LlamaForCausalLM}
 
 
 def make(model_type, seed=0, **attention):
