@@ -12,7 +12,7 @@ validation  the whole validate_llama.py job (load, tokenize, evaluate every stat
             batches of 8 blocks of train.txt, MSE weight ranges), alternating after an untimed round; the ratio
             of medians (target: W8A8 within 1.2x of FP).
 
-  python benchmarks/bench_llama.py [--rounds 3] [--steps 10] [--json out.json]
+  python benchmarks/bench_llama.py [--rounds 3] [--steps 10] [--only training|validation] [--json out.json]
 """
 
 from __future__ import annotations
@@ -147,22 +147,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="Training steps per model and round.")
+    parser.add_argument("--only", choices=["training", "validation"], help="One part only.")
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    figures = {
-        "training": training(args.rounds, args.steps),
-        "validation": validation(args.rounds),
-        "setup": {"model": "llama-small", "batch": BATCH, "length": LENGTH, "threads": 2, "rounds": args.rounds},
-    }
-    for precision, rows in figures["training"].items():
-        for name, row in rows.items():
-            print(f"{precision:5} {name:17} {row['tokens_per_s']:9.0f} tokens/s  x{row['vs_stock']:.3f} of stock")
-    validation_figures = figures["validation"]
-    print(
-        f"validation: FP {validation_figures['fp_seconds']:.1f} s, W8A8 {validation_figures['w8a8_seconds']:.1f} s "
-        f"(x{validation_figures['w8a8_over_fp']:.2f})"
-    )
+    figures = {"setup": {"model": "llama-small", "batch": BATCH, "length": LENGTH, "threads": 2, "rounds": args.rounds}}
+    if args.only != "validation":
+        figures["training"] = training(args.rounds, args.steps)
+        for precision, rows in figures["training"].items():
+            for name, row in rows.items():
+                print(f"{precision:5} {name:17} {row['tokens_per_s']:9.0f} tokens/s  x{row['vs_stock']:.3f} of stock")
+    if args.only != "training":
+        figures["validation"] = timed = validation(args.rounds)
+        print(
+            f"validation: FP {timed['fp_seconds']:.1f} s, W8A8 {timed['w8a8_seconds']:.1f} s "
+            f"(x{timed['w8a8_over_fp']:.2f})"
+        )
     if args.json:
         write_json_atomic(Path(args.json), figures)
 
