@@ -17,9 +17,10 @@ module swaps):
   probs    probabilities after the softmax, before dropout       (B, H, T, S)
   context  gated context before the output projection           (B, T, H * d_head)
   key_mass attention mass on marked keys, before the gate       (B, T, H, K)
-Under grouped-query attention (Llama with fewer key-value heads than query heads) the keys and values of a group
-are repeated for its query heads after the learned key/value (one per key-value head, like a real token's) is
-prepended; the gate, softmax1's and the sink's logits are per query head.
+Under grouped-query attention (Llama with fewer key-value heads than query heads) each query head reads its
+group's keys and values: the fused kernel shares them, the explicit path repeats them, after the learned key/value
+(one per key-value head, like a real token's) is prepended; the gate, softmax1's and the sink's logits are per
+query head.
 `key_mass` runs only while `marked_keys` (B, S, K) holds K indicator columns over the sequence's keys (set
 by the attention diagnostics): they ride along as K extra value channels, so the fused kernel computes
 probabilities @ indicators together with the context and the fast path stays fast (the learned key of
