@@ -4,6 +4,7 @@ grouped-query attention, checkpoints round-trip, and a stock checkpoint loads un
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from transformers_language.models.attention import AttentionVariant
 from transformers_language.models.norm_sites import norm_sites
 from transformers_language.ptq.equivalent_transforms import apply_transforms
 from transformers_language.ptq.quantized_model import quantize_model
+from transformers_language.ptq.recipes import PTQ_METHODS
 
-from .conftest import VARIANTS, batch, tiny_config
+from .conftest import TRAIN_TEXT, VALID_TEXT, VARIANTS, batch, run_main, tiny_config, train_argv
 
 
 def make(seed=0, **attention):
@@ -138,22 +140,31 @@ def test_every_variant_trains_in_bfloat16_with_gradients_into_its_parameters():
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
 
 
-def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
-    """run_llama trains a gated GQA model; validate_llama lists its points and evaluates it FP and W8A8 (with
-    SmoothQuant and a 4-bit KV cache) from its saved config; OS+ is refused in one line before loading."""
-    import validate_llama
-    from transformers_language.errors import UsageError
-
-    from .conftest import TRAIN_TEXT, VALID_TEXT, run_main, train_argv
-
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache) -> Path:
+    """A tiny gated (headwise) GQA Llama trained 3 steps by run_llama."""
+    run = tmp_path_factory.mktemp("llama") / "run"
     run_main("llama", train_argv("llama", run, data_cache, "--attn_gate_type", "headwise", steps=3))
-    saved = model_class("llama").from_pretrained(run)
-    assert saved.attention_config.gate_type == "headwise" and saved.config.num_key_value_heads == 2
+    return run
+
+
+def _validation_flags(run: Path, data_cache: Path) -> tuple[list[str], list[str]]:
+    """(evaluation flags, calibration flags) of validate_llama on the tiny model."""
     common = ["--model_name_or_path", str(run), "--validation_file", str(VALID_TEXT), "--block_size", "32"]
     common += ["--validation_percentage", "1", "--per_device_eval_batch_size", "16"]
     common += ["--data_cache_dir", str(data_cache)]
     calibration = ["--quantize", "--train_file", str(TRAIN_TEXT), "--train_percentage", "10", "--est_num_batches", "1"]
+    return common, calibration
+
+
+def test_w8a8_end_to_end_through_the_scripts(trained, tmp_path, data_cache):
+    """run_llama trained a gated GQA model; validate_llama lists its points and evaluates it FP and W8A8 (with
+    SmoothQuant and a 4-bit KV cache) from its saved config; OS+ is refused in one line before loading."""
+    import validate_llama
+
+    saved = model_class("llama").from_pretrained(trained)
+    assert saved.attention_config.gate_type == "headwise" and saved.config.num_key_value_heads == 2
+    common, calibration = _validation_flags(trained, data_cache)
     listing = validate_llama.main([*common, *calibration, "--list_quant_points", "--output_dir", str(tmp_path / "l")])
     names = [point["name"] for point in listing["points"]]
     assert "model.layers.0.mlp.down_proj.input" in names and "model.layers.1.ffn_residual_sum" in names
@@ -169,6 +180,24 @@ def test_w8a8_end_to_end_through_the_scripts(tmp_path, data_cache):
     assert math.isfinite(quantized["perplexity"]) and quantized["perplexity"] != fp["perplexity"]
     with pytest.raises(UsageError, match=r"--os_plus.*RMSNorm"):
         validate_llama.main([*common, *calibration, "--os_plus", "--output_dir", str(tmp_path / "os")])
+
+
+@pytest.mark.parametrize("recipe", [name for name in PTQ_METHODS if name != "os_plus"])
+def test_every_other_recipe_runs_on_llama_at_w6a6(recipe, trained, tmp_path, data_cache):
+    """Per-channel, PEG (on the SwiGLU product too), MP-PTQ, per-token, LLM.int8(), OS and SmoothQuant through
+    validate_llama at W6A6: a finite perplexity and the recipe's settings recorded."""
+    import validate_llama
+
+    common, calibration = _validation_flags(trained, data_cache)
+    flags = [*calibration, *PTQ_METHODS[recipe].flags, "--n_bits", "6", "--n_bits_act", "6"]
+    results = validate_llama.main([*common, *flags, "--output_dir", str(tmp_path / recipe)])
+    assert math.isfinite(results["perplexity"])
+    setup = json.loads((tmp_path / recipe / "all_results.json").read_text())["settings"]["quantization"]
+    assert (setup["n_bits"], setup["n_bits_act"]) == (6, 6)
+    if recipe == "peg":
+        assert setup["points"]["activation 6 bits per_embedding_group(K=6, permuted)"] == 2 * 4
+    if recipe == "mp_ptq":
+        assert setup["points"]["activation 16 bits per_tensor"] == 2 * 4
 
 
 TRANSFORM_SETS = [("gamma_migration",), ("smoothquant",), ("gamma_migration", "smoothquant")]
