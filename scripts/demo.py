@@ -43,8 +43,8 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
@@ -86,8 +86,7 @@ RUNS = METHODS | KNOBS
 DEFAULT_METHODS = ["vanilla", "clipped_softmax", "gated_attention"]
 
 
-@dataclass(frozen=True)
-class DemoFamily:
+class DemoFamily(NamedTuple):
     """A decoder family the demo trains: its CPU-size config, its name in titles, its default methods and the
     output folder's name."""
 
