@@ -225,7 +225,7 @@ def run_stage(
     which = f"'{objective}'" + (f", family_name='{family}'" if family else "")
     print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}({which}, {' '.join(argv)})", flush=True)
     start = time.perf_counter()
-    results = job(objective, argv, family_name=family)
+    results = job(objective, argv, **({"family_name": family} if family else {}))
     print(f"=== [{number}/{total}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return results
 
