@@ -110,7 +110,6 @@ RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of th
 # without them gives the same weights bit for bit): `--resume` ignores them when it compares a method's stages.
 BOOKKEEPING_FLAGS = ("--checkpointing_steps", "--checkpoints_total_limit")
 LLAMA_FIGURES = ("max_ffn_product_inf_norm", "max_first_token_inf_norm", "max_later_tokens_inf_norm")
-OPT_ADAM_BETA2 = FAMILIES["opt"].adam_betas[1]  # run_clm's default (OPT's 0.95; run_llama's too)
 # The two sizes. `full` follows the reference probe's schedule (shared/reference): lr 1e-3 decaying linearly
 # towards 0 at twice the run's length, i.e. step 4800, stopped at step 2400 (the learning rate then stands at
 # 2400 / 4700 of its peak, the final_lr_fraction below); blocks drawn at random with replacement; figures logged
@@ -123,7 +122,7 @@ SIZES = {
         "validation_percentage": 50,
         "log_interval": 25,
         "checkpointing_steps": 50,
-        "adam_beta2": OPT_ADAM_BETA2,
+        "adam_beta2": None,  # the training script's default (the family's: OPT's and Llama's 0.95)
     },
     "full": {
         "max_train_steps": 2400,
@@ -225,7 +224,7 @@ def run_stage(
     which = f"'{objective}'" + (f", family_name='{family}'" if family else "")
     print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}({which}, {' '.join(argv)})", flush=True)
     start = time.perf_counter()
-    results = job(objective, argv, **({"family_name": family} if family else {}))
+    results = job(objective, argv, family_name=family)
     print(f"=== [{number}/{total}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return results
 
@@ -413,6 +412,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     size["log_interval"] = min(size["log_interval"], size["max_train_steps"])  # a short run logs its last step
+    script_beta2 = FAMILIES[args.family].adam_betas[1]
+    size["adam_beta2"] = script_beta2 if size["adam_beta2"] is None else size["adam_beta2"]
     output_dir = Path(args.output_dir or REPO / "runs" / (f"{family.folder}-full" if args.full else family.folder))
     tokenizer, train_data, validation_data, second_data = data_flags()
     validation_data += ["--validation_percentage", str(size["validation_percentage"])]
@@ -431,8 +432,8 @@ def main() -> None:
         "--max_train_steps", str(size["max_train_steps"]),
         "--final_lr_fraction", str(size["final_lr_fraction"]),
         "--weight_decay", "0.1",
-        # (only when it is not run_clm's default, so a run of OPT's betas keeps its stages, and --resume reads it)
-        *(["--adam_beta2", str(size["adam_beta2"])] if size["adam_beta2"] != OPT_ADAM_BETA2 else []),
+        # (only when it is not the training script's default, so a run of its betas keeps its stages for --resume)
+        *(["--adam_beta2", str(size["adam_beta2"])] if size["adam_beta2"] != script_beta2 else []),
         "--seed", str(args.seed),
         "--block_layout", "bos_first",
         "--sample_with_replacement",

@@ -254,7 +254,7 @@ def test_the_demo_resume_reruns_only_the_validations_whose_flags_changed(tmp_pat
     spec.loader.exec_module(demo)
     calls = []
 
-    def job(objective, argv):
+    def job(objective, argv, family_name=None):
         out = Path(argv[argv.index("--output_dir") + 1])
         out.mkdir(parents=True, exist_ok=True)
         (out / "all_results.json").write_text(json.dumps({"argv": argv}))

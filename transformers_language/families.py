@@ -142,8 +142,6 @@ class Family:
     """Per layer, the measured tensors: (kind, module path inside the layer, 'output' or 'input')."""
     model_sites: tuple[tuple[str, str, str], ...] = ()
     """Measured tensors outside the layers: (kind, module path, tap)."""
-    site_widths: dict[str, str] = field(default_factory=dict)
-    """Site kinds whose last dimension is not the hidden size, with the config key that gives it."""
     stream_kind: str = ""
     """The kind of the residual stream after each layer (the rows of the outlier-dimension heatmap)."""
     headlines: tuple[Headline, ...] = ()
@@ -350,7 +348,6 @@ FAMILIES: dict[str, Family] = {
             ("ffn_product", "mlp.down_proj", "input"),  # act(gate) * up: the largest activations of SwiGLU models
         ),
         model_sites=(("final_layernorm", "model.norm", "output"),),
-        site_widths={"ffn_product": "intermediate_size"},
         stream_kind="layer_output",
         headlines=(
             *PRE_LN_HEADLINES,
@@ -420,6 +417,11 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise UsageError(f"Unknown model type {name!r}; valid model types: {', '.join(FAMILIES)}.")
     return FAMILIES[name]
+
+
+def job_family(objective: str, name: str | None = None) -> Family:
+    """The family a job of `objective` runs: `name`'s, else the objective's first (family_of_objective)."""
+    return get_family(name) if name else family_of_objective(objective)
 
 
 def family_of_objective(objective: str) -> Family:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..arguments import FlagParser, Flags, add_group
 from ..data.modalities import get_modality
 from ..evaluation.loop import evaluate
-from ..families import Family, family_of_objective, get_family
+from ..families import Family, job_family
 from ..files import check_output_dir, save_pretrained_atomic, write_json_atomic
 from ..models.loading import load_model
 from ..objectives import Objective, get_objective
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser(objective: Objective, family: Family | None = None) -> FlagParser:
-    family = family or family_of_objective(objective.name)
+    family = family or job_family(objective.name)
     parser = job_parser(
         family,
         objective,
@@ -73,7 +73,7 @@ def pretrain(objective_name: str, argv: list[str] | None = None, family_name: st
     (default: the objective's first family, families.py) with command-line `argv`; returns the figures written
     to `all_results.json`."""
     objective = get_objective(objective_name)
-    family = get_family(family_name) if family_name else family_of_objective(objective_name)
+    family = job_family(objective_name, family_name)
     flags = build_parser(objective, family).parse(argv)
     training, tracking = flags.training, flags.tracking
     output_dir = check_output_dir(training.output_dir)

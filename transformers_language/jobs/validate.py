@@ -26,7 +26,7 @@ from ..evaluation.literature_metrics import LiteratureStatistics, literature_res
 from ..evaluation.loop import evaluate
 from ..evaluation.metrics import OUTLIER_SIGMAS, ActivationStatistics
 from ..evaluation.outlier_report import log_results, outlier_results
-from ..families import Family, family_of_objective, get_family
+from ..families import Family, job_family
 from ..files import check_output_dir, write_json_atomic
 from ..models.loading import load_checkpoint
 from ..objectives import Objective, get_objective
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser(objective: Objective, family: Family | None = None) -> FlagParser:
-    family = family or family_of_objective(objective.name)
+    family = family or job_family(objective.name)
     parser = job_parser(
         family,
         objective,
@@ -80,7 +80,7 @@ def validate(
     `statistics_cache` (a dict kept by the caller) shares the float calibration statistics
     of the equivalent transforms between runs on the same checkpoint and calibration flags."""
     objective = get_objective(objective_name)
-    family = get_family(family_name) if family_name else family_of_objective(objective_name)
+    family = job_family(objective_name, family_name)
     script = family.validate_script
     flags = build_parser(objective, family).parse(argv)
     evaluation = flags.evaluation

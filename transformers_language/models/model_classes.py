@@ -120,6 +120,11 @@ class AttentionVariantMixin:
         kwargs = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
         return self.base_model(**kwargs, use_cache=False).last_hidden_state
 
+    def _input_width(self, module_path: str, tap: str) -> int | None:
+        """A Linear's input width when a site is that input (Llama's SwiGLU product), else None: the hidden size."""
+        module = self.get_submodule(module_path)
+        return module.in_features if tap == "input" and isinstance(module, nn.Linear) else None
+
     def transformer_layers(self) -> nn.ModuleList:
         """The encoder (BERT) or decoder (OPT) layers, in order."""
         return self.get_submodule(self.layers_path)
@@ -132,11 +137,10 @@ class AttentionVariantMixin:
     def outlier_sites(self) -> list[Site]:
         """The tensors whose inf-norm, kurtosis and outliers are reported, layer by layer, in forward order."""
         sites = []
-        widths = {kind: getattr(self.config, key) for kind, key in self.family.site_widths.items()}
         for index in range(len(self.transformer_layers())):
             for kind, path, tap in self.family.layer_sites:
                 module_path = ".".join(p for p in (self.layers_path, str(index), path) if p)
-                sites.append(Site(module_path, kind, index, tap, widths.get(kind)))
+                sites.append(Site(module_path, kind, index, tap, self._input_width(module_path, tap)))
         sites += [Site(path, kind, None, tap) for kind, path, tap in self.family.model_sites]
         return sites
 
