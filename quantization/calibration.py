@@ -37,9 +37,10 @@ def activation_quantizers(model: nn.Module) -> list[Quantizer]:
 
 @torch.no_grad()
 def calibrate_weights(model: nn.Module) -> None:
+    """Freeze every weight range from its weight, except ranges fixed before (GPTQ rounds onto a frozen grid)."""
     for module in model.modules():
         quantizer = getattr(module, "weight_quantizer", None)
-        if isinstance(quantizer, Quantizer):
+        if isinstance(quantizer, Quantizer) and not quantizer.fixed_range:
             quantizer.set_mode("observe")
             quantizer(module.weight)
             quantizer.freeze()

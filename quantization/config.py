@@ -26,18 +26,21 @@ from .calibration import CALIBRATION_INPUTS
 from .decomposition import OutlierDecomposition
 from .dynamic import TokenQuantizer
 from .estimators import PERCENTILE_INTERPOLATIONS
+from .float_quantizers import FLOAT_ESTIMATORS, FORMAT_NAMES, INTEGER, NUMBER_FORMATS
 from .groups import GroupQuantizer
 from .quantizer import Quantizer
 from .token_clipping import DEFAULT_QUANTILES, TokenQuantileEstimator
 from .transforms import TRANSFORMS
+from .weight_groups import WeightGroupQuantizer
 
 ACT_METHODS = ("asymmetric_uniform", "symmetric_uniform")
 # Flag spellings of the paper's scripts -> estimator registry names.
 WEIGHT_RANGE_ALIASES = {"minmax": "current_minmax"}
 HIGH_PRECISION_BITS = 16
-WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 """per_channel: one range per output row of a Linear or an embedding table (a LayerNorm's gamma stays per
-tensor: one range per entry would leave nothing quantized)."""
+tensor: one range per entry would leave nothing quantized); per_group: one per group of `weight_group_size`
+input channels of each row."""
 PER_EMBEDDING_GROUP = "per_embedding_group"
 ACT_GRANULARITIES = ("per_tensor", PER_EMBEDDING_GROUP, "per_token")
 """per_embedding_group applies to the points matching `peg_points` (the rest stay per tensor); per_token to
@@ -108,8 +111,39 @@ class QuantConfig:
     )
     weight_granularity: str = setting(
         "per_tensor",
-        "per_tensor, or per_channel: one range per output row of each Linear and embedding table.",
+        "per_tensor; per_channel: one range per output row of each Linear and embedding table; per_group: one "
+        "per --weight_group_size input channels of each row.",
         choices=list(WEIGHT_GRANULARITIES),
+    )
+    weight_group_size: int = setting(128, "per_group weights: input channels per group.", type=int)
+    weight_format: str = setting(
+        INTEGER,
+        "Weights' number format: int (the integer grid of --n_bits); fp8_e4m3 / fp8_e5m2 (scaled per tensor or, "
+        "with --weight_granularity per_channel, per row); mxfp8 / mxfp6 / mxfp4 / nvfp4 (block-scaled).",
+        choices=list(FORMAT_NAMES),
+    )
+    act_format: str = setting(
+        INTEGER,
+        "Activations' number format (as --weight_format; fp8 scales calibrated per tensor). Points whose bits a "
+        "rule or the preset sets (--point_bits, 16-bit LayerNorms) stay on the integer grid.",
+        choices=list(FORMAT_NAMES),
+    )
+    n_bits_kv: int | None = setting(
+        None,
+        "Bits of the key / value cache points (the keys as the cache holds them, the value projection's output); "
+        "default --n_bits_act. --point_bits rules still win.",
+        type=int,
+    )
+    gptq: bool = setting(
+        False,
+        "GPTQ: round each quantized Linear's weight (integer grid) by GPTQ on the calibration batches' inputs "
+        "instead of to nearest.",
+        action="store_true",
+    )
+    gptq_block_size: int = setting(128, "GPTQ: columns per block of lazy updates.", type=int)
+    gptq_damping: float = setting(0.01, "GPTQ: damping lambda as a fraction of the mean Hessian diagonal.", type=float)
+    gptq_act_order: bool = setting(
+        False, "GPTQ: round the input channels by descending Hessian diagonal (act-order).", action="store_true"
     )
     act_granularity: str = setting(
         "per_tensor",
@@ -190,6 +224,7 @@ class QuantConfig:
                 "Token-wise clipping sets static activation ranges: it does not combine with per-token (dynamic) "
                 "activations or --llm_int8."
             )
+        self._check_formats()
         if self.peg_groups < 1:
             raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
         for pattern, bits in self.point_bits:
@@ -226,6 +261,56 @@ class QuantConfig:
             )
             raise ValueError(f"{flags}: {error}") from error
 
+    def _check_formats(self) -> None:
+        """Number formats, grouped weights, KV bits and GPTQ: what each needs and what each refuses."""
+        for flag in ("weight_format", "act_format"):
+            if getattr(self, flag) not in FORMAT_NAMES:
+                raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(FORMAT_NAMES)}.")
+        if self.weight_group_size < 1:
+            raise ValueError(f"--weight_group_size must be positive, got {self.weight_group_size}.")
+        if self.n_bits_kv is not None:
+            try:
+                check_bits(self.n_bits_kv)
+            except ValueError as error:
+                raise ValueError(f"--n_bits_kv {self.n_bits_kv}: {error}") from error
+        weight_format = NUMBER_FORMATS.get(self.weight_format)
+        if weight_format is not None:
+            if self.weight_granularity == "per_group" or self.llm_int8_threshold is not None or self.gptq:
+                raise ValueError(
+                    f"--weight_format {self.weight_format} has its own scales: it does not combine with per_group "
+                    "weights, --llm_int8 or --gptq (integer grids); use --weight_format int."
+                )
+            if self.weight_estimator not in FLOAT_ESTIMATORS:
+                raise ValueError(
+                    f"--weight_format {self.weight_format} scales by the maximum: use --ranges_weights minmax."
+                )
+        act_format = NUMBER_FORMATS.get(self.act_format)
+        if act_format is not None:
+            if (
+                self.act_granularity != "per_tensor"
+                or self.token_clipping_points
+                or self.llm_int8_threshold is not None
+            ):
+                raise ValueError(
+                    f"--act_format {self.act_format} has its own scales: it does not combine with per-token or PEG "
+                    "activations, token-wise clipping or --llm_int8; use --act_format int."
+                )
+            if self.n_bits_kv is not None:
+                raise ValueError(
+                    f"--n_bits_kv sets integer bits; under --act_format {self.act_format} the key / value "
+                    "points take that format."
+                )
+            if self.ranges_acts not in FLOAT_ESTIMATORS or self.percentile is not None:
+                raise ValueError(
+                    f"--act_format {self.act_format} scales by the maximum: use --ranges_acts running_minmax or "
+                    "current_minmax, without --percentile."
+                )
+        if self.gptq:
+            if not self.weight_quant or self.llm_int8_threshold is not None:
+                raise ValueError("--gptq rounds quantized weights: drop --no_weight_quant and --llm_int8.")
+            if self.gptq_block_size < 1 or not self.gptq_damping > 0:
+                raise ValueError("--gptq_block_size must be positive and --gptq_damping above 0.")
+
     @property
     def weight_estimator(self) -> str:
         return WEIGHT_RANGE_ALIASES.get(self.ranges_weights, self.ranges_weights)
@@ -239,6 +324,11 @@ class QuantConfig:
         matching = [bits for pattern, bits in self.point_bits if point_matches(name, pattern)]
         return matching[-1] if matching else default
 
+    def _integer_point(self, name: str, n_bits: int | None) -> bool:
+        """Whether the point stays on the integer grid under a number format: its bits are set by the preset
+        (`n_bits` given) or by a --point_bits rule."""
+        return n_bits is not None or any(point_matches(name, pattern) for pattern, _ in self.point_bits)
+
     def is_peg_point(self, name: str) -> bool:
         return self.act_granularity == PER_EMBEDDING_GROUP and any(point_matches(name, p) for p in self.peg_points)
 
@@ -249,9 +339,15 @@ class QuantConfig:
         """The quantizer of the weight point `name`; `rows`: a weight with output rows (Linear, embedding), per
         channel under `weight_granularity` per_channel or LLM.int8()."""
         per_channel = rows and (self.weight_granularity == "per_channel" or self.llm_int8_threshold is not None)
+        number_format = NUMBER_FORMATS.get(self.weight_format)
+        if number_format is not None and not self._integer_point(name, n_bits):
+            return number_format.quantizer(self.weight_estimator, axis=0 if per_channel else None)
+        bits = self.bits(name, n_bits or self.n_bits)
+        if rows and self.weight_granularity == "per_group":
+            return WeightGroupQuantizer(bits, self.weight_group_size, self.weight_estimator)
         try:
             return Quantizer(
-                self.bits(name, n_bits or self.n_bits),
+                bits,
                 symmetric=True,
                 estimator=self.weight_estimator,
                 axis=0 if per_channel else None,
@@ -265,13 +361,16 @@ class QuantConfig:
 
     def act_quantizer(self, name: str = "", n_bits: int | None = None) -> Quantizer:
         """The quantizer of the activation point `name` (its granularity and bits from the rules)."""
+        options = {}
+        if self.percentile is not None:
+            options = {"percentile": self.percentile, "interpolation": self.percentile_interpolation}
+        number_format = NUMBER_FORMATS.get(self.act_format)
+        if number_format is not None and not self._integer_point(name, n_bits):
+            return number_format.quantizer(self.ranges_acts, **options)
         bits = self.bits(name, n_bits or self.n_bits_act)
         # Every activation point's input is a fresh intermediate read by nothing else: quantize it in place.
         if self.act_granularity == "per_token":
             return TokenQuantizer(bits, symmetric=self.symmetric_acts, in_place=True)
-        options = {}
-        if self.percentile is not None:
-            options = {"percentile": self.percentile, "interpolation": self.percentile_interpolation}
         if self.is_peg_point(name):
             return GroupQuantizer(
                 bits, self.symmetric_acts, self.ranges_acts, self.peg_groups, self.peg_permute, True, **options

@@ -11,6 +11,8 @@ through.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .formats import BLOCK_FORMATS, FLOAT_FORMATS, BlockFormat, FloatFormat, block_quantize, cast_to_format
@@ -35,8 +37,8 @@ class FloatQuantizer(Quantizer):
     """Fake quantizer on the grid of the float format `fmt` ('e4m3', 'e5m2', ...) scaled by s = amax / max."""
 
     def __init__(self, fmt: str, estimator: str = "current_minmax", axis: int | None = None, **estimator_options):
-        self.format_name = fmt
         self.format = FLOAT_FORMATS[fmt]
+        self.format_name = f"fp{self.format.bits}_{fmt}"  # as --weight_format / --act_format name it
         super().__init__(self.format.bits, True, estimator, axis, **estimator_options)
 
     @torch.no_grad()
@@ -100,3 +102,40 @@ class BlockQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"{self.format_name}, blocks of {self.format.block_size}, mode={self.mode}"
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """A number format a point may take instead of the integer grid: a scaled float format, or a block format."""
+
+    float_format: str | None = None
+    block_format: str | None = None
+
+    @property
+    def bits(self) -> int:
+        return FLOAT_FORMATS[self.float_format].bits if self.float_format else BLOCK_FORMATS[self.block_format].bits
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether its scales come from the values at run time (no calibration)."""
+        return self.block_format is not None
+
+    def quantizer(self, estimator: str, axis: int | None = None, **estimator_options) -> Quantizer:
+        if self.block_format is not None:
+            return BlockQuantizer(self.block_format)
+        return FloatQuantizer(self.float_format, estimator, axis, **estimator_options)
+
+
+INTEGER = "int"
+# The formats of --weight_format / --act_format besides the integer grid of --n_bits (INTEGER).
+NUMBER_FORMATS = {
+    "fp8_e4m3": NumberFormat(float_format="e4m3"),
+    "fp8_e5m2": NumberFormat(float_format="e5m2"),
+    "mxfp8": NumberFormat(block_format="mxfp8"),
+    "mxfp6": NumberFormat(block_format="mxfp6"),
+    "mxfp4": NumberFormat(block_format="mxfp4"),
+    "nvfp4": NumberFormat(block_format="nvfp4"),
+}
+FORMAT_NAMES = (INTEGER, *NUMBER_FORMATS)
+# Range estimators that fit a float format's scale: the min-max ones (a search scores the integer grid).
+FLOAT_ESTIMATORS = ("current_minmax", "running_minmax")

@@ -20,7 +20,7 @@ from .token_mask import real_rows
 
 
 class HessianAccumulator:
-    """H = 2 X^T X / N over the real-token rows X of every input it sees (fp64, on the input's device)."""
+    """H = 2 X^T X / N over the real-token rows X of every input it sees (fp32, on the input's device)."""
 
     def __init__(self, features: int):
         self.features = features
@@ -29,9 +29,9 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        rows = real_rows(x.detach()).reshape(-1, self.features).double()
+        rows = real_rows(x.detach()).reshape(-1, self.features).float()
         if self.sum is None:
-            self.sum = torch.zeros(self.features, self.features, dtype=torch.float64, device=rows.device)
+            self.sum = torch.zeros(self.features, self.features, device=rows.device)
         self.sum.addmm_(rows.T, rows)
         self.rows += rows.shape[0]
 

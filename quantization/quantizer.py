@@ -102,6 +102,7 @@ class Quantizer(CalibratedState):
         self.shifted_bounds: tuple[float, float] | None = None  # per tensor: q_range minus the zero point
         self.channel_grid: tuple[torch.Tensor, ...] | None = None  # per channel: 1 / s, s, shifted bounds
         self.learnable_range = None  # mode `learn`: a callable x -> fake-quantized x with learnt ends
+        self.fixed_range = False  # set once its weight was rounded onto the frozen grid (GPTQ): calibration keeps it
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.register_buffer("grid_bounds", torch.empty(0, dtype=torch.int64))

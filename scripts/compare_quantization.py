@@ -126,8 +126,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def owned_flags(reduced: bool) -> set[str]:
     """The validate_*.py flags each run gets from the comparison itself, which `--` may not repeat."""
     owned = {"--model_name_or_path", "--output_dir", "--quantize", "--n_bits", "--n_bits_act", "--calibration_seed"}
-    owned |= {"--task_name", "--data_dir"}  # a GLUE checkpoint's own task
-    owned |= {flag for method in PTQ_METHODS.values() for flag in method.flags if flag.startswith("--")}
+    owned |= {"--n_bits_kv", "--no_act_quant", "--task_name", "--data_dir"}  # bit settings; a GLUE checkpoint's task
+    owned |= {
+        flag for method in PTQ_METHODS.values() for flag in (*method.flags, *method.act_flags) if flag.startswith("--")
+    }
     if reduced:
         owned |= {flag for flag in (*REDUCED, *(f for data in REDUCED_DATA.values() for f in data)) if flag[:2] == "--"}
         owned |= {flag for extra in REDUCED_BY_FLAG.values() for flag in extra if flag.startswith("--")}
@@ -187,9 +189,7 @@ def float_argv(passed: list[str]) -> list[str]:
 
 
 def recipe_flags(recipe: str, bits: str, reduced: bool, draw: int = 0) -> list[str]:
-    n_bits, n_bits_act = BIT_SETTINGS[bits]
-    flags = ["--quantize", "--n_bits", str(n_bits), "--n_bits_act", str(n_bits_act), *PTQ_METHODS[recipe].flags]
-    flags += ["--calibration_seed", str(draw)]
+    flags = [*PTQ_METHODS[recipe].validate_flags(BIT_SETTINGS[bits]), "--calibration_seed", str(draw)]
     if reduced:
         flags += [*REDUCED, *(extra for flag, more in REDUCED_BY_FLAG.items() if flag in flags for extra in more)]
     return flags
@@ -282,12 +282,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for bits in args.bits
         for recipe in args.recipes
         for draw in range(args.draws)
-        if applies(recipe, kinds[c][0])
+        if applies(recipe, kinds[c][0], bits)
     ]
     for checkpoint in args.checkpoints:
         skipped = [recipe for recipe in args.recipes if not applies(recipe, kinds[checkpoint][0])]
         if skipped:
             print(f"{checkpoint}: {', '.join(skipped)} not run (OS+'s shift needs norm and Linear biases: n/a).")
+    for bits in args.bits:
+        unfit = [recipe for recipe in args.recipes if not PTQ_METHODS[recipe].fits(BIT_SETTINGS[bits])]
+        if unfit:
+            print(f"{bits}: {', '.join(unfit)} not run (a number format of other bits, or FP activations: n/a).")
     draws, caches = {}, {}
     fingerprints = {c: fingerprint(c) for c in args.checkpoints}
     start_all = time.perf_counter()
@@ -365,9 +369,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def applies(recipe: str, family: Family) -> bool:
-    """Whether `family` can take `recipe`: OS+'s shift needs biases in the norms and their readers."""
-    return "--os_plus" not in PTQ_METHODS[recipe].flags or family.wiring.norm_bias
+def applies(recipe: str, family: Family, bits: str | None = None) -> bool:
+    """Whether `family` can take `recipe` (OS+'s shift needs biases in the norms and their readers), and at the
+    bit setting `bits` if given (PTQMethod.fits)."""
+    method = PTQ_METHODS[recipe]
+    if bits is not None and not method.fits(BIT_SETTINGS[bits]):
+        return False
+    return "--os_plus" not in method.flags or family.wiring.norm_bias
 
 
 def task_flags(kind: tuple[Family, str | None], glue_dir: str | None) -> list[str]:

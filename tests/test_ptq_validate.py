@@ -18,8 +18,11 @@ from tests.test_validate import (  # noqa: F401
 )
 from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS
 
-METHODS = {name: list(method.flags) for name, method in PTQ_METHODS.items()}
-BITS = {name: (str(n_bits), str(n_bits_act)) for name, (n_bits, n_bits_act) in BIT_SETTINGS.items()}
+# The integer-grid recipes of 2021-23 at the integer settings (every pair); the 2024-26 recipes at theirs.
+RECIPES_2024 = ("rtn", "gptq", "fp8", "mxfp4")
+METHODS = {name: list(method.flags) for name, method in PTQ_METHODS.items() if name not in RECIPES_2024}
+INTEGER_SETTINGS = ("W8A8", "W6A8", "W6A6", "W4A8")
+BITS = {name: tuple(str(b) for b in BIT_SETTINGS[name][:2]) for name in INTEGER_SETTINGS}
 
 
 def _quantized(model_type, checkpoints, tmp_path, data_cache, *flags):  # noqa: F811
@@ -71,6 +74,40 @@ def test_every_method_runs_end_to_end_and_records_its_settings(
         assert set(points) == {f"activation {n_bits_act} bits per_token", f"weight {n_bits} bits per_channel"}
     else:
         assert "llm_int8_float_channel_share" not in returned
+
+
+@pytest.mark.parametrize(
+    "recipe, bits", [("rtn", "W4A4KV4"), ("gptq", "W4A4KV4"), ("gptq", "W4A16"), ("fp8", "W8A8"), ("mxfp4", "W4A4KV4")]
+)
+def test_the_2024_recipes_run_end_to_end_at_their_settings(
+    model_type,
+    recipe,
+    bits,
+    checkpoints,  # noqa: F811
+    tmp_path,
+    data_cache,
+):
+    method, setting = PTQ_METHODS[recipe], BIT_SETTINGS[bits]
+    assert method.fits(setting)
+    returned, results = _quantized(model_type, checkpoints, tmp_path, data_cache, *method.validate_flags(setting)[1:])
+    assert math.isfinite(returned["perplexity"]) and returned["perplexity"] > 1
+    setup = results["settings"]["quantization"]
+    points = setup["points"]
+    kv_points = 2 * 2  # keys and values of 2 layers
+    if recipe in ("rtn", "gptq") and setting.acts is not None:
+        assert setup["n_bits_kv"] == 4
+        assert points["activation 4 bits per_token"] > kv_points  # the KV points among them
+        assert setup["qmethod_acts"] == "symmetric_uniform"
+    if recipe == "gptq":
+        gptq = results["gptq"]
+        assert gptq["linears"] == 2 * 6  # query / key / value / output, FFN in and out, per layer
+        assert gptq["median_error_vs_rtn"] < 1.0  # GPTQ lowers the layer-wise output error
+        if setting.acts is None:
+            assert not any(key.startswith("activation") for key in points)
+    if recipe == "fp8":
+        assert points["weight 8 bits fp8_e4m3 per_channel"] > 0 and points["activation 8 bits fp8_e4m3 per_tensor"] > 0
+    if recipe == "mxfp4":
+        assert set(points) == {"weight 4 bits mxfp4 per_block(32)", "activation 4 bits mxfp4 per_block(32)"}
 
 
 def test_fewer_bits_lose_more(checkpoints, tmp_path, data_cache):  # noqa: F811
@@ -140,6 +177,15 @@ def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_pat
         (["--token_clipping", "--llm_int8"], r"does not combine with per-token \(dynamic\) activations or --llm_int8"),
         (["--token_clipping", "--token_clipping_points", "**.fc2.weight"], r"'\*\*\.fc2\.weight' matches no activ"),
         (["--no_act_quant", "--token_clipping"], r"--token_clipping sets activation ranges"),
+        (["--weight_format", "fp8_e4m3", "--gptq"], r"--weight_format fp8_e4m3 has its own scales"),
+        (["--act_format", "mxfp4", "--act_granularity", "per_token"], r"--act_format mxfp4 has its own scales"),
+        (["--act_format", "fp8_e4m3", "--ranges_acts", "MSE"], r"fp8_e4m3 scales by the maximum: use --ranges_acts"),
+        (["--act_format", "mxfp4", "--n_bits_kv", "4"], r"--n_bits_kv sets integer bits"),
+        (["--n_bits_kv", "1"], r"--n_bits_kv 1: Bit width 1 is out of range"),
+        (["--gptq_act_order"], r"--gptq_act_order configures --gptq: add --gptq"),
+        (["--gptq", "--no_weight_quant"], r"--gptq configure weight quantization, which --no_weight_quant"),
+        (["--weight_group_size", "16"], r"--weight_group_size sizes per_group weights"),
+        (["--weight_granularity", "per_group", "--weight_group_size", "24"], r"groups of 24 do not divide the 32"),
     ],
 )
 def test_each_senseless_combination_is_one_clear_error(flags, message, checkpoints, tmp_path, data_cache):  # noqa: F811
@@ -170,9 +216,12 @@ def _compare(checkpoint_list, out, tmp_path, data_cache, *flags):
 
 def test_compare_quantization_writes_every_recipe_and_bit_width(checkpoints, tmp_path, data_cache):  # noqa: F811
     out = tmp_path / "compare"
-    rows = _compare([checkpoints["opt"]], out, tmp_path, data_cache, "--draws", "1")
-    name, bit_widths = checkpoints["opt"].name, _compare_module().DEFAULT_BITS
-    expected = [(name, "FP", "fp")] + [(name, bits, recipe) for bits in bit_widths for recipe in PTQ_METHODS]
+    bit_widths = ["W8A8", "W4A4KV4"]
+    rows = _compare([checkpoints["opt"]], out, tmp_path, data_cache, "--draws", "1", "--bits", *bit_widths)
+    name = checkpoints["opt"].name
+    fitting = [(bits, r) for bits in bit_widths for r, method in PTQ_METHODS.items() if method.fits(BIT_SETTINGS[bits])]
+    assert ("W8A8", "fp8") in fitting and ("W8A8", "mxfp4") not in fitting and ("W4A4KV4", "mxfp4") in fitting
+    expected = [(name, "FP", "fp")] + [(name, bits, recipe) for bits, recipe in fitting]
     assert [(r["checkpoint"], r["bits"], r["recipe"]) for r in rows] == expected
     written = json.loads((out / "comparison.json").read_text())
     assert written["rows"] == json.loads(json.dumps(rows)) and written["reduced"] is True
@@ -185,7 +234,8 @@ def test_compare_quantization_writes_every_recipe_and_bit_width(checkpoints, tmp
         assert row["gap"] == pytest.approx(100 * (row["value"] - fp) / fp) and row["spread"] is None
         if row["bits"] != "FP":
             setup = results["settings"]["quantization"]
-            assert (setup["n_bits"], setup["n_bits_act"]) == BIT_SETTINGS[row["bits"]]
+            assert (setup["n_bits"], setup["n_bits_act"]) == BIT_SETTINGS[row["bits"]][:2]
+            assert setup["n_bits_kv"] == (4 if row["bits"] == "W4A4KV4" and row["recipe"] != "mxfp4" else None)
             assert setup["calibration_sequences"] == 16  # --reduced: 2 batches of 8
             assert setup["calibration_seed"] == 0
     by_run = {(r["bits"], r["recipe"]): r for r in rows}
@@ -194,7 +244,7 @@ def test_compare_quantization_writes_every_recipe_and_bit_width(checkpoints, tmp
     assert "llm_int8_float_channel_share" in by_run[("W8A8", "llm_int8")]
     markdown = (out / "comparison.md").read_text().splitlines()
     assert markdown[0] == f"| bits | recipe | {name} |"
-    assert len(markdown) == 2 + 1 + len(bit_widths) * len(PTQ_METHODS)
+    assert len(markdown) == 2 + 1 + len(fitting)
     assert {line.split(" | ")[1] for line in markdown[3:]} == {method.label for method in PTQ_METHODS.values()}
     assert (out / "comparison.png").stat().st_size > 10_000
 

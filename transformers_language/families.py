@@ -94,6 +94,9 @@ class Wiring:
     attention_points: tuple[str, ...] = ("scores", "probs", "context")
     """The attention points quantized (attention.py): Llama adds `keys`, the RoPE'd keys as the key cache holds
     them (its k_proj output is not what the cache stores)."""
+    kv_points: tuple[str, ...] = ()
+    """The key / value cache of each layer, as point names relative to the layer (`--n_bits_kv`): the keys as
+    the cache holds them (Llama: after RoPE) and the value projection's output."""
     outlier_points: tuple[str, ...] = ()
     """The FFN's outlier tensors of each layer, as point names relative to the layer: the FFN input, the FFN
     output and the residual sum after the FFN (Llama: also the SwiGLU product), where PEG and MP-PTQ apply by
@@ -239,6 +242,7 @@ FAMILIES: dict[str, Family] = {
             residual_layernorms=("attention.output.LayerNorm", "output.LayerNorm"),
             embedding_sums="bert.embeddings",
             embedding_sum_names=("word_type_sum", "embedding_sum"),  # word + token type, then + position
+            kv_points=("attention.self.key.output", "attention.self.value.output"),
             outlier_points=("attention.output.LayerNorm.output", "output.dense.output", "output.LayerNorm.input"),
             norm_readers=(
                 NormReaders(
@@ -279,6 +283,7 @@ FAMILIES: dict[str, Family] = {
             ffn_activation="activation_fn",
             residual_sums=("attn_residual_sum", "ffn_residual_sum"),
             embedding_sum_consumer="model.decoder.layers.0",
+            kv_points=("self_attn.k_proj.output", "self_attn.v_proj.output"),
             outlier_points=("final_layer_norm.output", "fc2.output", "ffn_residual_sum"),
             # The final decoder LayerNorm is left alone: its reader, the LM head, is tied to the embeddings.
             norm_readers=(
@@ -316,6 +321,7 @@ FAMILIES: dict[str, Family] = {
             residual_sums=("attn_residual_sum", "ffn_residual_sum"),
             embedding_sums="vit.embeddings",
             embedding_sum_names=("embedding_sum",),  # [CLS] + patches, + positions
+            kv_points=("attention.k_proj.output", "attention.v_proj.output"),
             outlier_points=("layernorm_after.output", "mlp.fc2.output", "ffn_residual_sum"),
             norm_readers=(
                 NormReaders(
@@ -368,6 +374,7 @@ FAMILIES: dict[str, Family] = {
             residual_sums=("attn_residual_sum", "ffn_residual_sum"),
             product_inputs=("mlp.down_proj",),
             attention_points=("keys", "scores", "probs", "context"),
+            kv_points=("self_attn.attention_variant.keys", "self_attn.v_proj.output"),
             # FFN input, SwiGLU product, FFN output, residual sum: the product is where SwiGLU's outliers peak.
             outlier_points=(
                 "post_attention_layernorm.output",

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers import BaseImageProcessor, PretrainedConfig, PreTrainedTokenizerBase
 
 from quantization.config import QuantConfig
+from quantization.float_quantizers import INTEGER
 
 from ..arguments import Flags, is_flag
 from ..data.images import ImageDataArgs
@@ -93,10 +94,14 @@ class Plan:
 
 def quantization_record(config: QuantConfig | None, calibration: dict | None, points=()) -> dict | None:
     """Every choice of the W8A8 protocol, as all_results.json records it, with the count of points per kind,
-    bit width and granularity (e.g. 'activation 16 bits per_tensor': 6)."""
+    bit width, number format if not the integer grid, and granularity (e.g. 'activation 16 bits per_tensor': 6,
+    'weight 8 bits fp8_e4m3 per_channel': 12)."""
     if config is None:
         return None
-    counts = Counter(f"{p['kind']} {p['bits']} bits {p['granularity']}" for p in points)
+    counts = Counter(
+        " ".join((p["kind"], f"{p['bits']} bits", *([p["format"]] if p["format"] != INTEGER else []), p["granularity"]))
+        for p in points
+    )
     record = asdict(config) | {"preset": asdict(config.preset), "points": dict(sorted(counts.items()))} | calibration
     return json.loads(json.dumps(record))  # tuples as the lists they are read back as
 

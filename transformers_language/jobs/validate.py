@@ -61,11 +61,12 @@ def build_parser(objective: Objective, family: Family | None = None) -> FlagPars
 
 
 def print_points(accelerator, points) -> dict:
-    """`--list_quant_points`: one line per quantization point (name, kind, bits, granularity)."""
+    """`--list_quant_points`: one line per quantization point (name, kind, bits, number format, granularity)."""
     if accelerator.is_main_process:
         width = max(len(p["name"]) for p in points)
         for point in points:
-            print(f"{point['name']:<{width}}  {point['kind']:<10}  {point['bits']:>2} bits  {point['granularity']}")
+            line = f"{point['name']:<{width}}  {point['kind']:<10}  {point['bits']:>2} bits  {point['format']:<8}"
+            print(f"{line}  {point['granularity']}")
     return {"points": list(points)}
 
 

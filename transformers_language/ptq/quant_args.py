@@ -13,6 +13,7 @@ from dataclasses import fields, make_dataclass
 
 from quantization.config import HIGH_PRECISION_BITS, PER_EMBEDDING_GROUP, QUANT_PRESETS, QuantConfig
 from quantization.decomposition import DEFAULT_THRESHOLD
+from quantization.float_quantizers import INTEGER
 
 from ..arguments import POSITIVE, FlagParser, add_group, arg, switch
 from ..errors import UsageError
@@ -190,6 +191,9 @@ SUB_FLAGS = {
     "token_clipping_quantiles": "token_clipping",
     "token_clipping_fine_steps": "token_clipping",
     "token_clipping_learning_rate": "token_clipping",
+    "gptq_block_size": "gptq",
+    "gptq_damping": "gptq",
+    "gptq_act_order": "gptq",
 }
 
 
@@ -222,16 +226,22 @@ def _check_combinations(flags: QuantizationArgs, defaults: QuantizationArgs) -> 
     for flag, method in SUB_FLAGS.items():
         if getattr(flags, flag) != getattr(defaults, flag) and not getattr(flags, method):
             raise UsageError(f"--{flag} configures --{method}: add --{method}, or drop it.")
+    if flags.weight_group_size != defaults.weight_group_size and flags.weight_granularity != "per_group":
+        raise UsageError("--weight_group_size sizes per_group weights: add --weight_granularity per_group, or drop it.")
     if flags.no_act_quant and flags.token_clipping:
         raise UsageError("--token_clipping sets activation ranges, which --no_act_quant turns off.")
     if flags.llm_int8_threshold != defaults.llm_int8_threshold and not flags.llm_int8:
         raise UsageError("--llm_int8_threshold sets the LLM.int8() threshold: add --llm_int8, or drop it.")
     if flags.no_act_quant:
-        act = _changed(flags, defaults, ("act_granularity", "llm_int8", "n_bits_act", "ranges_acts", "percentile"))
+        act = _changed(
+            flags,
+            defaults,
+            ("act_granularity", "llm_int8", "n_bits_act", "ranges_acts", "percentile", "act_format", "n_bits_kv"),
+        )
         if act:
             raise UsageError(f"{', '.join(act)} configure activation quantization, which --no_act_quant turns off.")
     if flags.no_weight_quant:
-        weight = _changed(flags, defaults, ("weight_granularity", "n_bits", "ranges_weights"))
+        weight = _changed(flags, defaults, ("weight_granularity", "n_bits", "ranges_weights", "weight_format", "gptq"))
         if weight:
             raise UsageError(f"{', '.join(weight)} configure weight quantization, which --no_weight_quant turns off.")
     if flags.llm_int8:
@@ -261,6 +271,8 @@ def quant_config_from_args(flags: QuantizationArgs, family: Family) -> QuantConf
         token_clipping_points = tuple(flags.token_clipping_points or ("**",))
     same_named = {name: getattr(flags, name) for name in QUANT_FIELDS}
     same_named["token_clipping_quantiles"] = tuple(flags.token_clipping_quantiles)  # nargs gives a list
+    if flags.weight_format != INTEGER and flags.ranges_weights == defaults.ranges_weights:
+        same_named["ranges_weights"] = "minmax"  # a float format's scale is the maximum's, whatever the family's search
     try:
         return QuantConfig(
             **same_named,

@@ -34,10 +34,12 @@ from torch import nn
 
 from quantization.config import HIGH_PRECISION_BITS, PER_EMBEDDING_GROUP, QuantConfig, point_matches
 from quantization.dynamic import TokenQuantizer
+from quantization.float_quantizers import INTEGER, BlockQuantizer
 from quantization.groups import GroupQuantizer
 from quantization.modules import QuantEmbedding, QuantLayerNorm, QuantLinear, QuantRMSNorm
 from quantization.quantizer import Quantizer
 from quantization.sums import SumQuantizers
+from quantization.weight_groups import WeightGroupQuantizer
 
 from ..errors import UsageError
 from ..models.model_classes import family_of_config, model_class
@@ -87,9 +89,13 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             return None
         return named(f"{module_name}.weight", config.weight_quantizer(f"{module_name}.weight", bits, rows=rows))
 
+    kv_cache = {f"{prefix}.{index}.{point}" for index in range(len(layers)) for point in wiring.kv_points}
+
     def act_q(name, bits=None):
         if not config.act_quant or decomposed:
             return None
+        if bits is None and name in kv_cache:
+            bits = config.n_bits_kv
         return named(name, config.act_quantizer(name, bits))
 
     high_precision = high_precision_layernorms(model, preset)
@@ -152,14 +158,20 @@ def describe_points(model: nn.Module) -> list[dict]:
     """Each quantization point of a quantized model: name, what it quantizes, bits and granularity."""
     rows = []
     for name, quantizer in model.quantization_points.items():
+        number_format = getattr(quantizer, "format_name", INTEGER)
         if isinstance(quantizer, TokenQuantizer):
             granularity = "per_token"
+        elif isinstance(quantizer, BlockQuantizer):
+            granularity = f"per_block({quantizer.format.block_size})"
+        elif isinstance(quantizer, WeightGroupQuantizer):
+            granularity = f"per_group({quantizer.group_size})"
         elif isinstance(quantizer, GroupQuantizer):
             granularity = f"per_embedding_group(K={quantizer.groups}{', permuted' if quantizer.permute else ''})"
         else:
             granularity = "per_tensor" if quantizer.axis is None else "per_channel"
         kind = "weight" if name.endswith(".weight") else "activation"
-        rows.append({"name": name, "kind": kind, "bits": quantizer.n_bits, "granularity": granularity})
+        row = {"name": name, "kind": kind, "bits": quantizer.n_bits, "granularity": granularity}
+        rows.append(row | {"format": number_format})
     return rows
 
 
@@ -212,6 +224,13 @@ def planned_points(config, quantization: QuantConfig, family: str | None = None)
                 "them."
             )
     for row in rows:
+        if row["granularity"].startswith("per_group"):
+            columns = model.get_submodule(row["name"].removesuffix(".weight")).weight.shape[-1]
+            if columns % quantization.weight_group_size:
+                raise UsageError(
+                    f"--weight_group_size {quantization.weight_group_size}: groups of {quantization.weight_group_size}"
+                    f" do not divide the {columns} input channels of {row['name']}; choose a divisor."
+                )
         if row["granularity"].startswith(PER_EMBEDDING_GROUP):
             if row["kind"] == "weight" or row["name"].endswith(ATTENTION_CHANNELLESS):
                 raise UsageError(

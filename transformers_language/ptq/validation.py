@@ -27,6 +27,7 @@ from quantization.token_mask import real_tokens, real_values
 from ..objectives import Targets, derive_seed
 from ..objectives.inputs import ModelInputs, attention_mask, batch_size, to_device
 from .equivalent_transforms import apply_transforms
+from .gptq_step import apply_gptq
 from .quantized_model import high_precision_layernorms, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,15 @@ def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: lis
                     else:
                         model.body_output(inputs)
     return len(passes)
+
+
+def _run_body(accelerator, model, batches: list[Batch], description: str) -> None:
+    """The model's body over `batches`, each with its attention mask (the hooks inside observe real tokens)."""
+    with torch.no_grad():
+        for inputs, _ in tqdm(batches, desc=description, disable=not accelerator.is_local_main_process):
+            inputs = to_device(inputs, accelerator.device)
+            with accelerator.autocast(), real_tokens(attention_mask(inputs)):
+                model.body_output(inputs)
 
 
 def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -> dict:
@@ -139,6 +149,8 @@ def quantize_for_validation(
                 model, quant, lambda: (to_device(inputs, device) for inputs, _ in batches), int16, statistics_cache
             )
     quantize_model(model, quant)
+    if quant.gptq:
+        record["gptq"] = apply_gptq(model, lambda: _run_body(accelerator, model, batches, "GPTQ Hessians"), quant)
     passes = _calibrate(accelerator, model, loss_module, quant, batches)
     if quant.token_clipping_points:
         record["token_clipping"] = _clip_tokens(accelerator, model, quant, batches)
