@@ -142,6 +142,13 @@ class QuantConfig:
     )
     gptq_block_size: int = setting(128, "GPTQ: columns per block of lazy updates.", type=int)
     gptq_damping: float = setting(0.01, "GPTQ: damping lambda as a fraction of the mean Hessian diagonal.", type=float)
+    quarot: bool = setting(
+        False,
+        "QuaRot: rotate the float model by random Hadamard matrices (residual stream, FFN inner activation, "
+        "heads) before quantizing; pre-norm models (OPT pre-LN, Llama).",
+        action="store_true",
+    )
+    rotation_seed: int = setting(0, "QuaRot: seed of the residual stream's random signs.", type=int)
     gptq_act_order: bool = setting(
         False, "GPTQ: round the input channels by descending Hessian diagonal (act-order).", action="store_true"
     )
@@ -305,6 +312,11 @@ class QuantConfig:
                     f"--act_format {self.act_format} scales by the maximum: use --ranges_acts running_minmax or "
                     "current_minmax, without --percentile."
                 )
+        if self.quarot and self.transforms:
+            raise ValueError(
+                f"--quarot does not combine with the equivalent transforms ({', '.join(self.transforms)}): the "
+                "rotation spreads the outliers they migrate; use one or the other."
+            )
         if self.gptq:
             if not self.weight_quant or self.llm_int8_threshold is not None:
                 raise ValueError("--gptq rounds quantized weights: drop --no_weight_quant and --llm_int8.")

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for checkpoint in args.checkpoints:
         skipped = [recipe for recipe in args.recipes if not applies(recipe, kinds[checkpoint][0])]
         if skipped:
-            print(f"{checkpoint}: {', '.join(skipped)} not run (OS+'s shift needs norm and Linear biases: n/a).")
+            print(f"{checkpoint}: {', '.join(skipped)} not run (the family cannot take them: n/a).")
     for bits in args.bits:
         unfit = [recipe for recipe in args.recipes if not PTQ_METHODS[recipe].fits(BIT_SETTINGS[bits])]
         if unfit:
@@ -370,10 +370,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def applies(recipe: str, family: Family, bits: str | None = None) -> bool:
-    """Whether `family` can take `recipe` (OS+'s shift needs biases in the norms and their readers), and at the
-    bit setting `bits` if given (PTQMethod.fits)."""
+    """Whether `family` can take `recipe` (OS+'s shift needs biases in the norms and their readers; QuaRot a
+    pre-norm family), and at the bit setting `bits` if given (PTQMethod.fits)."""
     method = PTQ_METHODS[recipe]
     if bits is not None and not method.fits(BIT_SETTINGS[bits]):
+        return False
+    if "--quarot" in method.flags and family.wiring.rotation is None:
         return False
     return "--os_plus" not in method.flags or family.wiring.norm_bias
 

@@ -268,3 +268,33 @@ def test_the_quantized_rmsnorm_is_the_float_one_and_the_swiglu_product_is_quanti
     assert len(torch.unique(seen["product"])) <= 256
     assert seen["keys"].shape == (3, 12, 2, 8)
     assert layer.mlp.gate_proj.activation is not None and isinstance(layer.mlp.act_fn, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "gptq", "quarot", "quarot_gptq", "mxfp4"])
+def test_the_2024_recipes_run_on_llama_at_w4a4kv4(recipe, trained, tmp_path, data_cache):
+    """Rotations (with the online Hadamard on the SwiGLU product and on queries / keys after RoPE), GPTQ and MXFP4
+    through validate_llama at W4A4KV4: a finite perplexity, the key cache at 4 bits."""
+    import validate_llama
+
+    from transformers_language.ptq.recipes import BIT_SETTINGS
+
+    common, calibration = _validation_flags(trained, data_cache)
+    flags = PTQ_METHODS[recipe].validate_flags(BIT_SETTINGS["W4A4KV4"])
+    results = validate_llama.main([*common, *calibration, *flags, "--output_dir", str(tmp_path / recipe)])
+    assert math.isfinite(results["perplexity"])
+    written = json.loads((tmp_path / recipe / "all_results.json").read_text())
+    setup = written["settings"]["quantization"]
+    if recipe.startswith("quarot"):
+        assert written["rotation"]["values_rotated"] is True and setup["quarot"] is True
+    if recipe != "mxfp4":
+        assert setup["n_bits_kv"] == 4
+
+
+def test_rotated_llama_checkpoint_evaluates_as_the_float_one(trained, tmp_path, data_cache):
+    import validate_llama
+
+    common, calibration = _validation_flags(trained, data_cache)
+    fp = validate_llama.main([*common, "--output_dir", str(tmp_path / "fp")])["perplexity"]
+    flags = ["--quantize", "--quarot", "--no_weight_quant", "--no_act_quant"]
+    rotated = validate_llama.main([*common, *calibration, *flags, "--output_dir", str(tmp_path / "rotated")])
+    assert rotated["perplexity"] == pytest.approx(fp, rel=1e-5)

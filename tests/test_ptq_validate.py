@@ -16,10 +16,11 @@ from tests.test_validate import (  # noqa: F401
     run_validate,
     validate_argv,
 )
+from transformers_language.errors import UsageError
 from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS
 
 # The integer-grid recipes of 2021-23 at the integer settings (every pair); the 2024-26 recipes at theirs.
-RECIPES_2024 = ("rtn", "gptq", "fp8", "mxfp4")
+RECIPES_2024 = ("rtn", "gptq", "quarot", "quarot_gptq", "fp8", "mxfp4")
 METHODS = {name: list(method.flags) for name, method in PTQ_METHODS.items() if name not in RECIPES_2024}
 INTEGER_SETTINGS = ("W8A8", "W6A8", "W6A6", "W4A8")
 BITS = {name: tuple(str(b) for b in BIT_SETTINGS[name][:2]) for name in INTEGER_SETTINGS}
@@ -77,7 +78,16 @@ def test_every_method_runs_end_to_end_and_records_its_settings(
 
 
 @pytest.mark.parametrize(
-    "recipe, bits", [("rtn", "W4A4KV4"), ("gptq", "W4A4KV4"), ("gptq", "W4A16"), ("fp8", "W8A8"), ("mxfp4", "W4A4KV4")]
+    "recipe, bits",
+    [
+        ("rtn", "W4A4KV4"),
+        ("gptq", "W4A4KV4"),
+        ("gptq", "W4A16"),
+        ("quarot", "W4A4KV4"),
+        ("quarot_gptq", "W4A4KV4"),
+        ("fp8", "W8A8"),
+        ("mxfp4", "W4A4KV4"),
+    ],
 )
 def test_the_2024_recipes_run_end_to_end_at_their_settings(
     model_type,
@@ -89,7 +99,12 @@ def test_the_2024_recipes_run_end_to_end_at_their_settings(
 ):
     method, setting = PTQ_METHODS[recipe], BIT_SETTINGS[bits]
     assert method.fits(setting)
-    returned, results = _quantized(model_type, checkpoints, tmp_path, data_cache, *method.validate_flags(setting)[1:])
+    flags = method.validate_flags(setting)[1:]
+    if recipe.startswith("quarot") and model_type == "bert":
+        with pytest.raises(UsageError, match="--quarot rotates the residual stream of a pre-norm model"):
+            _quantized(model_type, checkpoints, tmp_path, data_cache, *flags)
+        return
+    returned, results = _quantized(model_type, checkpoints, tmp_path, data_cache, *flags)
     assert math.isfinite(returned["perplexity"]) and returned["perplexity"] > 1
     setup = results["settings"]["quantization"]
     points = setup["points"]
@@ -98,7 +113,9 @@ def test_the_2024_recipes_run_end_to_end_at_their_settings(
         assert setup["n_bits_kv"] == 4
         assert points["activation 4 bits per_token"] > kv_points  # the KV points among them
         assert setup["qmethod_acts"] == "symmetric_uniform"
-    if recipe == "gptq":
+    if recipe.startswith("quarot"):
+        assert results["rotation"] == {"seed": 0, "hidden": 32, "ffn": 64, "head": 8, "values_rotated": True}
+    if recipe.endswith("gptq"):
         gptq = results["gptq"]
         assert gptq["linears"] == 2 * 6  # query / key / value / output, FFN in and out, per layer
         assert gptq["median_error_vs_rtn"] < 1.0  # GPTQ lowers the layer-wise output error
@@ -108,6 +125,25 @@ def test_the_2024_recipes_run_end_to_end_at_their_settings(
         assert points["weight 8 bits fp8_e4m3 per_channel"] > 0 and points["activation 8 bits fp8_e4m3 per_tensor"] > 0
     if recipe == "mxfp4":
         assert set(points) == {"weight 4 bits mxfp4 per_block(32)", "activation 4 bits mxfp4 per_block(32)"}
+
+
+def test_a_rotated_checkpoint_evaluates_as_the_float_one(checkpoints, tmp_path, data_cache):  # noqa: F811
+    """QuaRot's rotations of a saved OPT checkpoint, reloaded by validate_clm, with nothing quantized: the
+    perplexity of the float model."""
+    fp = run_validate("opt", validate_argv("opt", checkpoints["opt"], tmp_path / "fp", data_cache))["perplexity"]
+    rotated, results = _quantized(
+        "opt",
+        checkpoints,
+        tmp_path,
+        data_cache,
+        "--quarot",
+        "--rotation_seed",
+        "5",
+        "--no_weight_quant",
+        "--no_act_quant",
+    )
+    assert results["rotation"]["seed"] == 5
+    assert rotated["perplexity"] == pytest.approx(fp, rel=1e-5)
 
 
 def test_fewer_bits_lose_more(checkpoints, tmp_path, data_cache):  # noqa: F811

@@ -68,6 +68,30 @@ class NormReaders:
 
 
 @dataclass(frozen=True)
+class RotationSites:
+    """Where QuaRot's rotations go in a pre-norm family (paths relative to a layer unless said otherwise):
+    the residual stream's writers and the attention's projections; its readers are the norms' (`norm_readers`,
+    the final norm with the head)."""
+
+    embeddings: tuple[str, ...]
+    """Model paths of the tables whose rows enter the residual stream."""
+    query: str
+    key: str
+    value: str
+    output: str
+    """The attention's projections: values rotate per head into the output projection; queries and keys per
+    head into their projections, or at run time after RoPE (`online_keys`)."""
+    ffn_out: str
+    """The FFN's output projection, whose input takes an online Hadamard transform."""
+    online_keys: bool = False
+
+    @property
+    def writers(self) -> tuple[str, str]:
+        """The Linears that add into the residual stream."""
+        return self.output, self.ffn_out
+
+
+@dataclass(frozen=True)
 class Wiring:
     """Where the W8A8 points of a family are (paths relative to the model or to a layer)."""
 
@@ -109,6 +133,8 @@ class Wiring:
     """Post-LN: the LayerNorm (layer path) whose output is the layer's output, read by the next layer."""
     transform_requires: tuple[str, bool] | None = None
     """(config key, value) without which the sites above are not the model's (e.g. OPT's pre-LN switch)."""
+    rotation: RotationSites | None = None
+    """QuaRot's sites (pre-norm families); None: the family takes no rotation."""
     norm_bias: bool = True
     """Whether the norms and their readers carry biases: without them (RMSNorm, bias-free Linears) OS+'s shift
     has nowhere to go."""
@@ -284,6 +310,14 @@ FAMILIES: dict[str, Family] = {
             residual_sums=("attn_residual_sum", "ffn_residual_sum"),
             embedding_sum_consumer="model.decoder.layers.0",
             kv_points=("self_attn.k_proj.output", "self_attn.v_proj.output"),
+            rotation=RotationSites(
+                embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+                query="self_attn.q_proj",
+                key="self_attn.k_proj",
+                value="self_attn.v_proj",
+                output="self_attn.out_proj",
+                ffn_out="fc2",
+            ),
             outlier_points=("final_layer_norm.output", "fc2.output", "ffn_residual_sum"),
             # The final decoder LayerNorm is left alone: its reader, the LM head, is tied to the embeddings.
             norm_readers=(
@@ -375,6 +409,15 @@ FAMILIES: dict[str, Family] = {
             product_inputs=("mlp.down_proj",),
             attention_points=("keys", "scores", "probs", "context"),
             kv_points=("self_attn.attention_variant.keys", "self_attn.v_proj.output"),
+            rotation=RotationSites(
+                embeddings=("model.embed_tokens",),
+                query="self_attn.q_proj",
+                key="self_attn.k_proj",
+                value="self_attn.v_proj",
+                output="self_attn.o_proj",
+                ffn_out="mlp.down_proj",
+                online_keys=True,
+            ),
             # FFN input, SwiGLU product, FFN output, residual sum: the product is where SwiGLU's outliers peak.
             outlier_points=(
                 "post_attention_layernorm.output",

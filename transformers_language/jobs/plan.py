@@ -34,6 +34,7 @@ from ..models.model_classes import family_of_config
 from ..ptq.equivalent_transforms import check_transformable
 from ..ptq.quant_args import calibration_batch_size, quant_config_from_args
 from ..ptq.quantized_model import planned_points
+from ..ptq.rotation import check_rotatable
 
 NOT_PLANNED = ("dry_run", "list_quant_points")  # flags that say how a plan is used, not what it is
 
@@ -185,6 +186,8 @@ def resolve_validation(flags: Flags, family: Family, script: str) -> Plan:
     if quantization is not None:
         if quantization.transforms:
             check_transformable(family, config, quantization.transforms)
+        if quantization.quarot:
+            check_rotatable(family, config)
         points = tuple(planned_points(config, quantization, family.name))
         batch = calibration_batch_size(flags_q, flags.evaluation.per_device_eval_batch_size)
         calibration = {

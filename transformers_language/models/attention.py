@@ -92,6 +92,7 @@ class AttentionVariant(nn.Module):
         self.softmax = build_softmax(config, num_heads)
         self.gate = AttentionGate(config, num_heads, head_dim, is_causal) if config.gated else None
         self.bias_kv = BiasKeyValue(num_kv_heads or num_heads, head_dim) if config.bias_kv else None
+        self.head_rotation: nn.Module | None = None  # QuaRot's online transform of queries and keys (ptq/rotation.py)
         self.keys = nn.Identity()
         self.scores = nn.Identity()
         self.probs = nn.Identity()
@@ -122,6 +123,8 @@ class AttentionVariant(nn.Module):
         """(B, H, T, d) query and (B, H_kv, S, d) key/value (H_kv divides H) -> context (B, T, H, d), probabilities
         or None."""
         batch, num_heads, q_length, head_dim = query.shape
+        if self.head_rotation is not None:  # the same orthogonal map on queries and keys leaves the scores alone
+            query, key = self.head_rotation(query), self.head_rotation(key)
         key = self.keys(key.transpose(1, 2)).transpose(1, 2)  # token-major, as padding masks and caches see it
         if self.settings.skip_attn:
             context = query.new_zeros(batch, q_length, num_heads * head_dim)

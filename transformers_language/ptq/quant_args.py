@@ -191,6 +191,7 @@ SUB_FLAGS = {
     "token_clipping_quantiles": "token_clipping",
     "token_clipping_fine_steps": "token_clipping",
     "token_clipping_learning_rate": "token_clipping",
+    "rotation_seed": "quarot",
     "gptq_block_size": "gptq",
     "gptq_damping": "gptq",
     "gptq_act_order": "gptq",

@@ -63,6 +63,15 @@ PTQ_METHODS = {
     "gptq": PTQMethod(
         "GPTQ", ("--weight_granularity", "per_channel", "--gptq", "--gptq_act_order"), PER_TOKEN_SYMMETRIC, True
     ),
+    "quarot": PTQMethod(
+        "QuaRot", ("--quarot", "--weight_granularity", "per_channel"), PER_TOKEN_SYMMETRIC, weight_only=True
+    ),
+    "quarot_gptq": PTQMethod(
+        "QuaRot+GPTQ",
+        ("--quarot", "--weight_granularity", "per_channel", "--gptq", "--gptq_act_order"),
+        PER_TOKEN_SYMMETRIC,
+        weight_only=True,
+    ),
     "fp8": PTQMethod(
         "FP8 E4M3",
         ("--weight_format", "fp8_e4m3", "--weight_granularity", "per_channel"),

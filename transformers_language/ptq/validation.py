@@ -1,7 +1,8 @@
-"""The post-training steps of `validate_*.py --quantize`, in order, on the plan's calibration batches: the
-equivalent transforms of the float model (equivalent_transforms.py), the quantizers (quantized_model.py),
-calibration (every pass the quantizers need), and token-wise clipping's quantile search with its optional fine
-stage (quantization/token_clipping.py). Returns what each step chose, for all_results.json.
+"""The post-training steps of `validate_*.py --quantize`, in order, on the plan's calibration batches: QuaRot's
+rotations (rotation.py), the equivalent transforms of the float model (equivalent_transforms.py), the
+quantizers (quantized_model.py), GPTQ's weight rounding (gptq_step.py), calibration (every pass the quantizers
+need), and token-wise clipping's quantile search with its optional fine stage (quantization/token_clipping.py).
+Returns what each step chose, for all_results.json.
 
 Calibration batches are `--est_num_batches` batches of the calibration split's blocks, sampled by `--seed` (the
 objective's targets, e.g. MLM masks, drawn from the same generator), identical in every process and in every
@@ -29,6 +30,7 @@ from ..objectives.inputs import ModelInputs, attention_mask, batch_size, to_devi
 from .equivalent_transforms import apply_transforms
 from .gptq_step import apply_gptq
 from .quantized_model import high_precision_layernorms, quantize_model
+from .rotation import rotate_model
 
 logger = logging.getLogger(__name__)
 CALIBRATION_STREAM = 0xCA11B  # seeds the calibration sample apart from the evaluation masks
@@ -143,6 +145,9 @@ def quantize_for_validation(
     record = {}
     device = accelerator.device
     int16 = high_precision_layernorms(model, quant.preset)
+    if quant.quarot:
+        with torch.no_grad():
+            record["rotation"] = rotate_model(model, quant.rotation_seed)
     if quant.transforms:
         with torch.no_grad():
             record["equivalent_transforms"] = apply_transforms(
