@@ -26,7 +26,8 @@ from .calibration import CALIBRATION_INPUTS
 from .decomposition import OutlierDecomposition
 from .dynamic import TokenQuantizer
 from .estimators import PERCENTILE_INTERPOLATIONS
-from .float_quantizers import FLOAT_ESTIMATORS, FORMAT_NAMES, INTEGER, NUMBER_FORMATS
+from .float_quantizers import FORMAT_NAMES, INTEGER, NUMBER_FORMATS, NumberFormat
+from .format_checks import check_formats
 from .groups import GroupQuantizer
 from .quantizer import Quantizer
 from .token_clipping import DEFAULT_QUANTILES, TokenQuantileEstimator
@@ -166,6 +167,8 @@ class QuantConfig:
     """Name patterns of the points quantized per embedding group."""
     point_bits: tuple[tuple[str, int], ...] = ()
     """(name pattern, bits) rules; the last rule matching a point sets its bits."""
+    point_formats: tuple[tuple[str, str], ...] = ()
+    """(name pattern, number format) rules; the last rule matching a point sets its format ('int': the grid)."""
     llm_int8_threshold: float | None = None
     """LLM.int8() decomposition in every quantized Linear at this |x| threshold (None: off). The Linear's input
     is then quantized per token inside it, its weight per output channel; no other activation is quantized."""
@@ -231,7 +234,7 @@ class QuantConfig:
                 "Token-wise clipping sets static activation ranges: it does not combine with per-token (dynamic) "
                 "activations or --llm_int8."
             )
-        self._check_formats()
+        check_formats(self)
         if self.peg_groups < 1:
             raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
         for pattern, bits in self.point_bits:
@@ -268,61 +271,6 @@ class QuantConfig:
             )
             raise ValueError(f"{flags}: {error}") from error
 
-    def _check_formats(self) -> None:
-        """Number formats, grouped weights, KV bits and GPTQ: what each needs and what each refuses."""
-        for flag in ("weight_format", "act_format"):
-            if getattr(self, flag) not in FORMAT_NAMES:
-                raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(FORMAT_NAMES)}.")
-        if self.weight_group_size < 1:
-            raise ValueError(f"--weight_group_size must be positive, got {self.weight_group_size}.")
-        if self.n_bits_kv is not None:
-            try:
-                check_bits(self.n_bits_kv)
-            except ValueError as error:
-                raise ValueError(f"--n_bits_kv {self.n_bits_kv}: {error}") from error
-        weight_format = NUMBER_FORMATS.get(self.weight_format)
-        if weight_format is not None:
-            if self.weight_granularity == "per_group" or self.llm_int8_threshold is not None or self.gptq:
-                raise ValueError(
-                    f"--weight_format {self.weight_format} has its own scales: it does not combine with per_group "
-                    "weights, --llm_int8 or --gptq (integer grids); use --weight_format int."
-                )
-            if self.weight_estimator not in FLOAT_ESTIMATORS:
-                raise ValueError(
-                    f"--weight_format {self.weight_format} scales by the maximum: use --ranges_weights minmax."
-                )
-        act_format = NUMBER_FORMATS.get(self.act_format)
-        if act_format is not None:
-            if (
-                self.act_granularity != "per_tensor"
-                or self.token_clipping_points
-                or self.llm_int8_threshold is not None
-            ):
-                raise ValueError(
-                    f"--act_format {self.act_format} has its own scales: it does not combine with per-token or PEG "
-                    "activations, token-wise clipping or --llm_int8; use --act_format int."
-                )
-            if self.n_bits_kv is not None:
-                raise ValueError(
-                    f"--n_bits_kv sets integer bits; under --act_format {self.act_format} the key / value "
-                    "points take that format."
-                )
-            if self.ranges_acts not in FLOAT_ESTIMATORS or self.percentile is not None:
-                raise ValueError(
-                    f"--act_format {self.act_format} scales by the maximum: use --ranges_acts running_minmax or "
-                    "current_minmax, without --percentile."
-                )
-        if self.quarot and self.transforms:
-            raise ValueError(
-                f"--quarot does not combine with the equivalent transforms ({', '.join(self.transforms)}): the "
-                "rotation spreads the outliers they migrate; use one or the other."
-            )
-        if self.gptq:
-            if not self.weight_quant or self.llm_int8_threshold is not None:
-                raise ValueError("--gptq rounds quantized weights: drop --no_weight_quant and --llm_int8.")
-            if self.gptq_block_size < 1 or not self.gptq_damping > 0:
-                raise ValueError("--gptq_block_size must be positive and --gptq_damping above 0.")
-
     @property
     def weight_estimator(self) -> str:
         return WEIGHT_RANGE_ALIASES.get(self.ranges_weights, self.ranges_weights)
@@ -336,10 +284,16 @@ class QuantConfig:
         matching = [bits for pattern, bits in self.point_bits if point_matches(name, pattern)]
         return matching[-1] if matching else default
 
-    def _integer_point(self, name: str, n_bits: int | None) -> bool:
-        """Whether the point stays on the integer grid under a number format: its bits are set by the preset
-        (`n_bits` given) or by a --point_bits rule."""
-        return n_bits is not None or any(point_matches(name, pattern) for pattern, _ in self.point_bits)
+    def number_format(self, name: str, n_bits: int | None, default: str) -> NumberFormat | None:
+        """The number format of the point `name` (None: the integer grid): the last --point_formats rule matching
+        it, else the integer grid where the preset (`n_bits` given) or a --point_bits rule sets its bits, else
+        `default` (--weight_format or --act_format)."""
+        matching = [fmt for pattern, fmt in self.point_formats if point_matches(name, pattern)]
+        if matching:
+            return NUMBER_FORMATS.get(matching[-1])
+        if n_bits is not None or any(point_matches(name, pattern) for pattern, _ in self.point_bits):
+            return None
+        return NUMBER_FORMATS.get(default)
 
     def is_peg_point(self, name: str) -> bool:
         return self.act_granularity == PER_EMBEDDING_GROUP and any(point_matches(name, p) for p in self.peg_points)
@@ -351,8 +305,8 @@ class QuantConfig:
         """The quantizer of the weight point `name`; `rows`: a weight with output rows (Linear, embedding), per
         channel under `weight_granularity` per_channel or LLM.int8()."""
         per_channel = rows and (self.weight_granularity == "per_channel" or self.llm_int8_threshold is not None)
-        number_format = NUMBER_FORMATS.get(self.weight_format)
-        if number_format is not None and not self._integer_point(name, n_bits):
+        number_format = self.number_format(name, n_bits, self.weight_format)
+        if number_format is not None:
             return number_format.quantizer(self.weight_estimator, axis=0 if per_channel else None)
         bits = self.bits(name, n_bits or self.n_bits)
         if rows and self.weight_granularity == "per_group":
@@ -376,8 +330,8 @@ class QuantConfig:
         options = {}
         if self.percentile is not None:
             options = {"percentile": self.percentile, "interpolation": self.percentile_interpolation}
-        number_format = NUMBER_FORMATS.get(self.act_format)
-        if number_format is not None and not self._integer_point(name, n_bits):
+        number_format = self.number_format(name, n_bits, self.act_format)
+        if number_format is not None:
             return number_format.quantizer(self.ranges_acts, **options)
         bits = self.bits(name, n_bits or self.n_bits_act)
         # Every activation point's input is a fresh intermediate read by nothing else: quantize it in place.

@@ -190,3 +190,21 @@ def test_blocked_gptq_equals_the_unblocked_algorithm():
     h = 2 * x.double().T @ x.double() / 256
     grid = _symmetric_grid(w, 3)
     assert torch.equal(gptq(w, h, *grid, block_size=8), _reference_gptq(w, h, grid))
+
+
+def test_a_points_format_is_its_last_rule_then_the_integer_grid_its_bits_set_then_the_default():
+    from quantization.config import QuantConfig
+    from quantization.quantizer import Quantizer
+
+    config = QuantConfig(
+        act_format="fp8_e4m3",
+        point_bits=(("a.*", 16),),
+        point_formats=(("a.b", "fp8_e5m2"), ("a.b", "mxfp4")),
+    )
+    assert isinstance(config.act_quantizer("a.b"), BlockQuantizer)  # the last format rule wins
+    ruled = config.act_quantizer("a.c")  # a --point_bits rule keeps the integer grid
+    assert type(ruled) is Quantizer and ruled.n_bits == 16
+    assert isinstance(config.act_quantizer("x.y"), FloatQuantizer)  # the default format
+    assert type(config.act_quantizer("x.y", n_bits=16)) is Quantizer  # a preset's 16-bit point
+    with pytest.raises(ValueError, match="unknown format"):
+        QuantConfig(point_formats=(("a.b", "fp9"),))

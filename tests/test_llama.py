@@ -20,7 +20,7 @@ from transformers_language.models.attention import AttentionVariant
 from transformers_language.models.norm_sites import norm_sites
 from transformers_language.ptq.equivalent_transforms import apply_transforms
 from transformers_language.ptq.quantized_model import quantize_model
-from transformers_language.ptq.recipes import PTQ_METHODS
+from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS
 
 from .conftest import TRAIN_TEXT, VALID_TEXT, VARIANTS, batch, run_main, tiny_config, train_argv
 
@@ -275,8 +275,6 @@ def test_the_2024_recipes_run_on_llama_at_w4a4kv4(recipe, trained, tmp_path, dat
     """Rotations (with the online Hadamard on the SwiGLU product and on queries / keys after RoPE), GPTQ and MXFP4
     through validate_llama at W4A4KV4: a finite perplexity, the key cache at 4 bits."""
     import validate_llama
-
-    from transformers_language.ptq.recipes import BIT_SETTINGS
 
     common, calibration = _validation_flags(trained, data_cache)
     flags = PTQ_METHODS[recipe].validate_flags(BIT_SETTINGS["W4A4KV4"])

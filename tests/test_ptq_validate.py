@@ -161,7 +161,8 @@ def test_fewer_bits_lose_more(checkpoints, tmp_path, data_cache):  # noqa: F811
 def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_path, data_cache, capsys):  # noqa: F811
     argv = validate_argv("opt", checkpoints["opt"], tmp_path / "val", data_cache, "--list_quant_points")
     argv[argv.index("--validation_file") + 1] = str(tmp_path / "missing.txt")  # listing reads no data
-    listed = run_validate("opt", [*argv, "--point_bits", "**.fc2.output=16", "--weight_granularity", "per_channel"])
+    rules = ["--point_bits", "**.fc2.output=16", "--point_formats", "**.0.fc1.output=fp8_e4m3"]
+    listed = run_validate("opt", [*argv, *rules, "--weight_granularity", "per_channel"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(listed["points"]) > 0
     names = [line.split()[0] for line in lines]
@@ -175,6 +176,8 @@ def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_pat
         assert expected in names
     fc2 = next(line for line in lines if line.startswith("model.decoder.layers.1.fc2.output "))
     assert "16 bits" in fc2
+    fc1 = next(line for line in lines if line.startswith("model.decoder.layers.0.fc1.output "))
+    assert "8 bits  fp8_e4m3" in fc1  # --point_formats: that point alone in FP8
     assert "per_channel" in next(line for line in lines if line.startswith("model.decoder.layers.1.fc1.weight "))
     assert not (tmp_path / "val" / "all_results.json").exists()  # nothing ran
 
@@ -213,15 +216,21 @@ def test_list_quant_points_prints_every_point_with_its_bits(checkpoints, tmp_pat
         (["--token_clipping", "--llm_int8"], r"does not combine with per-token \(dynamic\) activations or --llm_int8"),
         (["--token_clipping", "--token_clipping_points", "**.fc2.weight"], r"'\*\*\.fc2\.weight' matches no activ"),
         (["--no_act_quant", "--token_clipping"], r"--token_clipping sets activation ranges"),
-        (["--weight_format", "fp8_e4m3", "--gptq"], r"--weight_format fp8_e4m3 has its own scales"),
-        (["--act_format", "mxfp4", "--act_granularity", "per_token"], r"--act_format mxfp4 has its own scales"),
-        (["--act_format", "fp8_e4m3", "--ranges_acts", "MSE"], r"fp8_e4m3 scales by the maximum: use --ranges_acts"),
+        (["--weight_format", "fp8_e4m3", "--gptq"], r"fp8_e4m3 has its own scales: --gptq rounds onto integer"),
+        (
+            ["--act_format", "mxfp4", "--act_granularity", "per_token"],
+            r"--act_format mxfp4: number formats have their own",
+        ),
+        (["--act_format", "fp8_e4m3", "--ranges_acts", "MSE"], r"fp8_e4m3: a float format scales by the maximum"),
         (["--act_format", "mxfp4", "--n_bits_kv", "4"], r"--n_bits_kv sets integer bits"),
         (["--n_bits_kv", "1"], r"--n_bits_kv 1: Bit width 1 is out of range"),
         (["--gptq_act_order"], r"--gptq_act_order configures --gptq: add --gptq"),
         (["--gptq", "--no_weight_quant"], r"--gptq configure weight quantization, which --no_weight_quant"),
         (["--weight_group_size", "16"], r"--weight_group_size sizes per_group weights"),
         (["--weight_granularity", "per_group", "--weight_group_size", "24"], r"groups of 24 do not divide the 32"),
+        (["--point_formats", "**.fc2.output"], r"--point_formats '\*\*\.fc2\.output': write POINT=FORMAT"),
+        (["--point_formats", "**.fc2.output=fp9"], r"--point_formats \*\*\.fc2\.output=fp9: unknown format"),
+        (["--point_formats", "**.fc3.output=mxfp4"], r"--point_formats '\*\*\.fc3\.output' matches no quantization"),
     ],
 )
 def test_each_senseless_combination_is_one_clear_error(flags, message, checkpoints, tmp_path, data_cache):  # noqa: F811

@@ -89,6 +89,17 @@ def _flag_only_fields() -> tuple[list[tuple], list[tuple]]:
             ),
         ),
         (
+            "point_formats",
+            tuple[str, ...] | None,
+            arg(
+                None,
+                "Per-point number formats: POINT=FORMAT rules (patterns as --point_bits; the last match wins; int is "
+                "the integer grid), e.g. '**.fc2.output=fp8_e4m3' or '**.fc1.weight=mxfp4'.",
+                nargs="+",
+                metavar="RULE",
+            ),
+        ),
+        (
             "llm_int8",
             bool,
             switch(
@@ -220,6 +231,17 @@ def parse_point_bits(rules: tuple[str, ...] | None, family: Family) -> tuple[tup
     return tuple(parsed)
 
 
+def parse_point_formats(rules: tuple[str, ...] | None) -> tuple[tuple[str, str], ...]:
+    """--point_formats as (pattern, format) rules."""
+    parsed = []
+    for rule in rules or ():
+        pattern, _, number_format = rule.rpartition("=")
+        if not pattern:
+            raise UsageError(f"--point_formats {rule!r}: write POINT=FORMAT (e.g. '**.fc2.output=fp8_e4m3').")
+        parsed.append((pattern, number_format))
+    return tuple(parsed)
+
+
 def _check_combinations(flags: QuantizationArgs, defaults: QuantizationArgs) -> None:
     peg = _changed(flags, defaults, ("peg_groups", "peg_permute", "peg_points"))
     if peg and flags.act_granularity != PER_EMBEDDING_GROUP:
@@ -272,7 +294,10 @@ def quant_config_from_args(flags: QuantizationArgs, family: Family) -> QuantConf
         token_clipping_points = tuple(flags.token_clipping_points or ("**",))
     same_named = {name: getattr(flags, name) for name in QUANT_FIELDS}
     same_named["token_clipping_quantiles"] = tuple(flags.token_clipping_quantiles)  # nargs gives a list
-    if flags.weight_format != INTEGER and flags.ranges_weights == defaults.ranges_weights:
+    formats_in_use = flags.weight_format != INTEGER or any(
+        not r.endswith("=" + INTEGER) for r in flags.point_formats or ()
+    )
+    if formats_in_use and flags.ranges_weights == defaults.ranges_weights:
         same_named["ranges_weights"] = "minmax"  # a float format's scale is the maximum's, whatever the family's search
     try:
         return QuantConfig(
@@ -283,6 +308,7 @@ def quant_config_from_args(flags: QuantizationArgs, family: Family) -> QuantConf
             act_quant=not flags.no_act_quant,
             peg_points=peg_points,
             point_bits=parse_point_bits(flags.point_bits, family),
+            point_formats=parse_point_formats(flags.point_formats),
             llm_int8_threshold=flags.llm_int8_threshold if flags.llm_int8 else None,
         )
     except ValueError as error:  # its message names the flag

@@ -214,6 +214,7 @@ def planned_points(config, quantization: QuantConfig, family: str | None = None)
     names = [row["name"] for row in rows]
     activations = [row["name"] for row in rows if row["kind"] == "activation"]
     patterns = [("--point_bits", pattern, names) for pattern, _ in quantization.point_bits]
+    patterns += [("--point_formats", pattern, names) for pattern, _ in quantization.point_formats]
     patterns += [("--peg_points", pattern, names) for pattern in quantization.peg_points]
     patterns += [("--token_clipping_points", pattern, activations) for pattern in quantization.token_clipping_points]
     for flag, pattern, candidates in patterns:
