@@ -158,7 +158,8 @@ def test_gptq_lowers_the_layer_output_error_on_a_planted_model(act_order):
         accumulator.add(x.reshape(2, 256, 64))
     assert accumulator.rows == 384
     real = x.reshape(2, 256, 64)[mask].double()
-    assert torch.allclose(accumulator.hessian().double(), 2 * real.T @ real / 384, rtol=1e-5)
+    expected = 2 * real.T @ real / 384
+    assert (accumulator.hessian().double() - expected).abs().max() < 1e-5 * expected.abs().max()  # fp32 sums
     grid = _symmetric_grid(w, 3)
     for block in (8, 128):
         rounded = gptq(w, accumulator.hessian(), *grid, block_size=block, act_order=act_order)
