@@ -11,7 +11,10 @@ bit width. Patterns are dotted names where `*` stands for one name segment, `**`
 `?` for one character of a segment: `model.decoder.layers.*.fc2.output` is every layer's fc2 output, and so
 is `**.fc2.output`, while `**.output.dense.output` in BERT also matches `attention.output.dense.output`.
 Presets say which parts of a model stay in floating point or run at 16 bits; the model
-wiring decides which modules those parts are and names the points.
+wiring decides which modules those parts are and names the points. Beyond the integer grid, `weight_format` /
+`act_format` / `point_formats` put points on floating-point or block-scaled grids (float_quantizers.py),
+`n_bits_kv` sets the key / value cache's bits, and `gptq` / `quarot` switch on GPTQ rounding and QuaRot's
+rotations (their wiring lives with the models); format_checks.py refuses the combinations that make no sense.
 """
 
 from __future__ import annotations
@@ -143,6 +146,9 @@ class QuantConfig:
     )
     gptq_block_size: int = setting(128, "GPTQ: columns per block of lazy updates.", type=int)
     gptq_damping: float = setting(0.01, "GPTQ: damping lambda as a fraction of the mean Hessian diagonal.", type=float)
+    gptq_act_order: bool = setting(
+        False, "GPTQ: round the input channels by descending Hessian diagonal (act-order).", action="store_true"
+    )
     quarot: bool = setting(
         False,
         "QuaRot: rotate the float model by random Hadamard matrices (residual stream, FFN inner activation, "
@@ -150,9 +156,6 @@ class QuantConfig:
         action="store_true",
     )
     rotation_seed: int = setting(0, "QuaRot: seed of the residual stream's random signs.", type=int)
-    gptq_act_order: bool = setting(
-        False, "GPTQ: round the input channels by descending Hessian diagonal (act-order).", action="store_true"
-    )
     act_granularity: str = setting(
         "per_tensor",
         "per_tensor; per_embedding_group (PEG, on --peg_points; the rest per tensor); per_token (every "

@@ -18,6 +18,8 @@ def check_formats(config) -> None:
             raise ValueError(f"--point_formats {pattern}={value}: unknown format; valid: {', '.join(FORMAT_NAMES)}.")
     if config.weight_group_size < 1:
         raise ValueError(f"--weight_group_size must be positive, got {config.weight_group_size}.")
+    if config.weight_granularity == "per_group" and config.llm_int8_threshold is not None:
+        raise ValueError("--llm_int8 quantizes weights per output channel: drop --weight_granularity per_group.")
     if config.n_bits_kv is not None:
         try:
             check_bits(config.n_bits_kv)
