@@ -5,7 +5,7 @@ are powers of two come from Sylvester's doubling; an order n = 2^k * m with m > 
 Paley-constructed H_m (m = q + 1 for a prime q = 3 mod 4: 12, 20, 24, 44, 48, ...; m = 2(q + 1) for a prime
 q = 1 mod 4: 12, 28, 36, 60, ...), so hidden sizes such as 768 = 2^6 * 12, 1536 = 2^7 * 12 or
 5120 = 2^8 * 20 are covered. `hadamard_transform(x)` computes x @ H_n^T / sqrt(n) over the last dimension
-with the butterfly (n log n) on the power-of-two factor and a dense product on the factor m;
+as a chain of small products, one per Kronecker factor (Sylvester blocks of up to 64, and m);
 `random_hadamard(n, generator)` is QuaRot's randomized rotation H diag(signs) / sqrt(n).
 """
 
@@ -79,29 +79,38 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
     return _hadamard(n).to(dtype=dtype, device=device)
 
 
-def _butterfly(x: torch.Tensor) -> torch.Tensor:
-    """x @ H_n^T (Sylvester, unnormalised) over the last dimension, n a power of two."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        pairs = x.reshape(*lead, n // (2 * h), 2, h)
-        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(*lead, n)
+FACTOR_LIMIT = 64  # the largest Sylvester factor applied as one small product
+
+
+@lru_cache(maxsize=32)
+def _factors(n: int) -> tuple[torch.Tensor, ...]:
+    """Small Hadamard matrices whose Kronecker product is H_n (fp32): Sylvester blocks of FACTOR_LIMIT
+    (H_{2^(a+b)} is H_{2^a} (x) H_{2^b}), the rest of the power of two, then the Paley factor m, merged with that
+    rest into one block while it stays small."""
+    power, m = split_order(n)
+    blocks = []
+    while power >= FACTOR_LIMIT:
+        blocks.append(_hadamard(FACTOR_LIMIT))
+        power //= FACTOR_LIMIT
+    rest = _hadamard(power)
+    if m > 1 and power * m <= 4 * FACTOR_LIMIT:
+        blocks.append(torch.kron(rest, _paley(m)))
+    else:
+        blocks += [rest] * (power > 1) + [_paley(m)] * (m > 1)
+    return tuple(block.float() for block in blocks)
 
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x @ H_n^T / sqrt(n) over the last dimension (orthonormal), computed in fp32 and cast back."""
+    """x @ H_n^T / sqrt(n) over the last dimension (orthonormal), computed in fp32 and cast back. H_n is a
+    Kronecker product of small Hadamard matrices, so each factor is one small product along its own axis of the
+    reshaped x: n (a + b + ...) multiply-adds per row instead of n^2, in a few passes over memory."""
     n = x.shape[-1]
-    power, m = split_order(n)
-    values = x.float()
-    if m == 1:
-        out = _butterfly(values)
-    else:  # H_power (x) H_m: the butterfly over the outer index, a dense product over the inner one
-        inner = values.reshape(*x.shape[:-1], power, m) @ hadamard_matrix(m, device=x.device).T
-        out = _butterfly(inner.transpose(-1, -2)).transpose(-1, -2).reshape(x.shape)
-    return (out / math.sqrt(n)).to(x.dtype)
+    factors = _factors(n)
+    lead = x.shape[:-1]
+    values = x.float().reshape(-1, *(factor.shape[0] for factor in factors))
+    for axis, factor in enumerate(factors, start=1):
+        values = (values.movedim(axis, -1) @ factor.to(x.device).T).movedim(-1, axis)
+    return (values.reshape(*lead, n) / math.sqrt(n)).to(x.dtype)
 
 
 def random_hadamard(n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
