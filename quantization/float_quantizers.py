@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import BLOCK_FORMATS, FLOAT_FORMATS, BlockFormat, FloatFormat, block_quantize, cast_to_format
+from .formats import BLOCK_FORMATS, FLOAT_FORMATS, BlockFormat, FloatFormat, block_quantize, round_to_format
 from .quantizer import Quantizer, _along
 from .sums import hidden_from_sums
 from .token_mask import real_values
@@ -53,7 +53,7 @@ class FloatQuantizer(Quantizer):
 
     def quantize_with(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         scale = scale.reshape(()) if self.axis is None else _along(scale, self.axis, x.dim())
-        return _straight_through(x, (cast_to_format(x.float() / scale, self.format) * scale).to(x.dtype))
+        return _straight_through(x, (round_to_format(x.float() / scale, self.format) * scale).to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
