@@ -57,8 +57,8 @@ def check_rotatable(family: Family, config) -> None:
     """One clear error, before any weights load, for a model the rotations do not fit."""
     if family.wiring.rotation is None:
         raise UsageError(
-            f"--quarot rotates the residual stream of a pre-norm model (OPT pre-LN, Llama); {family.model_type} "
-            "is not wired for it (BERT's post-LN residual passes through its LayerNorms); drop --quarot."
+            f"--quarot rotates the residual stream of a pre-norm model (OPT pre-LN, Llama); {family.model_type} has "
+            "no rotation sites in its wiring (BERT's post-LN residual passes through its LayerNorms); drop --quarot."
         )
     requirement = family.wiring.transform_requires
     if requirement is not None and getattr(config, requirement[0], None) != requirement[1]:
@@ -165,7 +165,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
     check_rotatable(model.family, model.config)
     wiring, sites = model.family.wiring, model.family.wiring.rotation
     sizes = _sizes(model.config)
-    hidden, head_size = sizes["hidden size"], sizes["head size"]
+    hidden, ffn, head_size = sizes["hidden size"], sizes["FFN width"], sizes["head size"]
     layers = [f"{model.layers_path}.{index}" for index in range(len(model.transformer_layers()))]
     head = _untie_head(model)
     final_norm = wiring.final_layernorm.format(last=len(layers) - 1)
@@ -195,7 +195,6 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
 
     rotate_values = True
     per_head = hadamard_matrix(head_size, torch.float64, head.weight.device).T / head_size**0.5  # x -> x H^T
-    ffn = model.config.ffn_dim if hasattr(model.config, "ffn_dim") else model.config.intermediate_size
     ffn_m = hadamard_matrix(ffn, torch.float64, head.weight.device).T / ffn**0.5
     for layer in layers:
         for writer in sites.writers:
