@@ -210,3 +210,21 @@ def test_a_points_format_is_its_last_rule_then_the_integer_grid_its_bits_set_the
     assert type(config.act_quantizer("x.y", n_bits=16)) is Quantizer  # a preset's 16-bit point
     with pytest.raises(ValueError, match="unknown format"):
         QuantConfig(point_formats=(("a.b", "fp9"),))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", "per_group"])
+def test_gptq_rounds_onto_the_grid_the_weight_quantizer_froze(granularity):
+    """With an identity Hessian GPTQ is round-to-nearest: on `weight_grid` it equals the frozen weight quantizer's
+    own output, per tensor, per output channel and per group of input channels."""
+    from quantization.config import QuantConfig
+    from transformers_language.ptq.gptq_step import weight_grid
+
+    weight = torch.randn(8, 64) * torch.logspace(-1, 1, 64)
+    config = QuantConfig(n_bits=4, weight_granularity=granularity, weight_group_size=16)
+    quantizer = config.weight_quantizer("w", rows=True)
+    quantizer.set_mode("observe")
+    quantizer(weight)
+    quantizer.freeze()
+    rounded = gptq(weight, torch.eye(64), *weight_grid(quantizer, weight))
+    assert torch.equal(rounded, quantizer(weight))
+    assert torch.equal(quantizer(rounded), rounded)  # re-quantizing GPTQ's output changes nothing
