@@ -1,8 +1,11 @@
 """Every post-training fix on one or more checkpoints, side by side: each checkpoint in floating point and under
 each recipe of PTQ_METHODS (per-tensor, per-channel weights, PEG, MP-PTQ, per-token, LLM.int8(), OS, SmoothQuant,
-OS+) at each bit width, through the validation script of the checkpoint's family (validate_mlm / validate_clm /
-validate_vit / validate_glue) in this process. Given the vanilla, clipped-softmax and gated-attention checkpoints
-it answers the paper's question in one table: does an architectural fix beat the post-training ones?
+OS+, RTN, GPTQ, QuaRot, QuaRot+GPTQ, FP8, MXFP4) at each bit setting (W8A8, W6A8, W6A6, W4A8, W4A4KV4, W4A16),
+through the validation script of the checkpoint's family (validate_mlm / validate_clm / validate_llama /
+validate_vit / validate_glue) in this process. A recipe a family cannot take (OS+ on Llama, QuaRot on BERT) or a
+number format at a setting of other bits is left out of the table. Given the vanilla, clipped-softmax and
+gated-attention checkpoints it answers the paper's question in one table: does an architectural fix beat the
+post-training ones?
 
     python scripts/compare_quantization.py runs/demo-full/vanilla runs/demo-full/clipped_softmax \\
         runs/demo-full/gated_attention --output_dir runs/compare -- \\
