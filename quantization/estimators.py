@@ -121,6 +121,12 @@ class RangeEstimator(CalibratedState):
         self.register_buffer("low", torch.empty(0))
         self.register_buffer("high", torch.empty(0))
 
+    @property
+    def reads_extremes_only(self) -> bool:
+        """Whether only the minimum and maximum of what it observes count (a per-tensor min / max without
+        percentiles), so any view that keeps them will do (token_mask.real_rows is cheaper for attention maps)."""
+        return isinstance(self, (CurrentMinMax, RunningMinMax)) and self.percentile is None and self.axis is None
+
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError  # every registered estimator defines it
 

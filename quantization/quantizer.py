@@ -158,7 +158,8 @@ class Quantizer(CalibratedState):
     def observed(self, x: torch.Tensor) -> torch.Tensor:
         """What the estimator sees of `x`: the values of real tokens (token_mask.py), as rows when it reads rows."""
         values = x.detach()
-        return real_rows(values) if self.estimator.reads_rows else real_values(values)
+        rows = self.estimator.reads_rows or self.estimator.reads_extremes_only
+        return real_rows(values) if rows else real_values(values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
@@ -172,7 +173,11 @@ class Quantizer(CalibratedState):
             if not self.quantize_while_observing:
                 return x
             scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)
-            return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
+            if torch.is_grad_enabled() and x.requires_grad:
+                return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
+            shape = (1,) * x.dim() if self.axis is None else (-1, *[1] * (x.dim() - 1 - self.axis % x.dim()))
+            scale, zero = scale.reshape(shape), zero_point.float().reshape(shape)
+            return fake_quantize_broadcast_no_grad(x, 1.0 / scale, scale, q_min - zero, q_max - zero)
         if torch.is_grad_enabled() and x.requires_grad:
             return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)
         if self.axis is None:

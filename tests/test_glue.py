@@ -13,7 +13,7 @@ import run_glue
 import validate_glue
 import validate_mlm
 from tests.conftest import SHARED, TINY_YAML, TOKENIZERS, VALID_TEXT, assert_resume_repeats_run
-from transformers_language.data.glue import GlueDataArgs, load_examples, read_tsv
+from transformers_language.data.glue import GlueDataArgs, load_examples, read_tsv, tokenize_examples
 from transformers_language.errors import UsageError
 from transformers_language.glue_tasks import GLUE_TASKS
 from transformers_language.objectives.glue_metrics import GLUE_METRICS, glue_figures
@@ -34,6 +34,21 @@ def test_each_task_reads_its_glue_tsv_files_with_the_official_row_counts(task):
     else:
         assert labels == set(range(len(spec.labels)))
     assert all(isinstance(text, str) and text for name in spec.text_columns for text in dev[name][:50])
+
+
+def test_a_lazily_tokenized_split_reads_as_the_tokenized_one():
+    """Validation tokenizes the training split (its calibration sample) as read: the same rows, the same length."""
+    from transformers import AutoTokenizer
+
+    task = GLUE_TASKS["mrpc"]
+    examples = read_tsv(task, SHARED / "data" / "glue" / "MRPC" / "dev.tsv")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS["bert"])
+    eager = tokenize_examples(examples, task, tokenizer, 64)
+    lazy = tokenize_examples(examples, task, tokenizer, 64, lazy=True)
+    assert len(lazy) == len(eager)
+    for index in (0, 7, len(eager) - 1):
+        assert lazy[index] == eager[index]
+    assert [lazy[i] for i in (3, 1)] == [eager[3], eager[1]]
 
 
 def test_a_task_folder_and_the_first_n_examples():

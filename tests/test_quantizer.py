@@ -237,3 +237,17 @@ def test_calibration_on_quantized_inputs_sees_the_quantized_upstream():
         assert second.estimator.range()[0].item() == upstream.min().item()
         assert second.estimator.range()[1].item() == upstream.max().item()
         assert (first(x) != x).any()  # 4 bits: the two cases really differ
+
+
+@pytest.mark.parametrize("symmetric, axis", [(False, None), (True, None), (True, 0), (False, 1)])
+def test_quantizing_while_observing_without_gradient_equals_the_kernel(symmetric, axis):
+    """Calibration on quantized inputs takes the no-gradient path: bit-identical to torch's fake-quantize kernel."""
+    x = torch.randn(6, 40, 5) * torch.logspace(-2, 2, 5)
+    outputs = []
+    for grad in (False, True):
+        quantizer = Quantizer(n_bits=6, symmetric=symmetric, axis=axis)
+        quantizer.set_mode("observe")
+        quantizer.quantize_while_observing = True
+        with torch.set_grad_enabled(grad):
+            outputs.append(quantizer(x.clone().requires_grad_(grad)).detach())
+    assert torch.equal(outputs[0], outputs[1])

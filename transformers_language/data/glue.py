@@ -11,6 +11,8 @@ needs, and its attention mask keeps padding out of every statistic (quantization
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,10 +153,16 @@ def load_examples(data: GlueDataArgs, split: str) -> Dataset:
 
 
 def tokenize_examples(
-    examples: Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int, pad: bool = False
+    examples: Dataset,
+    task: GlueTask,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    pad: bool = False,
+    lazy: bool = False,
 ) -> Dataset:
     """input_ids, attention_mask (and token_type_ids) of each example at its own length (with `pad`: padded to
-    `max_length`), and `labels`."""
+    `max_length`), and `labels`. `lazy`: each example is tokenized when it is read (a split of which only a
+    sample is used, such as the training split a validation calibrates on), with the same result."""
 
     def encode(batch: dict) -> dict:
         texts = [batch[name] for name in task.text_columns]
@@ -162,4 +170,14 @@ def tokenize_examples(
         encoded = tokenizer(*texts, truncation=True, max_length=max_length, padding=padding)
         return dict(encoded) | {"labels": batch["label"]}
 
-    return examples.map(encode, batched=True, remove_columns=examples.column_names, desc="Tokenizing")
+    if lazy:
+        return examples.with_transform(encode)
+    # A fingerprint from what decides the result: without it, datasets hashes `encode` by pickling the tokenizer
+    # (about a second per call).
+    settings = json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str)
+    identity = f"{examples._fingerprint}|{task.text_columns}|{type(tokenizer).__name__}|{len(tokenizer)}|{settings}"
+    identity += f"|{max_length}|{pad}"
+    fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return examples.map(
+        encode, batched=True, remove_columns=examples.column_names, desc="Tokenizing", new_fingerprint=fingerprint
+    )

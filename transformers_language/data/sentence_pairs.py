@@ -67,14 +67,16 @@ class SentencePairModality:
         return seq_length
 
     def prepare_splits(self, plan, accelerator, training: bool) -> dict:
-        """Each split's examples, tokenized (the main process first, then the others, as HF caches)."""
+        """Each split's examples, tokenized (the main process first, then the others, as HF caches); outside
+        training, the training split only gives calibration samples, so its examples are tokenized as read."""
         data, task = plan.data, get_task(plan.data.task_name)
         splits = {}
         with accelerator.main_process_first():
             for split in plan.splits:
                 examples = load_examples(data, split)
+                lazy = not training and split == "train"
                 splits[split] = tokenize_examples(
-                    examples, task, plan.preprocessor, plan.seq_length, data.pad_to_max_length
+                    examples, task, plan.preprocessor, plan.seq_length, data.pad_to_max_length, lazy
                 )
         return splits
 
