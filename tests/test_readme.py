@@ -22,7 +22,7 @@ OTHER_TOOLS = {
     "--config_file", "--multi_gpu", "--num_processes", "--nproc_per_node", "--index-url", "--gpus", "--build-arg",
     "--accelerate_config", "--full", "--methods", "--rounds", "--json", "--steps", "--models", "--write", "--cpu",
     "--bits", "--recipes", "--reduced", "--resume", "--device", "--precision", "--table", "--draws", "--glue_dir",
-    "--checkpoint", "--name", "--tasks", "--family",
+    "--checkpoint", "--name", "--tasks", "--family", "--tokens", "--repeats", "--validation_tasks",
 }  # fmt: skip
 
 
