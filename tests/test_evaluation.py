@@ -342,3 +342,14 @@ def test_uniform_first_key_mass_is_what_uniform_attention_puts_on_the_first_key(
     assert uniform_first_key_mass(queries, keys, is_causal=False) == pytest.approx(queries / keys)
     if queries == keys == 128:  # the figure the README quotes: ~4.2% on the first token by chance alone
         assert uniform[:, 0].mean().item() == pytest.approx(0.0424, abs=1e-4)
+
+
+def test_the_comparison_plot_takes_equal_draws_whose_mean_is_an_ulp_outside_them(tmp_path):
+    """Three equal draws of 0.7 average to 0.7 - 1e-16: the whisker is zero, not a negative error bar."""
+    from transformers_language.evaluation.plots import write_quantization_comparison
+
+    draws = [0.7, 0.7, 0.7]
+    assert sum(draws) / 3 < min(draws)
+    gaps = {"W8A8": {"per-token": {"a": (sum(draws) / 3, draws)}, "per-tensor": {"a": (-1.5, [-2.0, -1.0, -1.5])}}}
+    write_quantization_comparison(gaps, tmp_path / "comparison.png", "score gap to FP (points)")
+    assert (tmp_path / "comparison.png").stat().st_size > 5_000

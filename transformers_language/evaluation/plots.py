@@ -131,8 +131,9 @@ def write_quantization_comparison(
         for offset, checkpoint in enumerate(checkpoints):
             cells = [gaps[bits].get(recipe, {}).get(checkpoint, (np.nan, [np.nan])) for recipe in recipes]
             means = np.array([mean for mean, _ in cells])
-            low = np.array([mean - min(draws) for mean, draws in cells])
-            high = np.array([max(draws) - mean for mean, draws in cells])
+            # Equal draws can leave their mean an ulp outside them: a whisker is never negative.
+            low = np.maximum(0.0, np.array([mean - min(draws) for mean, draws in cells]))
+            high = np.maximum(0.0, np.array([max(draws) - mean for mean, draws in cells]))
             x = np.arange(len(recipes)) + (offset - (len(checkpoints) - 1) / 2) * width
             ax.bar(x, means, width=width, label=checkpoint, yerr=np.stack([low, high]), capsize=2, ecolor="black")
         ax.set_xticks(range(len(recipes)), recipes, rotation=45, ha="right", fontsize="small")
