@@ -34,11 +34,12 @@ class PTQMethod:
         return setting.weights == setting.acts == bits and setting.kv in (None, bits)
 
     def validate_flags(self, setting: BitSetting) -> list[str]:
-        """Its flags at `setting`, the bit widths included."""
-        flags = ["--quantize", "--n_bits", str(setting.weights), *self.flags]
+        """Its flags at `setting`, the bit widths first (in the order the comparison's run records were written
+        with, so `--resume` reads them back)."""
         if setting.acts is None:
-            return [*flags, "--no_act_quant"]
-        flags += ["--n_bits_act", str(setting.acts), *self.act_flags]
+            return ["--quantize", "--n_bits", str(setting.weights), *self.flags, "--no_act_quant"]
+        flags = ["--quantize", "--n_bits", str(setting.weights), "--n_bits_act", str(setting.acts)]
+        flags += [*self.flags, *self.act_flags]
         if setting.kv is not None and self.number_format is None:
             flags += ["--n_bits_kv", str(setting.kv)]
         return flags
