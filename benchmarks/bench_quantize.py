@@ -29,15 +29,17 @@ from transformers_language.files import write_json_atomic
 from transformers_language.ptq.recipes import BIT_SETTINGS
 from transformers_language.ptq.recipes import PTQ_METHODS as METHODS
 
-W8A8 = ("--quantize", "--ranges_weights", "MSE", "--train_file", str(DATA / "test.txt"))
+CALIBRATION = ("--train_file", str(DATA / "test.txt"))
+MSE_WEIGHTS = ("--ranges_weights", "MSE")
+W8A8 = ("--quantize", *MSE_WEIGHTS, *CALIBRATION)
 TARGETS = {"per_channel": 1.3, "peg": 1.3, "per_token": 2.0, "llm_int8": 2.0}  # the rest: none
 
 
 def method_flags(kind: str) -> tuple[str, ...]:
     """The recipe's W8A8 flags; MSE weight ranges on the integer grid (a number format scales by the maximum)."""
     method = METHODS[kind]
-    base = W8A8 if method.number_format is None else (W8A8[0], *W8A8[3:])
-    return (*base, *method.validate_flags(BIT_SETTINGS["W8A8"])[1:])
+    ranges = MSE_WEIGHTS if method.number_format is None else ()
+    return (*method.validate_flags(BIT_SETTINGS["W8A8"]), *ranges, *CALIBRATION)
 
 
 def runs_on(kind: str, model: str) -> bool:

@@ -201,7 +201,9 @@ class QuantConfig:
         return [f"--{f.name}" for f in fields(self) if f.name in names and getattr(self, f.name) != f.default]
 
     def __post_init__(self):
-        for flag in ("n_bits", "n_bits_act"):
+        for flag in ("n_bits", "n_bits_act", "n_bits_kv"):
+            if getattr(self, flag) is None:  # n_bits_kv unset: the activations' bits
+                continue
             try:
                 check_bits(getattr(self, flag))
             except ValueError as error:
@@ -213,6 +215,8 @@ class QuantConfig:
             ("calibration_inputs", CALIBRATION_INPUTS),
             ("weight_granularity", WEIGHT_GRANULARITIES),
             ("act_granularity", ACT_GRANULARITIES),
+            ("weight_format", FORMAT_NAMES),
+            ("act_format", FORMAT_NAMES),
         ):
             if getattr(self, flag) not in valid:
                 raise ValueError(f"Unknown --{flag} {getattr(self, flag)!r}; valid: {', '.join(valid)}.")
@@ -238,8 +242,9 @@ class QuantConfig:
                 "activations or --llm_int8."
             )
         check_formats(self)
-        if self.peg_groups < 1:
-            raise ValueError(f"--peg_groups must be positive, got {self.peg_groups}.")
+        for flag in ("peg_groups", "weight_group_size"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be positive, got {getattr(self, flag)}.")
         for pattern, bits in self.point_bits:
             try:
                 check_bits(bits)

@@ -100,6 +100,8 @@ class RangeEstimator(CalibratedState):
 
     reads_rows = False
     """Whether it needs the rows of the last dimension (per-token statistics) rather than any set of values."""
+    keeps_extremes = False
+    """Whether it keeps only the minimum and maximum of what it observes (the min / max estimators)."""
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class RangeEstimator(CalibratedState):
     def reads_extremes_only(self) -> bool:
         """Whether only the minimum and maximum of what it observes count (a per-tensor min / max without
         percentiles), so any view that keeps them will do (token_mask.real_rows is cheaper for attention maps)."""
-        return isinstance(self, (CurrentMinMax, RunningMinMax)) and self.percentile is None and self.axis is None
+        return self.keeps_extremes and self.percentile is None and self.axis is None
 
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError  # every registered estimator defines it
@@ -138,12 +140,16 @@ class RangeEstimator(CalibratedState):
 
 @register_estimator("current_minmax")
 class CurrentMinMax(RangeEstimator):
+    keeps_extremes = True
+
     def observe(self, x: torch.Tensor) -> None:
         self.low, self.high = batch_extremes(x, self.axis, self.percentile, self.interpolation)
 
 
 @register_estimator("running_minmax")
 class RunningMinMax(RangeEstimator):
+    keeps_extremes = True
+
     def __init__(self, *args, momentum: float = 0.9, **kwargs):
         super().__init__(*args, **kwargs)
         if not 0.0 <= momentum < 1.0:

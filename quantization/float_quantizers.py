@@ -115,11 +115,6 @@ class NumberFormat:
     def bits(self) -> int:
         return FLOAT_FORMATS[self.float_format].bits if self.float_format else BLOCK_FORMATS[self.block_format].bits
 
-    @property
-    def dynamic(self) -> bool:
-        """Whether its scales come from the values at run time (no calibration)."""
-        return self.block_format is not None
-
     def quantizer(self, estimator: str, axis: int | None = None, **estimator_options) -> Quantizer:
         if self.block_format is not None:
             return BlockQuantizer(self.block_format)

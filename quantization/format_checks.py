@@ -1,31 +1,20 @@
 """What the number formats, grouped weights, KV-cache bits, GPTQ and QuaRot settings of a QuantConfig need and
-refuse, checked once when the config is made (each error names the flags and the fix)."""
+refuse, checked once when the config is made (each error names the flags and the fix); names and ranges of the
+single settings are QuantConfig's own checks."""
 
 from __future__ import annotations
 
-from .affine import check_bits
 from .float_quantizers import FLOAT_ESTIMATORS, FORMAT_NAMES, INTEGER, NUMBER_FORMATS
 
 
 def check_formats(config) -> None:
     """Raise ValueError for a senseless combination in the QuantConfig `config`."""
-    rule_formats = {fmt for _, fmt in config.point_formats}
-    for flag, value in (("weight_format", config.weight_format), ("act_format", config.act_format)):
-        if value not in FORMAT_NAMES:
-            raise ValueError(f"Unknown --{flag} {value!r}; valid: {', '.join(FORMAT_NAMES)}.")
     for pattern, value in config.point_formats:
         if value not in FORMAT_NAMES:
             raise ValueError(f"--point_formats {pattern}={value}: unknown format; valid: {', '.join(FORMAT_NAMES)}.")
-    if config.weight_group_size < 1:
-        raise ValueError(f"--weight_group_size must be positive, got {config.weight_group_size}.")
     if config.weight_granularity == "per_group" and config.llm_int8_threshold is not None:
         raise ValueError("--llm_int8 quantizes weights per output channel: drop --weight_granularity per_group.")
-    if config.n_bits_kv is not None:
-        try:
-            check_bits(config.n_bits_kv)
-        except ValueError as error:
-            raise ValueError(f"--n_bits_kv {config.n_bits_kv}: {error}") from error
-    by_rule = bool(rule_formats - {INTEGER})
+    by_rule = any(fmt != INTEGER for _, fmt in config.point_formats)
     if config.weight_format in NUMBER_FORMATS or by_rule:
         flag = f"--weight_format {config.weight_format}" if not by_rule else "--point_formats"
         if config.weight_granularity == "per_group" or config.llm_int8_threshold is not None:

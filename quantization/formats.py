@@ -56,12 +56,6 @@ FLOAT_FORMATS = {
 }
 
 
-def float_format(name: str) -> FloatFormat:
-    if name not in FLOAT_FORMATS:
-        raise ValueError(f"Unknown floating-point format {name!r}; valid: {', '.join(FLOAT_FORMATS)}.")
-    return FLOAT_FORMATS[name]
-
-
 def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """fp32 `x` rounded to the nearest value of `fmt` (ties to even), saturating at +-max_value. The quantum of
     x's binade, 2^(e - M), is read off x's fp32 exponent bits (floored at the smallest normal binade, which

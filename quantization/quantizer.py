@@ -175,8 +175,9 @@ class Quantizer(CalibratedState):
             scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)
             if torch.is_grad_enabled() and x.requires_grad:
                 return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
-            shape = (1,) * x.dim() if self.axis is None else (-1, *[1] * (x.dim() - 1 - self.axis % x.dim()))
-            scale, zero = scale.reshape(shape), zero_point.float().reshape(shape)
+            if self.axis is not None:
+                scale, zero_point = _along(scale, self.axis, x.dim()), _along(zero_point, self.axis, x.dim())
+            zero = zero_point.float()
             return fake_quantize_broadcast_no_grad(x, 1.0 / scale, scale, q_min - zero, q_max - zero)
         if torch.is_grad_enabled() and x.requires_grad:
             return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)

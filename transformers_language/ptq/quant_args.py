@@ -294,9 +294,8 @@ def quant_config_from_args(flags: QuantizationArgs, family: Family) -> QuantConf
         token_clipping_points = tuple(flags.token_clipping_points or ("**",))
     same_named = {name: getattr(flags, name) for name in QUANT_FIELDS}
     same_named["token_clipping_quantiles"] = tuple(flags.token_clipping_quantiles)  # nargs gives a list
-    formats_in_use = flags.weight_format != INTEGER or any(
-        not r.endswith("=" + INTEGER) for r in flags.point_formats or ()
-    )
+    point_formats = parse_point_formats(flags.point_formats)
+    formats_in_use = flags.weight_format != INTEGER or any(fmt != INTEGER for _, fmt in point_formats)
     if formats_in_use and flags.ranges_weights == defaults.ranges_weights:
         same_named["ranges_weights"] = "minmax"  # a float format's scale is the maximum's, whatever the family's search
     try:
@@ -308,7 +307,7 @@ def quant_config_from_args(flags: QuantizationArgs, family: Family) -> QuantConf
             act_quant=not flags.no_act_quant,
             peg_points=peg_points,
             point_bits=parse_point_bits(flags.point_bits, family),
-            point_formats=parse_point_formats(flags.point_formats),
+            point_formats=point_formats,
             llm_int8_threshold=flags.llm_int8_threshold if flags.llm_int8 else None,
         )
     except ValueError as error:  # its message names the flag

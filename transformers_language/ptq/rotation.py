@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from quantization.hadamard import hadamard_matrix, hadamard_transform, random_hadamard, split_order
 from quantization.sums import hidden_from_sums
+from quantization.transforms import fold_into_linear
 
 from ..errors import UsageError
 from ..families import Family
@@ -83,6 +84,11 @@ def _linear(model: nn.Module, path: str) -> nn.Linear:
     return model.get_submodule(path)
 
 
+def _turn_rows(rows: torch.Tensor, m: torch.Tensor) -> None:
+    """Rows that are vectors of the rotated space (a table, a learned key or value) become rows @ m (fp64 math)."""
+    rows.copy_((rows.double() @ m).to(rows.dtype))
+
+
 def _write(linear: nn.Linear, m: torch.Tensor, rows: slice = slice(None)) -> None:
     """The Linear's output rows `rows` become (output @ m): W -> m^T W, b -> m^T b on those rows (fp64 math)."""
     weight = linear.weight[rows]
@@ -94,8 +100,7 @@ def _write(linear: nn.Linear, m: torch.Tensor, rows: slice = slice(None)) -> Non
 
 def _read(linear: nn.Linear, m: torch.Tensor, columns: slice = slice(None)) -> None:
     """The Linear reads (input @ m) on input channels `columns`: W -> W m."""
-    weight = linear.weight[:, columns]
-    weight.copy_((weight.double() @ m).to(weight.dtype))
+    _turn_rows(linear.weight[:, columns], m)
 
 
 def _heads(count: int, size: int) -> list[slice]:
@@ -130,13 +135,9 @@ def _hand_over_norm(model: nn.Module, norm_path: str, readers: list[nn.Linear]) 
     bias = getattr(norm, "bias", None)
     beta = torch.zeros_like(gamma) if bias is None else bias.detach().double().clone()
     for linear in readers:
-        weight = linear.weight.double()
-        shift = weight @ beta
-        linear.weight.copy_((weight * gamma).to(linear.weight.dtype))
-        if bool(shift.ne(0).any()):
-            if linear.bias is None:
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-            linear.bias.add_(shift.to(linear.bias.dtype))
+        if linear.bias is None and bool(beta.ne(0).any()):  # a bias-free reader (OPT's LM head) takes W beta
+            linear.bias = nn.Parameter(linear.weight.new_zeros(linear.out_features))
+        fold_into_linear(linear, gamma, beta)  # it reads the normalised input: W diag(gamma), b + W beta
     if is_rms_norm(norm):
         norm.weight.fill_(1.0)
     else:
@@ -190,8 +191,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
         if gate is not None and gate.needs_input:
             _restore_gate_input(gate, q, gamma, beta)
     for path in sites.embeddings:
-        table = model.get_submodule(path).weight
-        table.copy_((table.double() @ q).to(table.dtype))
+        _turn_rows(model.get_submodule(path).weight, q)
 
     rotate_values = True
     per_head = hadamard_matrix(head_size, torch.float64, head.weight.device).T / head_size**0.5  # x -> x H^T
@@ -213,7 +213,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
             for columns in _heads(output.in_features // head_size, head_size):
                 _read(output, per_head, columns)
             if variant.bias_kv is not None:
-                variant.bias_kv.value.copy_((variant.bias_kv.value.double() @ per_head).to(variant.bias_kv.value.dtype))
+                _turn_rows(variant.bias_kv.value, per_head)
         # R3: queries and keys, in their projections or after RoPE.
         if sites.online_keys:
             variant.head_rotation = OnlineHadamard()
@@ -223,7 +223,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
                 for rows in _heads(linear.out_features // head_size, head_size):
                     _write(linear, per_head, rows)
         if variant.bias_kv is not None:
-            variant.bias_kv.key.copy_((variant.bias_kv.key.double() @ per_head).to(variant.bias_kv.key.dtype))
+            _turn_rows(variant.bias_kv.key, per_head)
     return {"seed": seed, "hidden": hidden, "ffn": ffn, "head": head_size, "values_rotated": rotate_values}
 
 

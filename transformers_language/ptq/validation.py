@@ -64,29 +64,28 @@ def _calibrate(accelerator, model, loss_module, quant: QuantConfig, batches: lis
     (an FP head has nothing to observe). Returns the number of passes."""
     passes = calibration_passes(model, quant.calibration_inputs)
     device = accelerator.device
+
+    def forward(inputs, labels):
+        if quant.preset.quantize_head:
+            loss_module(inputs, labels.to(device))
+        else:
+            model.body_output(inputs)
+
     for index, scope in enumerate(passes):
-        with torch.no_grad(), scope:
-            for inputs, labels in tqdm(
-                batches,
-                desc="Calibrating" if index == len(passes) - 1 else "Ordering channels",
-                disable=not accelerator.is_local_main_process,
-            ):
-                inputs = to_device(inputs, device)
-                with accelerator.autocast(), real_tokens(attention_mask(inputs)):
-                    if quant.preset.quantize_head:
-                        loss_module(inputs, labels.to(device))
-                    else:
-                        model.body_output(inputs)
+        with scope:
+            description = "Calibrating" if index == len(passes) - 1 else "Ordering channels"
+            _run_batches(accelerator, batches, description, forward)
     return len(passes)
 
 
-def _run_body(accelerator, model, batches: list[Batch], description: str) -> None:
-    """The model's body over `batches`, each with its attention mask (the hooks inside observe real tokens)."""
+def _run_batches(accelerator, batches: list[Batch], description: str, forward) -> None:
+    """`forward(inputs, labels)` over `batches` without gradients, each batch on the device with its attention
+    mask in scope (the hooks and quantizers inside observe real tokens only)."""
     with torch.no_grad():
-        for inputs, _ in tqdm(batches, desc=description, disable=not accelerator.is_local_main_process):
+        for inputs, labels in tqdm(batches, desc=description, disable=not accelerator.is_local_main_process):
             inputs = to_device(inputs, accelerator.device)
             with accelerator.autocast(), real_tokens(attention_mask(inputs)):
-                model.body_output(inputs)
+                forward(inputs, labels)
 
 
 def _clip_tokens(accelerator, model, quant: QuantConfig, batches: list[Batch]) -> dict:
@@ -155,7 +154,11 @@ def quantize_for_validation(
             )
     quantize_model(model, quant)
     if quant.gptq:
-        record["gptq"] = apply_gptq(model, lambda: _run_body(accelerator, model, batches, "GPTQ Hessians"), quant)
+
+        def body(inputs, _labels):
+            model.body_output(inputs)
+
+        record["gptq"] = apply_gptq(model, lambda: _run_batches(accelerator, batches, "GPTQ Hessians", body), quant)
     passes = _calibrate(accelerator, model, loss_module, quant, batches)
     if quant.token_clipping_points:
         record["token_clipping"] = _clip_tokens(accelerator, model, quant, batches)
