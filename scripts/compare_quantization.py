@@ -20,7 +20,9 @@ task score, top-1 accuracy) in points, with its gap in points (negative: worse).
 tasks sit side by side, each evaluated on its own task (from its config.json; with `--glue_dir`, from that folder's
 GLUE files). Every quantized cell is calibrated on `--draws` samples of calibration batches (`--calibration_seed`
 0..N-1; default 3) and shows their mean ± sample standard deviation: on a model with outliers the quantized model
-is chaotic, and one draw cannot rank recipes closer than the spread.
+is chaotic, and one draw cannot rank recipes closer than the spread. A recipe whose first draw read nothing of its
+calibration sample (dynamic ranges on round-to-nearest weights: per-token, LLM.int8(), RTN, MXFP4) runs once, as
+every draw would be the same model, and its cell has no ±.
 
 Everything after `--` goes to every run (data, sequence length, batch sizes, calibration flags; the FP runs drop the
 calibration-only ones); the flags the comparison sets itself (the checkpoint, the output folder, the task, `--quantize`,
@@ -295,10 +297,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         unfit = [recipe for recipe in args.recipes if not PTQ_METHODS[recipe].fits(BIT_SETTINGS[bits])]
         if unfit:
             print(f"{bits}: {', '.join(unfit)} not run (a number format of other bits, or FP activations: n/a).")
-    draws, caches = {}, {}
+    draws, caches, sample_free = {}, {}, set()
     fingerprints = {c: fingerprint(c) for c in args.checkpoints}
     start_all = time.perf_counter()
+    ran = 0
     for checkpoint, bits, recipe, draw in tqdm(runs, desc="Runs", unit="run"):
+        if draw and (checkpoint, bits, recipe) in sample_free:
+            continue  # its first draw read no calibration sample: every other draw is that run again
+        ran += 1
         name = Path(checkpoint).name
         start = time.perf_counter()
         run_dir = output / name / bits / recipe / (f"draw_{draw}" if bits != "FP" else "")
@@ -326,6 +332,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results = validate(family.objective, argv_run, statistics_cache=cache, family_name=family.name)
             elapsed = time.perf_counter() - start
             write_json_atomic(done, identity | {"figure": headline.key, "seconds": elapsed, "results": results})
+        if results.get("reads_calibration_sample") is False:
+            sample_free.add((checkpoint, bits, recipe))
         draws.setdefault((checkpoint, bits, recipe), []).append(
             (_finite_or_nan(results[headline.key]), elapsed, results)
         )
@@ -364,11 +372,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     record |= {"draws": args.draws, "figure": headline.key, "higher_is_better": headline.higher_is_better}
     write_json_atomic(output / "comparison.json", record | {"wall_seconds": seconds, "rows": rows})
     markdown = table(rows, columns, headline)
+    if args.draws > 1 and sample_free:
+        markdown += (
+            "\nA quantized cell without ± is of a recipe that read no calibration sample (dynamic ranges, "
+            "round-to-nearest weights): every draw is the same model, so it ran once.\n"
+        )
     write_text_atomic(output / "comparison.md", markdown)
     axis = "score gap to FP (points)" if headline.higher_is_better else "perplexity gap to FP (%)"
     write_quantization_comparison(gaps, output / "comparison.png", axis)
     print(markdown)
-    print(f"{len(runs)} runs in {seconds / 60:.1f} min; wrote {output / 'comparison.md'}, .json and .png")
+    print(f"{ran} runs in {seconds / 60:.1f} min; wrote {output / 'comparison.md'}, .json and .png")
     return rows
 
 

@@ -18,6 +18,7 @@ from tests.test_validate import (  # noqa: F401
     validate_argv,
 )
 from transformers_language.errors import UsageError
+from transformers_language.jobs.validate import validate
 from transformers_language.ptq.recipes import BIT_SETTINGS, PTQ_METHODS
 
 # The integer-grid recipes of 2021-23 at the integer settings (every pair); the 2024-26 recipes at theirs.
@@ -297,7 +298,8 @@ def test_compare_quantization_writes_every_recipe_and_bit_width(checkpoints, tmp
 
 def test_compare_quantization_shows_the_spread_over_calibration_draws(checkpoints, tmp_path, data_cache):  # noqa: F811
     out = tmp_path / "compare"
-    rows = _compare([checkpoints["opt"]], out, tmp_path, data_cache, "--bits", "W4A8", "--recipes", "per_tensor")
+    flags = ("--bits", "W4A8", "--recipes", "per_tensor", "per_token")
+    rows = _compare([checkpoints["opt"]], out, tmp_path, data_cache, *flags)
     quantized = rows[1]
     draws = [
         json.loads(
@@ -310,8 +312,23 @@ def test_compare_quantization_shows_the_spread_over_calibration_draws(checkpoint
     assert quantized["draws"] == values and len(set(values)) > 1  # other calibration batches, other ranges
     assert quantized["value"] == pytest.approx(statistics.mean(values))
     assert quantized["spread"] == pytest.approx(statistics.stdev(values))
-    cell = (out / "comparison.md").read_text().splitlines()[3].split(" | ")[2]
+    markdown = (out / "comparison.md").read_text()
+    cell = markdown.splitlines()[3].split(" | ")[2]
     assert f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" in cell
+    # Per-token ranges on round-to-nearest weights read nothing of the sample: one run, no spread, and another
+    # calibration seed gives that very model.
+    dynamic = rows[2]
+    assert dynamic["recipe"] == "per_token" and dynamic["spread"] is None and len(dynamic["draws"]) == 1
+    folder = out / checkpoints["opt"].name / "W4A8" / "per_token"
+    assert sorted(path.name for path in folder.iterdir()) == ["draw_0"]
+    first = json.loads((folder / "draw_0" / "all_results.json").read_text())
+    assert first["reads_calibration_sample"] is False and draws[0]["reads_calibration_sample"] is True
+    assert "without ± is of a recipe that read no calibration sample" in markdown
+    argv = json.loads((folder / "draw_0" / "compare_run.json").read_text())["argv"]
+    seed = argv.index("--calibration_seed")
+    argv[seed + 1], argv[argv.index("--output_dir") + 1] = "1", str(tmp_path / "seed_1")
+    again = validate("clm", argv)
+    assert again["perplexity"] == first["perplexity"] == dynamic["value"]
 
 
 def test_compare_quantization_puts_several_checkpoints_side_by_side(checkpoints, tmp_path, data_cache, monkeypatch):  # noqa: F811

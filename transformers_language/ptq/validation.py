@@ -164,6 +164,9 @@ def quantize_for_validation(
         record["token_clipping"] = _clip_tokens(accelerator, model, quant, batches)
     static = [q for q in activation_quantizers(model) if q.needs_calibration]
     record["calibration_seconds"] = time.perf_counter() - start
+    # Dynamic ranges on untransformed, round-to-nearest weights read nothing of the sample: every
+    # --calibration_seed gives this model (compare_quantization.py runs such a recipe once).
+    record["reads_calibration_sample"] = bool(passes or quant.transforms or quant.gptq or quant.token_clipping_points)
     logger.info(
         "Calibrated %d activation quantizers on %d calibration blocks in %.1f s (%d passes%s)",
         len(static),
