@@ -25,8 +25,8 @@ from torch import nn
 
 from quantization.token_mask import token_weights
 
-from ..families import Site
 from ..runtime import max_across_processes, sum_across_processes
+from ..wiring import Site
 from .literature_metrics import LOG_BINS, LOG_RANGE, histogram_median
 
 OUTLIER_SIGMAS = 6.0

@@ -30,7 +30,8 @@ from transformers.models.opt.modeling_opt import OPTAttention
 from transformers.models.vit.modeling_vit import ViTAttention
 
 from ..errors import UsageError
-from ..families import FAMILIES, Family, Headline, Site, get_family
+from ..families import FAMILIES, Family, Headline, get_family
+from ..wiring import Site
 from .attention import ATTENTION_FUNCTION_NAME, AttentionVariant, install_attention_variant
 from .attention_config import AttentionConfig
 from .gates import AttentionGate

@@ -13,7 +13,7 @@ from torch import nn
 
 from quantization.transforms import ChannelAffine
 
-from ..families import LAYER_INPUT
+from ..wiring import LAYER_INPUT
 
 CONFIG_KEY = "equivalent_transforms"
 
