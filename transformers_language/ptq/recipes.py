@@ -36,10 +36,10 @@ class PTQMethod:
     def validate_flags(self, setting: BitSetting) -> list[str]:
         """Its flags at `setting`, the bit widths first (in the order the comparison's run records were written
         with, so `--resume` reads them back)."""
+        flags = ["--quantize", "--n_bits", str(setting.weights)]
         if setting.acts is None:
-            return ["--quantize", "--n_bits", str(setting.weights), *self.flags, "--no_act_quant"]
-        flags = ["--quantize", "--n_bits", str(setting.weights), "--n_bits_act", str(setting.acts)]
-        flags += [*self.flags, *self.act_flags]
+            return [*flags, *self.flags, "--no_act_quant"]
+        flags += ["--n_bits_act", str(setting.acts), *self.flags, *self.act_flags]
         if setting.kv is not None and self.number_format is None:
             flags += ["--n_bits_kv", str(setting.kv)]
         return flags
