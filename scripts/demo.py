@@ -168,7 +168,7 @@ def data_flags() -> tuple[list[str], list[str], list[str], list[str]]:
     return ["--tokenizer_name", "facebook/opt-125m"], [], ["--dataset_setup", "wikitext_2"], []
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="The long run (2400 steps per method).")
     parser.add_argument(
@@ -215,7 +215,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--zero_out_top_k", type=int, default=4, help="Entries of the zero-out intervention in the FP validation."
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def run_stage(

@@ -134,8 +134,11 @@ def test_fine_tune_then_evaluate_in_fp_and_w8a8(task, tmp_path):
     config = json.loads((tuned / "config.json").read_text())
     assert config["glue_task"] == task and len(config["id2label"]) == GLUE_TASKS[task].num_labels
     fp = validate_glue.main(validate_argv(task, tuned, tmp_path / "fp"))
+    # The same predictions up to float rounding (the reloaded model runs other kernels on other batch shapes); 4
+    # steps leave STS-B's scores nearly constant, and a correlation of nearly constant scores magnifies rounding
+    # (1.5e-5 apart on one CPU, equal on another), so the bound is 1e-4, far below a real change of predictions.
     for name in GLUE_TASKS[task].metrics:
-        assert math.isfinite(fp[name]) and fp[name] == pytest.approx(trained[name], abs=1e-6)
+        assert math.isfinite(fp[name]) and fp[name] == pytest.approx(trained[name], abs=1e-4)
     assert fp["eval_examples"] == 40 and fp["max_ffn_output_inf_norm"] > 0
     quantized = validate_glue.main(
         validate_argv(
