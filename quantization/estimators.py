@@ -126,7 +126,7 @@ class RangeEstimator(CalibratedState):
     @property
     def reads_extremes_only(self) -> bool:
         """Whether only the minimum and maximum of what it observes count (a per-tensor min / max without
-        percentiles), so any view that keeps them will do (token_mask.real_rows is cheaper for attention maps)."""
+        percentiles), so any view that keeps them will do (token_mask.real_extremes: each row's, uncopied)."""
         return self.keeps_extremes and self.percentile is None and self.axis is None
 
     def observe(self, x: torch.Tensor) -> None:

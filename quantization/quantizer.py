@@ -25,7 +25,7 @@ from .affine import check_bits, scale_and_zero_point
 from .buffers import CalibratedState
 from .estimators import RangeEstimator, build_estimator
 from .sums import hidden_from_sums
-from .token_mask import real_rows, real_values
+from .token_mask import real_extremes, real_rows, real_values
 
 MODES = ("off", "observe", "quantize", "learn")
 
@@ -156,10 +156,12 @@ class Quantizer(CalibratedState):
             self.channel_grid = (1.0 / self.scale, self.scale, self.q_range[0] - zero, self.q_range[1] - zero)
 
     def observed(self, x: torch.Tensor) -> torch.Tensor:
-        """What the estimator sees of `x`: the values of real tokens (token_mask.py), as rows when it reads rows."""
+        """What the estimator sees of `x`: the values of real tokens (token_mask.py), as rows when it reads rows,
+        as each real row's minimum and maximum when only the extremes count."""
         values = x.detach()
-        rows = self.estimator.reads_rows or self.estimator.reads_extremes_only
-        return real_rows(values) if rows else real_values(values)
+        if self.estimator.reads_extremes_only:
+            return real_extremes(values)
+        return real_rows(values) if self.estimator.reads_rows else real_values(values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":

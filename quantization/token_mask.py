@@ -89,6 +89,22 @@ def real_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(keys, rows, largest)
 
 
+def real_extremes(x: torch.Tensor) -> torch.Tensor:
+    """The minimum and maximum of each row over the last dimension at real tokens, as (N, 2) rows: the extremes of
+    `real_rows(x)` without copying its rows (a boolean index of a (B, T, C) activation costs as much as a clone;
+    of the (B, T) row extremes, nothing). `x` itself outside a scope or for a tensor the mask does not describe."""
+    mask = _MASK.get()
+    layout = None if mask is None else _covers(x, mask)
+    if layout is None:
+        return x
+    if layout == "attention":
+        rows = real_rows(x)
+        return torch.stack((rows.amin(dim=-1), rows.amax(dim=-1)), dim=-1).reshape(-1, 2)
+    real = mask.flatten() if x.dim() == 2 else mask
+    lows, highs = x.amin(dim=-1)[real], x.amax(dim=-1)[real]
+    return torch.stack((lows, highs), dim=-1).reshape(-1, 2)
+
+
 def token_weights(batch: int, length: int, device) -> torch.Tensor | None:
     """(B, T) float weights of the scope's real tokens (1.0 real, 0.0 padding), None when all count."""
     mask = _MASK.get()

@@ -15,7 +15,7 @@ from quantization.config import QuantConfig
 from quantization.estimators import build_estimator
 from quantization.quantizer import Quantizer
 from quantization.token_clipping import TokenQuantileEstimator, search_quantile
-from quantization.token_mask import real_rows, real_tokens, real_values
+from quantization.token_mask import real_extremes, real_rows, real_tokens, real_values
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig
 from transformers_language.evaluation.attention_stats import AttentionStatistics
@@ -71,7 +71,12 @@ def test_observed_values_are_the_real_tokens_of_every_layout():
         assert rows.shape == (3, 2, 4)
         assert torch.equal(rows.amin(-1), torch.stack([scores[0, :, 0, :3].amin(-1), scores[0, :, 1, :3].amin(-1),
                                                        scores[1, :, 0, :2].amin(-1)]))  # fmt: skip
-    assert real_values(hidden) is hidden  # outside a scope: everything, uncopied
+        # Each real row's extremes, for the min / max estimators: those of the rows it stands for.
+        for tensor, kept in ((hidden, real_values(hidden)), (hidden.reshape(6, 4), real_values(hidden)),
+                             (scores, rows.reshape(-1, 4))):  # fmt: skip
+            extremes = real_extremes(tensor)
+            assert torch.equal(extremes, torch.stack((kept.amin(-1), kept.amax(-1)), dim=-1))
+    assert real_values(hidden) is hidden and real_extremes(hidden) is hidden  # outside a scope: all, uncopied
 
 
 @pytest.mark.parametrize("estimator", ["current_minmax", "MSE", "token_quantile"])
