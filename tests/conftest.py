@@ -15,6 +15,11 @@ from transformers_language.data.text import shared_folder
 from transformers_language.families import FAMILIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the test log
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One pytest-xdist worker per core: the tiny models gain nothing from a second intra-op thread, and two
+    # workers with two threads each would oversubscribe the cores. The tests' subprocesses inherit the setting.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 VOCAB = 97
 

@@ -46,9 +46,10 @@ def _numbers(value, path=""):
     return {path: value} if isinstance(value, int | float) and not isinstance(value, bool) else {}
 
 
-@pytest.mark.parametrize("model_type", ["bert", "opt"])
-def test_a_compiled_validation_gives_the_eager_figures(model_type, checkpoints, tmp_path, data_cache, caplog):  # noqa: F811
+def test_a_compiled_validation_gives_the_eager_figures(checkpoints, tmp_path, data_cache, caplog):  # noqa: F811
+    """On BERT (bidirectional, padded batches); OPT's compiled graph is the resumed run's above."""
     caplog.set_level("INFO")
+    model_type = "bert"
 
     def figures(name, *extra):
         out = tmp_path / name

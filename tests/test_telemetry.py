@@ -133,12 +133,14 @@ def test_growth_file_has_one_record_per_logging_step(tmp_path, data_cache):
 
 
 def test_measured_steps_train_exactly_as_unmeasured_ones(tmp_path, data_cache):
-    """The first-token indicators ride along as extra value channels: the step's numbers must not move."""
+    """The first-token indicators ride along as extra value channels: the step's numbers must not move beyond
+    float rounding (the wider value matrix may take another matmul kernel: equal bit for bit on an AVX-512 CPU,
+    1e-7 apart on an AVX2 one)."""
     plain, measured = tmp_path / "plain", tmp_path / "measured"
     run_main("opt", train_argv("opt", plain, data_cache, "--hidden_dropout", "0.1", steps=4))
     tracking = ["--with_tracking", "--extra_tb_stats", "--tb_scalar_log_interval", "1"]
     run_main("opt", train_argv("opt", measured, data_cache, "--hidden_dropout", "0.1", *tracking, steps=4))
-    assert [r["loss"] for r in read_log(measured)] == [r["loss"] for r in read_log(plain)]
+    assert [r["loss"] for r in read_log(measured)] == pytest.approx([r["loss"] for r in read_log(plain)], rel=1e-6)
 
 
 @pytest.mark.parametrize(

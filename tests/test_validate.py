@@ -225,18 +225,6 @@ def test_sequence_longer_than_the_position_table(checkpoints, tmp_path, data_cac
         run_validate("opt", argv)
 
 
-@pytest.mark.slow
-def test_accelerate_launch_runs_the_script(checkpoints, tmp_path, data_cache):
-    out = tmp_path / "launched"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["validate_mlm.py", *validate_argv("bert", checkpoints["bert"], out, data_cache)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "max FFN output inf norm: " in done.stderr
-    assert json.loads((out / "all_results.json").read_text())["settings"]["script"] == "validate_mlm.py"
-
-
 # --- W8A8 ------------------------------------------------------------------------------------------------------
 
 PAPER_W8A8 = {
