@@ -105,6 +105,22 @@ def real_extremes(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((lows, highs), dim=-1).reshape(-1, 2)
 
 
+def real_mask(x: torch.Tensor) -> torch.Tensor | None:
+    """A bool mask that broadcasts against `x`, True at real tokens (real query-key pairs of attention maps), or None
+    outside a scope or for a tensor the mask does not describe. `x.masked_fill_(~mask, 0)` then zeroes the padding in
+    place, so a sum or a maximum of non-negative values reads real tokens without the copy `real_values` makes (and a
+    padded position's inf, say a masked score, never turns into a NaN as a multiplication by 0 would)."""
+    mask = _MASK.get()
+    layout = None if mask is None else _covers(x, mask)
+    if layout is None:
+        return None
+    if layout == "attention":
+        return mask[:, None, :, None] & _key_mask(mask, x.shape[3])[:, None, None, :]  # (B, 1, T, S)
+    if x.dim() == 2:
+        return mask.reshape(-1, 1)
+    return mask.reshape(*mask.shape, *([1] * (x.dim() - 2)))
+
+
 def token_weights(batch: int, length: int, device) -> torch.Tensor | None:
     """(B, T) float weights of the scope's real tokens (1.0 real, 0.0 padding), None when all count."""
     mask = _MASK.get()

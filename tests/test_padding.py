@@ -15,7 +15,7 @@ from quantization.config import QuantConfig
 from quantization.estimators import build_estimator
 from quantization.quantizer import Quantizer
 from quantization.token_clipping import TokenQuantileEstimator, search_quantile
-from quantization.token_mask import real_extremes, real_rows, real_tokens, real_values
+from quantization.token_mask import real_extremes, real_mask, real_rows, real_tokens, real_values
 from tests.conftest import VOCAB, tiny_config
 from transformers_language import AttentionConfig
 from transformers_language.evaluation.attention_stats import AttentionStatistics
@@ -76,7 +76,14 @@ def test_observed_values_are_the_real_tokens_of_every_layout():
                              (scores, rows.reshape(-1, 4))):  # fmt: skip
             extremes = real_extremes(tensor)
             assert torch.equal(extremes, torch.stack((kept.amin(-1), kept.amax(-1)), dim=-1))
+        # The in-place mask of the same values: the padding zeroed, every real value kept.
+        for tensor in (hidden, hidden.reshape(6, 4), scores):
+            kept = real_values(tensor)
+            zeroed = tensor.masked_fill(~real_mask(tensor), 0.0)
+            assert zeroed.shape == tensor.shape and torch.count_nonzero(zeroed) == torch.count_nonzero(kept)
+            assert torch.allclose(zeroed.sum(), kept.sum()) and torch.equal(zeroed.abs().amax(), kept.abs().amax())
     assert real_values(hidden) is hidden and real_extremes(hidden) is hidden  # outside a scope: all, uncopied
+    assert real_mask(hidden) is None
 
 
 @pytest.mark.parametrize("estimator", ["current_minmax", "MSE", "token_quantile"])

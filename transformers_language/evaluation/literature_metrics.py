@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from quantization.token_mask import real_values, token_weights
+from quantization.token_mask import real_mask, real_values, token_weights
 
 from ..runtime import max_across_processes, sum_across_processes
 
@@ -154,8 +154,11 @@ class LiteratureStatistics:
 
     def _ffn_hook(self, layer: int):
         def hook(module, args, output):
-            x = real_values(output.detach().float()).flatten(0, -2)  # (real tokens, ffn width)
-            self._sums[f"ffn_squares_{layer}"] += x.square().sum(dim=0).double()
+            squares = output.detach().float().square()
+            real = real_mask(squares)
+            if real is not None:  # a padded batch: its padding adds zeros (no copy of the real tokens)
+                squares.masked_fill_(~real, 0.0)
+            self._sums[f"ffn_squares_{layer}"] += squares.flatten(0, -2).sum(dim=0).double()
 
         return hook
 
@@ -166,7 +169,9 @@ class LiteratureStatistics:
                 queries, keys = magnitude.shape[-2:]
                 allowed = torch.ones(queries, keys, dtype=torch.bool, device=magnitude.device).tril(keys - queries)
                 magnitude = magnitude.masked_fill(~allowed, 0.0)
-            magnitude = real_values(magnitude)  # a padded batch: real queries and keys only
+            real = real_mask(magnitude)
+            if real is not None:  # a padded batch: real queries and keys only (|x| >= 0, so zeros never win)
+                magnitude.masked_fill_(~real, 0.0)
             key = f"logit_{layer}"
             self._peaks[key] = torch.maximum(self._peaks[key], magnitude.amax().view(1))
 
