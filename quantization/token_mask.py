@@ -53,22 +53,31 @@ def _covers(x: torch.Tensor, mask: torch.Tensor) -> str | None:
     return None
 
 
+def _scope(x: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    """The scope's (B, T) mask and how `x` lines up with it (`_covers`); (None, None) outside a scope."""
+    mask = _MASK.get()
+    return mask, None if mask is None else _covers(x, mask)
+
+
 def _key_mask(mask: torch.Tensor, keys: int) -> torch.Tensor:
     """(B, S) real keys: the keys prepended before the sequence's are real."""
     prepended = keys - mask.shape[1]
     return torch.cat([mask.new_ones(mask.shape[0], prepended), mask], dim=1) if prepended else mask
 
 
+def _real_pairs(mask: torch.Tensor, keys: int) -> torch.Tensor:
+    """(B, 1, T, S) real query-key pairs of an attention map with `keys` keys."""
+    return mask[:, None, :, None] & _key_mask(mask, keys)[:, None, None, :]
+
+
 def real_values(x: torch.Tensor) -> torch.Tensor:
     """The values of `x` at real tokens: (N, C) rows for token tensors, a flat vector for attention maps, `x`
     itself outside a scope or for a tensor the mask does not describe."""
-    mask = _MASK.get()
-    layout = None if mask is None else _covers(x, mask)
+    mask, layout = _scope(x)
     if layout is None:
         return x
     if layout == "attention":
-        pairs = mask[:, None, :, None] & _key_mask(mask, x.shape[3])[:, None, None, :]
-        return x[pairs.expand_as(x)]
+        return x[_real_pairs(mask, x.shape[3]).expand_as(x)]
     if x.dim() == 2:
         return x[mask.flatten()]
     return x[mask]
@@ -78,8 +87,7 @@ def real_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows over the last dimension at real tokens, for statistics per row (a token's extremes): token tensors
     as `real_values`; attention maps as the (N, H, S) rows of real queries, where each padded key takes the
     row's largest real value, which leaves every row's minimum and maximum as they are."""
-    mask = _MASK.get()
-    layout = None if mask is None else _covers(x, mask)
+    mask, layout = _scope(x)
     if layout != "attention":
         return real_values(x)
     rows = x.transpose(1, 2)[mask]  # (N, H, S)
@@ -93,8 +101,7 @@ def real_extremes(x: torch.Tensor) -> torch.Tensor:
     """The minimum and maximum of each row over the last dimension at real tokens, as (N, 2) rows: the extremes of
     `real_rows(x)` without copying its rows (a boolean index of a (B, T, C) activation costs as much as a clone;
     of the (B, T) row extremes, nothing). `x` itself outside a scope or for a tensor the mask does not describe."""
-    mask = _MASK.get()
-    layout = None if mask is None else _covers(x, mask)
+    mask, layout = _scope(x)
     if layout is None:
         return x
     if layout == "attention":
@@ -110,12 +117,11 @@ def real_mask(x: torch.Tensor) -> torch.Tensor | None:
     outside a scope or for a tensor the mask does not describe. `x.masked_fill_(~mask, 0)` then zeroes the padding in
     place, so a sum or a maximum of non-negative values reads real tokens without the copy `real_values` makes (and a
     padded position's inf, say a masked score, never turns into a NaN as a multiplication by 0 would)."""
-    mask = _MASK.get()
-    layout = None if mask is None else _covers(x, mask)
+    mask, layout = _scope(x)
     if layout is None:
         return None
     if layout == "attention":
-        return mask[:, None, :, None] & _key_mask(mask, x.shape[3])[:, None, None, :]  # (B, 1, T, S)
+        return _real_pairs(mask, x.shape[3])
     if x.dim() == 2:
         return mask.reshape(-1, 1)
     return mask.reshape(*mask.shape, *([1] * (x.dim() - 2)))

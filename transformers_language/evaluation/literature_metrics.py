@@ -164,14 +164,14 @@ class LiteratureStatistics:
 
     def _logit_hook(self, layer: int, is_causal: bool):
         def hook(module, args, output):
-            magnitude = output.detach().abs().float()  # (B, H, T, S)
+            magnitude = output.detach().abs().float()  # (B, H, T, S), a fresh tensor: masked in place
+            counted = real_mask(magnitude)  # a padded batch: real queries and keys only
             if is_causal:  # only the keys a query may attend (bottom-right aligned, as with a cache)
                 queries, keys = magnitude.shape[-2:]
                 allowed = torch.ones(queries, keys, dtype=torch.bool, device=magnitude.device).tril(keys - queries)
-                magnitude = magnitude.masked_fill(~allowed, 0.0)
-            real = real_mask(magnitude)
-            if real is not None:  # a padded batch: real queries and keys only (|x| >= 0, so zeros never win)
-                magnitude.masked_fill_(~real, 0.0)
+                counted = allowed if counted is None else counted & allowed
+            if counted is not None:  # one pass; |x| >= 0, so the zeros never win the maximum
+                magnitude.masked_fill_(~counted, 0.0)
             key = f"logit_{layer}"
             self._peaks[key] = torch.maximum(self._peaks[key], magnitude.amax().view(1))
 
