@@ -38,9 +38,6 @@ folder, the hub's WikiText-2.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,9 +50,8 @@ from transformers_language.data.text import shared_folder  # noqa: E402
 from transformers_language.evaluation.plots import write_growth, write_method_comparison  # noqa: E402
 from transformers_language.families import FAMILIES  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
-from transformers_language.jobs.pretrain import pretrain  # noqa: E402
-from transformers_language.jobs.validate import validate  # noqa: E402
-from transformers_language.training.telemetry import GROWTH_FILE  # noqa: E402
+from transformers_language.jobs.method_table import GROWTH, GROWTH_BASELINES, PER_LAYER, method_row, method_table  # noqa: E402
+from transformers_language.jobs.stages import method_stages, run_method  # noqa: E402
 
 # The methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25), the later
 # no-op mechanisms (methods.md, "Further variants") and Muon with vanilla attention.
@@ -104,12 +100,6 @@ DEMO_FAMILIES = {
         "llama-small.yaml", "Llama-small", ("vanilla", "headwise_gate", "softmax1", "clipped_softmax"), "demo-llama"
     ),
 }
-SECOND_EVAL = "eval-second"  # the FP validation on the second data (WikiText-2 valid)
-RECORD = "demo_stages.json"  # a method's stage arguments, and whether all of them finished
-# Flags (each with one value) that change where training state is saved, never what is trained (a run with and
-# without them gives the same weights bit for bit): `--resume` ignores them when it compares a method's stages.
-BOOKKEEPING_FLAGS = ("--checkpointing_steps", "--checkpoints_total_limit")
-LLAMA_FIGURES = ("max_ffn_product_inf_norm", "max_first_token_inf_norm", "max_later_tokens_inf_norm")
 # The two sizes. `full` follows the reference probe's schedule (shared/reference): lr 1e-3 decaying linearly
 # towards 0 at twice the run's length, i.e. step 4800, stopped at step 2400 (the learning rate then stands at
 # 2400 / 4700 of its peak, the final_lr_fraction below); blocks drawn at random with replacement; figures logged
@@ -136,18 +126,6 @@ SIZES = {
         "adam_beta2": 0.999,
     },
 }
-PER_LAYER = {
-    "kurtosis": "Residual-stream kurtosis (FP)",
-    "inf_norm": "Residual-stream inf-norm (FP)",
-    "sink_ratio": "First-token attention / uniform (FP)",
-}
-GROWTH = {
-    "inf_norm": "residual inf-norm",
-    "top1_median": "top-1 / median |x|",
-    "kurtosis": "residual kurtosis",
-    "sink_ratio": "sink ratio",
-}
-GROWTH_BASELINES = {"kurtosis": 3.0, "sink_ratio": 1.0}  # a Gaussian's kurtosis; uniform attention
 
 
 def data_flags() -> tuple[list[str], list[str], list[str], list[str]]:
@@ -218,191 +196,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_stage(
-    number: int, total: int, title: str, job, objective: str, argv: list[str], family: str | None = None
-) -> dict:
-    which = f"'{objective}'" + (f", family_name='{family}'" if family else "")
-    print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}({which}, {' '.join(argv)})", flush=True)
-    start = time.perf_counter()
-    results = job(objective, argv, family_name=family)
-    print(f"=== [{number}/{total}] done in {time.perf_counter() - start:.0f} s", flush=True)
-    return results
-
-
-def method_stages(
-    method: str,
-    run_dir: Path,
-    train_title: str,
-    training: list[str],
-    evaluation: list[str],
-    quantize: list[str],
-    fp_extra: tuple[str, ...] = (),
-    second: tuple[str, ...] = (),
-) -> tuple:
-    """A method's stages (title, job, argv): train into `run_dir`, validate the model there in floating point
-    (eval-fp/, with `fp_extra`) and in W8A8 (eval-w8a8/, with `quantize`), and with `second` (a validation's
-    arguments on other data), in floating point on that data (eval-second/); `read_stage_results` reads them
-    back."""
-    extra = ()
-    if second:
-        argv = [*second, "--output_dir", str(run_dir / SECOND_EVAL)]
-        extra = ((f"validate {method} (FP, second data)", validate, argv),)
-    return (
-        (f"{train_title}, {method}", pretrain, [*training, "--output_dir", str(run_dir)]),
-        (f"validate {method} (FP)", validate, [*evaluation, *fp_extra, "--output_dir", str(run_dir / "eval-fp")]),
-        (
-            f"validate {method} (W8A8)",
-            validate,
-            [*evaluation, *quantize, "--output_dir", str(run_dir / "eval-w8a8")],
-        ),
-        *extra,
-    )
-
-
-def head_means(results: dict, key: str) -> list[float]:
-    """Per layer, the mean over heads of one attention figure of a validation's results."""
-    layers = [results["attention"][f"layer_{i}"] for i in range(len(results["attention"]))]
-    return [sum(layer[key]) / len(layer[key]) for layer in layers]
-
-
-def read_stage_results(run_dir: Path, stages: int = 3, missing_ok: bool = False) -> list[dict | None]:
-    """The written results of a finished method's `stages` stages: training, FP and W8A8 evaluation, and the
-    FP evaluation on the second data (`missing_ok`: None for a stage whose results are missing or torn, which
-    is then re-run)."""
-    results = []
-    for path in (run_dir, run_dir / "eval-fp", run_dir / "eval-w8a8", run_dir / SECOND_EVAL)[:stages]:
-        try:
-            results.append(json.loads((path / "all_results.json").read_text()))
-        except (OSError, ValueError):
-            if not missing_ok:
-                raise
-            results.append(None)
-    return results
-
-
-def _results_flags(argv: list[str]) -> list[str]:
-    """`argv` without the bookkeeping flags and their values."""
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in BOOKKEEPING_FLAGS:
-            skip = True
-        else:
-            kept.append(item)
-    return kept
-
-
-def plan_method(run_dir: Path, stages: list[list[str]], resume: bool) -> tuple[str, list[int]]:
-    """('done', []) finished with these stages: read back; ('validate', stage numbers) the training is finished
-    with these flags and only those validation stages changed: re-run them alone; ('continue', []) an interrupted
-    training of these stages with a checkpoint; ('fresh', []) any earlier run there is removed (training refuses
-    a folder that holds a run)."""
-    record_path = run_dir / RECORD
-    try:
-        record = json.loads(record_path.read_text()) if resume and record_path.is_file() else None
-    except ValueError:  # a torn record: start over
-        record = None
-    if record is not None and record["finished"] and _results_flags(record["stages"][0]) == _results_flags(stages[0]):
-        before = record["stages"]
-        changed = [  # a stage added since (the second data's validation) counts as changed
-            number
-            for number in range(1, len(stages))
-            if number >= len(before) or _results_flags(before[number]) != _results_flags(stages[number])
-        ]
-        return ("validate", changed) if changed else ("done", [])
-    if record is not None and record["stages"] == stages and any(run_dir.glob("step_*")):
-        return "continue", []
-    if run_dir.exists():
-        print(f"Replacing the earlier demo run in {run_dir}", flush=True)
-        shutil.rmtree(run_dir)
-    return "fresh", []
-
-
-def run_method(
-    method: str,
-    run_dir: Path,
-    stages,
-    objective: str,
-    resume: bool,
-    counter: tuple[int, int],
-    family: str | None = None,
-) -> list:
-    """Run a method's stages (title, job, argv) in `run_dir` (stage numbers from `counter`: done so far, total)
-    for `objective` and `family` (None: the objective's first), or read back their results when `resume` finds
-    them finished with the same flags; returns each stage's results."""
-    argvs = [argv for _, _, argv in stages]
-    state, changed = plan_method(run_dir, argvs, resume)
-    if state == "done":
-        print(f"\n=== {method}: finished earlier with these flags, read back from {run_dir}", flush=True)
-        return read_stage_results(run_dir, len(stages))
-    done, total = counter
-    if state == "validate":
-        print(f"\n=== {method}: the trained model is kept; re-running only the changed validations", flush=True)
-        results = read_stage_results(run_dir, len(stages), missing_ok=True)
-        for number in sorted(set(changed) | {n for n, stage in enumerate(results) if n > 0 and stage is None}):
-            title, job, argv = stages[number]
-            results[number] = run_stage(done + number + 1, total, title, job, objective, argv, family)
-        write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
-        return results
-    if state == "continue":
-        print(f"\n=== {method}: continuing the interrupted training in {run_dir}", flush=True)
-        stages = ((stages[0][0], stages[0][1], [*argvs[0], "--resume_from_checkpoint", "latest"]), *stages[1:])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": False})
-    results = [
-        run_stage(done + number, total, title, job, objective, argv, family)
-        for number, (title, job, argv) in enumerate(stages, start=1)
-    ]
-    write_json_atomic(run_dir / RECORD, {"stages": argvs, "finished": True})
-    return results
-
-
-def per_layer_figures(results: dict) -> dict[str, list[float]]:
-    """Residual-stream (decoder-layer output) kurtosis and inf-norm, and the first-token attention mass and
-    sink ratio (mean over heads), per layer."""
-    stream = sorted(
-        (r for r in results["activations"].values() if r["kind"] == "layer_output"), key=lambda r: r["layer"]
-    )
-    return {
-        "kurtosis": [r["kurtosis"] for r in stream],
-        "inf_norm": [r["inf_norm"] for r in stream],
-        **{key: head_means(results, key) for key in ("first_token_mass", "sink_ratio")},
-    }
-
-
-def read_growth(run_dir: Path) -> list[dict]:
-    """The run's logged per-layer figures, one record per logging step."""
-    return [json.loads(line) for line in (run_dir / GROWTH_FILE).read_text().splitlines() if line]
-
-
-def _figure(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def table(rows: dict[str, dict]) -> str:
-    """The side-by-side comparison as a Markdown table."""
-    header = (
-        "| method | FP ppl | W8A8 ppl | W8A8 gap | WikiText-2 ppl | max inf-norm | top-1 / median | Sink^0.3 "
-        "| max attn logit | zero-out ppl (zero / mean) | avg kurtosis | residual kurtosis per layer "
-        "| sink ratio per layer |"
-    )
-    lines = [header, "|" + " --- |" * 13]
-    for method, row in rows.items():
-        gap = row["w8a8_perplexity"] / row["fp_perplexity"] - 1 if math.isfinite(row["w8a8_perplexity"]) else math.inf
-        zero_out = row.get("zero_out")
-        intervention = "-" if zero_out is None else f"{zero_out['zero']:.2f} / {zero_out['mean']:.2f}"
-        lines.append(
-            f"| {method} | {row['fp_perplexity']:.2f} | {row['w8a8_perplexity']:.2f} | {gap:+.1%} "
-            f"| {_figure(row['second_perplexity'])} | {row['max_inf_norm']:.1f} | {row['max_top1_median']:.0f} "
-            f"| {row['sink_percent']:.0f}% | {row['max_attention_logit']:.1f} | {intervention} "
-            f"| {row['avg_kurtosis']:.1f} "
-            f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['kurtosis'])} "
-            f"| {' / '.join(f'{v:.1f}' for v in row['per_layer']['sink_ratio'])} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     args = parse_args()
     family = DEMO_FAMILIES[args.family]
@@ -469,25 +262,9 @@ def main() -> None:
         counter = (stage, total)
         _, fp, w8a8, *second = run_method(method, run_dir, stages, "clm", args.resume, counter, args.family)
         stage += len(stages)
-        rows[method] = {
-            "fp_perplexity": fp["perplexity"],
-            "w8a8_perplexity": w8a8["perplexity"],
-            "second_perplexity": second[0]["perplexity"] if second else None,
-            "sink_percent": fp["sink_percent"],
-            "max_top1_median": fp["max_top1_median"],
-            "max_attention_logit": fp["max_attention_logit"],
-            "zero_out": {k: fp["zero_out"][k]["perplexity"] for k in ("zero", "mean")} if "zero_out" in fp else None,
-            "literature": fp["literature"],
-            "max_inf_norm": fp["max_inf_norm"],
-            "avg_kurtosis": fp["avg_kurtosis"],
-            "max_kurtosis_layers": fp["max_kurtosis_layers"],
-            # Llama's own figures (families.py): the SwiGLU product's max, the first token's and the later ones'
-            **{key: fp[key] for key in LLAMA_FIGURES if key in fp},
-            "per_layer": per_layer_figures(fp),
-            "growth": read_growth(run_dir),
-        }
+        rows[method] = method_row(run_dir, fp, w8a8, second[0] if second else None)
 
-    markdown = table(rows)
+    markdown = method_table(rows)
     prefix = "" if args.table == "summary" else f"{args.table}-"  # the demo's own plots keep their names
     per_layer = {m: r["per_layer"] for m, r in rows.items()}
     plot = write_method_comparison(per_layer, PER_LAYER, output_dir / f"{prefix}comparison.png")

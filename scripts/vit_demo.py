@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the text demo's stage machinery
-from demo import REPO, head_means, method_stages, run_method
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
-from transformers_language.files import write_json_atomic, write_text_atomic
+from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
+from transformers_language.jobs.method_table import head_means  # noqa: E402
+from transformers_language.jobs.stages import method_stages, run_method  # noqa: E402
 
 PATCH_LAYERNORM = ["--config_path", str(REPO / "model_configs" / "vit-4L3H-patch-layernorm.yaml")]
 # The paper's ViT settings (Table 2): clipped softmax gamma = -0.0001; a linear gate per token, init_prob 0.5.

@@ -247,11 +247,8 @@ def test_an_empty_class_folder_is_refused_before_it_shifts_the_labels(tmp_path):
 
 
 def test_the_demo_resume_reruns_only_the_validations_whose_flags_changed(tmp_path):
-    import importlib.util
+    from transformers_language.jobs.stages import method_stages, run_method
 
-    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     calls = []
 
     def job(objective, argv, family_name=None):
@@ -264,17 +261,17 @@ def test_the_demo_resume_reruns_only_the_validations_whose_flags_changed(tmp_pat
     run_dir = tmp_path / "vanilla"
 
     def stages(batches: str):
-        return demo.method_stages(
+        return method_stages(
             "vanilla", run_dir, "train", ["--seed", "1"], ["--seed", "1"], ["--est_num_batches", batches]
         )
 
     stages_before = [(title, job, argv) for title, _, argv in stages("16")]
-    demo.run_method("vanilla", run_dir, stages_before, "clm", False, (0, 3))
+    run_method("vanilla", run_dir, stages_before, "clm", False, (0, 3))
     assert calls == ["vanilla", "eval-fp", "eval-w8a8"]
     stages_after = [(title, job, argv) for title, _, argv in stages("8")]
-    results = demo.run_method("vanilla", run_dir, stages_after, "clm", True, (0, 3))
+    results = run_method("vanilla", run_dir, stages_after, "clm", True, (0, 3))
     assert calls[3:] == ["eval-w8a8"]  # the model and its FP validation are kept
     assert "8" in results[2]["argv"] and results[0]["argv"] == stages_before[0][2]
-    demo.run_method("vanilla", run_dir, stages_after, "clm", True, (0, 3))
+    run_method("vanilla", run_dir, stages_after, "clm", True, (0, 3))
     assert len(calls) == 4  # now finished with these flags: read back
     shutil.rmtree(run_dir)

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from ..errors import UsageError
-from ..evaluation.comparison_table import Headline, comparison_table, gap_panels, mean_and_spread
 from ..families import Family
 from ..files import write_json_atomic, write_text_atomic
 from ..glue_tasks import GLUE_TASKS, TASK_KEY
@@ -23,6 +22,7 @@ from ..models.model_classes import family_of_config
 from ..objectives import get_objective
 from ..ptq.quant_args import QuantizationArgs
 from ..ptq.recipes import BIT_SETTINGS, PTQ_METHODS
+from .comparison_table import Headline, comparison_table, gap_panels, mean_and_spread
 
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A8")
 DEFAULT_DRAWS = 3  # calibration samples per cell: on a model with outliers one draw cannot rank close recipes
