@@ -3,9 +3,10 @@
 softmax1 and clipped softmax) on the enwiki slice (9.0M words of Wikipedia: 0.6 of a pass at the full
 length, so the model learns instead of memorising), validate each model in floating point (on the slice's
 valid split, with the zero-out intervention, and on WikiText-2 valid, the paper-comparable figure) and in
-simulated W8A8, and print one side-by-side table with plots. Training runs in bf16 autocast with
-no compilation (`--torch_compile` compiles it: no faster on a 2-core CPU once compiled dropout follows torch's
-generator; `--mixed_precision no`: fp32); validation runs in fp32.
+simulated W8A8, and print one side-by-side table with plots. Training runs in bf16 autocast where bf16 is
+native (a GPU, or a CPU with AVX512-BF16 or AMX), else in fp32 (`--mixed_precision` chooses), with no compilation
+(`--torch_compile` compiles it: no faster on a 2-core CPU once compiled dropout follows torch's generator);
+validation runs in fp32.
 
 Training uses the `bos_first` block layout (every block is `</s>` + 127 tokens of one stream, so a fixed,
 content-free first key is there for heads that want to do nothing) and logs the outlier figures every few
@@ -52,6 +53,7 @@ from transformers_language.families import FAMILIES  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.jobs.method_table import GROWTH, GROWTH_BASELINES, PER_LAYER, method_row, method_table  # noqa: E402
 from transformers_language.jobs.stages import method_stages, run_method  # noqa: E402
+from transformers_language.runtime import native_bf16  # noqa: E402
 
 # The methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25), the later
 # no-op mechanisms (methods.md, "Further variants") and Muon with vanilla attention.
@@ -184,7 +186,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42, help="Seed of init, data order and dropout.")
     parser.add_argument(
-        "--mixed_precision", default="bf16", choices=["no", "bf16"], help="Training precision (no: fp32)."
+        "--mixed_precision",
+        default="auto",
+        choices=["auto", "no", "bf16"],
+        help="Training precision (no: fp32; auto: bf16 where it is native, a GPU or a CPU with AVX512-BF16 or AMX, "
+        "else fp32, as an AVX2-only CPU emulates bf16 several times slower).",
     )
     parser.add_argument(
         "--torch_compile", action="store_true", help="Compile the training with torch.compile (default: eager)."
@@ -196,8 +202,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def training_precision(choice: str) -> str:
+    """The training's --mixed_precision: `choice`, with auto resolved on this machine (bf16 where native)."""
+    if choice != "auto":
+        return choice
+    precision = "bf16" if native_bf16() else "no"
+    print(f"Training precision: {'bf16 (native here)' if precision == 'bf16' else 'fp32 (bf16 is not native here)'}")
+    return precision
+
+
 def main() -> None:
     args = parse_args()
+    args.mixed_precision = training_precision(args.mixed_precision)
     family = DEMO_FAMILIES[args.family]
     args.methods = args.methods or list(family.methods)
     size = dict(SIZES["full" if args.full else "default"])

@@ -129,14 +129,18 @@ def test_the_demo_trains_llama_small_with_its_figures(tmp_path):
     assert len(summary["methods"]["headwise_gate"]["per_layer"]["kurtosis"]) == 4  # Llama-small's layers
 
 
-def test_the_demo_trains_in_bf16_and_eagerly_by_default():
+def test_the_demo_trains_in_bf16_where_native_and_eagerly_by_default(monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     args = demo.parse_args([])
-    assert args.mixed_precision == "bf16" and args.torch_compile is False and args.family == "opt"
+    assert args.mixed_precision == "auto" and args.torch_compile is False and args.family == "opt"
+    for native, precision in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(demo, "native_bf16", lambda native=native: native)
+        assert demo.training_precision("auto") == precision
+        assert demo.training_precision("bf16") == "bf16" and demo.training_precision("no") == "no"
     assert demo.DEMO_FAMILIES["opt"].methods == ("vanilla", "clipped_softmax", "gated_attention")
     assert demo.RUNS["muon"] == ["--optimizer", "muon"]  # (Muon's training: test_variants_end_to_end)
     assert demo.parse_args(["--mixed_precision", "no"]).mixed_precision == "no"

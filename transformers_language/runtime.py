@@ -1,6 +1,6 @@
 """Process-level helpers shared by the entry points and the streaming statistics: a fresh accelerator per job,
-log setup (quiet libraries on all but the main process), the launch check, the `--dry_run` report, and
-one-collective reductions of many accumulators across processes."""
+whether bf16 is native on this machine, log setup (quiet libraries on all but the main process), the launch
+check, the `--dry_run` report, and one-collective reductions of many accumulators across processes."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def start_accelerator(mixed_precision: str | None = None, **options) -> Accelera
     ACCELERATE_MIXED_PRECISION's (no)."""
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, **options)
+
+
+def native_bf16() -> bool:
+    """Whether bf16 arithmetic is native here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX. Elsewhere
+    (an AVX2-only CPU) torch emulates bf16 matmuls, several times slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's instruction-set probes
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 @contextmanager
