@@ -25,6 +25,8 @@ BOOKKEEPING_FLAGS = ("--checkpointing_steps", "--checkpoints_total_limit")
 def run_stage(
     number: int, total: int, title: str, job, objective: str, argv: list[str], family: str | None = None
 ) -> dict:
+    """Stage `number` of `total`: print the job's call (so it can be repeated by hand), run it, print its time;
+    returns the job's results."""
     which = f"'{objective}'" + (f", family_name='{family}'" if family else "")
     print(f"\n=== [{number}/{total}] {title}\n    {job.__name__}({which}, {' '.join(argv)})", flush=True)
     start = time.perf_counter()
