@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers_language.data.text import shared_folder
+from transformers_language.data.sources import shared_folder
 from transformers_language.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]

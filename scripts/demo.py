@@ -47,7 +47,7 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
-from transformers_language.data.text import shared_folder  # noqa: E402
+from transformers_language.data.sources import shared_folder  # noqa: E402
 from transformers_language.evaluation.plots import write_growth, write_method_comparison  # noqa: E402
 from transformers_language.families import FAMILIES  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402

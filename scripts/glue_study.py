@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))  # compare_quantization beside it
 
 from transformers_language.data.glue import GlueDataArgs, load_examples  # noqa: E402
-from transformers_language.data.text import shared_folder  # noqa: E402
+from transformers_language.data.sources import shared_folder  # noqa: E402
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.glue_tasks import GLUE_TASKS  # noqa: E402

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, LlamaConfig, OPTConfig
 
 from transformers_language import AttentionConfig
-from transformers_language.data.text import shared_folder
+from transformers_language.data.sources import shared_folder
 from transformers_language.families import FAMILIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the test log

@@ -7,6 +7,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
+import transformers_language.data.sources as data_sources
 import transformers_language.data.text as data
 from tests.conftest import TOKENIZERS, TRAIN_TEXT, VALID_TEXT
 from transformers_language.arguments import typed_group
@@ -148,12 +149,16 @@ def test_data_errors_name_the_fix(tokenizers, tmp_path):
 
 
 def test_setups_name_existing_script_free_hub_datasets_and_the_shared_enwiki_slice():
-    assert set(data.DATASET_SETUPS) == {"wikitext_2", "wikitext_103", "bookcorpus_and_wiki", "enwiki_slice"}
-    for splits in data.DATASET_SETUPS.values():
+    assert set(data_sources.DATASET_SETUPS) == {"wikitext_2", "wikitext_103", "bookcorpus_and_wiki", "enwiki_slice"}
+    for splits in data_sources.DATASET_SETUPS.values():
         assert set(splits) == {"train", "validation"}
-    hub = [source for splits in data.DATASET_SETUPS.values() for sources in splits.values() for source in sources]
-    assert all("/" in source.path for source in hub if isinstance(source, data.HubSource))
-    assert all(source.path.is_file() for sources in data.DATASET_SETUPS["enwiki_slice"].values() for source in sources)
+    hub = [
+        source for splits in data_sources.DATASET_SETUPS.values() for sources in splits.values() for source in sources
+    ]
+    assert all("/" in source.path for source in hub if isinstance(source, data_sources.HubSource))
+    assert all(
+        source.path.is_file() for sources in data_sources.DATASET_SETUPS["enwiki_slice"].values() for source in sources
+    )
 
 
 def test_the_enwiki_slice_setup_reads_the_shared_folder_and_names_it_when_missing(tokenizers, tmp_path, monkeypatch):

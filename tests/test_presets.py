@@ -313,7 +313,7 @@ def test_no_other_accelerate_configs():
 
 def _local_stand_in(path: Path):
     """Stands in for a hub source of `bookcorpus_and_wiki` (the hub is unreachable here): a shared text file."""
-    from transformers_language.data.text import SharedFileSource, shared_folder
+    from transformers_language.data.sources import SharedFileSource, shared_folder
 
     return SharedFileSource(str(path.relative_to(shared_folder())))
 
@@ -325,11 +325,11 @@ def test_training_preset_runs_the_plan_its_dry_run_prints(name, tmp_path, monkey
     plan its --dry_run prints."""
     import json
 
-    import transformers_language.data.text as data
     from tests.conftest import TINY_YAML, TRAIN_TEXT, VALID_TEXT
+    from transformers_language.data.sources import DATASET_SETUPS
 
     monkeypatch.setitem(
-        data.DATASET_SETUPS,
+        DATASET_SETUPS,
         "bookcorpus_and_wiki",
         {"train": (_local_stand_in(TRAIN_TEXT),), "validation": (_local_stand_in(VALID_TEXT),)},
     )
