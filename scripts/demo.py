@@ -53,7 +53,7 @@ from transformers_language.families import FAMILIES  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.jobs.method_table import GROWTH, GROWTH_BASELINES, PER_LAYER, method_row, method_table  # noqa: E402
 from transformers_language.jobs.stages import method_stages, run_method  # noqa: E402
-from transformers_language.runtime import native_bf16  # noqa: E402
+from transformers_language.runtime import training_precision  # noqa: E402
 
 # The methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25), the later
 # no-op mechanisms (methods.md, "Further variants") and Muon with vanilla attention.
@@ -202,18 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def training_precision(choice: str) -> str:
-    """The training's --mixed_precision: `choice`, with auto resolved on this machine (bf16 where native)."""
-    if choice != "auto":
-        return choice
-    precision = "bf16" if native_bf16() else "no"
-    print(f"Training precision: {'bf16 (native here)' if precision == 'bf16' else 'fp32 (bf16 is not native here)'}")
-    return precision
-
-
 def main() -> None:
     args = parse_args()
     args.mixed_precision = training_precision(args.mixed_precision)
+    print(f"Training precision: --mixed_precision {args.mixed_precision} (auto: bf16 where it is native here)")
     family = DEMO_FAMILIES[args.family]
     args.methods = args.methods or list(family.methods)
     size = dict(SIZES["full" if args.full else "default"])

