@@ -53,7 +53,7 @@ from transformers_language.families import FAMILIES  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.jobs.method_table import GROWTH, GROWTH_BASELINES, PER_LAYER, method_row, method_table  # noqa: E402
 from transformers_language.jobs.stages import method_stages, run_method  # noqa: E402
-from transformers_language.runtime import training_precision  # noqa: E402
+from transformers_language.runtime import add_training_precision_flag, training_precision  # noqa: E402
 
 # The methods: the paper's OPT settings (clipped softmax alpha 12; linear per-token gate, init 0.25), the later
 # no-op mechanisms (methods.md, "Further variants") and Muon with vanilla attention.
@@ -185,13 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--est_num_batches", type=int, default=16, help="W8A8 calibration batches.")
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42, help="Seed of init, data order and dropout.")
-    parser.add_argument(
-        "--mixed_precision",
-        default="auto",
-        choices=["auto", "no", "bf16"],
-        help="Training precision (no: fp32; auto: bf16 where it is native, a GPU or a CPU with AVX512-BF16 or AMX, "
-        "else fp32, as an AVX2-only CPU emulates bf16 several times slower).",
-    )
+    add_training_precision_flag(parser, "Training")
     parser.add_argument(
         "--torch_compile", action="store_true", help="Compile the training with torch.compile (default: eager)."
     )

@@ -36,7 +36,7 @@ from transformers_language.data.sources import shared_folder  # noqa: E402
 from transformers_language.errors import UsageError, run_cli  # noqa: E402
 from transformers_language.files import write_json_atomic, write_text_atomic  # noqa: E402
 from transformers_language.glue_tasks import GLUE_TASKS  # noqa: E402
-from transformers_language.runtime import training_precision  # noqa: E402
+from transformers_language.runtime import add_training_precision_flag, training_precision  # noqa: E402
 
 BATCH, LEARNING_RATE, WARMUP_SHARE, WEIGHT_DECAY = 32, 5e-5, 0.1, 0.01
 EPOCHS = {"sst2": 1}  # 67k examples: one epoch (the allowance); every other task 3
@@ -155,13 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=None, help="compare_quantization.py's (default: its own).")
     parser.add_argument("--recipes", nargs="+", default=None, help="compare_quantization.py's (default: all).")
     parser.add_argument("--reduced", action="store_true", help="compare_quantization.py's quick look.")
-    parser.add_argument(
-        "--mixed_precision",
-        default="auto",
-        choices=["auto", "no", "bf16"],
-        help="Fine-tuning precision (auto: bf16 autocast where bf16 is native, a GPU or a CPU with AVX512-BF16 or "
-        "AMX, else fp32). The comparison's quantized runs are fp32 whatever this says.",
-    )
+    add_training_precision_flag(parser, "Fine-tuning", " The comparison's quantized runs are fp32 regardless.")
     args = parser.parse_args(argv)
     output, glue_dir = Path(args.output_dir), Path(args.glue_dir)
     if not glue_dir.is_dir():

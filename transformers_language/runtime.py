@@ -39,6 +39,18 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def add_training_precision_flag(parser, job: str, note: str = "") -> None:
+    """A script's `--mixed_precision auto|no|bf16` for its `job` (training, fine-tuning), resolved later by
+    `training_precision`."""
+    parser.add_argument(
+        "--mixed_precision",
+        default="auto",
+        choices=["auto", "no", "bf16"],
+        help=f"{job} precision (no: fp32; auto: bf16 autocast where bf16 is native, a GPU or a CPU with AVX512-BF16 "
+        f"or AMX, else fp32, as an AVX2-only CPU emulates bf16 several times slower).{note}",
+    )
+
+
 def training_precision(choice: str) -> str:
     """A script's `--mixed_precision` choice for its training job: `auto` resolved on this machine (bf16 where
     it is native, else fp32 `no`); any other choice as given."""
