@@ -177,8 +177,11 @@ class Quantizer(CalibratedState):
             scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)
             if torch.is_grad_enabled() and x.requires_grad:
                 return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
-            if self.axis is not None:
-                scale, zero_point = _along(scale, self.axis, x.dim()), _along(zero_point, self.axis, x.dim())
+            if self.axis is None:  # float bounds: clamp with tensor bounds is about 18x slower on a CPU
+                zero = float(zero_point.reshape(()))
+                low, high = q_min - zero, q_max - zero
+                return fake_quantize_no_grad(x, scale.reshape(()), low, high, in_place=self.in_place)
+            scale, zero_point = _along(scale, self.axis, x.dim()), _along(zero_point, self.axis, x.dim())
             zero = zero_point.float()
             return fake_quantize_broadcast_no_grad(x, 1.0 / scale, scale, q_min - zero, q_max - zero)
         if torch.is_grad_enabled() and x.requires_grad:

@@ -86,6 +86,27 @@ def test_observed_values_are_the_real_tokens_of_every_layout():
     assert real_mask(hidden) is None
 
 
+@pytest.mark.parametrize("prepended", [0, 1])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_row_extremes_read_real_keys_of_real_queries_only(side, prepended):
+    """real_extremes masks an attention map's padded keys by value: the extremes of real_rows' copied rows, with
+    padding on either side, a masked score of -inf at a padded key, and keys prepended by the model."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = [5, 2, 4]
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    if side == "left":
+        mask = mask.flip(1)
+    scores = torch.randn(3, 2, 5, 5 + prepended, generator=generator)
+    scores[:, :, :, prepended:] = scores[:, :, :, prepended:].masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    with real_tokens(mask):
+        rows = real_rows(scores)
+        assert torch.equal(real_extremes(scores), torch.stack((rows.amin(-1), rows.amax(-1)), dim=-1).reshape(-1, 2))
+        assert torch.isfinite(real_extremes(scores)).all()
+    assert real_extremes(scores).shape == scores.shape  # outside a scope: the map itself
+
+
 @pytest.mark.parametrize("estimator", ["current_minmax", "MSE", "token_quantile"])
 def test_a_quantizer_calibrated_on_a_padded_batch_ignores_the_padding(estimator):
     x = torch.randn(3, 5, 8)
