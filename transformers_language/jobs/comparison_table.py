@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from ..ptq.recipes import PTQ_METHODS
 
+UNDEFINED = "undefined"
+
 
 @dataclass(frozen=True)
 class Headline:
@@ -18,7 +20,10 @@ class Headline:
     higher_is_better: bool
 
     def cell(self, value: float, spread: float | None = None) -> str:
-        """A perplexity as is; an accuracy or GLUE score in points (x 100)."""
+        """A perplexity as is; an accuracy or GLUE score in points (x 100); `undefined` for a figure that is not a
+        number (the correlations of an STS-B model that predicts one similarity for every pair)."""
+        if not math.isfinite(value):
+            return UNDEFINED
         scale, digits = (100.0, 1) if self.higher_is_better else (1.0, 2)
         text = f"{value * scale:.{digits}f}"
         return text if spread is None else f"{text} ± {spread * scale:.{digits}f}"
@@ -55,7 +60,8 @@ def comparison_table(rows: list[dict], columns: dict[str, str], headline: Headli
             elif bits == "FP":
                 values.append(headline.cell(row["value"]))
             else:
-                values.append(f"{headline.cell(row['value'], row['spread'])} ({row['gap_text']})")
+                cell = headline.cell(row["value"], row["spread"])
+                values.append(cell if cell == UNDEFINED else f"{cell} ({row['gap_text']})")
         label = "-" if bits == "FP" else PTQ_METHODS[recipe].label
         lines.append(f"| {bits} | {label} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
