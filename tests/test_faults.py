@@ -241,6 +241,32 @@ def test_a_new_run_never_adopts_another_runs_folder(straight, tmp_path, data_cac
         run_main("opt", [*small_argv("opt", other, data_cache, "--checkpointing_steps", "6"), *resume])
 
 
+def test_a_live_run_holds_its_folder_until_its_process_ends(straight, tmp_path, data_cache):
+    """A resume into a folder whose run is still alive in another process is refused before loading anything; once
+    that process is killed (-9: no clean-up ran) the kernel has dropped its lock and the resume repeats the
+    uninterrupted run."""
+    out = tmp_path / "run"
+    shutil.copytree(straight["opt"], out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from transformers_language.training.resume import hold_run_folder\n"
+         "with hold_run_folder(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)", str(out)],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = [*small_argv("opt", out, data_cache, "--checkpointing_steps", "6"), "--resume_from_checkpoint"]
+        with pytest.raises(UsageError, match=rf"is in use by a live run \(pid {holder.pid} on .*\); wait for it"):
+            run_main("opt", [*argv, str(out / "step_18")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / "run.lock").exists()  # the killed holder's file stays, unlocked
+    run_main("opt", [*argv, str(out / "step_18")])
+    assert_same_run(straight["opt"], out)
+    assert not (out / "run.lock").exists()  # a run that ends removes it
+
+
 # --- files that must not be trusted -----------------------------------------------------------------------------
 
 

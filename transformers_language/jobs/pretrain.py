@@ -45,7 +45,13 @@ from ..training.checkpoints import (
 )
 from ..training.loop import EpochPermutationSampler, LoopSettings, train
 from ..training.optim import build_optimizer, build_scheduler
-from ..training.resume import check_new_run_folder, claim_run_folder, release_unused_claim, resume_run
+from ..training.resume import (
+    check_new_run_folder,
+    claim_run_folder,
+    hold_run_folder,
+    release_unused_claim,
+    resume_run,
+)
 from ..training.telemetry import Telemetry, init_tracking
 from .job_args import TrackingArgs, TrainingArgs, job_parser
 from .plan import resolve_training
@@ -87,16 +93,18 @@ def pretrain(objective_name: str, argv: list[str] | None = None, family_name: st
     accelerator = start_accelerator(training.mixed_precision, log_with=log_with, project_dir=str(output_dir))
     setup_logging(accelerator)
     check_launch(accelerator)
-    claimed = new_run and accelerator.is_main_process
-    if claimed:  # atomically, so a run started beside this one is refused
-        claim_run_folder(output_dir)
-    accelerator.wait_for_everyone()
-    try:
-        return _train(objective, family, flags, accelerator, output_dir, checkpoint)
-    except BaseException:
-        if claimed:  # a run that fails before it records itself leaves the folder free for the next attempt
-            release_unused_claim(output_dir)
-        raise
+    live = not training.dry_run and accelerator.is_main_process
+    with hold_run_folder(output_dir) if live else nullcontext():  # one live run per folder, new or resumed
+        claimed = new_run and accelerator.is_main_process
+        if claimed:  # atomically, so a run started beside this one is refused
+            claim_run_folder(output_dir)
+        accelerator.wait_for_everyone()
+        try:
+            return _train(objective, family, flags, accelerator, output_dir, checkpoint)
+        except BaseException:
+            if claimed:  # a run that fails before it records itself leaves the folder free for the next attempt
+                release_unused_claim(output_dir)
+            raise
 
 
 def _train(

@@ -8,12 +8,15 @@ logging flags may change freely, and any other difference is an error naming eac
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import pickle
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputFileError, UsageError, UserError
@@ -69,6 +72,7 @@ FREE_ON_RESUME = (
     "torch_version",
 )
 RUN_CLAIM = "run_claim.json"  # created (exclusively) by a new run before it loads anything
+RUN_LOCK = "run.lock"  # held (flock) by the live run, new or resumed, for as long as it runs
 # What in a folder marks a run: a new run there would adopt, rotate away or overwrite it.
 RUN_FILES = (RUN_CLAIM, RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
 
@@ -107,6 +111,43 @@ def claim_run_folder(output_dir: Path) -> None:
         ) from None
     with os.fdopen(descriptor, "w") as claim:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, claim)
+
+
+@contextmanager
+def hold_run_folder(output_dir: Path) -> Iterator[None]:
+    """Hold `output_dir`'s run lock while the run lives, so a second process started into the same folder (a new
+    run beside a starting one, or a resume beside a live one) is refused before it loads anything. An advisory
+    lock of the open file: the kernel drops it when the process ends however it ends, so a killed run leaves no
+    lock behind (only the unlocked file); a run that ends removes the file while it still holds it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / RUN_LOCK
+    while True:
+        lock = open(path, "a+")  # noqa: SIM115 (held open for the run, closed below)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise UsageError(
+                f"--output_dir {output_dir} is in use by a live run ({holder}); wait for it to end or stop it, "
+                "or pass a new --output_dir."
+            ) from None
+        try:  # the file a run that just ended removed is not the folder's lock any more: take the new one
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.close()
 
 
 def release_unused_claim(output_dir: Path) -> None:
