@@ -72,6 +72,17 @@ def _along(values: torch.Tensor, axis: int, dim: int) -> torch.Tensor:
     return values.reshape(-1, *[1] * (dim - 1 - axis % dim))
 
 
+def no_grad_grid(scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int, per_tensor: bool) -> tuple:
+    """What the no-gradient arithmetic reads of a grid: per tensor, s and the bounds shifted by the zero point as
+    floats (clamp with tensor bounds is about 18x slower on a CPU); per channel, 1 / s, s and the shifted bounds
+    as (C,) tensors."""
+    if per_tensor:
+        zero = float(zero_point.reshape(()))
+        return scale.reshape(()), q_min - zero, q_max - zero
+    zero = zero_point.float()
+    return 1.0 / scale, scale, q_min - zero, q_max - zero
+
+
 class Quantizer(CalibratedState):
     """Fake quantizer of one tensor (weights or activations) with its range estimator."""
 
@@ -99,8 +110,7 @@ class Quantizer(CalibratedState):
         self.mode = "off"
         self.quantize_while_observing = False
         self.q_range: tuple[int, int] | None = None  # host copy of grid_bounds, read every forward
-        self.shifted_bounds: tuple[float, float] | None = None  # per tensor: q_range minus the zero point
-        self.channel_grid: tuple[torch.Tensor, ...] | None = None  # per channel: 1 / s, s, shifted bounds
+        self.grid: tuple | None = None  # no_grad_grid of the frozen range
         self.learnable_range = None  # mode `learn`: a callable x -> fake-quantized x with learnt ends
         self.fixed_range = False  # set once its weight was rounded onto the frozen grid (GPTQ): calibration keeps it
         self.register_buffer("scale", torch.empty(0))
@@ -148,12 +158,7 @@ class Quantizer(CalibratedState):
     def _cache_host_grid(self) -> None:
         """Host copies of the grid, read every forward (one device sync here instead of one per call)."""
         self.q_range = tuple(self.grid_bounds.tolist())
-        if self.axis is None:
-            zero = float(self.zero_point.reshape(()))
-            self.shifted_bounds = (self.q_range[0] - zero, self.q_range[1] - zero)
-        else:  # per channel: 1 / s and the shifted grid bounds as (C,) tensors
-            zero = self.zero_point.float()
-            self.channel_grid = (1.0 / self.scale, self.scale, self.q_range[0] - zero, self.q_range[1] - zero)
+        self.grid = no_grad_grid(self.scale, self.zero_point, *self.q_range, self.axis is None)
 
     def observed(self, x: torch.Tensor) -> torch.Tensor:
         """What the estimator sees of `x`: the values of real tokens (token_mask.py), as rows when it reads rows,
@@ -177,18 +182,16 @@ class Quantizer(CalibratedState):
             scale, zero_point, q_min, q_max = scale_and_zero_point(*self.estimator.range(), self.n_bits, self.symmetric)
             if torch.is_grad_enabled() and x.requires_grad:
                 return fake_quantize(x, scale, zero_point, q_min, q_max, self.axis)
-            if self.axis is None:  # float bounds: clamp with tensor bounds is about 18x slower on a CPU
-                zero = float(zero_point.reshape(()))
-                low, high = q_min - zero, q_max - zero
-                return fake_quantize_no_grad(x, scale.reshape(()), low, high, in_place=self.in_place)
-            scale, zero_point = _along(scale, self.axis, x.dim()), _along(zero_point, self.axis, x.dim())
-            zero = zero_point.float()
-            return fake_quantize_broadcast_no_grad(x, 1.0 / scale, scale, q_min - zero, q_max - zero)
+            return self._quantize_no_grad(x, no_grad_grid(scale, zero_point, q_min, q_max, self.axis is None))
         if torch.is_grad_enabled() and x.requires_grad:
             return fake_quantize(x, self.scale, self.zero_point, *self.q_range, self.axis)
+        return self._quantize_no_grad(x, self.grid)
+
+    def _quantize_no_grad(self, x: torch.Tensor, grid: tuple) -> torch.Tensor:
+        """Fake-quantize `x` on `grid` (no_grad_grid) with the no-gradient arithmetic."""
         if self.axis is None:
-            return fake_quantize_no_grad(x, self.scale.reshape(()), *self.shifted_bounds, in_place=self.in_place)
-        return fake_quantize_broadcast_no_grad(x, *(_along(t, self.axis, x.dim()) for t in self.channel_grid))
+            return fake_quantize_no_grad(x, *grid, in_place=self.in_place)
+        return fake_quantize_broadcast_no_grad(x, *(_along(t, self.axis, x.dim()) for t in grid))
 
     def _after_load(self) -> None:
         if self.is_frozen:

@@ -58,8 +58,8 @@ def fine_tuning_argv(
     task: str,
     glue_dir: Path,
     output_dir: Path,
-    max_train_samples: int | None = None,
-    mixed_precision: str = "no",
+    max_train_samples: int | None,
+    mixed_precision: str,
 ) -> list[str]:
     epochs = EPOCHS.get(task, 3)
     folder = str(glue_dir / GLUE_TASKS[task].folder)
