@@ -15,6 +15,9 @@ from transformers_language.data.sources import shared_folder
 from transformers_language.families import FAMILIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the test log
+# A subprocess killed by a fatal signal (an abort in a native library, a segfault) prints every thread's Python
+# stack to its stderr, which the failing test's message carries: the signal alone does not say where it came from.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One pytest-xdist worker per core: the tiny models gain nothing from a second intra-op thread, and two
     # workers with two threads each would oversubscribe the cores. The tests' subprocesses inherit the setting.

@@ -133,9 +133,11 @@ def test_two_processes_resume_across_epochs(tmp_path, data_cache):
         )
 
     straight_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert launch(straight_dir).returncode == 0
+    straight = launch(straight_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     killed = launch(resumed, fault="kill_in_checkpoint:6")
-    assert killed.returncode != 0 and (resumed / "step_3").is_dir() and not (resumed / "step_6").exists()
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert (resumed / "step_3").is_dir() and not (resumed / "step_6").exists(), killed.stderr[-3000:]
     done = launch(resumed, "--resume_from_checkpoint", "latest")
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((resumed / "run_settings.json").read_text())["steps_per_epoch"] == 4

@@ -151,31 +151,40 @@ def test_optimizer_values_are_checked_before_anything_loads(flag, value, rule, t
 # --- 9, 13, 14: the output folder -------------------------------------------------------------------------------
 
 
-def test_a_second_run_into_a_freshly_claimed_folder_is_refused(tmp_path, data_cache, monkeypatch):
+def test_a_second_run_into_a_folder_taken_meanwhile_is_refused(tmp_path, data_cache, monkeypatch):
+    """Two new runs into one folder: while the other is live its lock refuses this one; and one that started,
+    recorded itself and ended between this run's first check and its lock is caught by the check under the lock."""
     import transformers_language.jobs.pretrain as pretrain
-    from transformers_language.training.resume import RUN_CLAIM, claim_run_folder
+    from transformers_language.training.checkpoints import RUN_SETTINGS
+    from transformers_language.training.resume import RUN_LOCK, hold_run_folder
 
     out = tmp_path / "run"
-    real_check = pretrain.check_new_run_folder
+    with hold_run_folder(out):  # a live run (flock is per open file, so this process's own holder counts)
+        with pytest.raises(UsageError, match=r"is in use by a live run \(pid \d+ on "):
+            run_main("opt", train_argv("opt", out, data_cache))
+        assert [path.name for path in out.iterdir()] == [RUN_LOCK]  # nothing of this run was written
+    assert not any(out.iterdir())
 
-    def another_run_claims_it_meanwhile(output_dir):
-        real_check(output_dir)  # this run's check passes, then the other run claims the folder
-        claim_run_folder(output_dir)
+    real_check, other_runs = pretrain.check_new_run_folder, []
 
-    monkeypatch.setattr(pretrain, "check_new_run_folder", another_run_claims_it_meanwhile)
-    with pytest.raises(UsageError, match=r"was just claimed by another run \(run_claim.json\)"):
+    def another_run_records_itself_meanwhile(output_dir):
+        real_check(output_dir)
+        if not other_runs:  # once, right after this run's first check: the other run starts, records itself, ends
+            other_runs.append(output_dir)
+            with hold_run_folder(output_dir):
+                (output_dir / RUN_SETTINGS).write_text("{}")
+
+    monkeypatch.setattr(pretrain, "check_new_run_folder", another_run_records_itself_meanwhile)
+    with pytest.raises(UsageError, match=r"already holds a run \(run_settings.json\)"):
         run_main("opt", train_argv("opt", out, data_cache))
-    assert [path.name for path in out.iterdir()] == [RUN_CLAIM]  # nothing of this run was written
-    monkeypatch.setattr(pretrain, "check_new_run_folder", real_check)
-    with pytest.raises(UsageError, match=r"is claimed by a run that has not recorded itself yet \(run_claim.json\)"):
-        run_main("opt", train_argv("opt", out, data_cache))
+    assert [path.name for path in out.iterdir()] == [RUN_SETTINGS]  # the other run's record, untouched
 
 
 def test_a_run_that_fails_before_it_records_itself_gives_the_folder_back(tmp_path, data_cache):
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="longer than the model's position table"):
         run_main("opt", train_argv("opt", out, data_cache, "--block_size", "4096"))
-    assert not any(out.iterdir())  # no claim left: the corrected command runs in the same folder
+    assert not any(out.iterdir())  # no lock left: the corrected command runs in the same folder
     run_main("opt", train_argv("opt", out, data_cache, "--max_train_steps", "1"))
 
 

@@ -47,9 +47,7 @@ from ..training.loop import EpochPermutationSampler, LoopSettings, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.resume import (
     check_new_run_folder,
-    claim_run_folder,
     hold_run_folder,
-    release_unused_claim,
     resume_run,
 )
 from ..training.telemetry import Telemetry, init_tracking
@@ -95,22 +93,16 @@ def pretrain(objective_name: str, argv: list[str] | None = None, family_name: st
     check_launch(accelerator)
     live = not training.dry_run and accelerator.is_main_process
     with hold_run_folder(output_dir) if live else nullcontext():  # one live run per folder, new or resumed
-        claimed = new_run and accelerator.is_main_process
-        if claimed:  # atomically, so a run started beside this one is refused
-            claim_run_folder(output_dir)
+        if new_run and live:  # again under the lock: a run may have recorded itself here since the first check
+            check_new_run_folder(output_dir)
         accelerator.wait_for_everyone()
-        try:
-            return _train(objective, family, flags, accelerator, output_dir, checkpoint)
-        except BaseException:
-            if claimed:  # a run that fails before it records itself leaves the folder free for the next attempt
-                release_unused_claim(output_dir)
-            raise
+        return _train(objective, family, flags, accelerator, output_dir, checkpoint)
 
 
 def _train(
     objective: Objective, family: Family, flags: Flags, accelerator: Accelerator, output_dir: Path, checkpoint
 ) -> dict:
-    """The run itself, once its folder is claimed (or resumed from `checkpoint`)."""
+    """The run itself, once it holds its folder (new, or resumed from `checkpoint`)."""
     training, tracking = flags.training, flags.tracking
     if checkpoint is not None:  # before any weights or data are loaded
         check_checkpoint_files(checkpoint, accelerator.process_index)

@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,10 +70,9 @@ FREE_ON_RESUME = (
     "transformers_version",
     "torch_version",
 )
-RUN_CLAIM = "run_claim.json"  # created (exclusively) by a new run before it loads anything
 RUN_LOCK = "run.lock"  # held (flock) by the live run, new or resumed, for as long as it runs
 # What in a folder marks a run: a new run there would adopt, rotate away or overwrite it.
-RUN_FILES = (RUN_CLAIM, RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
+RUN_FILES = (RUN_SETTINGS, "train_log.jsonl", "all_results.json", "config.json")
 
 
 def check_new_run_folder(output_dir: Path) -> None:
@@ -84,12 +82,6 @@ def check_new_run_folder(output_dir: Path) -> None:
         if output_dir.is_dir()
         else []
     )
-    if found == [RUN_CLAIM]:
-        raise UsageError(
-            f"--output_dir {output_dir} is claimed by a run that has not recorded itself yet ({RUN_CLAIM}): it is "
-            "still starting, or was killed before it loaded; wait for it, or pass a new --output_dir (or delete "
-            f"{RUN_CLAIM} if no run is using the folder)."
-        )
     if found:
         raise UsageError(
             f"--output_dir {output_dir} already holds a run ({', '.join(found[:6])}); pass a new --output_dir, or "
@@ -97,26 +89,11 @@ def check_new_run_folder(output_dir: Path) -> None:
         )
 
 
-def claim_run_folder(output_dir: Path) -> None:
-    """Claim `output_dir` for a new run with one exclusive create, so of two runs started into it at once the
-    second is refused before it loads anything (the folder check alone runs long before the run's record is
-    written). The claim stays: it marks the folder as holding a run."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        descriptor = os.open(output_dir / RUN_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise UsageError(
-            f"--output_dir {output_dir} was just claimed by another run ({RUN_CLAIM}); pass a new --output_dir, or "
-            "--resume_from_checkpoint latest to continue that run."
-        ) from None
-    with os.fdopen(descriptor, "w") as claim:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, claim)
-
-
 @contextmanager
 def hold_run_folder(output_dir: Path) -> Iterator[None]:
     """Hold `output_dir`'s run lock while the run lives, so a second process started into the same folder (a new
-    run beside a starting one, or a resume beside a live one) is refused before it loads anything. An advisory
+    run beside a starting one, or a resume beside a live one) is refused before it loads anything; a new run
+    checks the folder again once it holds the lock, so no other run can record itself there in between. An advisory
     lock of the open file: the kernel drops it when the process ends however it ends, so a killed run leaves no
     lock behind (only the unlocked file); a run that ends removes the file while it still holds it."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -148,13 +125,6 @@ def hold_run_folder(output_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         lock.close()
-
-
-def release_unused_claim(output_dir: Path) -> None:
-    """Give the folder back after a new run failed before writing its record (e.g. a flag error found while
-    planning); a run that recorded itself keeps its claim: the folder holds that run, to be resumed."""
-    if not (output_dir / RUN_SETTINGS).exists():
-        (output_dir / RUN_CLAIM).unlink(missing_ok=True)
 
 
 def _difference(key: str, saved, now, flags: set[str]) -> str:
