@@ -144,6 +144,26 @@ def test_two_processes_resume_across_epochs(tmp_path, data_cache):
     assert_same_run(straight_dir, resumed)
 
 
+@pytest.mark.slow
+def test_two_processes_refused_at_the_lock_print_the_same_line(tmp_path, data_cache):
+    """A 2-process run into a folder a live run holds: every process refuses with the main process's one line
+    (the others learn its verdict), none is left to fail at its next collective."""
+    from transformers_language.training.resume import hold_run_folder
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "run_clm.py"]
+    env = subprocess_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    with hold_run_folder(out):  # the live run: this test process (flock is per open file)
+        done = subprocess.run(
+            [*command, *small_argv("opt", out, data_cache, steps=2)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
+    assert errors[0] == errors[1] and f"is in use by a live run (pid {os.getpid()} on " in errors[0]
+    assert not any(out.iterdir())  # nothing of the refused run was written
+
+
 def test_a_torn_last_log_line_is_dropped_on_resume(straight, tmp_path, data_cache):
     out = tmp_path / "run"
     shutil.copytree(straight["bert"], out, ignore=shutil.ignore_patterns("step_12", "step_18"))

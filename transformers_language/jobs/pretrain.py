@@ -47,8 +47,8 @@ from ..training.loop import EpochPermutationSampler, LoopSettings, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.resume import (
     check_new_run_folder,
-    hold_run_folder,
     resume_run,
+    take_run_folder,
 )
 from ..training.telemetry import Telemetry, init_tracking
 from .job_args import TrackingArgs, TrainingArgs, job_parser
@@ -91,11 +91,8 @@ def pretrain(objective_name: str, argv: list[str] | None = None, family_name: st
     accelerator = start_accelerator(training.mixed_precision, log_with=log_with, project_dir=str(output_dir))
     setup_logging(accelerator)
     check_launch(accelerator)
-    live = not training.dry_run and accelerator.is_main_process
-    with hold_run_folder(output_dir) if live else nullcontext():  # one live run per folder, new or resumed
-        if new_run and live:  # again under the lock: a run may have recorded itself here since the first check
-            check_new_run_folder(output_dir)
-        accelerator.wait_for_everyone()
+    # One live run per folder, new or resumed (a dry run writes nothing).
+    with nullcontext() if training.dry_run else take_run_folder(output_dir, new_run, accelerator):
         return _train(objective, family, flags, accelerator, output_dir, checkpoint)
 
 

@@ -15,8 +15,11 @@ import os
 import pickle
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from ..errors import InputFileError, UsageError, UserError
 from ..files import read_json, strict_json
@@ -92,8 +95,7 @@ def check_new_run_folder(output_dir: Path) -> None:
 @contextmanager
 def hold_run_folder(output_dir: Path) -> Iterator[None]:
     """Hold `output_dir`'s run lock while the run lives, so a second process started into the same folder (a new
-    run beside a starting one, or a resume beside a live one) is refused before it loads anything; a new run
-    checks the folder again once it holds the lock, so no other run can record itself there in between. An advisory
+    run beside a starting one, or a resume beside a live one) is refused before it loads anything. An advisory
     lock of the open file: the kernel drops it when the process ends however it ends, so a killed run leaves no
     lock behind (only the unlocked file); a run that ends removes the file while it still holds it."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,30 @@ def hold_run_folder(output_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         lock.close()
+
+
+@contextmanager
+def take_run_folder(output_dir: Path, new_run: bool, accelerator: Accelerator) -> Iterator[None]:
+    """Every process of a run holds `output_dir` or refuses it together. The main process takes the lock (a new run
+    checks the folder again under it: a run may have recorded itself there since the first check) and the others
+    learn its verdict in one broadcast, so a refusal is the same one line from every process, not one line and a
+    failed collective in the others."""
+    with ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(hold_run_folder(output_dir))
+                if new_run:
+                    check_new_run_folder(output_dir)
+            except UsageError as error:
+                refusal = str(error)
+        if accelerator.num_processes > 1:
+            verdict = [refusal]
+            broadcast_object_list(verdict, from_process=0)  # also the barrier before anything loads
+            refusal = verdict[0]
+        if refusal is not None:
+            raise UsageError(refusal)
+        yield
 
 
 def _difference(key: str, saved, now, flags: set[str]) -> str:
