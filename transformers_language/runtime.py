@@ -1,6 +1,6 @@
 """Process-level helpers shared by the entry points and the streaming statistics: a fresh accelerator per job,
-whether bf16 is native on this machine, log setup (quiet libraries on all but the main process), the launch
-check, the `--dry_run` report, and one-collective reductions of many accumulators across processes."""
+whether bf16 is native on this machine, log setup (quiet libraries on all but the main process), progress bars,
+the launch check, the `--dry_run` report, and one-collective reductions of many accumulators across processes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
 
 from .errors import UsageError
 
@@ -109,6 +110,14 @@ def setup_logging(accelerator) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
+
+
+def progress_bar(accelerator, iterable=None, **options) -> tqdm:
+    """A tqdm bar on each machine's main process only. There it is left to tqdm's own switches (TQDM_DISABLE=1
+    turns it off, e.g. for a log file): passing `disable` would override them."""
+    if not accelerator.is_local_main_process:
+        options["disable"] = True
+    return tqdm(iterable, dynamic_ncols=True, **options)
 
 
 def check_launch(accelerator) -> None:

@@ -19,12 +19,12 @@ import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from quantization.token_mask import real_tokens
 
 from ..objectives import Objective
 from ..objectives.inputs import attention_mask, to_device
+from ..runtime import progress_bar
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def evaluate(
     totals = torch.zeros(objective.evaluation_width, dtype=torch.float64, device=device)  # reduced once, at the end
     was_training = loss_module.training
     loss_module.eval()
-    progress = tqdm(loader, desc="Evaluating", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    progress = progress_bar(accelerator, loader, desc="Evaluating")
     lockstep_batches = 0
     if accelerator.distributed_type == DistributedType.FSDP:
         lockstep_batches = int(accelerator.gather(torch.tensor([len(loader)], device=device)).max())

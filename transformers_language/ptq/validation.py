@@ -18,7 +18,6 @@ import time
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from quantization.calibration import activation_quantizers, calibration_passes, set_quantization
 from quantization.config import QuantConfig
@@ -27,6 +26,7 @@ from quantization.token_mask import real_tokens, real_values
 
 from ..objectives import Targets, derive_seed
 from ..objectives.inputs import ModelInputs, attention_mask, batch_size, to_device
+from ..runtime import progress_bar
 from .equivalent_transforms import apply_transforms
 from .gptq_step import apply_gptq
 from .quantized_model import high_precision_layernorms, quantize_model
@@ -82,7 +82,7 @@ def _run_batches(accelerator, batches: list[Batch], description: str, forward) -
     """`forward(inputs, labels)` over `batches` without gradients, each batch on the device with its attention
     mask in scope (the hooks and quantizers inside observe real tokens only)."""
     with torch.no_grad():
-        for inputs, labels in tqdm(batches, desc=description, disable=not accelerator.is_local_main_process):
+        for inputs, labels in progress_bar(accelerator, batches, desc=description):
             inputs = to_device(inputs, accelerator.device)
             with accelerator.autocast(), real_tokens(attention_mask(inputs)):
                 forward(inputs, labels)

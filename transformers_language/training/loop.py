@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from quantization.token_mask import real_tokens
 
@@ -32,6 +31,7 @@ from ..errors import UserError
 from ..files import strict_json, truncate_jsonl
 from ..objectives import Objective, Targets, derive_seed
 from ..objectives.inputs import attention_mask, concat_batches, split_inputs
+from ..runtime import progress_bar
 from .checkpoints import (
     RUN_SETTINGS,
     TRAINING_STATE,
@@ -124,13 +124,7 @@ def train(
     log_file = open(log_path, "a") if accelerator.is_main_process else None  # noqa: SIM115 (closed below)
     parameters = [p for p in loss_module.parameters() if p.requires_grad]
     max_norm = settings.max_grad_norm if settings.max_grad_norm else float("inf")  # 0 / None: measure only
-    bar = tqdm(
-        total=settings.max_train_steps,
-        initial=progress.step,
-        disable=not accelerator.is_local_main_process,
-        desc="Training",
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(accelerator, total=settings.max_train_steps, initial=progress.step, desc="Training")
     world = accelerator.num_processes
     loss_module.train()
     run_id = settings.run_settings["run_id"]
