@@ -1,9 +1,11 @@
 """Process-level helpers shared by the entry points and the streaming statistics: a fresh accelerator per job,
 whether bf16 is native on this machine, log setup (quiet libraries on all but the main process), progress bars,
-the launch check, the `--dry_run` report, and one-collective reductions of many accumulators across processes."""
+the launch check, the `--dry_run` report, the end of a job's processes, and one-collective reductions of many
+accumulators across processes."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -118,6 +120,19 @@ def progress_bar(accelerator, iterable=None, **options) -> tqdm:
     if not accelerator.is_local_main_process:
         options["disable"] = True
     return tqdm(iterable, dynamic_ncols=True, **options)
+
+
+def end_processes(accelerator) -> None:
+    """A job's last step: wait for every process, then tear the process group down (a process left in it can hang
+    at exit). A multi-process job first drops the accelerator's prepared objects and collects the garbage they
+    leave while the group still lives: collected at interpreter exit instead, after the group, DDP's leftovers make
+    torch's gloo teardown abort now and then (the main process: "terminate called without an active exception" in
+    6 of 147 two-process exits of a minimal accelerate DDP script; in none of 179 with the collection first)."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        accelerator.free_memory()
+        gc.collect()  # free_memory collects before it drops its own references
+    accelerator.end_training()
 
 
 def check_launch(accelerator) -> None:

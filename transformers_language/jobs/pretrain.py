@@ -30,6 +30,7 @@ from ..objectives import Objective, get_objective
 from ..runtime import (
     CompiledModule,
     check_launch,
+    end_processes,
     print_dry_run,
     reproducible_compilation,
     setup_logging,
@@ -93,7 +94,9 @@ def pretrain(objective_name: str, argv: list[str] | None = None, family_name: st
     check_launch(accelerator)
     # One live run per folder, new or resumed (a dry run writes nothing).
     with nullcontext() if training.dry_run else take_run_folder(output_dir, new_run, accelerator):
-        return _train(objective, family, flags, accelerator, output_dir, checkpoint)
+        results = _train(objective, family, flags, accelerator, output_dir, checkpoint)
+    end_processes(accelerator)  # once the run's objects are gone
+    return results
 
 
 def _train(
@@ -240,6 +243,4 @@ def _train(
         unwrapped = accelerator.unwrap_model(loss_module).model
         save_pretrained_atomic(unwrapped, preprocessor, output_dir, state_dict, records)
         write_json_atomic(output_dir / "all_results.json", results | {"settings": settings})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return results

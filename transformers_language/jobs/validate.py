@@ -36,6 +36,7 @@ from ..ptq.validation import calibration_batches, quantize_for_validation
 from ..runtime import (
     CompiledModule,
     check_launch,
+    end_processes,
     print_dry_run,
     setup_logging,
     start_accelerator,
@@ -187,6 +188,5 @@ def validate(
 
             for path in write_plots(figures, model.stream_kind, output_dir):
                 logger.info("Wrote %s", path)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # tears the process group down: a process left in it can hang at exit
+    end_processes(accelerator)
     return results
