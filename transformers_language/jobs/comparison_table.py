@@ -57,11 +57,10 @@ def comparison_table(rows: list[dict], columns: dict[str, str], headline: Headli
             row = cells.get((bits, recipe, checkpoint))
             if row is None:
                 values.append("n/a")  # a recipe the checkpoint's family cannot take (OS+ on Llama)
-            elif bits == "FP":
+            elif bits == "FP" or not math.isfinite(row["value"]):  # no spread or gap: FP, or an undefined figure
                 values.append(headline.cell(row["value"]))
             else:
-                cell = headline.cell(row["value"], row["spread"])
-                values.append(cell if cell == UNDEFINED else f"{cell} ({row['gap_text']})")
+                values.append(f"{headline.cell(row['value'], row['spread'])} ({row['gap_text']})")
         label = "-" if bits == "FP" else PTQ_METHODS[recipe].label
         lines.append(f"| {bits} | {label} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"

@@ -46,11 +46,7 @@ from ..training.checkpoints import (
 )
 from ..training.loop import EpochPermutationSampler, LoopSettings, train
 from ..training.optim import build_optimizer, build_scheduler
-from ..training.resume import (
-    check_new_run_folder,
-    resume_run,
-    take_run_folder,
-)
+from ..training.resume import check_new_run_folder, resume_run, take_run_folder
 from ..training.telemetry import Telemetry, init_tracking
 from .job_args import TrackingArgs, TrainingArgs, job_parser
 from .plan import resolve_training
